@@ -1,0 +1,38 @@
+"""shoal — build new models out of existing ones without retraining them.
+
+The package is layered (see ``docs/architecture.md``)::
+
+    cli → search → executors → tasks, merge → recipe, ops, checkpoint
+
+Heavy submodules are imported lazily, so ``import shoal`` and ``shoal --help``
+stay fast.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from shoal.errors import ShoalError
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first use)
+_LAZY = {
+    "merge": "shoal.merge",
+    "merge_state_dicts": "shoal.merge",
+    "load_recipe": "shoal.recipe",
+    "load_model": "shoal.merge",
+}
+
+__all__ = ["ShoalError", "__version__", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from shoal.merge import load_model, merge, merge_state_dicts
+    from shoal.recipe import load_recipe
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'shoal' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""shoal.adapt (being written)."""

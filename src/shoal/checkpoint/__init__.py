@@ -1,0 +1,1 @@
+"""shoal.checkpoint (being written)."""

@@ -1,0 +1,1 @@
+"""The command line: thin typer commands over the library API, no logic of its own."""

@@ -1,0 +1,1 @@
+"""shoal.executors (being written)."""

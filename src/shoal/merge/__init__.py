@@ -1,0 +1,1 @@
+"""shoal.merge (being written)."""

@@ -1,0 +1,1 @@
+"""shoal.recipe (being written)."""

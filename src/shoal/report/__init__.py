@@ -1,0 +1,1 @@
+"""shoal.report (being written)."""

@@ -1,0 +1,1 @@
+"""shoal.search (being written)."""

@@ -1,0 +1,1 @@
+"""shoal.tasks (being written)."""

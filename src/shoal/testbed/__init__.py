@@ -1,0 +1,1 @@
+"""shoal.testbed (being written)."""
