@@ -22,13 +22,14 @@ _LAZY = {
     "merge": "shoal.merge",
     "merge_state_dicts": "shoal.merge",
     "load_recipe": "shoal.recipe",
-    "load_model": "shoal.merge",
+    "load_model": "shoal.merge.layer_path",
 }
 
 __all__ = ["ShoalError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from shoal.merge import load_model, merge, merge_state_dicts
+    from shoal.merge import merge, merge_state_dicts
+    from shoal.merge.layer_path import load_model
     from shoal.recipe import load_recipe
 
 
