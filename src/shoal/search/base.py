@@ -1,0 +1,165 @@
+"""The ask/tell contract every search algorithm keeps.
+
+An algorithm is a state machine over recipes and numbers: :meth:`Algorithm.ask`
+hands out recipes, :meth:`Algorithm.tell` takes their per-example scores in the
+order they were asked. It never sees tensors, devices or evaluation code, so it
+is tested on toy objectives without a model in sight.
+
+Conventions (STYLE.md): higher is better; a failed or NaN evaluation counts as
+the worst score; ``state_dict()`` returns plain data with a ``format_version``
+and ``load_state_dict()`` validates it; all randomness comes from a seed given
+at construction.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from shoal.errors import StateError
+from shoal.tasks.base import Scores
+
+
+@dataclass(frozen=True)
+class Best:
+    """The best candidate seen so far.
+
+    Attributes:
+        recipe: The candidate's recipe, as a plain dict (mergekit-style YAML data).
+        fitness: The scalar the algorithm ranks by (higher is better).
+        evaluation: Index of the evaluation that produced it (0-based).
+        extra: Anything else worth reporting (per-task means, genome, ...).
+    """
+
+    recipe: dict[str, Any]
+    fitness: float
+    evaluation: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Algorithm(abc.ABC):
+    """Base class of ask/tell search algorithms.
+
+    Subclasses implement :meth:`_ask`, :meth:`_tell`, :meth:`_state` and
+    :meth:`_load_state`; this class keeps the bookkeeping that makes
+    out-of-order calls an error with a clear message.
+    """
+
+    #: registry name ("cmaes-ps", "m2n2", ...)
+    name: ClassVar[str] = ""
+    format_version: ClassVar[int] = 1
+
+    def __init__(self) -> None:
+        self._pending: list[dict[str, Any]] | None = None
+        self.evaluations = 0
+
+    # -- public API ---------------------------------------------------------------------------
+    def ask(self, n: int | None = None) -> list[dict[str, Any]]:
+        """Return ``n`` recipes to evaluate (``None``: the algorithm's natural batch size).
+
+        Raises:
+            StateError: if the previous batch has not been told yet.
+        """
+        if self._pending is not None:
+            raise StateError(
+                f"{self.name}: ask() called twice; tell() the scores of the "
+                f"{len(self._pending)} recipes handed out before asking again"
+            )
+        recipes = self._ask(n)
+        self._pending = recipes
+        return recipes
+
+    def tell(self, recipes: Sequence[dict[str, Any]], scores: Sequence[Scores]) -> None:
+        """Report the scores of the recipes from the last :meth:`ask`, in the same order."""
+        if self._pending is None:
+            raise StateError(f"{self.name}: tell() without ask(); call ask() first")
+        if len(recipes) != len(self._pending) or len(scores) != len(recipes):
+            raise StateError(
+                f"{self.name}: tell() got {len(recipes)} recipes and {len(scores)} scores "
+                f"for {len(self._pending)} asked"
+            )
+        if list(recipes) != self._pending:
+            raise StateError(f"{self.name}: tell() recipes differ from those asked (order matters)")
+        self._pending = None
+        self._tell(list(recipes), list(scores))
+        self.evaluations += len(recipes)
+
+    @property
+    def awaiting_tell(self) -> bool:
+        """Whether a batch was asked and not told yet."""
+        return self._pending is not None
+
+    def stop(self) -> list[str]:
+        """Reasons to stop that come from the algorithm itself (empty: keep going)."""
+        return []
+
+    @property
+    @abc.abstractmethod
+    def best(self) -> Best | None:
+        """Best candidate so far, ``None`` before the first tell."""
+
+    def references(self) -> set[str]:
+        """Store keys (content hashes) of models the algorithm still needs; default none."""
+        return set()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-data state (JSON-able except for pycma's own bytes), resumable exactly."""
+        if self._pending is not None:
+            raise StateError(f"{self.name}: state_dict() between ask() and tell()")
+        return {
+            "algorithm": self.name,
+            "format_version": self.format_version,
+            "evaluations": self.evaluations,
+            "state": self._state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; raises :class:`StateError` if it does not fit."""
+        if state.get("algorithm") != self.name:
+            raise StateError(f"saved state is for {state.get('algorithm')!r}, not {self.name!r}")
+        if state.get("format_version") != self.format_version:
+            raise StateError(
+                f"{self.name}: saved state has format_version {state.get('format_version')}, "
+                f"this version reads {self.format_version}"
+            )
+        self._pending = None
+        self.evaluations = int(state["evaluations"])
+        self._load_state(state["state"])
+
+    # -- to implement -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _ask(self, n: int | None) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def _tell(self, recipes: list[dict[str, Any]], scores: list[Scores]) -> None: ...
+
+    @abc.abstractmethod
+    def _state(self) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def _load_state(self, state: dict[str, Any]) -> None: ...
+
+
+#: name -> algorithm class; filled by :func:`register`
+ALGORITHMS: dict[str, type[Algorithm]] = {}
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    """Class decorator adding an algorithm to :data:`ALGORITHMS` under ``cls.name``."""
+    if not cls.name or cls.name in ALGORITHMS:
+        raise ValueError(f"algorithm name {cls.name!r} is empty or taken")
+    ALGORITHMS[cls.name] = cls
+    return cls
+
+
+ScoreReducer = Callable[[Scores], float]
+
+
+def mean_over_tasks(scores: Scores) -> float:
+    """Fitness used by mean-based algorithms: the mean over tasks of each task's mean score."""
+    if not scores:
+        return float("-inf")
+    means = [float(v.mean()) if len(v) else 0.0 for v in scores.values()]
+    return sum(means) / len(means)
