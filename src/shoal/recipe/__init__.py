@@ -1,1 +1,42 @@
-"""shoal.recipe (being written)."""
+"""shoal.recipe — what to build: the merge recipe schema.
+
+A recipe is a small, serialisable description of one model built from existing
+ones. shoal reads the YAML mergekit users already write (``models:`` or
+``slices:``, ``merge_method``, ``base_model``, ``parameters`` at global, model and
+slice scope, ``dtype``/``out_dtype``, ``tokenizer_source``), validates it strictly
+(unknown keys, bad types and out-of-range values are :class:`~shoal.errors.RecipeError`
+naming the file and key), and hashes it canonically so a merged model can be named
+by content.
+
+- :func:`load_recipe` — YAML file, YAML text or dict → :class:`Recipe`
+- :data:`METHODS` — the registry of merge methods and their parameters
+- :func:`resolve` — a parameter's value for one tensor at one layer (gradients, filters)
+
+Executing a recipe lives one layer up, in :mod:`shoal.merge`.
+"""
+
+from __future__ import annotations
+
+from shoal.recipe.load import load_recipe
+from shoal.recipe.methods import METHODS, MethodSpec, ParamSpec, method_spec
+from shoal.recipe.params import evaluate, interpolate, is_pre_tensor, position, resolve
+from shoal.recipe.schema import DTYPES, ModelEntry, Recipe, Slice, SliceSource, canonical_dtype
+
+__all__ = [
+    "DTYPES",
+    "METHODS",
+    "MethodSpec",
+    "ModelEntry",
+    "ParamSpec",
+    "Recipe",
+    "Slice",
+    "SliceSource",
+    "canonical_dtype",
+    "evaluate",
+    "interpolate",
+    "is_pre_tensor",
+    "load_recipe",
+    "method_spec",
+    "position",
+    "resolve",
+]

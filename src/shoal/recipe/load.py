@@ -1,0 +1,255 @@
+"""Reading and validating recipes: YAML file, YAML text or a dict → :class:`Recipe`.
+
+Every problem raises :class:`~shoal.errors.RecipeError` whose message names the
+file (when there is one) and the key, e.g.
+``merge.yaml: models[1].parameters.densty: unknown parameter for ties (known: ...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from shoal.errors import RecipeError
+from shoal.recipe.methods import METHODS, MethodSpec
+from shoal.recipe.params import check_parameters
+from shoal.recipe.schema import Recipe, Slice, SliceSource, canonical_dtype
+
+
+def _loc_text(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "<recipe>"
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel]:
+    """The schema class that holds the last key of ``loc``."""
+    from shoal.recipe.schema import ModelEntry
+
+    nested: dict[str, type[BaseModel]] = {
+        "models": ModelEntry,
+        "slices": Slice,
+        "sources": SliceSource,
+    }
+    current: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, str) and part in nested:
+            current = nested[part]
+    return current
+
+
+def _pydantic_message(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    where = _loc_text(loc)
+    if err["type"] == "extra_forbidden":
+        holder = _model_at(loc)
+        known = ", ".join(holder.model_fields)
+        return f"{where}: unknown key (known: {known})"
+    if err["type"] == "missing":
+        return f"{where}: required key is missing"
+    return f"{where}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _read_source(source: str | Path | Mapping[str, Any]) -> tuple[Any, Path | None, str]:
+    """Return (data, directory of the file or None, label for messages)."""
+    if isinstance(source, Mapping):
+        return dict(source), None, "recipe"
+    text: str
+    path: Path | None = None
+    if isinstance(source, Path) or ("\n" not in source and not source.lstrip().startswith("{")):
+        path = Path(source)
+        if not path.is_file() and isinstance(source, str) and ": " in source:
+            path = None  # one-line YAML text such as "merge_method: linear"
+        elif not path.is_file():
+            raise RecipeError(f"{path}: recipe file not found")
+    if path is not None:
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RecipeError(f"{path}: cannot read recipe: {exc}") from None
+    else:
+        text = str(source)
+    label = str(path) if path else "recipe"
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{label}: not valid YAML: {' '.join(str(exc).split())}") from None
+    return data, (path.resolve().parent if path else None), label
+
+
+def _check_structure(recipe: Recipe, method: MethodSpec) -> None:
+    if (recipe.models is None) == (recipe.slices is None):
+        raise RecipeError("give exactly one of models: or slices:")
+    if method.needs_base and not recipe.base_model:
+        raise RecipeError(f"base_model: required by {method.name}")
+    for key in ("dtype", "out_dtype"):
+        value = getattr(recipe, key)
+        if value is not None and canonical_dtype(value) is None:
+            raise RecipeError(f"{key}: unknown dtype {value!r} (use float32, float16, bfloat16)")
+    tok = recipe.tokenizer_source
+    if tok is not None and (tok == "union" or tok.startswith("model:")):
+        raise RecipeError(
+            f"tokenizer_source: {tok!r} is not supported (vocabulary merging); "
+            "use 'base' or the path of one of the models"
+        )
+    if (
+        tok is not None
+        and tok != "base"
+        and recipe.base_model is None
+        and tok
+        not in (
+            [m.model for m in recipe.models or []]
+            + [s.model for sl in recipe.slices or [] for s in sl.sources]
+        )
+    ):
+        raise RecipeError(f"tokenizer_source: {tok!r} is neither 'base' nor a model of the recipe")
+    if tok == "base" and recipe.base_model is None:
+        raise RecipeError("tokenizer_source: 'base' needs a base_model")
+    if recipe.models is not None:
+        _check_counts(
+            method,
+            [m.model for m in recipe.models],
+            recipe.base_model,
+            "models",
+            len(recipe.models),
+        )
+    for i, sl in enumerate(recipe.slices or []):
+        _check_slice(method, sl, recipe.base_model, i)
+
+
+def _check_counts(
+    method: MethodSpec, refs: list[str], base: str | None, where: str, given: int
+) -> None:
+    others = [r for r in refs if r != base] if method.needs_base else refs
+    lo, hi = method.min_models, method.max_models
+    if len(others) < lo or (hi is not None and len(others) > hi):
+        want = f"exactly {lo}" if lo == hi else f"at least {lo}"
+        what = "models besides base_model" if method.needs_base else "models"
+        raise RecipeError(
+            f"{where}: {method.name} needs {want} {what}, got {len(others)} (of {given} listed)"
+        )
+
+
+def _check_slice(method: MethodSpec, sl: Slice, base: str | None, i: int) -> None:
+    lengths = []
+    for j, src in enumerate(sl.sources):
+        a, b = src.layer_range
+        if a < 0 or b <= a:
+            raise RecipeError(
+                f"slices[{i}].sources[{j}].layer_range: need 0 <= start < end, got [{a}, {b}]"
+            )
+        lengths.append(b - a)
+    if len(set(lengths)) > 1:
+        raise RecipeError(
+            f"slices[{i}].sources: all sources of a slice need the same number of layers, "
+            f"got {lengths}"
+        )
+    refs = [s.model for s in sl.sources]
+    if method.needs_base and base not in refs:
+        raise RecipeError(f"slices[{i}].sources: base_model {base!r} must be one of the sources")
+    _check_counts(method, refs, base, f"slices[{i}].sources", len(refs))
+
+
+def _check_required(recipe: Recipe, method: MethodSpec) -> None:
+    for spec in method.params:
+        if spec.default is not None:
+            continue
+        in_global = spec.name in (recipe.parameters or {})
+        in_slices = bool(recipe.slices) and all(
+            spec.name in (sl.parameters or {}) for sl in recipe.slices or []
+        )
+        if not (in_global or in_slices):
+            raise RecipeError(f"parameters.{spec.name}: required by {method.name}")
+
+
+def _validated(recipe: Recipe) -> Recipe:
+    """Check the recipe against its method; return it with normalised parameter values."""
+    method = METHODS.get(recipe.merge_method)
+    if method is None:
+        raise RecipeError(
+            f"merge_method: unknown method {recipe.merge_method!r} (known: {', '.join(METHODS)})"
+        )
+    _check_structure(recipe, method)
+    update: dict[str, Any] = {
+        "parameters": check_parameters(recipe.parameters, method, "parameters", per_model=False)
+        or None
+    }
+    if recipe.models is not None:
+        update["models"] = [
+            m.model_copy(
+                update={
+                    "parameters": check_parameters(
+                        m.parameters, method, f"models[{i}].parameters", per_model=True
+                    )
+                    or None
+                }
+            )
+            for i, m in enumerate(recipe.models)
+        ]
+    if recipe.slices is not None:
+        slices = []
+        for i, sl in enumerate(recipe.slices):
+            sources = [
+                s.model_copy(
+                    update={
+                        "parameters": check_parameters(
+                            s.parameters,
+                            method,
+                            f"slices[{i}].sources[{j}].parameters",
+                            per_model=True,
+                        )
+                        or None
+                    }
+                )
+                for j, s in enumerate(sl.sources)
+            ]
+            params = check_parameters(
+                sl.parameters, method, f"slices[{i}].parameters", per_model=False
+            )
+            slices.append(sl.model_copy(update={"sources": sources, "parameters": params or None}))
+        update["slices"] = slices
+    for key in ("dtype", "out_dtype"):
+        value = getattr(recipe, key)
+        if value is not None:
+            update[key] = canonical_dtype(value)
+    out = recipe.model_copy(update=update)
+    _check_required(out, method)
+    return out
+
+
+def load_recipe(source: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
+    """Read and validate a recipe.
+
+    Args:
+        source: a path to a YAML file, YAML text, a mapping, or a :class:`Recipe`
+            (validated again).
+
+    Returns:
+        The validated recipe with normalised parameter values; relative model paths are
+        later resolved against the current directory, then the YAML file's directory.
+
+    Raises:
+        RecipeError: unknown method or key, bad type, value out of range, wrong number
+            of models; the message names the file and the key.
+    """
+    if isinstance(source, Recipe):
+        data: Any = source.to_dict()
+        directory, label = source.source_dir, "recipe"
+    else:
+        data, directory, label = _read_source(source)
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{label}: a recipe is a mapping of keys (merge_method, models, ...)")
+    try:
+        recipe = Recipe.model_validate(data)
+        recipe = _validated(recipe)
+    except ValidationError as exc:
+        raise RecipeError(f"{label}: {_pydantic_message(exc)}") from None
+    except RecipeError as exc:
+        raise RecipeError(f"{label}: {exc}") from None
+    return recipe.with_source_dir(directory)

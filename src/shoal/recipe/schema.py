@@ -1,0 +1,114 @@
+"""The recipe schema: a pydantic v2 model of the mergekit YAML people already write.
+
+Either ``models:`` (each ``model`` with optional ``parameters``) or ``slices:`` (each
+with ``sources`` of ``model`` + ``layer_range`` + optional ``parameters``), plus
+``merge_method``, ``base_model``, global ``parameters``, ``dtype``, ``out_dtype``,
+``tokenizer_source`` and ``chat_template``. Unknown keys are errors everywhere.
+Parameter values are checked against the method in :mod:`shoal.recipe.params`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelEntry(_Strict):
+    """One entry of ``models:``."""
+
+    model: str = Field(description="path of a local checkpoint (directory or file)")
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="per-model parameters (weight, density, ...)"
+    )
+
+
+class SliceSource(_Strict):
+    """One source of a slice: a layer range of one model."""
+
+    model: str = Field(description="path of a local checkpoint")
+    layer_range: tuple[int, int] = Field(description="[start, end) of the layers taken")
+    parameters: dict[str, Any] | None = Field(default=None, description="per-source parameters")
+
+
+class Slice(_Strict):
+    """One output slice: layers built from its sources' layer ranges."""
+
+    sources: list[SliceSource] = Field(min_length=1, description="the layer ranges merged")
+    parameters: dict[str, Any] | None = Field(default=None, description="slice parameters")
+
+
+class Recipe(_Strict):
+    """How to build one model from existing ones (see ``docs/merging.md``)."""
+
+    merge_method: str = Field(description="a name from shoal.recipe.METHODS")
+    models: list[ModelEntry] | None = Field(default=None, description="models merged whole")
+    slices: list[Slice] | None = Field(default=None, description="output slices (layer ranges)")
+    base_model: str | None = Field(default=None, description="common ancestor / t=0 model")
+    parameters: dict[str, Any] | None = Field(default=None, description="global parameters")
+    dtype: str | None = Field(default=None, description="dtype of the output tensors")
+    out_dtype: str | None = Field(default=None, description="output dtype (overrides dtype)")
+    tokenizer_source: str | None = Field(
+        default=None, description="'base' or a model path: where tokenizer files come from"
+    )
+    chat_template: str | None = Field(default=None, description="chat template for the output")
+
+    _source_dir: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source_dir(self) -> Path | None:
+        """Directory of the YAML file the recipe was read from (resolves relative paths)."""
+        return self._source_dir
+
+    def with_source_dir(self, path: Path | None) -> Recipe:
+        """Return the recipe remembering ``path`` as the directory of its file."""
+        self._source_dir = path
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (only keys that are set), as YAML/JSON would hold it."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def to_yaml(self) -> str:
+        """The recipe as YAML, keys in schema order."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    def content_hash(self) -> str:
+        """sha256 of the canonical JSON of :meth:`to_dict` (sorted keys, no spaces)."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def model_refs(self) -> list[str]:
+        """Every model string the recipe names, base first, each once, in order."""
+        refs: list[str] = []
+        candidates = [self.base_model] if self.base_model else []
+        candidates += [m.model for m in self.models or []]
+        candidates += [s.model for sl in self.slices or [] for s in sl.sources]
+        if self.tokenizer_source not in (None, "base"):
+            candidates.append(str(self.tokenizer_source))
+        for ref in candidates:
+            if ref and ref not in refs:
+                refs.append(ref)
+        return refs
+
+    def output_dtype(self) -> str | None:
+        """``out_dtype`` if set, else ``dtype``, else ``None`` (keep the source dtype)."""
+        return self.out_dtype or self.dtype
+
+
+def canonical_dtype(name: str) -> str | None:
+    """Map a dtype spelling (``bf16``, ``torch.float16``) to one of ``DTYPES``."""
+    key = name.strip().lower().removeprefix("torch.")
+    key = _DTYPE_ALIASES.get(key, key)
+    return key if key in DTYPES else None
