@@ -1,1 +1,82 @@
-"""shoal.ops (being written)."""
+"""shoal.ops — the merge operators, as pure functions on tensors (METHODS.md §1).
+
+Every operator takes the tensors of ONE parameter name (all of the same shape),
+computes in float32 and returns float32; the caller casts back. Randomness comes
+only from a ``torch.Generator`` argument. The operators know nothing of files,
+models or search.
+
+==================  ==========================================================
+``linear``          Σ w_k θ_k / Σ w_k
+``task_arithmetic`` θ_base + λ Σ w_k τ_k
+``ties``            trim to top density, elect sign, disjoint merge
+``dare``            random drop + rescale, then linear or TIES consensus
+``slerp``           spherical interpolation, linear fallback when degenerate
+``breadcrumbs``     drop largest ``gamma`` and smallest entries of each τ_k
+``model_stock``     mean of fine-tunes pulled toward the base by their angle
+``splitpoint``      M2N2 crossover: SLERP t = w_m before the split, 1 − w_m after
+``svd_mutation``    CycleQD: θ + U diag(w ⊙ σ) Vᵀ, w ~ U[0, w_max]
+==================  ==========================================================
+
+:data:`OPERATORS` maps recipe method names (mergekit's where they exist) to the
+functions; ``dare_linear`` / ``dare_ties`` / ``breadcrumbs_ties`` are ``dare`` and
+``breadcrumbs`` with the consensus fixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+
+from shoal.ops.breadcrumbs import breadcrumbs, breadcrumbs_mask
+from shoal.ops.consensus import combine, elect_sign
+from shoal.ops.dare import dare, dare_sparsify
+from shoal.ops.linear import linear
+from shoal.ops.masks import bernoulli_mask, magnitude_mask, topk_mask
+from shoal.ops.model_stock import model_stock, model_stock_ratio
+from shoal.ops.slerp import cosine, slerp
+from shoal.ops.splitpoint import splitpoint, splitpoint_flat
+from shoal.ops.svd_mutation import svd_mutation, svd_mutation_for
+from shoal.ops.task_arithmetic import task_arithmetic
+from shoal.ops.ties import ties
+
+OPERATORS: dict[str, Callable[..., torch.Tensor]] = {
+    "linear": linear,
+    "task_arithmetic": task_arithmetic,
+    "ties": ties,
+    "dare": dare,
+    "dare_linear": partial(dare, consensus="none"),
+    "dare_ties": partial(dare, consensus="ties"),
+    "slerp": slerp,
+    "breadcrumbs": partial(breadcrumbs, consensus="none"),
+    "breadcrumbs_ties": partial(breadcrumbs, consensus="ties"),
+    "model_stock": model_stock,
+    "splitpoint": splitpoint,
+    "svd_mutation": svd_mutation_for,
+}
+"""Operator name → function (the names used in recipes)."""
+
+__all__ = [
+    "OPERATORS",
+    "bernoulli_mask",
+    "breadcrumbs",
+    "breadcrumbs_mask",
+    "combine",
+    "cosine",
+    "dare",
+    "dare_sparsify",
+    "elect_sign",
+    "linear",
+    "magnitude_mask",
+    "model_stock",
+    "model_stock_ratio",
+    "slerp",
+    "splitpoint",
+    "splitpoint_flat",
+    "svd_mutation",
+    "svd_mutation_for",
+    "task_arithmetic",
+    "ties",
+    "topk_mask",
+]

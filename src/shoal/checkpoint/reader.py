@@ -1,0 +1,295 @@
+"""Lazy, read-only access to the tensors of a checkpoint on disk.
+
+:func:`open_checkpoint` accepts a Hugging Face model directory (single or sharded
+safetensors, or ``pytorch_model.bin`` with or without an index, or one ``*.pt``),
+a single ``.safetensors`` file, or a ``.pt`` / ``.bin`` state-dict file. Shapes and
+dtypes come from the safetensors headers alone; tensor data is read one tensor at
+a time through memory-mapped ``safe_open``. Pickled files are read only through
+``torch.load(weights_only=True, mmap=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from shoal.checkpoint.st_format import TensorInfo, read_header
+from shoal.errors import CheckpointError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+TORCH_SINGLE = "pytorch_model.bin"
+
+
+def open_checkpoint(path: str | Path) -> CheckpointReader:
+    """Open a checkpoint for lazy reading.
+
+    Args:
+        path: a model directory, a ``.safetensors`` file, or a ``.pt`` / ``.bin`` file.
+
+    Returns:
+        A :class:`CheckpointReader`; use it as a context manager or call ``close()``.
+
+    Raises:
+        CheckpointError: the path is missing, holds no weights, or is corrupt; the
+            message names the path (and the tensor, where one is at fault).
+    """
+    return CheckpointReader(Path(path))
+
+
+class CheckpointReader:
+    """Tensors of one checkpoint, read lazily.
+
+    Attributes:
+        path: the path given to :func:`open_checkpoint`.
+        config: the parsed ``config.json`` beside the weights, or ``None``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.config: dict[str, Any] | None = None
+        # name -> where it is: a safetensors TensorInfo, or the torch file holding it
+        self._st: dict[str, TensorInfo] = {}
+        self._pt: dict[str, Path] = {}
+        self._order: list[str] = []
+        self._handles: dict[Path, Any] = {}
+        self._pt_loaded: dict[Path, dict[str, torch.Tensor]] = {}
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such file or directory")
+        if path.is_dir():
+            self._open_dir(path)
+        else:
+            self._open_file(path)
+        if not self._order:
+            raise CheckpointError(f"{path}: no weights found (the checkpoint holds no tensors)")
+
+    # -- discovery -------------------------------------------------------------------
+
+    def _open_dir(self, d: Path) -> None:
+        cfg = d / "config.json"
+        if cfg.is_file():
+            try:
+                loaded = json.loads(cfg.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{cfg}: not valid JSON ({exc})") from exc
+            if not isinstance(loaded, dict):
+                raise CheckpointError(f"{cfg}: expected a JSON object")
+            self.config = loaded
+        if (d / SAFETENSORS_INDEX).is_file():
+            self._open_index(d / SAFETENSORS_INDEX, safetensors=True)
+        elif (d / SAFETENSORS_SINGLE).is_file():
+            self._open_safetensors(d / SAFETENSORS_SINGLE)
+        elif (d / TORCH_INDEX).is_file():
+            self._open_index(d / TORCH_INDEX, safetensors=False)
+        elif (d / TORCH_SINGLE).is_file():
+            self._open_torch(d / TORCH_SINGLE)
+        else:
+            st = sorted(d.glob("*.safetensors"))
+            pt = sorted(d.glob("*.pt")) + sorted(d.glob("*.bin"))
+            candidates = st or pt
+            if len(candidates) == 1:
+                self._open_file(candidates[0])
+            elif not candidates:
+                raise CheckpointError(
+                    f"{d}: no weights found (expected {SAFETENSORS_SINGLE}, "
+                    f"{SAFETENSORS_INDEX}, {TORCH_SINGLE}, or one *.safetensors / *.pt file)"
+                )
+            else:
+                names = ", ".join(p.name for p in candidates)
+                raise CheckpointError(
+                    f"{d}: several weight files ({names}) and no index file; "
+                    f"pass one file or add {SAFETENSORS_INDEX}"
+                )
+
+    def _open_file(self, f: Path) -> None:
+        if f.suffix == ".safetensors":
+            self._open_safetensors(f)
+        elif f.suffix in {".pt", ".pth", ".bin"}:
+            self._open_torch(f)
+        elif f.name.endswith(".index.json"):
+            self._open_index(f, safetensors=f.name.endswith(".safetensors.index.json"))
+        else:
+            raise CheckpointError(
+                f"{f}: unknown weight file type (expected .safetensors, .pt, .pth or .bin)"
+            )
+
+    def _open_safetensors(self, f: Path) -> None:
+        infos, _ = read_header(f)
+        for name, info in infos.items():
+            self._st[name] = info
+            self._order.append(name)
+
+    def _open_torch(self, f: Path) -> None:
+        for name in self._load_torch(f):
+            self._pt[name] = f
+            self._order.append(name)
+
+    def _open_index(self, index: Path, *, safetensors: bool) -> None:
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+            weight_map = data["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+            raise CheckpointError(f"{index}: not a valid index file ({exc!r})") from exc
+        headers: dict[Path, dict[str, TensorInfo]] = {}
+        for name, shard_name in weight_map.items():
+            shard = index.parent / str(shard_name)
+            if not shard.is_file():
+                raise CheckpointError(
+                    f"{index}: shard {shard_name!r} listed for tensor {name!r} does not exist"
+                )
+            if safetensors:
+                if shard not in headers:
+                    headers[shard] = read_header(shard)[0]
+                if name not in headers[shard]:
+                    raise CheckpointError(
+                        f"{shard}: tensor {name!r} is listed in {index.name} but missing "
+                        "from this shard"
+                    )
+                self._st[name] = headers[shard][name]
+            else:
+                if name not in self._load_torch(shard):
+                    raise CheckpointError(
+                        f"{shard}: tensor {name!r} is listed in {index.name} but missing "
+                        "from this shard"
+                    )
+                self._pt[name] = shard
+            self._order.append(name)
+
+    def _load_torch(self, f: Path) -> dict[str, torch.Tensor]:
+        """Memory-map a pickled state dict (weights only; no code runs)."""
+        if f in self._pt_loaded:
+            return self._pt_loaded[f]
+        try:
+            obj = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc).lower() and "zip" not in str(exc).lower():
+                raise CheckpointError(f"{f}: cannot load ({exc})") from exc
+            # legacy (non-zip) torch.save format cannot be memory-mapped
+            try:
+                obj = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as exc2:
+                raise CheckpointError(f"{f}: cannot load ({exc2})") from exc2
+        except Exception as exc:
+            raise CheckpointError(f"{f}: cannot load as a weights-only state dict ({exc})") from exc
+        if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            inner = obj.get("state_dict", obj.get("model"))
+            obj = inner if isinstance(inner, dict) else obj
+        if not isinstance(obj, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+        ):
+            raise CheckpointError(f"{f}: not a state dict (a mapping of names to tensors)")
+        self._pt_loaded[f] = obj
+        return obj
+
+    # -- queries ---------------------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order (index order for sharded checkpoints)."""
+        return list(self._order)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._st or name in self._pt
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def _missing(self, name: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: no tensor named {name!r} in this checkpoint")
+
+    def _pt_tensor(self, name: str) -> torch.Tensor:
+        return self._load_torch(self._pt[name])[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of a tensor, read from the header only."""
+        if name in self._st:
+            return self._st[name].shape
+        if name in self._pt:
+            return tuple(self._pt_tensor(name).shape)
+        raise self._missing(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        """Stored dtype of a tensor, read from the header only."""
+        if name in self._st:
+            return self._st[name].dtype
+        if name in self._pt:
+            return self._pt_tensor(name).dtype
+        raise self._missing(name)
+
+    def numel(self, name: str) -> int:
+        """Number of elements of a tensor."""
+        return math.prod(self.shape(name))
+
+    def file_of(self, name: str) -> Path:
+        """The file that holds a tensor."""
+        if name in self._st:
+            return self._st[name].file
+        if name in self._pt:
+            return self._pt[name]
+        raise self._missing(name)
+
+    def nbytes(self) -> int:
+        """Total bytes of all tensors as stored."""
+        return sum(self.numel(n) * self.dtype(n).itemsize for n in self._order)
+
+    def get(
+        self, name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Read one tensor.
+
+        Args:
+            name: tensor name.
+            device: where to put it.
+            dtype: cast to this dtype (``None`` keeps the stored one).
+
+        Returns:
+            A fresh tensor (writing to it does not touch the file).
+
+        Raises:
+            CheckpointError: unknown name, or the file cannot be read; names both.
+        """
+        if name in self._st:
+            f = self._st[name].file
+            try:
+                if f not in self._handles:
+                    self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
+                tensor = self._handles[f].get_tensor(name)
+            except Exception as exc:  # SafetensorError, OSError
+                raise CheckpointError(f"{f}: cannot read tensor {name!r} ({exc})") from exc
+        elif name in self._pt:
+            tensor = self._pt_tensor(name).clone()
+        else:
+            raise self._missing(name)
+        if dtype is not None and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        return tensor.to(device)
+
+    def close(self) -> None:
+        """Release the memory maps. The reader can still answer metadata queries."""
+        self._handles.clear()
+        self._pt_loaded.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointReader({str(self.path)!r}, {len(self)} tensors)"

@@ -1,0 +1,73 @@
+"""Model breadcrumbs (Davari & Belilovsky, 2024) — METHODS.md §1 ``breadcrumbs``.
+
+Each task vector loses both tails: the largest-magnitude ``gamma`` fraction
+(outliers) and the smallest entries, keeping a ``density`` fraction in between.
+Counts follow mergekit's convention: keep ``int(density·n)`` entries after dropping
+the top ``int(gamma·n)``; if ``density + gamma`` exceeds 1, fewer top entries are
+dropped so that ``int(density·n)`` are still kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from shoal.ops._common import check_base, per_model, stack_f32
+from shoal.ops.consensus import Consensus, combine
+from shoal.ops.masks import topk_mask
+
+
+def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Mask keeping the magnitude band below the top ``gamma`` fraction.
+
+    Returns:
+        bool tensor: entries ranked ``n_top .. n_top + n_keep − 1`` by |delta|
+        (0 = largest), with ``n_keep = int(density·n)``,
+        ``n_top = min(int(gamma·n), n − n_keep)``.
+    """
+    n = delta.numel()
+    if density >= 1.0:
+        return torch.ones_like(delta, dtype=torch.bool)
+    n_keep = int(max(density, 0.0) * n)
+    n_top = min(int(max(gamma, 0.0) * n), n - n_keep)
+    return topk_mask(delta, n_top + n_keep) & ~topk_mask(delta, n_top)
+
+
+def breadcrumbs(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    gammas: Sequence[float],
+    *,
+    consensus: Consensus = "none",
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Breadcrumbs merge: band-pass each task vector, then add them to the base.
+
+    τ̂_k = τ_k ⊙ breadcrumbs_mask(τ_k, density_k, gamma_k);
+    θ = θ_base + Σ_k w_k τ̂_k (``consensus="none"``, mergekit ``breadcrumbs``) or with
+    TIES sign election (``consensus="ties"``, mergekit ``breadcrumbs_ties``).
+
+    Args:
+        base: the common ancestor's tensor.
+        tensors: K fine-tuned tensors.
+        weights: K weights.
+        densities: K fractions to keep.
+        gammas: K fractions of largest-magnitude entries to drop.
+        consensus: ``"none"`` or ``"ties"``.
+        normalize: divide by the (agreeing) weights.
+
+    Returns:
+        float32 tensor of the common shape.
+    """
+    x = stack_f32(tensors)
+    b = check_base(base, x)
+    k = x.shape[0]
+    w = per_model(weights, k, "weights")
+    d = per_model(densities, k, "densities")
+    g = per_model(gammas, k, "gammas")
+    deltas = x - b
+    band = torch.stack([deltas[i] * breadcrumbs_mask(deltas[i], d[i], g[i]) for i in range(k)])
+    return b + combine(band, w, consensus=consensus, normalize=normalize)

@@ -1,0 +1,62 @@
+"""Combining sparsified task vectors, with or without TIES sign election.
+
+Shared by TIES, DARE and breadcrumbs (METHODS.md §1 ``ties``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from shoal.errors import MergeError
+from shoal.ops._common import safe_divide, weight_column
+
+Majority = Literal["sum", "count"]
+Consensus = Literal["none", "ties"]
+
+
+def elect_sign(weighted: torch.Tensor, majority: Majority = "sum") -> torch.Tensor:
+    """Per-entry elected sign (±1) of ``K`` weighted task vectors ``(K, *shape)``.
+
+    ``"sum"``: sign(Σ_k w_k τ̂_k) (TIES paper); ``"count"``: sign of the number of
+    positive minus negative entries. A zero total elects +1 (mergekit's convention).
+    """
+    if majority == "sum":
+        total = weighted.sum(0)
+    elif majority == "count":
+        total = weighted.sign().sum(0)
+    else:
+        raise MergeError(f"unknown sign majority {majority!r} (expected 'sum' or 'count')")
+    return torch.where(total >= 0, 1.0, -1.0)
+
+
+def combine(
+    deltas: torch.Tensor,
+    weights: Sequence[float],
+    *,
+    consensus: Consensus,
+    normalize: bool,
+    majority: Majority = "sum",
+) -> torch.Tensor:
+    """Merge sparsified task vectors ``(K, *shape)`` into one delta.
+
+    ``consensus="ties"``: keep entries whose weighted sign agrees with the elected
+    sign; the divisor (when ``normalize``) is the per-entry sum of the agreeing
+    models' weights. ``consensus="none"``: plain weighted sum; the divisor is Σ_k w_k.
+    A divisor below 1e-8 in magnitude is replaced by 1 (no division there).
+    """
+    w = weight_column(list(weights), deltas.ndim - 1)
+    weighted = w * deltas
+    if consensus == "ties":
+        sign = elect_sign(weighted, majority)
+        agree = weighted.sign() == sign  # zero entries agree with nothing
+        merged = (weighted * agree).sum(0)
+        divisor = (w * agree).sum(0)
+    elif consensus == "none":
+        merged = weighted.sum(0)
+        divisor = w.sum(0).expand_as(merged)
+    else:
+        raise MergeError(f"unknown consensus {consensus!r} (expected 'none' or 'ties')")
+    return safe_divide(merged, divisor) if normalize else merged

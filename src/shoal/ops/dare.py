@@ -1,0 +1,86 @@
+"""DARE (Yu et al., 2024): drop and rescale task vectors — METHODS.md §1 ``dare``.
+
+``dare_linear`` is ``consensus="none"``, ``dare_ties`` is ``consensus="ties"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from shoal.errors import MergeError
+from shoal.ops._common import ZERO_GUARD, check_base, per_model, stack_f32
+from shoal.ops.consensus import Consensus, combine
+from shoal.ops.masks import bernoulli_mask
+
+Rescale = Literal["inverse_density", "l1", "none"]
+
+
+def dare_sparsify(
+    delta: torch.Tensor, density: float, generator: torch.Generator, rescale: Rescale
+) -> torch.Tensor:
+    """Drop entries of one task vector with probability 1 − density and rescale the rest.
+
+    ``"inverse_density"``: kept / density (the paper; unbiased entry by entry).
+    ``"l1"``: kept · ‖τ‖₁ / ‖kept‖₁ — the task vector keeps its L1 norm (mergekit's
+    convention; equal to the paper's in expectation). ``"none"``: no rescale.
+    Density ≥ 1 keeps everything and draws nothing from ``generator``.
+    """
+    if density >= 1.0:
+        return delta.clone()
+    if density <= 0.0:
+        return torch.zeros_like(delta)
+    kept = delta * bernoulli_mask(delta.shape, density, generator).to(delta.device)
+    if rescale == "inverse_density":
+        return kept / density
+    if rescale == "l1":
+        kept_norm = kept.abs().sum()
+        if float(kept_norm) < ZERO_GUARD:
+            return kept
+        return kept * (delta.abs().sum() / kept_norm)
+    if rescale == "none":
+        return kept
+    raise MergeError(f"unknown DARE rescale {rescale!r} (expected inverse_density, l1 or none)")
+
+
+def dare(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    generator: torch.Generator,
+    *,
+    consensus: Consensus = "none",
+    rescale: Rescale = "inverse_density",
+    normalize: bool = False,
+) -> torch.Tensor:
+    """DARE merge of K fine-tuned tensors onto their base.
+
+    τ̂_k = rescale(τ_k ⊙ m_k), m_k ~ Bernoulli(density_k) entry-wise, then
+    θ = θ_base + Σ_k w_k τ̂_k (``consensus="none"``) or the TIES sign election and
+    disjoint merge over the τ̂_k (``consensus="ties"``).
+
+    Masks are drawn from ``generator`` model by model, in order.
+
+    Args:
+        base: the common ancestor's tensor.
+        tensors: K fine-tuned tensors.
+        weights: K weights.
+        densities: K keep probabilities.
+        generator: source of the drop masks.
+        consensus: ``"none"`` (dare_linear) or ``"ties"`` (dare_ties).
+        rescale: ``"inverse_density"`` (paper), ``"l1"`` (mergekit) or ``"none"``.
+        normalize: divide by the (agreeing) weights.
+
+    Returns:
+        float32 tensor of the common shape.
+    """
+    x = stack_f32(tensors)
+    b = check_base(base, x)
+    k = x.shape[0]
+    w = per_model(weights, k, "weights")
+    d = per_model(densities, k, "densities")
+    deltas = torch.stack([dare_sparsify(x[i] - b, d[i], generator, rescale) for i in range(k)])
+    return b + combine(deltas, w, consensus=consensus, normalize=normalize)

@@ -1,0 +1,75 @@
+"""Sparsification masks: keep the largest entries, or a random subset.
+
+Used by TIES (magnitude), DARE (Bernoulli) and breadcrumbs (magnitude band).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of exactly ``k`` entries of ``x`` with the largest ``|x|``.
+
+    The threshold comes from ``kthvalue`` (selection, not a full sort). Entries tied
+    at the threshold are taken in flattened index order, so masks for growing ``k``
+    are nested: ``topk_mask(x, j) ⊆ topk_mask(x, k)`` for ``j ≤ k``.
+
+    Args:
+        x: any tensor.
+        k: how many entries to keep (clamped to ``[0, numel]``).
+
+    Returns:
+        bool tensor of ``x``'s shape.
+    """
+    n = x.numel()
+    k = max(0, min(int(k), n))
+    if k == n:
+        return torch.ones_like(x, dtype=torch.bool)
+    if k == 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    mag = x.detach().abs().reshape(-1).to(torch.float32)
+    # the k-th largest is the (n - k + 1)-th smallest
+    threshold = torch.kthvalue(mag, n - k + 1).values
+    above = mag > threshold
+    missing = k - int(above.sum())
+    tied = (mag == threshold).nonzero().reshape(-1)[:missing]
+    above[tied] = True
+    return above.reshape(x.shape)
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the top ``density`` fraction of entries by magnitude.
+
+    The count kept is ``int(density * numel)`` (rounded down, as mergekit does).
+
+    Args:
+        delta: a task vector (any shape).
+        density: fraction in ``[0, 1]`` to keep.
+
+    Returns:
+        bool tensor of ``delta``'s shape.
+    """
+    if density >= 1.0:
+        return torch.ones_like(delta, dtype=torch.bool)
+    return topk_mask(delta, int(max(density, 0.0) * delta.numel()))
+
+
+def bernoulli_mask(
+    shape: torch.Size | tuple[int, ...], density: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Keep each entry independently with probability ``density``.
+
+    Draws ``numel`` uniforms from ``generator`` (on the generator's device), so the
+    same generator state gives the same mask.
+
+    Args:
+        shape: shape of the mask.
+        density: keep probability in ``[0, 1]``.
+        generator: the source of randomness.
+
+    Returns:
+        bool tensor of ``shape``.
+    """
+    u = torch.rand(tuple(shape), generator=generator, device=generator.device)
+    return u < density

@@ -1,0 +1,63 @@
+"""Spherical linear interpolation (Shoemake, 1985) — METHODS.md §1 ``slerp``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from shoal.errors import MergeError
+from shoal.ops._common import f32
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine of the angle between two tensors seen as flat vectors (0 if one is zero)."""
+    a64 = a.reshape(-1).to(torch.float64)
+    b64 = b.reshape(-1).to(torch.float64)
+    na, nb = float(a64.norm()), float(b64.norm())
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return max(-1.0, min(1.0, float(a64 @ b64) / (na * nb)))
+
+
+def slerp(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    t: float,
+    *,
+    cos: float | None = None,
+    eps: float = 1e-6,
+    dot_threshold: float | None = None,
+) -> torch.Tensor:
+    """Interpolate on the great circle from ``a`` (t = 0) to ``b`` (t = 1).
+
+    Ω = arccos(cos(a, b));
+    θ = sin((1 − t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b.
+    The unnormalised tensors are interpolated (their norms are not forced to 1).
+    Falls back to linear interpolation (1 − t)·a + t·b when sin Ω ≤ ``eps`` or,
+    when ``dot_threshold`` is given, when |cos Ω| > ``dot_threshold``
+    (``dot_threshold=0.9995`` reproduces mergekit).
+
+    Args:
+        a: tensor at t = 0 (mergekit: the base model).
+        b: tensor at t = 1, same shape.
+        t: interpolation factor (values outside [0, 1] extrapolate).
+        cos: use this cos Ω instead of computing it from ``a`` and ``b`` (e.g. an
+            angle taken over a whole model).
+        eps: degeneracy threshold on sin Ω.
+        dot_threshold: optional |cos Ω| above which to interpolate linearly.
+
+    Returns:
+        float32 tensor of the common shape.
+    """
+    if a.shape != b.shape:
+        raise MergeError(f"slerp: shape mismatch {list(a.shape)} vs {list(b.shape)}")
+    a32, b32 = f32(a), f32(b)
+    c = cosine(a32, b32) if cos is None else max(-1.0, min(1.0, float(cos)))
+    omega = math.acos(c)
+    sin_omega = math.sin(omega)
+    if sin_omega <= eps or (dot_threshold is not None and abs(c) > dot_threshold):
+        return (1.0 - t) * a32 + t * b32
+    ca = math.sin((1.0 - t) * omega) / sin_omega
+    cb = math.sin(t * omega) / sin_omega
+    return ca * a32 + cb * b32

@@ -1,0 +1,95 @@
+"""M2N2's split-point crossover h(θ_A, θ_B, w_m, w_s) (Abrantes et al., 2025) — METHODS.md §1/§3.
+
+The model is one flat vector in a fixed parameter order; entries before the split
+index w_s are SLERPed with t = w_m, entries after it with t = 1 − w_m.
+``angle="global"`` takes one angle over the whole vector (the reference code);
+``angle="segment"`` takes one angle per side of the split.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from shoal.errors import MergeError
+from shoal.ops._common import f32
+from shoal.ops.slerp import cosine, slerp
+
+Angle = Literal["global", "segment"]
+
+
+def splitpoint(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    split: int,
+    ratio: float,
+    cos_before: float | None = None,
+    cos_after: float | None = None,
+) -> torch.Tensor:
+    """Split-point crossover of one tensor that is a slice of the flat model vector.
+
+    Args:
+        a: parent A's tensor.
+        b: parent B's tensor, same shape.
+        split: the split index relative to this tensor's first (flattened) entry;
+            ≤ 0 puts everything after the split, ≥ numel everything before.
+        ratio: w_m; before the split t = ratio, after it t = 1 − ratio (t = 0 is A).
+        cos_before: cos Ω used for the entries before the split (e.g. the global or
+            whole-segment angle computed by the caller); ``None``: the angle between
+            ``a`` and ``b`` over this whole tensor.
+        cos_after: the same for the entries after the split.
+
+    Returns:
+        float32 tensor of the common shape.
+    """
+    if a.shape != b.shape:
+        raise MergeError(f"splitpoint: shape mismatch {list(a.shape)} vs {list(b.shape)}")
+    fa, fb = f32(a).reshape(-1), f32(b).reshape(-1)
+    n = fa.numel()
+    s = max(0, min(int(split), n))
+    own = cosine(fa, fb) if (cos_before is None or cos_after is None) else 0.0
+    cb = own if cos_before is None else cos_before
+    ca = own if cos_after is None else cos_after
+    parts = []
+    if s > 0:
+        parts.append(slerp(fa[:s], fb[:s], ratio, cos=cb))
+    if s < n:
+        parts.append(slerp(fa[s:], fb[s:], 1.0 - ratio, cos=ca))
+    out = torch.cat(parts) if parts else fa.clone()
+    return out.reshape(a.shape)
+
+
+def splitpoint_flat(
+    a_vec: torch.Tensor, b_vec: torch.Tensor, split: int, ratio: float, angle: Angle = "global"
+) -> torch.Tensor:
+    """Reference split-point crossover of two whole flat parameter vectors.
+
+    Args:
+        a_vec: parent A, 1-D.
+        b_vec: parent B, 1-D.
+        split: w_s, index into the vector.
+        ratio: w_m.
+        angle: ``"global"`` (one angle over the vectors) or ``"segment"`` (one per side).
+
+    Returns:
+        float32 1-D tensor.
+    """
+    if a_vec.ndim != 1 or a_vec.shape != b_vec.shape:
+        raise MergeError("splitpoint_flat: expects two 1-D vectors of equal length")
+    n = a_vec.numel()
+    s = max(0, min(int(split), n))
+    if angle == "global":
+        c = cosine(a_vec, b_vec)
+        return splitpoint(a_vec, b_vec, split=s, ratio=ratio, cos_before=c, cos_after=c)
+    if angle == "segment":
+        return splitpoint(
+            a_vec,
+            b_vec,
+            split=s,
+            ratio=ratio,
+            cos_before=cosine(a_vec[:s], b_vec[:s]),
+            cos_after=cosine(a_vec[s:], b_vec[s:]),
+        )
+    raise MergeError(f"unknown splitpoint angle {angle!r} (expected 'global' or 'segment')")

@@ -1,0 +1,50 @@
+"""TIES-merging (Yadav et al., 2023): trim, elect sign, disjoint merge — METHODS.md §1 ``ties``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from shoal.ops._common import check_base, per_model, stack_f32
+from shoal.ops.consensus import Majority, combine
+from shoal.ops.masks import magnitude_mask
+
+
+def ties(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    *,
+    normalize: bool = True,
+    majority: Majority = "sum",
+) -> torch.Tensor:
+    """TIES merge of K fine-tuned tensors onto their base.
+
+    1. trim: τ̂_k = τ_k ⊙ top-``density_k`` mask of |τ_k|;
+    2. elect: s = sign(Σ_k w_k τ̂_k) (``majority="count"``: by sign count);
+    3. disjoint merge: Σ over models with sign(w_k τ̂_k) = s of w_k τ̂_k, divided by
+       the sum of those models' weights when ``normalize`` (mergekit's convention;
+       the weights, not their absolute values);
+    4. θ = θ_base + merged delta.
+
+    Args:
+        base: the common ancestor's tensor.
+        tensors: K fine-tuned tensors.
+        weights: K weights.
+        densities: K fractions of each task vector to keep.
+        normalize: divide by the agreeing weights.
+        majority: sign election rule, ``"sum"`` or ``"count"``.
+
+    Returns:
+        float32 tensor of the common shape.
+    """
+    x = stack_f32(tensors)
+    b = check_base(base, x)
+    k = x.shape[0]
+    w = per_model(weights, k, "weights")
+    d = per_model(densities, k, "densities")
+    deltas = x - b
+    trimmed = torch.stack([deltas[i] * magnitude_mask(deltas[i], d[i]) for i in range(k)])
+    return b + combine(trimmed, w, consensus="ties", normalize=normalize, majority=majority)
