@@ -1,1 +1,36 @@
-"""shoal.testbed (being written)."""
+"""The language-model testbed: a shared base and one fine-tuned expert per skill.
+
+No model hub is reachable, so shoal builds models that behave like real ones
+itself, reproducibly: skills from ``reasoning_gym`` generators (``chain_sum``,
+``spell_backward``, ``gcd``) with held-out train/validation/test splits, a
+byte-level BPE tokenizer trained offline, a tiny Llama base trained on a mix of
+all skills, and one expert per skill fine-tuned from that base. Every model is a
+normal Hugging Face directory that ``AutoModelForCausalLM`` loads.
+
+- :func:`build_testbed` builds one (``"tiny"``: seconds, ``"small"``: minutes).
+- :func:`load_testbed` opens it: model paths, skills, and
+  :meth:`Testbed.task` giving a :class:`~shoal.tasks.generation.GenerationTask`
+  that scores a model per example.
+- :func:`report_testbed` scores every model on every skill.
+"""
+
+from __future__ import annotations
+
+from shoal.testbed.build import build_testbed
+from shoal.testbed.load import Testbed, load_testbed
+from shoal.testbed.report import TestbedReport, report_testbed
+from shoal.testbed.sizes import SIZES, TestbedSize
+from shoal.testbed.skills import SKILLS, SkillScorer, SkillSpec
+
+__all__ = [
+    "SIZES",
+    "SKILLS",
+    "SkillScorer",
+    "SkillSpec",
+    "Testbed",
+    "TestbedReport",
+    "TestbedSize",
+    "build_testbed",
+    "load_testbed",
+    "report_testbed",
+]

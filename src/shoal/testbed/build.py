@@ -1,0 +1,242 @@
+"""Building a testbed: data, tokenizer, a base model, one expert per skill.
+
+``build_testbed(out_dir, size, seed)`` writes::
+
+    out_dir/
+      testbed.json                      sizes, seeds, skills, timings, hashes
+      data/<skill>/{train,validation,test}.jsonl
+      base/                             Hugging Face directory (safetensors, config,
+      expert-<skill>/                   tokenizer, generation_config)
+
+Everything is built in a temporary sibling directory and renamed onto
+``out_dir`` when complete, so a killed build leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shoal.errors import OutputExistsError
+from shoal.testbed.sizes import TestbedSize, get_size
+from shoal.testbed.skills import SKILLS, SPLITS, make_splits
+from shoal.testbed.tokenizer import train_tokenizer
+from shoal.testbed.train import encode_examples, make_model, train_steps
+
+__all__ = ["FORMAT_VERSION", "Progress", "build_testbed", "expert_name"]
+
+FORMAT_VERSION = 1
+
+# progress(phase, steps done in phase, steps in phase)
+Progress = Callable[[str, int, int], None]
+
+
+def expert_name(skill: str) -> str:
+    """Directory name of the expert for ``skill``."""
+    return f"expert-{skill}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _generator(seed: int, *key: int) -> torch.Generator:
+    """A torch generator for one phase of the build, derived from the root seed."""
+    state = np.random.SeedSequence([seed, *key]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def _save_model(model: Any, tokenizer: Any, path: Path) -> None:
+    """Save a loadable Hugging Face directory (inside the build's temporary tree)."""
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=16,
+    )
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def _prepare_target(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not overwrite:
+        raise OutputExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished tree onto ``out_dir``, replacing an old one last."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_testbed(
+    out_dir: str | Path,
+    size: str | TestbedSize = "tiny",
+    seed: int = 0,
+    *,
+    overwrite: bool = False,
+    threads: int | None = 2,
+    progress: Progress | None = None,
+) -> Path:
+    """Build a base model and one expert per skill, with held-out data.
+
+    Args:
+        out_dir: Where the testbed goes; must not exist unless ``overwrite``.
+        size: ``"tiny"`` (seconds; a pipeline smoke test) or ``"small"`` (a few
+            minutes on two cores; experts clearly beat the base), or a preset.
+        seed: Root seed; the same seed, size and thread count give identical
+            tensors.
+        overwrite: Replace an existing ``out_dir`` once the new one is complete.
+        threads: torch intra-op threads during the build (restored after);
+            ``None`` leaves torch's setting alone.
+        progress: Called as ``progress(phase, done, total)`` while training.
+
+    Returns:
+        The path of the finished testbed.
+
+    Raises:
+        OutputExistsError: If ``out_dir`` exists and ``overwrite`` is false.
+        TaskError: If the size is unknown or a generator runs out of questions.
+    """
+    out = Path(out_dir)
+    preset = get_size(size) if isinstance(size, str) else size
+    _prepare_target(out, overwrite)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    saved_threads = torch.get_num_threads()
+    started = time.perf_counter()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        tmp.mkdir(parents=True)
+        meta = _build_into(tmp, preset, seed, progress)
+        meta["build_seconds"] = round(time.perf_counter() - started, 2)
+        meta["threads"] = torch.get_num_threads()
+        (tmp / "testbed.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        _publish(tmp, out)
+    finally:
+        torch.set_num_threads(saved_threads)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _build_into(
+    root: Path, size: TestbedSize, seed: int, progress: Progress | None
+) -> dict[str, Any]:
+    """Write data and models under ``root``; return the metadata of the build."""
+    import transformers
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    skills = list(SKILLS)
+    splits = {skill: make_splits(skill, seed, size.split_sizes()) for skill in skills}
+    data_hashes: dict[str, dict[str, str]] = {}
+    for skill in skills:
+        data_hashes[skill] = {}
+        for split in SPLITS:
+            path = root / "data" / skill / f"{split}.jsonl"
+            _write_jsonl(path, splits[skill][split])
+            data_hashes[skill][split] = _sha256(path)
+    timings["data"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    corpus = [e["prompt"] + " " + e["answer"] for s in skills for e in splits[s]["train"]]
+    tokenizer = train_tokenizer(corpus, size.vocab_size)
+    encoded = {s: encode_examples(tokenizer, splits[s]["train"]) for s in skills}
+    timings["tokenizer"] = time.perf_counter() - t0
+
+    def reporter(phase: str, total: int) -> Any:
+        if progress is None:
+            return None
+        progress(phase, 0, total)
+        return lambda step, _loss: progress(phase, step + 1, total)
+
+    t0 = time.perf_counter()
+    base = make_model(size, tokenizer, _generator(seed, 0))
+    mix = [row for s in skills for row in encoded[s]]
+    base_losses = train_steps(
+        base,
+        mix,
+        steps=size.base_steps,
+        size=size,
+        pad_id=tokenizer.pad_token_id,
+        generator=_generator(seed, 1),
+        on_step=reporter("base", size.base_steps),
+    )
+    _save_model(base, tokenizer, root / "base")
+    timings["base"] = time.perf_counter() - t0
+    models: dict[str, dict[str, Any]] = {
+        "base": {"path": "base", "skill": None, "final_loss": base_losses[-1]}
+    }
+
+    for index, skill in enumerate(skills):
+        t0 = time.perf_counter()
+        expert = copy.deepcopy(base)
+        losses = train_steps(
+            expert,
+            encoded[skill],
+            steps=size.expert_steps,
+            size=size,
+            pad_id=tokenizer.pad_token_id,
+            generator=_generator(seed, 2, index),
+            on_step=reporter(expert_name(skill), size.expert_steps),
+        )
+        _save_model(expert, tokenizer, root / expert_name(skill))
+        timings[expert_name(skill)] = time.perf_counter() - t0
+        models[expert_name(skill)] = {
+            "path": expert_name(skill),
+            "skill": skill,
+            "final_loss": losses[-1],
+        }
+
+    for info in models.values():
+        info["sha256"] = _sha256(root / info["path"] / "model.safetensors")
+    return {
+        "format_version": FORMAT_VERSION,
+        "seed": seed,
+        "size": size.to_dict(),
+        "skills": skills,
+        "skill_specs": {
+            s: {"config": SKILLS[s].config, "max_new_tokens": SKILLS[s].max_new_tokens}
+            for s in skills
+        },
+        "split_sizes": {s: {k: len(v) for k, v in splits[s].items()} for s in skills},
+        "prompt_format": "Q: {question}\\nA:",
+        "models": models,
+        "num_parameters": sum(p.numel() for p in base.parameters()),
+        "data_sha256": data_hashes,
+        "timings_seconds": {k: round(v, 2) for k, v in timings.items()},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
