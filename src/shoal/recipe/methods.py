@@ -165,7 +165,7 @@ METHODS: dict[str, MethodSpec] = {
             True,
             1,
             None,
-            (*_DARE, _majority()),
+            _DARE,
         ),
         MethodSpec(
             "dare_linear",
@@ -189,7 +189,7 @@ METHODS: dict[str, MethodSpec] = {
             True,
             1,
             None,
-            (*_BREAD, _majority()),
+            _BREAD,
         ),
         MethodSpec(
             "slerp",

@@ -1,0 +1,37 @@
+"""The model card (README.md) written next to a merged checkpoint."""
+
+from __future__ import annotations
+
+from shoal.recipe import METHODS, Recipe
+
+
+def model_card(recipe: Recipe, *, seed: int, num_tensors: int, version: str) -> str:
+    """Markdown describing how the model was made: method, sources, recipe, shoal version.
+
+    Args:
+        recipe: the recipe that was executed.
+        seed: the run seed.
+        num_tensors: how many tensors were written.
+        version: the shoal version.
+
+    Returns:
+        The README text.
+    """
+    spec = METHODS[recipe.merge_method]
+    sources = "\n".join(f"- `{ref}`" for ref in recipe.model_refs())
+    base = f"`{recipe.base_model}`" if recipe.base_model else "none"
+    return (
+        "---\ntags:\n- shoal\n- merge\n---\n\n"
+        f"# Merged model ({recipe.merge_method})\n\n"
+        f"Built with shoal {version} by `shoal merge`, without training.\n\n"
+        f"- method: **{recipe.merge_method}** — {spec.help}\n"
+        f"- base model: {base}\n"
+        f"- tensors: {num_tensors}\n"
+        f"- seed: {seed}\n"
+        f"- recipe sha256: `{recipe.content_hash()}`\n\n"
+        f"## Source models\n\n{sources}\n\n"
+        "## Recipe\n\n"
+        "The same recipe is stored as `shoal_recipe.yaml`; "
+        "`shoal merge shoal_recipe.yaml OUT` rebuilds the model.\n\n"
+        f"```yaml\n{recipe.to_yaml()}```\n"
+    )

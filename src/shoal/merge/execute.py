@@ -1,0 +1,168 @@
+"""Run a merge plan one tensor at a time.
+
+Each output tensor is computed from lazily read inputs, checked for NaN/Inf (unless
+allowed), and yielded; memory stays at the inputs and output of one tensor. Every
+tensor gets its own ``torch.Generator`` seeded from ``(seed, sha256(tensor name))``,
+so results do not depend on order or threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from shoal.checkpoint import check_finite
+from shoal.errors import CheckpointError
+from shoal.merge.methods import SplitContext, apply_method
+from shoal.merge.plan import MergePlan, TensorPlan
+from shoal.merge.sources import TensorSource
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """The 63-bit seed of one tensor's generator: from the run seed and the tensor name."""
+    digest = hashlib.sha256(f"{int(seed)}\0{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _read(
+    sources: Mapping[str, TensorSource],
+    model: str,
+    name: str,
+    device: str | torch.device,
+    allow_nonfinite: bool,
+) -> torch.Tensor:
+    src = sources[model]
+    tensor = src.get(name, device=device)
+    if not allow_nonfinite:
+        try:
+            check_finite(tensor, name=name, source=src.path)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc} (pass --allow-nonfinite to merge anyway)") from None
+    return tensor
+
+
+def _split_contexts(
+    plan: MergePlan,
+    sources: Mapping[str, TensorSource],
+    device: str | torch.device,
+    allow_nonfinite: bool,
+) -> dict[str, SplitContext]:
+    """Local split index and SLERP angles of every merged tensor (METHODS.md §1 splitpoint).
+
+    The flat vector is the floating-point tensors of model A in A's key order; the
+    split index is ``round(split · total)``. One pass over A and B accumulates the dot
+    products and norms needed for the global angle or the two segment angles.
+    """
+    merged = [tp for tp in plan.tensors if not tp.copy]
+    if not merged:
+        return {}
+    total = sum(math.prod(tp.shape) for tp in merged)
+    params = merged[0].params
+    split_at = round(float(params["split"]) * total)
+    angle = str(params["angle"])
+    # [dot, |a|², |b|²] before and after the split
+    sums = torch.zeros(2, 3, dtype=torch.float64)
+    offsets: dict[str, int] = {}
+    offset = 0
+    for tp in merged:
+        offsets[tp.name] = offset
+        a_in, b_in = tp.inputs
+        a = _read(sources, a_in.model, a_in.name, device, allow_nonfinite).reshape(-1).double()
+        b = _read(sources, b_in.model, b_in.name, device, allow_nonfinite).reshape(-1).double()
+        local = max(0, min(split_at - offset, a.numel()))
+        for part, sl in ((0, slice(0, local)), (1, slice(local, None))):
+            x, y = a[sl], b[sl]
+            sums[part] += torch.stack([(x * y).sum(), (x * x).sum(), (y * y).sum()]).cpu()
+        offset += a.numel()
+
+    def cos(dot: float, na: float, nb: float) -> float:
+        den = math.sqrt(na * nb)
+        return 1.0 if den == 0.0 else max(-1.0, min(1.0, dot / den))
+
+    whole = sums.sum(0)
+    c_all = cos(*whole.tolist())
+    c_before, c_after = cos(*sums[0].tolist()), cos(*sums[1].tolist())
+    if angle == "global":
+        c_before = c_after = c_all
+    return {name: SplitContext(split_at - off, c_before, c_after) for name, off in offsets.items()}
+
+
+def merged_tensor(
+    plan: MergePlan,
+    tp: TensorPlan,
+    sources: Mapping[str, TensorSource],
+    *,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    allow_nonfinite: bool = False,
+    split: SplitContext | None = None,
+) -> torch.Tensor:
+    """Compute one output tensor of ``plan``, cast to its output dtype."""
+    base = _read(sources, tp.base.model, tp.base.name, device, allow_nonfinite) if tp.base else None
+    tensors = [_read(sources, i.model, i.name, device, allow_nonfinite) for i in tp.inputs]
+    generator = torch.Generator(device=device)
+    generator.manual_seed(tensor_seed(seed, tp.name))
+    out = apply_method(plan.method, tp, base, tensors, generator, split)
+    return out.to(tp.dtype)
+
+
+def iter_merged(
+    plan: MergePlan,
+    sources: Mapping[str, TensorSource],
+    *,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    allow_nonfinite: bool = False,
+    progress: bool = False,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every output tensor, in plan order.
+
+    Args:
+        plan: from :func:`~shoal.merge.plan.build_plan`.
+        sources: the plan's model references → sources.
+        device: where to compute (``"cpu"``, ``"cuda"``).
+        seed: run seed (DARE's random drops).
+        allow_nonfinite: skip the NaN/Inf check of the inputs.
+        progress: show a rich progress bar on stderr.
+
+    Raises:
+        CheckpointError: an input holds NaN/Inf (unless allowed) or cannot be read.
+    """
+    splits: dict[str, SplitContext] = {}
+    if plan.method == "splitpoint":
+        splits = _split_contexts(plan, sources, device, allow_nonfinite)
+    bar: Any = nullcontext()
+    if progress:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        bar = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+    with bar, torch.no_grad():
+        task = bar.add_task(f"merging ({plan.method})", total=len(plan.tensors)) if progress else 0
+        for tp in plan.tensors:
+            yield (
+                tp.name,
+                merged_tensor(
+                    plan,
+                    tp,
+                    sources,
+                    device=device,
+                    seed=seed,
+                    allow_nonfinite=allow_nonfinite,
+                    split=splits.get(tp.name),
+                ),
+            )
+            if progress:
+                bar.advance(task)

@@ -1,0 +1,132 @@
+"""One output tensor from its input tensors: the recipe method → :mod:`shoal.ops` call.
+
+The operators compute in float32; the caller casts to the output dtype. ``lambda``
+scales the merged task vector (mergekit's global ``lambda``): θ = θ_base + λ·(θ_op − θ_base).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+
+from shoal.merge.plan import TensorPlan
+from shoal.ops.breadcrumbs import breadcrumbs
+from shoal.ops.dare import dare
+from shoal.ops.linear import linear
+from shoal.ops.model_stock import model_stock
+from shoal.ops.slerp import slerp
+from shoal.ops.splitpoint import splitpoint
+from shoal.ops.task_arithmetic import task_arithmetic
+from shoal.ops.ties import ties
+
+# mergekit's SLERP falls back to linear interpolation when |cos| exceeds this
+MERGEKIT_DOT_THRESHOLD = 0.9995
+
+
+@dataclass(frozen=True)
+class SplitContext:
+    """Where one tensor sits in the flattened model vector (splitpoint only).
+
+    Attributes:
+        split: split index local to this tensor.
+        cos_before: cos Ω used before the split (global or segment angle).
+        cos_after: cos Ω used after the split.
+    """
+
+    split: int
+    cos_before: float
+    cos_after: float
+
+
+def _per_input(tp: TensorPlan, key: str) -> list[float]:
+    return [float(cast(float, i.params[key])) for i in tp.inputs]
+
+
+def _scale_delta(base: torch.Tensor, merged: torch.Tensor, lam: float) -> torch.Tensor:
+    if lam == 1.0:
+        return merged
+    base32 = base.to(torch.float32)
+    return base32 + lam * (merged - base32)
+
+
+def apply_method(
+    method: str,
+    tp: TensorPlan,
+    base: torch.Tensor | None,
+    tensors: Sequence[torch.Tensor],
+    generator: torch.Generator,
+    split: SplitContext | None = None,
+) -> torch.Tensor:
+    """Compute one merged tensor.
+
+    Args:
+        method: the recipe's merge method.
+        tp: the tensor's plan (resolved parameters).
+        base: the base model's tensor, ``None`` for methods without a base.
+        tensors: the other inputs' tensors, in ``tp.inputs`` order.
+        generator: seeded source of randomness for this tensor (DARE).
+        split: position in the flat vector (splitpoint).
+
+    Returns:
+        The merged tensor in float32 (passthrough keeps the input dtype).
+    """
+    p: dict[str, Any] = dict(tp.params)
+    if tp.copy:
+        src = base if base is not None else tensors[0]
+        scale = float(tp.inputs[0].params.get("scale", 1.0)) if tp.inputs else 1.0
+        return src if scale == 1.0 else src * scale
+    if method == "linear":
+        return linear(tensors, _per_input(tp, "weight"), normalize=bool(p["normalize"]))
+    assert base is not None or method == "splitpoint"
+    if method == "splitpoint":
+        assert split is not None
+        return splitpoint(
+            tensors[0],
+            tensors[1],
+            split=split.split,
+            ratio=float(p["ratio"]),
+            cos_before=split.cos_before,
+            cos_after=split.cos_after,
+        )
+    assert base is not None
+    if method == "slerp":
+        return slerp(base, tensors[0], float(p["t"]), dot_threshold=MERGEKIT_DOT_THRESHOLD)
+    if method == "model_stock":
+        return model_stock(base, tensors)
+    weights = _per_input(tp, "weight")
+    lam = float(p["lambda"])
+    normalize = bool(p["normalize"])
+    if method == "task_arithmetic":
+        return task_arithmetic(base, tensors, weights, lam=lam, normalize=normalize)
+    densities = _per_input(tp, "density")
+    if method == "ties":
+        merged = ties(
+            base, tensors, weights, densities, normalize=normalize, majority=p["majority"]
+        )
+    elif method in ("dare_ties", "dare_linear"):
+        merged = dare(
+            base,
+            tensors,
+            weights,
+            densities,
+            generator,
+            consensus="ties" if method == "dare_ties" else "none",
+            rescale=p["rescale"],
+            normalize=normalize,
+        )
+    elif method in ("breadcrumbs", "breadcrumbs_ties"):
+        merged = breadcrumbs(
+            base,
+            tensors,
+            weights,
+            densities,
+            _per_input(tp, "gamma"),
+            consensus="ties" if method == "breadcrumbs_ties" else "none",
+            normalize=normalize,
+        )
+    else:  # pragma: no cover - the registry and this table are tested together
+        raise AssertionError(f"no implementation for merge method {method!r}")
+    return _scale_delta(base, merged, lam)

@@ -1,0 +1,346 @@
+"""The merge plan: for every output tensor, its inputs and resolved parameters.
+
+Built from metadata only (names, shapes, dtypes), so a missing tensor or a shape
+mismatch is reported — as :class:`~shoal.errors.MergeError` naming the tensor and
+the model — before anything is read or written.
+
+Layout follows mergekit: a ``models:`` recipe is one slice over all layers of the
+reference model; a ``slices:`` recipe produces the input embeddings from its first
+slice's sources, then each slice's layers in order (renumbered), then the final
+norm / head from its last slice's sources. Parameter precedence, narrowest first:
+slice source (or ``models[i]``) → slice → global → method default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from shoal.checkpoint import layer_index, num_layers, rename_layer
+from shoal.errors import MergeError, RecipeError
+from shoal.merge.sources import TensorSource
+from shoal.recipe import (
+    METHODS,
+    MethodSpec,
+    Recipe,
+    canonical_dtype,
+    evaluate,
+    is_pre_tensor,
+    position,
+)
+from shoal.recipe.params import Scalar
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    """One input of an output tensor.
+
+    Attributes:
+        model: the model reference (as written in the recipe).
+        name: the tensor's name in that model.
+        params: per-model parameters resolved for this tensor (weight, density, ...).
+    """
+
+    model: str
+    name: str
+    params: Mapping[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How to produce one output tensor.
+
+    Attributes:
+        name: output tensor name.
+        shape: its shape.
+        dtype: output dtype.
+        base: the base model's input (``None`` for methods without a base).
+        inputs: the other inputs, in recipe order (for slerp: the ``t = 1`` model;
+            for splitpoint: ``[A, B]``).
+        params: method-level parameters resolved for this tensor (t, lambda, ...).
+        copy: copy the base / first input unchanged (non-float tensors, passthrough).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    base: TensorInput | None
+    inputs: tuple[TensorInput, ...]
+    params: Mapping[str, Scalar]
+    copy: bool = False
+
+    def all_inputs(self) -> tuple[TensorInput, ...]:
+        """Base (if any) followed by the other inputs."""
+        return ((self.base,) if self.base else ()) + self.inputs
+
+
+@dataclass
+class MergePlan:
+    """A whole merge: method, output tensors in write order, and the output layout.
+
+    Attributes:
+        method: the merge method name.
+        tensors: one :class:`TensorPlan` per output tensor, in write order.
+        reference: the model whose config and non-layer tensor names are used.
+        num_layers: blocks in the output when the recipe stacks slices, else ``None``.
+        layer_sources: for each output block, the source block it comes from (slices).
+    """
+
+    method: str
+    tensors: list[TensorPlan]
+    reference: str
+    num_layers: int | None = None
+    layer_sources: list[int] | None = None
+
+    def writer_plan(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """``{name: (shape, dtype)}`` for :class:`~shoal.checkpoint.ShardedWriter`."""
+        return {t.name: (t.shape, t.dtype) for t in self.tensors}
+
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    """Torch dtype of a recipe dtype string (``None`` stays ``None``)."""
+    if name is None:
+        return None
+    canon = canonical_dtype(name)
+    if canon is None:
+        raise RecipeError(f"dtype: unknown dtype {name!r} (use float32, float16, bfloat16)")
+    return _DTYPES[canon]
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """The parameter scopes that apply to one model inside one slice."""
+
+    source: Mapping[str, Any] | None
+    slice: Mapping[str, Any] | None
+    glob: Mapping[str, Any] | None
+
+
+def _lookup(
+    spec_name: str,
+    default: Scalar | None,
+    scopes: Sequence[Mapping[str, Any] | None],
+    name: str,
+    t: float,
+) -> Scalar:
+    for scope in scopes:
+        if scope and spec_name in scope:
+            value = evaluate(scope[spec_name], name, t)
+            if value is not None:
+                return value
+    if default is None:
+        raise RecipeError(f"parameters.{spec_name}: no value applies to tensor {name!r}")
+    return default
+
+
+class _Planner:
+    def __init__(
+        self,
+        recipe: Recipe,
+        sources: Mapping[str, TensorSource],
+        out_dtype: torch.dtype | None,
+    ) -> None:
+        self.recipe = recipe
+        self.sources = sources
+        self.out_dtype = out_dtype
+        spec = METHODS[recipe.merge_method]
+        self.spec: MethodSpec = spec
+        self.tensors: list[TensorPlan] = []
+        self.seen: set[str] = set()
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _check_input(
+        self, ref: str, name: str, out_name: str, want: tuple[int, ...], want_from: str
+    ) -> None:
+        src = self.sources[ref]
+        if name not in src:
+            raise MergeError(f"tensor {name!r} missing from model {ref} ({src.path})")
+        shape = tuple(src.shape(name))
+        if shape != want:
+            raise MergeError(
+                f"tensor {out_name!r}: shape {list(shape)} in model {ref} differs from "
+                f"{list(want)} in model {want_from}"
+            )
+
+    def _params(self, scopes: _Scope, name: str, t: float, per_model: bool) -> dict[str, Scalar]:
+        chain = (
+            (scopes.source, scopes.slice, scopes.glob) if per_model else (scopes.slice, scopes.glob)
+        )
+        return {
+            p.name: _lookup(p.name, p.default, chain, name, t)
+            for p in self.spec.params
+            if p.per_model == per_model
+        }
+
+    def add(
+        self,
+        out_name: str,
+        members: Sequence[tuple[str, str, Mapping[str, Any] | None]],
+        slice_params: Mapping[str, Any] | None,
+        t: float,
+    ) -> None:
+        """Plan one output tensor from ``(model ref, input name, source params)`` triples."""
+        if out_name in self.seen:
+            raise MergeError(f"tensor {out_name!r} would be written twice; check the slices")
+        self.seen.add(out_name)
+        glob = self.recipe.parameters
+        base_ref = self.recipe.base_model
+        lead = next((m for m in members if m[0] == base_ref), members[0])
+        lead_src = self.sources[lead[0]]
+        if lead[1] not in lead_src:
+            raise MergeError(f"tensor {lead[1]!r} missing from model {lead[0]} ({lead_src.path})")
+        shape = tuple(lead_src.shape(lead[1]))
+        for ref, name, _ in members:
+            self._check_input(ref, name, out_name, shape, lead[0])
+        src_dtype = lead_src.dtype(lead[1])
+        floating = src_dtype.is_floating_point
+        dtype = self.out_dtype if (self.out_dtype is not None and floating) else src_dtype
+        inputs = [
+            TensorInput(ref, name, self._params(_Scope(p, slice_params, glob), out_name, t, True))
+            for ref, name, p in members
+        ]
+        method_params = self._params(_Scope(None, slice_params, glob), out_name, t, False)
+        spec = self.spec
+        base: TensorInput | None = None
+        others = inputs
+        if spec.needs_base:
+            base = next(i for i in inputs if i.model == base_ref)
+            others = [i for i in inputs if i.model != base_ref]
+        copy = not floating or spec.name == "passthrough"
+        if not floating:  # integer buffers: taken from the base / first model as they are
+            lead_input = next(i for i in inputs if i.model == lead[0])
+            base, others = None, [lead_input]
+        self.tensors.append(
+            TensorPlan(out_name, shape, dtype, base, tuple(others), method_params, copy)
+        )
+
+
+def _model_layer_count(src: TensorSource) -> int:
+    if src.config:
+        n = num_layers(src.config)
+        if n is not None:
+            return n
+    names = src.keys()
+    indices = [i for i in (layer_index(k) for k in names) if i is not None]
+    return max(indices) + 1 if indices else 0
+
+
+def _layer_names(src: TensorSource) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    names = src.keys()
+    for key in names:
+        idx = layer_index(key)
+        if idx is not None:
+            out.setdefault(idx, []).append(key)
+    return out
+
+
+def _reference(recipe: Recipe) -> str:
+    if recipe.merge_method == "splitpoint" and recipe.models:
+        return recipe.models[0].model  # model A fixes the flattening order
+    if recipe.base_model:
+        return recipe.base_model
+    if recipe.models:
+        return recipe.models[0].model
+    assert recipe.slices
+    return recipe.slices[0].sources[0].model
+
+
+def _plan_models(planner: _Planner, recipe: Recipe, ref: str) -> None:
+    assert recipe.models is not None
+    src = planner.sources[ref]
+    n = _model_layer_count(src)
+    members_spec = [(m.model, m.parameters) for m in recipe.models]
+    if planner.spec.needs_base and recipe.base_model not in [m for m, _ in members_spec]:
+        members_spec.insert(0, (recipe.base_model or "", None))
+    names = src.keys()
+    for name in names:
+        li = layer_index(name)
+        t = position(name, li, n)
+        planner.add(name, [(m, name, p) for m, p in members_spec], None, t)
+
+
+def _plan_slices(planner: _Planner, recipe: Recipe, ref: str) -> tuple[int, list[int]]:
+    assert recipe.slices is not None
+    slices = recipe.slices
+    ref_src = planner.sources[ref]
+    ref_names = ref_src.keys()
+    non_layer = [k for k in ref_names if layer_index(k) is None]
+    pre = [k for k in non_layer if is_pre_tensor(k)]
+    post = [k for k in non_layer if not is_pre_tensor(k)]
+    by_model = {
+        s.model: _layer_names(planner.sources[s.model]) for sl in slices for s in sl.sources
+    }
+
+    def members(sl_index: int, name_of: Any) -> list[tuple[str, str, Mapping[str, Any] | None]]:
+        return [(s.model, name_of(s), s.parameters) for s in slices[sl_index].sources]
+
+    for name in pre:
+        planner.add(name, members(0, lambda s, n=name: n), slices[0].parameters, 0.0)
+    out_layer = 0
+    layer_sources: list[int] = []
+    for i, sl in enumerate(slices):
+        length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        for j, s in enumerate(sl.sources):
+            have = len(by_model[s.model])
+            if s.layer_range[1] > have:
+                raise MergeError(
+                    f"slices[{i}].sources[{j}].layer_range {list(s.layer_range)} exceeds the "
+                    f"{have} layers of model {s.model}"
+                )
+        for offset in range(length):
+            t = 1.0 if length <= 1 else offset / (length - 1)
+            lead = sl.sources[0]
+            for name in by_model[lead.model][lead.layer_range[0] + offset]:
+                out_name = rename_layer(name, out_layer)
+                planner.add(
+                    out_name,
+                    members(i, lambda s, n=name, o=offset: rename_layer(n, s.layer_range[0] + o)),
+                    sl.parameters,
+                    t,
+                )
+            layer_sources.append(lead.layer_range[0] + offset)
+            out_layer += 1
+    last = len(slices) - 1
+    for name in post:
+        planner.add(name, members(last, lambda s, n=name: n), slices[last].parameters, 1.0)
+    return out_layer, layer_sources
+
+
+def build_plan(
+    recipe: Recipe, sources: Mapping[str, TensorSource], *, dtype: str | None = None
+) -> MergePlan:
+    """Plan a merge from the sources' metadata (no tensor data is read).
+
+    Args:
+        recipe: a validated recipe.
+        sources: a source per model reference (see :func:`~shoal.merge.sources.open_sources`).
+        dtype: output dtype overriding the recipe's ``out_dtype`` / ``dtype``.
+
+    Returns:
+        The plan.
+
+    Raises:
+        MergeError: a tensor is missing from a model, shapes differ, a layer range
+            exceeds a model.
+        RecipeError: a required parameter has no value for some tensor.
+    """
+    out_dtype = torch_dtype(dtype or recipe.output_dtype())
+    planner = _Planner(recipe, sources, out_dtype)
+    ref = _reference(recipe)
+    if recipe.models is not None:
+        _plan_models(planner, recipe, ref)
+        return MergePlan(recipe.merge_method, planner.tensors, ref)
+    n_out, layer_sources = _plan_slices(planner, recipe, ref)
+    return MergePlan(recipe.merge_method, planner.tensors, ref, n_out, layer_sources)

@@ -1,0 +1,125 @@
+"""``merge``: execute a recipe to a checkpoint directory, streaming and atomically."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from shoal.checkpoint import ShardedWriter, copy_model_files, parse_size, with_num_layers
+from shoal.merge.card import model_card
+from shoal.merge.execute import iter_merged
+from shoal.merge.plan import MergePlan, build_plan
+from shoal.merge.sources import TensorSource, close_all, open_sources, resolve_model_path
+from shoal.recipe import Recipe, canonical_dtype, load_recipe
+
+
+def _model_dir(ref: str, recipe: Recipe, sources: Mapping[str, TensorSource]) -> Path | None:
+    path = getattr(sources.get(ref), "path", None)
+    if not isinstance(path, Path):
+        path = resolve_model_path(ref, recipe)
+    return path if path.is_dir() else None
+
+
+def _config_updates(
+    plan: MergePlan, config: dict[str, Any] | None, out_dtype: str | None
+) -> dict[str, Any]:
+    if config is None:
+        return {}
+    updated = dict(config)
+    if plan.num_layers is not None:
+        updated = with_num_layers(updated, plan.num_layers, layer_sources=plan.layer_sources)
+    if out_dtype is not None:
+        # transformers 5 reads "dtype", older versions "torch_dtype"; keep whichever exists
+        keys = [k for k in ("dtype", "torch_dtype") if k in updated] or ["torch_dtype"]
+        for key in keys:
+            updated[key] = out_dtype
+    return updated
+
+
+def merge(
+    recipe: Recipe | str | Path | Mapping[str, Any],
+    out_dir: str | Path,
+    *,
+    device: str = "cpu",
+    out_shard_size: str | int = "2GB",
+    dtype: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Execute a recipe and write the merged model as a Hugging Face checkpoint.
+
+    The plan is checked against every model's metadata first (missing tensors, shape
+    mismatches), then tensors are merged one at a time and streamed into
+    safetensors shards in a temporary sibling directory, renamed onto ``out_dir``
+    only when complete. Config and tokenizer files come from the base model (or
+    ``tokenizer_source``); the recipe is stored as ``shoal_recipe.yaml`` with a
+    model card ``README.md``.
+
+    Args:
+        recipe: a :class:`~shoal.recipe.Recipe`, a YAML path or text, or a dict.
+        out_dir: the directory to create.
+        device: where to compute (``cpu``, ``cuda``, ``cuda:1``).
+        out_shard_size: largest shard, e.g. ``"2GB"``, ``"500MB"`` or bytes.
+        dtype: output dtype (overrides the recipe's ``out_dtype`` / ``dtype``).
+        seed: seed of the random drops (DARE).
+        overwrite: replace ``out_dir`` if it exists.
+        allow_nonfinite: merge inputs that hold NaN/Inf instead of refusing.
+        progress: show a progress bar.
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ShoalError: a user-caused problem (recipe, checkpoint, merge, output exists);
+            nothing is left at ``out_dir`` in that case.
+
+    Example:
+        >>> merge("recipe.yaml", "out/merged", dtype="bfloat16")  # doctest: +SKIP
+    """
+    from shoal import __version__
+
+    recipe = load_recipe(recipe)
+    out = Path(out_dir)
+    max_bytes = parse_size(out_shard_size)
+    sources, opened = open_sources(recipe)
+    try:
+        plan = build_plan(recipe, sources, dtype=dtype)
+        out_dtype = dtype or recipe.output_dtype()
+        ref_dir = _model_dir(plan.reference, recipe, sources)
+        tok = recipe.tokenizer_source
+        tok_ref = recipe.base_model if tok in (None, "base") else tok
+        tok_dir = _model_dir(tok_ref, recipe, sources) if tok_ref else ref_dir
+        config = sources[plan.reference].config
+        updates = _config_updates(plan, config, canonical_dtype(out_dtype) if out_dtype else None)
+        with ShardedWriter(
+            out, plan=plan.writer_plan(), max_shard_bytes=max_bytes, overwrite=overwrite
+        ) as writer:
+            for name, tensor in iter_merged(
+                plan,
+                sources,
+                device=device,
+                seed=seed,
+                allow_nonfinite=allow_nonfinite,
+                progress=progress,
+            ):
+                writer.add(name, tensor)
+            if ref_dir is not None:
+                copy_model_files(ref_dir, writer, config_updates=updates)
+            if tok_dir is not None and tok_dir != ref_dir:
+                copy_model_files(tok_dir, writer)  # tokenizer files replace the reference's
+            if config is not None:  # the reference's config, whatever tok_dir held
+                writer.write_text("config.json", json.dumps(updates or config, indent=2) + "\n")
+            if recipe.chat_template not in (None, "auto"):
+                writer.write_text("chat_template.jinja", str(recipe.chat_template))
+            writer.write_text("shoal_recipe.yaml", recipe.to_yaml())
+            writer.write_text(
+                "README.md",
+                model_card(recipe, seed=seed, num_tensors=len(plan.tensors), version=__version__),
+            )
+    finally:
+        close_all(opened)
+    return out
