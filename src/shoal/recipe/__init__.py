@@ -12,15 +12,35 @@ by content.
 - :data:`METHODS` — the registry of merge methods and their parameters
 - :func:`resolve` — a parameter's value for one tensor at one layer (gradients, filters)
 
-Executing a recipe lives one layer up, in :mod:`shoal.merge`.
+Executing a recipe lives one layer up, in :mod:`shoal.merge`. Names are imported
+lazily (pydantic is only loaded when a recipe is), so ``shoal --help`` can read
+:data:`METHODS` cheaply.
 """
 
 from __future__ import annotations
 
-from shoal.recipe.load import load_recipe
-from shoal.recipe.methods import METHODS, MethodSpec, ParamSpec, method_spec
-from shoal.recipe.params import evaluate, interpolate, is_pre_tensor, position, resolve
-from shoal.recipe.schema import DTYPES, ModelEntry, Recipe, Slice, SliceSource, canonical_dtype
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+# public name -> defining module
+_LAZY = {
+    "DTYPES": "shoal.recipe.schema",
+    "METHODS": "shoal.recipe.methods",
+    "MethodSpec": "shoal.recipe.methods",
+    "ModelEntry": "shoal.recipe.schema",
+    "ParamSpec": "shoal.recipe.methods",
+    "Recipe": "shoal.recipe.schema",
+    "Slice": "shoal.recipe.schema",
+    "SliceSource": "shoal.recipe.schema",
+    "canonical_dtype": "shoal.recipe.schema",
+    "evaluate": "shoal.recipe.params",
+    "interpolate": "shoal.recipe.params",
+    "is_pre_tensor": "shoal.recipe.params",
+    "load_recipe": "shoal.recipe.load",
+    "method_spec": "shoal.recipe.methods",
+    "position": "shoal.recipe.params",
+    "resolve": "shoal.recipe.params",
+}
 
 __all__ = [
     "DTYPES",
@@ -40,3 +60,22 @@ __all__ = [
     "position",
     "resolve",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from shoal.recipe.load import load_recipe
+    from shoal.recipe.methods import METHODS, MethodSpec, ParamSpec, method_spec
+    from shoal.recipe.params import evaluate, interpolate, is_pre_tensor, position, resolve
+    from shoal.recipe.schema import (
+        DTYPES,
+        ModelEntry,
+        Recipe,
+        Slice,
+        SliceSource,
+        canonical_dtype,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'shoal.recipe' has no attribute {name!r}")

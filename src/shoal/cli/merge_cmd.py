@@ -1,0 +1,171 @@
+"""``shoal merge`` and ``shoal inspect``.
+
+Command bodies import torch and the library inside, so registering them costs
+nothing at ``shoal --help`` time.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+__all__ = ["register"]
+
+
+def _methods_help() -> str:
+    from shoal.recipe.methods import METHODS
+
+    lines = []
+    for spec in METHODS.values():
+        params = ", ".join(spec.param_names) or "no parameters"
+        lines.append(f"  {spec.name}: {spec.help} [{params}]")
+    return "\b\n" + "\n".join(lines)
+
+
+_MERGE_HELP = f"""Merge models as a recipe (mergekit YAML) says, into OUT_DIR.
+
+The recipe names local checkpoints (directories with safetensors, or files);
+shoal never downloads. Tensors are merged one at a time and streamed into
+safetensors shards; OUT_DIR appears only when everything is written.
+
+Example recipe (ties.yaml):
+
+\b
+    models:
+      - model: ./expert-a
+        parameters: {{weight: 0.5, density: 0.5}}
+      - model: ./expert-b
+        parameters: {{weight: 0.5, density: [1, 0.5, 0.2]}}
+    merge_method: ties
+    base_model: ./base
+    dtype: bfloat16
+
+\b
+    shoal merge ties.yaml merged/ --seed 0
+
+Methods:
+
+{_methods_help()}
+"""
+
+
+def _format_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1000
+    return f"{size:.2f} TB"  # pragma: no cover
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``merge`` and ``inspect`` commands to ``app``."""
+
+    @app.command("merge", help=_MERGE_HELP)
+    def merge_command(
+        recipe: Path = typer.Argument(
+            ..., help="Recipe YAML (mergekit format).", show_default=False
+        ),
+        out_dir: Path = typer.Argument(..., help="Directory to create.", show_default=False),
+        device: str = typer.Option("cpu", "--device", help="Where to compute: cpu, cuda, cuda:1."),
+        out_shard_size: str = typer.Option(
+            "2GB", "--out-shard-size", help="Largest output shard, e.g. 500MB, 2GB."
+        ),
+        dtype: str | None = typer.Option(
+            None,
+            "--dtype",
+            help="Output dtype: float32, float16, bfloat16 (default: the recipe's, else the "
+            "sources').",
+        ),
+        seed: int = typer.Option(0, "--seed", help="Seed of random drops (DARE)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
+        allow_nonfinite: bool = typer.Option(
+            False, "--allow-nonfinite", help="Merge inputs that hold NaN/Inf instead of refusing."
+        ),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    ) -> None:
+        from shoal.merge import merge
+
+        start = time.perf_counter()
+        out = merge(
+            recipe,
+            out_dir,
+            device=device,
+            out_shard_size=out_shard_size,
+            dtype=dtype,
+            seed=seed,
+            overwrite=overwrite,
+            allow_nonfinite=allow_nonfinite,
+            progress=not quiet,
+        )
+        if not quiet:
+            size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+            typer.echo(
+                f"wrote {out} ({_format_bytes(size)}) in {time.perf_counter() - start:.1f} s"
+            )
+
+    @app.command("inspect")
+    def inspect_command(
+        path: Path = typer.Argument(
+            ..., help="A model directory or a weights file.", show_default=False
+        ),
+        filter_: str | None = typer.Option(
+            None, "--filter", "-f", help="Only tensors whose name contains this."
+        ),
+    ) -> None:
+        """Show a checkpoint's tensors: names, shapes, dtypes, layers and sizes.
+
+        Reads headers only (no tensor data). Example: shoal inspect ./merged
+        """
+        from collections import Counter
+
+        from rich.console import Console
+        from rich.table import Table
+
+        from shoal.checkpoint import layer_index, num_layers, open_checkpoint
+
+        with open_checkpoint(path) as reader:
+            names = [n for n in reader if filter_ is None or filter_ in n]
+            table = Table(title=str(path), show_lines=False)
+            for col, justify in (
+                ("tensor", "left"),
+                ("shape", "left"),
+                ("dtype", "left"),
+                ("layer", "right"),
+                ("size", "right"),
+            ):
+                table.add_column(col, justify=justify)  # type: ignore[arg-type]
+            total_params = total_bytes = 0
+            dtypes: Counter[str] = Counter()
+            layers: set[int] = set()
+            for name in names:
+                shape = reader.shape(name)
+                dtype = reader.dtype(name)
+                numel = reader.numel(name)
+                nbytes = numel * dtype.itemsize
+                layer = layer_index(name)
+                total_params += numel
+                total_bytes += nbytes
+                dtypes[str(dtype).removeprefix("torch.")] += 1
+                if layer is not None:
+                    layers.add(layer)
+                table.add_row(
+                    name,
+                    "×".join(str(d) for d in shape) or "scalar",
+                    str(dtype).removeprefix("torch."),
+                    "" if layer is None else str(layer),
+                    _format_bytes(nbytes),
+                )
+            console = Console()
+            console.print(table)
+            declared = num_layers(reader.config) if reader.config else None
+            model_type = (reader.config or {}).get("model_type", "?")
+            console.print(
+                f"{len(names)} tensors, {total_params:,} parameters, "
+                f"{_format_bytes(total_bytes)}; layers: {len(layers)}"
+                + (f" (config: {declared})" if declared is not None else "")
+                + f"; dtypes: {', '.join(f'{k} ×{v}' for k, v in sorted(dtypes.items()))}"
+                + f"; model_type: {model_type}"
+            )
