@@ -1,0 +1,288 @@
+"""CMA-ES (Hansen & Ostermeier, 2001) as a thin, seeded ask/tell wrapper over pycma.
+
+Two layers live here:
+
+* :class:`CMAES` — a generic maximiser of a black-box function of a real vector,
+  usable on toy objectives. It owns one ``cma.CMAEvolutionStrategy`` whose random
+  source is *injected* (a picklable callable around a ``numpy.random.Generator``
+  derived from the seed), so pycma never touches numpy's global RNG and a run is
+  a function of its seed. Higher is better outside; the sign flips only inside.
+  A NaN or failed value counts as the worst of its generation.
+* :class:`GenomeCMAES` — the base of the evolutionary-merge algorithms (PS, DFS): an
+  :class:`~shoal.search.base.Algorithm` whose candidates are CMA-ES vectors
+  decoded into recipes by a subclass, ranked by the mean over tasks.
+
+State: pycma's own pickled bytes (base64 in the JSON state) — the one pickle
+STYLE.md allows — plus our counters and the best-so-far.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import pickle
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from shoal.errors import StateError
+from shoal.search.base import Algorithm, Best, mean_over_tasks
+from shoal.tasks.base import Scores
+
+__all__ = ["CMAES", "GenomeCMAES", "default_popsize"]
+
+
+def default_popsize(n: int) -> int:
+    """Population size 4 + ⌊3 ln n⌋ (Hansen's default; METHODS.md §2)."""
+    return 4 + math.floor(3.0 * math.log(max(n, 1)))
+
+
+class _Gaussian:
+    """pycma's ``randn`` option: standard normals from an explicit generator.
+
+    pycma calls ``randn(lam, n)``; a module-level class (not a lambda) so that
+    pycma's state pickles with it, generator state included.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(np.random.SeedSequence(seed))
+
+    def __call__(self, *shape: int) -> np.ndarray:
+        return self.rng.standard_normal(shape)
+
+
+class CMAES:
+    """Seeded CMA-ES maximiser with ask/tell over numpy vectors.
+
+    Args:
+        x0: Initial mean, shape ``(n,)``.
+        sigma0: Initial step size.
+        seed: Root seed of the sampling generator (runs are reproducible from it).
+        popsize: Population λ; default 4 + ⌊3 ln n⌋.
+        bounds: ``(lower, upper)``, each a scalar, ``None`` or a length-``n`` sequence
+            (entries may be ``None``); handled by pycma's ``BoundTransform``, so every
+            asked vector lies inside the box.
+        stds: Per-coordinate multipliers of ``sigma0`` (pycma ``CMA_stds``).
+        options: Further pycma options (e.g. ``{"tolflatfitness": 20}``).
+    """
+
+    def __init__(
+        self,
+        x0: Sequence[float] | np.ndarray,
+        sigma0: float,
+        *,
+        seed: int,
+        popsize: int | None = None,
+        bounds: tuple[Any, Any] | None = None,
+        stds: Sequence[float] | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        import cma  # local: keeps `import shoal.search` light
+
+        x0 = np.asarray(x0, dtype=np.float64).reshape(-1)
+        if x0.size < 1:
+            raise ValueError("CMAES needs at least one dimension")
+        self.n = int(x0.size)
+        self.popsize = int(popsize or default_popsize(self.n))
+        opts: dict[str, Any] = {
+            "popsize": self.popsize,
+            "seed": float("nan"),  # nan: pycma must not seed numpy's global RNG
+            "randn": _Gaussian(seed),
+            "verbose": -9,
+            "verb_disp": 0,
+            "verb_log": 0,
+            "verb_filenameprefix": "",
+            "tolflatfitness": 20,  # accuracies are often tied early on
+        }
+        if bounds is not None:
+            opts["bounds"] = [_bound(b) for b in bounds]
+        if stds is not None:
+            opts["CMA_stds"] = [float(s) for s in stds]
+        opts.update(options or {})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._es = cma.CMAEvolutionStrategy(x0.tolist(), float(sigma0), opts)
+        self.generation = 0
+        self.evaluations = 0
+        self.best_x: np.ndarray | None = None
+        self.best_fitness = -math.inf
+
+    def ask(self) -> np.ndarray:
+        """Sample one generation, shape ``(popsize, n)`` (inside the bounds)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            xs = self._es.ask()
+        return np.asarray(xs, dtype=np.float64)
+
+    def tell(self, xs: np.ndarray | Sequence[Sequence[float]], fitness: Sequence[float]) -> None:
+        """Update from the asked vectors and their fitness (higher is better).
+
+        NaN/inf values count as the worst: below every finite value of the batch.
+        """
+        xs = np.asarray(xs, dtype=np.float64)
+        f = np.asarray(fitness, dtype=np.float64).reshape(-1)
+        if xs.shape[0] != f.size:
+            raise StateError(f"cmaes: tell() got {xs.shape[0]} vectors and {f.size} values")
+        finite = np.isfinite(f)
+        worst = float(f[finite].min()) - 1.0 - abs(float(f[finite].min())) if finite.any() else 0.0
+        f = np.where(finite, f, worst)
+        for x, v in zip(xs, f, strict=True):
+            if v > self.best_fitness:
+                self.best_fitness, self.best_x = float(v), x.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._es.tell([x for x in xs], (-f).tolist())  # pycma minimises
+        self.generation += 1
+        self.evaluations += int(f.size)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Current distribution mean (in the bounded, user-facing coordinates)."""
+        es = self._es
+        return np.asarray(
+            es.gp.pheno(es.mean, into_bounds=es.boundary_handler.repair), dtype=np.float64
+        )
+
+    @property
+    def sigma(self) -> float:
+        """Current overall step size."""
+        return float(self._es.sigma)
+
+    def stop(self) -> list[str]:
+        """pycma's termination reasons (empty: keep going)."""
+        return sorted(str(k) for k in self._es.stop())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data: pycma's pickled bytes as base64, counters, best so far."""
+        return {
+            "es": base64.b64encode(pickle.dumps(self._es)).decode("ascii"),
+            "generation": self.generation,
+            "evaluations": self.evaluations,
+            "best_x": None if self.best_x is None else self.best_x.tolist(),
+            "best_fitness": self.best_fitness if math.isfinite(self.best_fitness) else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the run continues exactly as it would have."""
+        try:
+            es = pickle.loads(base64.b64decode(state["es"]))  # pycma's own state (STYLE.md)
+        except Exception as exc:  # corrupt or foreign bytes
+            raise StateError(f"cmaes: saved pycma state does not load: {exc}") from exc
+        if int(es.N) != self.n:
+            raise StateError(f"cmaes: saved state has {es.N} dimensions, this search has {self.n}")
+        self._es = es
+        self.generation = int(state["generation"])
+        self.evaluations = int(state["evaluations"])
+        bx = state.get("best_x")
+        self.best_x = None if bx is None else np.asarray(bx, dtype=np.float64)
+        bf = state.get("best_fitness")
+        self.best_fitness = -math.inf if bf is None else float(bf)
+
+
+def _bound(b: Any) -> Any:
+    if b is None or isinstance(b, int | float):
+        return b
+    return [None if v is None else float(v) for v in b]
+
+
+class GenomeCMAES(Algorithm):
+    """Ask/tell algorithm whose candidates are CMA-ES vectors decoded into recipes.
+
+    Subclasses set up :attr:`es` (a :class:`CMAES`) and implement :meth:`decode`.
+    Fitness is :func:`~shoal.search.base.mean_over_tasks` of a candidate's scores.
+
+    ``ask(n)`` hands out at most ``n`` candidates of the current generation and
+    never crosses a generation boundary (the ES is told once a whole generation
+    has scores); ``ask(None)`` hands out the rest of the generation.
+    """
+
+    es: CMAES
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._gen_x: list[list[float]] = []  # the current generation's vectors
+        self._gen_f: list[float] = []  # fitness of the first len(_gen_f) of them
+        self._best: Best | None = None
+
+    # -- to implement ---------------------------------------------------------------------
+    def decode(self, x: np.ndarray) -> dict[str, Any]:
+        """The recipe a vector stands for."""
+        raise NotImplementedError
+
+    def describe(self, x: np.ndarray) -> dict[str, Any]:
+        """Readable genome for reports (``Best.extra["genome"]``); default the raw vector."""
+        return {"x": [float(v) for v in x]}
+
+    # -- Algorithm --------------------------------------------------------------------------
+    def _ask(self, n: int | None) -> list[dict[str, Any]]:
+        if not self._gen_x:
+            self._gen_x = self.es.ask().tolist()
+            self._gen_f = []
+        start = len(self._gen_f)
+        stop = len(self._gen_x) if n is None else min(len(self._gen_x), start + max(int(n), 1))
+        return [self.decode(np.asarray(x)) for x in self._gen_x[start:stop]]
+
+    def _tell(self, recipes: list[dict[str, Any]], scores: list[Scores]) -> None:
+        start = len(self._gen_f)
+        for i, s in enumerate(scores):
+            f = mean_over_tasks(s)
+            f = f if math.isfinite(f) else -math.inf
+            self._gen_f.append(f)
+            if self._best is None or f > self._best.fitness:
+                x = np.asarray(self._gen_x[start + i])
+                means = {k: float(np.mean(v)) if len(v) else 0.0 for k, v in s.items()}
+                self._best = Best(
+                    recipe=recipes[i],
+                    fitness=f,
+                    evaluation=self.evaluations + i,
+                    extra={"task_means": means, "genome": self.describe(x)},
+                )
+        if len(self._gen_f) == len(self._gen_x):
+            fit = [f if math.isfinite(f) else float("nan") for f in self._gen_f]
+            self.es.tell(np.asarray(self._gen_x), fit)
+            self._gen_x, self._gen_f = [], []
+
+    def stop(self) -> list[str]:
+        """pycma's termination reasons, checked between generations."""
+        return [] if self._gen_x else self.es.stop()
+
+    @property
+    def best(self) -> Best | None:
+        """Best candidate on the fitness tasks so far."""
+        return self._best
+
+    @property
+    def popsize(self) -> int:
+        """CMA-ES population size λ (the natural batch)."""
+        return self.es.popsize
+
+    def _state(self) -> dict[str, Any]:
+        best = None
+        if self._best is not None:
+            b = self._best
+            best = {
+                "recipe": b.recipe,
+                "fitness": b.fitness,
+                "evaluation": b.evaluation,
+                "extra": b.extra,
+            }
+        return {
+            "es": self.es.state_dict(),
+            "gen_x": self._gen_x,
+            "gen_f": [f if math.isfinite(f) else None for f in self._gen_f],
+            "best": best,
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        try:
+            self.es.load_state_dict(state["es"])
+            self._gen_x = [list(map(float, x)) for x in state["gen_x"]]
+            self._gen_f = [-math.inf if f is None else float(f) for f in state["gen_f"]]
+            b = state["best"]
+        except (KeyError, TypeError) as exc:
+            raise StateError(f"{self.name}: saved state is missing {exc}") from exc
+        self._best = (
+            None if b is None else Best(b["recipe"], b["fitness"], b["evaluation"], b["extra"])
+        )

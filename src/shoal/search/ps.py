@@ -1,0 +1,199 @@
+"""Evolutionary model merge in parameter space (Akiba et al., 2024; METHODS.md §2, "PS").
+
+Genome: for each source model k and each layer group g, a weight w_{k,g} and a
+density d_{k,g} ∈ [0, 1] of a DARE-TIES merge of the task vectors τ_k = θ_k − θ_base.
+Groups are ``per_model`` (one group a model: the published 7B setting, two numbers
+a model) or ``per_layer`` (the input embeddings, each transformer block, and one
+group for everything else: final norm and head). CMA-ES searches the genome with
+x0 = 0.5, σ0 = 1/6, population 4 + ⌊3 ln n⌋; weights are *not* forced to sum to 1.
+
+Candidates are mergekit-style recipe dicts, e.g. for ``per_model``::
+
+    merge_method: dare_ties
+    base_model: base
+    models:
+      - {model: expert-a, parameters: {weight: 0.61, density: 0.43}}
+      - {model: expert-b, parameters: {weight: 0.52, density: 0.57}}
+
+``per_layer`` groups become filter lists (first matching substring wins, a
+filter-less entry is the default): ``weight: [{filter: embed, value: ..},
+{filter: "layers.0.", value: ..}, ..., {value: ..}]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from shoal.errors import RecipeError
+from shoal.search.base import AlgorithmOptions, SearchContext, register, validate_options
+from shoal.search.cmaes import CMAES, GenomeCMAES
+
+__all__ = ["PS", "PSOptions"]
+
+
+class PSOptions(AlgorithmOptions):
+    """Options of ``algorithm: ps`` (unknown keys are an error)."""
+
+    models: list[str] | None = Field(
+        None, description="source models to merge (default: every model but the base)"
+    )
+    groups: Literal["per_model", "per_layer"] = Field(
+        "per_model", description="one (weight, density) pair per model, or per layer group"
+    )
+    method: Literal["dare_ties", "ties", "dare_linear"] = Field(
+        "dare_ties", description="merge method the genome parameterises"
+    )
+    x0: float = Field(0.5, description="initial value of every genome entry")
+    sigma0: float = Field(1.0 / 6.0, gt=0, description="initial CMA-ES step size")
+    popsize: int | None = Field(None, ge=2, description="CMA-ES population (4 + ⌊3 ln n⌋)")
+    weight_range: tuple[float, float] = Field((0.0, 1.0), description="bounds of each weight")
+    density_range: tuple[float, float] = Field((0.0, 1.0), description="bounds of each density")
+    layer_filter: str = Field(
+        "layers.{i}.", description="per_layer: substring naming block i's tensors"
+    )
+    embed_filter: str = Field("embed", description="per_layer: substring naming the embeddings")
+    num_layers: int | None = Field(
+        None, ge=1, description="per_layer: number of blocks (default: from the context)"
+    )
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="extra global recipe parameters (e.g. rescale)"
+    )
+    dtype: str | None = Field(None, description="recipe dtype (default: the merge's default)")
+    cma_options: dict[str, Any] = Field(default_factory=dict, description="further pycma options")
+
+
+@register
+class PS(GenomeCMAES):
+    """CMA-ES over DARE-TIES weights and densities (parameter-space evolutionary merge).
+
+    Args:
+        models: Source model names (their task vectors are merged), in genome order.
+        base_model: The common ancestor θ_base.
+        seed: Root seed.
+        options: :class:`PSOptions` (or a dict of them).
+        num_layers: Number of transformer blocks (needed for ``groups: per_layer``).
+    """
+
+    name = "ps"
+    Options = PSOptions
+
+    def __init__(
+        self,
+        models: list[str],
+        base_model: str,
+        *,
+        seed: int = 0,
+        options: PSOptions | dict[str, Any] | None = None,
+        num_layers: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.options = _options(options)
+        opts = self.options
+        if opts.models is not None:
+            models = list(opts.models)
+        if not models:
+            raise RecipeError("ps: no source models to merge (models: [...] besides the base)")
+        if base_model in models:
+            raise RecipeError(f"ps: the base model {base_model!r} is also listed as a source")
+        self.models = list(models)
+        self.base_model = base_model
+        if opts.groups == "per_layer":
+            layers = opts.num_layers or num_layers
+            if not layers:
+                raise RecipeError("ps: groups: per_layer needs num_layers (not known for the base)")
+            self.group_names = ["embed", *(f"layer{i}" for i in range(layers)), "rest"]
+        else:
+            self.group_names = ["all"]
+        n = 2 * len(self.models) * len(self.group_names)
+        g = len(self.group_names)
+        lo = [opts.weight_range[0]] * g + [opts.density_range[0]] * g
+        hi = [opts.weight_range[1]] * g + [opts.density_range[1]] * g
+        self.es = CMAES(
+            np.full(n, opts.x0),
+            opts.sigma0,
+            seed=seed,
+            popsize=opts.popsize,
+            bounds=(lo * len(self.models), hi * len(self.models)),
+            options=opts.cma_options,
+        )
+
+    @classmethod
+    def from_config(cls, options: Mapping[str, Any], context: SearchContext) -> PS:
+        """Build from a config's ``options`` and the run's search context.
+
+        Uses ``context.models`` (every model but the base is a source unless
+        ``options.models`` says otherwise), ``context.base_model``, ``context.seed`` and,
+        for ``per_layer``, ``context.num_layers[base_model]``.
+        """
+        base = context.base_model
+        if not base:
+            raise RecipeError("base_model: ps needs the common ancestor (task vectors need one)")
+        names = [m for m in context.models if m != base]
+        return cls(
+            names,
+            base,
+            seed=context.seed,
+            options=_options(options),
+            num_layers=context.num_layers.get(base),
+        )
+
+    # -- genome <-> recipe --------------------------------------------------------------------
+    def _split(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Weights and densities, each shape ``(models, groups)``."""
+        g = len(self.group_names)
+        per = x.reshape(len(self.models), 2 * g)
+        return per[:, :g], per[:, g:]
+
+    def _value(self, values: np.ndarray) -> Any:
+        if len(values) == 1:
+            return float(values[0])
+        opts = self.options
+        entries: list[dict[str, Any]] = [{"filter": opts.embed_filter, "value": float(values[0])}]
+        for i, v in enumerate(values[1:-1]):
+            entries.append({"filter": opts.layer_filter.format(i=i), "value": float(v)})
+        entries.append({"value": float(values[-1])})
+        return entries
+
+    def decode(self, x: np.ndarray) -> dict[str, Any]:
+        """The DARE-TIES recipe of a genome vector."""
+        weights, densities = self._split(np.asarray(x, dtype=np.float64))
+        recipe: dict[str, Any] = {
+            "merge_method": self.options.method,
+            "base_model": self.base_model,
+            "models": [
+                {
+                    "model": name,
+                    "parameters": {
+                        "weight": self._value(weights[k]),
+                        "density": self._value(densities[k]),
+                    },
+                }
+                for k, name in enumerate(self.models)
+            ],
+        }
+        if self.options.parameters:
+            recipe["parameters"] = dict(self.options.parameters)
+        if self.options.dtype:
+            recipe["dtype"] = self.options.dtype
+        return recipe
+
+    def describe(self, x: np.ndarray) -> dict[str, Any]:
+        """Weights and densities per model and group."""
+        weights, densities = self._split(np.asarray(x, dtype=np.float64))
+        return {
+            name: {
+                "weight": dict(zip(self.group_names, map(float, weights[k]), strict=True)),
+                "density": dict(zip(self.group_names, map(float, densities[k]), strict=True)),
+            }
+            for k, name in enumerate(self.models)
+        }
+
+
+def _options(options: PSOptions | Mapping[str, Any] | None) -> PSOptions:
+    if isinstance(options, PSOptions):
+        return options
+    return validate_options(PSOptions, options or {}, "algorithm")  # type: ignore[no-any-return]
