@@ -93,7 +93,7 @@ class CheckpointReader:
             self._open_torch(d / TORCH_SINGLE)
         else:
             st = sorted(d.glob("*.safetensors"))
-            pt = sorted(d.glob("*.pt")) + sorted(d.glob("*.bin"))
+            pt = sorted(p for ext in ("*.pt", "*.pth", "*.bin") for p in d.glob(ext))
             candidates = st or pt
             if len(candidates) == 1:
                 self._open_file(candidates[0])

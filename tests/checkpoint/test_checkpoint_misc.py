@@ -1,0 +1,69 @@
+"""parse_size, check_finite and copy_model_files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from shoal.checkpoint import ShardedWriter, check_finite, copy_model_files, parse_size
+from shoal.errors import CheckpointError, RecipeError
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("500MB", 500_000_000),
+        ("2GB", 2_000_000_000),
+        ("1.5GiB", 1_610_612_736),
+        ("64KiB", 65_536),
+        (" 3 gb ", 3_000_000_000),
+        ("1234", 1234),
+        (4096, 4096),
+        ("10B", 10),
+    ],
+)
+def test_parse_size(text: str | int, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("bad", ["", "GB", "2XB", "-1GB", "0", 0, "1.2.3MB"])
+def test_parse_size_rejects(bad: str | int) -> None:
+    with pytest.raises(RecipeError, match="size"):
+        parse_size(bad)
+
+
+def test_check_finite() -> None:
+    check_finite(torch.ones(3), name="w", source="m.safetensors")
+    check_finite(torch.tensor([1, 2]), name="i", source="m")
+    bad = torch.tensor([1.0, float("nan"), float("inf"), -float("inf")]).to(torch.bfloat16)
+    with pytest.raises(CheckpointError, match=r"m\.safetensors: tensor 'w' holds 1 NaN and 2 inf"):
+        check_finite(bad, name="w", source="m.safetensors")
+
+
+def test_copy_model_files(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "a": 1}))
+    wanted = [
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "merges.txt",
+        "vocab.json",
+        "spiece.model",
+        "chat_template.jinja",
+        "added_tokens.json",
+    ]
+    for name in [*wanted, "model.safetensors", "README.md", "training_args.bin"]:
+        (src / name).write_text(name)
+    with ShardedWriter(tmp_path / "out") as w:
+        written = copy_model_files(src, w, config_updates={"num_hidden_layers": 5})
+    assert sorted(written) == sorted(["config.json", *wanted])
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted(["config.json", *wanted])
+    assert json.loads((out / "config.json").read_text()) == {"num_hidden_layers": 5, "a": 1}
+    assert (out / "spiece.model").read_text() == "spiece.model"
