@@ -14,12 +14,85 @@ at construction.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from shoal.errors import StateError
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from shoal.errors import RecipeError, StateError
 from shoal.tasks.base import Scores
+
+#: prefix of a model reference that names an entry of the run's model store
+STORE_PREFIX = "store:"
+
+
+def store_key(recipe: Mapping[str, Any]) -> str:
+    """Content key of the model a recipe builds: sha256 of its canonical JSON, 16 hex digits.
+
+    The runner saves every candidate of an algorithm with :attr:`Algorithm.keep_models` under
+    this key, so later recipes may name it as ``"store:" + store_key(recipe)``.
+    """
+    text = json.dumps(recipe, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def store_ref(recipe: Mapping[str, Any]) -> str:
+    """The model reference (``store:<key>``) of the model ``recipe`` builds."""
+    return STORE_PREFIX + store_key(recipe)
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What an algorithm may know about the run it is built for (no tensors, no devices).
+
+    Attributes:
+        models: Source model name -> path (as in the config; store models are not here).
+        base_model: Name of the common ancestor, or ``None``.
+        num_layers: Model name -> number of transformer blocks (``None`` if unknown).
+        tensors: Tensor name -> number of elements of the first model, in checkpoint key order
+            (empty if it could not be read cheaply, e.g. for a model built by a loader only).
+        seed: Root seed of the run; derive every random stream from it.
+        task_names: Names of the fitness tasks, in config order (the keys of each ``Scores``).
+        task_sizes: Fitness task name -> number of examples.
+        extra: Anything else the runner knows (e.g. ``{"stage": "ps"}``).
+    """
+
+    models: dict[str, str] = field(default_factory=dict)
+    base_model: str | None = None
+    num_layers: dict[str, int | None] = field(default_factory=dict)
+    tensors: dict[str, int] = field(default_factory=dict)
+    seed: int = 0
+    task_names: tuple[str, ...] = ()
+    task_sizes: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class AlgorithmOptions(BaseModel):
+    """Base of every algorithm's options schema: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def validate_options(schema: type[BaseModel], options: Mapping[str, Any], where: str) -> Any:
+    """Validate ``options`` against ``schema``; errors become one :class:`RecipeError` line.
+
+    Args:
+        schema: The pydantic model of the options.
+        options: Raw options from the config.
+        where: Location prefix for messages, e.g. ``"algorithm"``.
+    """
+    try:
+        return schema.model_validate(dict(options))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in (where, *err["loc"]))
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(sorted(schema.model_fields))
+            raise RecipeError(f"{loc}: unknown option (known: {known})") from None
+        raise RecipeError(f"{loc}: {err['msg']}") from None
 
 
 @dataclass(frozen=True)
@@ -50,6 +123,23 @@ class Algorithm(abc.ABC):
     #: registry name ("cmaes-ps", "m2n2", ...)
     name: ClassVar[str] = ""
     format_version: ClassVar[int] = 1
+    #: pydantic schema of the options :meth:`from_config` accepts
+    Options: ClassVar[type[BaseModel]] = AlgorithmOptions
+    #: save every evaluated candidate in the model store under :func:`store_key` (M2N2)
+    keep_models: ClassVar[bool] = False
+
+    @classmethod
+    def from_config(cls, options: Mapping[str, Any], context: SearchContext) -> Algorithm:
+        """Build the algorithm from config options (validated by :attr:`Options`) and context.
+
+        The default calls ``cls(options=<validated Options>, context=context)``; override it
+        when the constructor differs.
+
+        Raises:
+            RecipeError: Unknown option key or bad value, naming ``algorithm.<key>``.
+        """
+        opts = validate_options(cls.Options, options, "algorithm")
+        return cls(options=opts, context=context)  # type: ignore[call-arg]
 
     def __init__(self) -> None:
         self._pending: list[dict[str, Any]] | None = None

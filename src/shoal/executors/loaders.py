@@ -1,0 +1,102 @@
+"""Loaders of a worker's resident model: the one module every candidate is built into.
+
+- ``hf-causal-lm``: ``transformers.AutoModelForCausalLM`` from a model directory (the
+  loader's ``model``, else the base model, else the first model), with its tokenizer.
+- ``callable``: ``target: "package.module:function"`` called with ``options`` as keyword
+  arguments; it returns a ``torch.nn.Module`` or a ``(module, tokenizer)`` pair. This is how
+  any torch model (e.g. the digits MLP) takes part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shoal.errors import RecipeError
+
+__all__ = ["import_target", "load_resident"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def import_target(target: str, what: str = "loader.target") -> Callable[..., Any]:
+    """Import ``"package.module:function"`` (dotted attribute path after the colon allowed).
+
+    Raises:
+        RecipeError: Malformed string, missing module or attribute, naming ``what``.
+    """
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise RecipeError(f"{what}: {target!r} is not 'package.module:function'")
+    try:
+        obj: Any = import_module(module_name)
+    except ImportError as exc:
+        raise RecipeError(f"{what}: cannot import module {module_name!r} ({exc})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise RecipeError(f"{what}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise RecipeError(f"{what}: {target!r} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def _hf_model_dir(loader: Mapping[str, Any], models: Mapping[str, str], base: str | None) -> Path:
+    name = loader.get("model") or base or next(iter(models), None)
+    if name is None:
+        raise RecipeError("loader: hf-causal-lm needs loader.model or at least one model")
+    path = Path(models.get(name, name))
+    if not path.is_dir():
+        raise RecipeError(f"loader.model: {path} is not a model directory")
+    return path
+
+
+def load_resident(
+    loader: Mapping[str, Any],
+    models: Mapping[str, str],
+    base_model: str | None,
+    device: str = "cpu",
+) -> tuple[torch.nn.Module, Any]:
+    """Load the resident model and its tokenizer (``None`` when there is none).
+
+    Args:
+        loader: The loader block as a dict (``type``, ``model``, ``target``, ``options``,
+            ``dtype``).
+        models: Model name -> path.
+        base_model: Name of the base model or ``None``.
+        device: Torch device to put the model on.
+
+    Returns:
+        ``(module, tokenizer)``; the module is in eval mode with gradients off.
+    """
+    kind = loader.get("type", "hf-causal-lm")
+    dtype = _DTYPES[loader.get("dtype", "float32")]
+    tokenizer: Any = None
+    if kind == "hf-causal-lm":
+        import transformers
+
+        auto_model: Any = transformers.AutoModelForCausalLM
+        auto_tok: Any = transformers.AutoTokenizer
+        path = _hf_model_dir(loader, models, base_model)
+        model = auto_model.from_pretrained(path, dtype=dtype)
+        try:
+            tokenizer = auto_tok.from_pretrained(path)
+        except (OSError, ValueError):
+            tokenizer = None
+    elif kind == "callable":
+        fn = import_target(str(loader.get("target")))
+        out = fn(**dict(loader.get("options") or {}))
+        model, tokenizer = out if isinstance(out, tuple) else (out, None)
+        if not isinstance(model, torch.nn.Module):
+            raise RecipeError(f"loader.target {loader.get('target')!r} returned no nn.Module")
+        model = model.to(dtype=dtype)
+    else:
+        raise RecipeError(f"loader.type: unknown loader {kind!r} (hf-causal-lm, callable)")
+    model = model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer

@@ -1,0 +1,114 @@
+"""The process-pool executor: one resident model per worker process.
+
+Processes start with ``spawn`` (no forked torch state), ignore Ctrl-C (the runner decides
+when to stop) and use ``threads`` torch threads each. A worker that dies (segfault, OOM
+kill, ``os._exit``) breaks the pool: the pool is rebuilt and the unfinished items are
+submitted again, each at most ``max_retries`` times.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+from collections.abc import Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+
+from shoal.errors import ShoalError
+from shoal.executors.base import Executor
+from shoal.executors.work import WorkerSpec, WorkItem, WorkResult
+from shoal.executors.worker import Worker
+
+__all__ = ["ProcessExecutor", "WorkerLost"]
+
+_WORKER: Worker | None = None
+
+
+class WorkerLost(ShoalError):
+    """Work items kept killing their workers beyond the retry limit."""
+
+
+def _init_worker(spec: WorkerSpec) -> None:
+    global _WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER = Worker(spec)
+
+
+def _evaluate(item: WorkItem) -> WorkResult:
+    assert _WORKER is not None, "worker process not initialised"
+    return _WORKER.evaluate(item)
+
+
+class ProcessExecutor(Executor):
+    """Evaluates items in a pool of worker processes.
+
+    Args:
+        spec: The worker spec (the store must be a directory every process reaches).
+        workers: Number of processes.
+        max_retries: Resubmissions of an item whose worker died.
+    """
+
+    kind = "process"
+
+    def __init__(self, spec: WorkerSpec, workers: int = 2, max_retries: int = 2) -> None:
+        self.spec = spec
+        self.workers = workers
+        self.max_retries = max_retries
+        self.restarts = 0
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _get_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=mp.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(self.spec,),
+            )
+        return self._pool
+
+    def _discard_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            self.restarts += 1
+
+    def evaluate(self, items: Sequence[WorkItem]) -> list[WorkResult]:
+        """Evaluate in parallel; resubmit the items of a worker that died."""
+        results: dict[int, WorkResult] = {}
+        tries = dict.fromkeys(range(len(items)), 0)
+        while len(results) < len(items):
+            pool = self._get_pool()
+            todo = [k for k in range(len(items)) if k not in results]
+            futures: dict[Future[WorkResult], int] = {}
+            try:
+                for k in todo:
+                    futures[pool.submit(_evaluate, items[k])] = k
+            except BrokenProcessPool:
+                pass
+            wait(futures, return_when=FIRST_EXCEPTION)
+            wait(futures)
+            broken = False
+            for fut, k in futures.items():
+                exc = fut.exception()
+                if exc is None:
+                    results[k] = fut.result()
+                elif isinstance(exc, BrokenProcessPool):
+                    broken = True
+                    tries[k] += 1
+                    if tries[k] > self.max_retries:
+                        raise WorkerLost(
+                            f"work item {items[k].index} lost its worker {tries[k]} times; "
+                            "giving up (a task or recipe crashes the process)"
+                        )
+                else:
+                    raise exc
+            if broken or len(futures) < len(todo):
+                self._discard_pool()
+        return [results[k] for k in range(len(items))]
+
+    def close(self) -> None:
+        """Shut the pool down."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

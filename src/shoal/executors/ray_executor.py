@@ -1,0 +1,127 @@
+"""The Ray executor: one resident model per Ray actor, on a local or remote Ray cluster.
+
+``address=None`` starts (or joins) a local Ray instance; ``ray.init(address=...)`` joins a
+real cluster, whose nodes must reach the model paths and the run's store directory. Items
+are handed to idle actors as they free up; an actor that dies (``RayActorError``) is
+replaced by a new one and its item resubmitted, at most ``max_retries`` times per item.
+Requires the ``distributed`` extra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+from shoal.errors import ShoalError
+from shoal.executors.base import Executor
+from shoal.executors.process import WorkerLost
+from shoal.executors.work import WorkerSpec, WorkItem, WorkResult
+from shoal.executors.worker import Worker
+
+__all__ = ["RayExecutor"]
+
+
+class _ActorWorker:
+    """The body of a Ray actor: a :class:`Worker` named after the actor."""
+
+    def __init__(self, spec: WorkerSpec, name: str) -> None:
+        self.worker = Worker(spec, worker_id=name)
+
+    def evaluate(self, item: WorkItem) -> WorkResult:
+        return self.worker.evaluate(item)
+
+
+class RayExecutor(Executor):
+    """Evaluates items on Ray actors.
+
+    Args:
+        spec: The worker spec (store: a directory every node reaches).
+        workers: Number of actors.
+        address: Ray cluster address, or ``None`` for a local instance.
+        max_retries: Resubmissions of an item whose actor died.
+        num_cpus: CPUs per actor.
+        num_gpus: GPUs per actor.
+        init_kwargs: Extra keyword arguments for ``ray.init`` (local instance only).
+    """
+
+    kind = "ray"
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        workers: int = 2,
+        address: str | None = None,
+        max_retries: int = 2,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        init_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise ShoalError(
+                "executor ray needs the `distributed` extra (pip install ray)"
+            ) from None
+        self._ray = ray
+        self._owns_ray = False
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            kwargs.update(init_kwargs or {})
+            if address is not None:
+                ray.init(address=address, **{k: v for k, v in kwargs.items() if k != "num_cpus"})
+            else:
+                ray.init(**kwargs)
+            self._owns_ray = True
+        self.spec = spec
+        self.max_retries = max_retries
+        self.restarts = 0
+        self._remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(
+            _ActorWorker
+        )
+        self._count = 0
+        self.actors = [self._new_actor() for _ in range(workers)]
+
+    def _new_actor(self) -> Any:
+        self._count += 1
+        return self._remote.remote(self.spec, f"ray-actor-{self._count}")
+
+    def evaluate(self, items: Sequence[WorkItem]) -> list[WorkResult]:
+        """Hand items to idle actors; replace dead actors and resubmit their items."""
+        ray = self._ray
+        from ray.exceptions import RayActorError
+
+        results: dict[int, WorkResult] = {}
+        tries = dict.fromkeys(range(len(items)), 0)
+        queue = list(range(len(items)))
+        running: dict[Any, tuple[int, int]] = {}  # object ref -> (item position, actor slot)
+        idle = list(range(len(self.actors)))
+        while queue or running:
+            while queue and idle:
+                k, slot = queue.pop(0), idle.pop(0)
+                running[self.actors[slot].evaluate.remote(items[k])] = (k, slot)
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                k, slot = running.pop(ref)
+                try:
+                    results[k] = ray.get(ref)
+                except RayActorError:
+                    tries[k] += 1
+                    if tries[k] > self.max_retries:
+                        raise WorkerLost(
+                            f"work item {items[k].index} lost its Ray actor {tries[k]} times"
+                        ) from None
+                    self.actors[slot] = self._new_actor()
+                    self.restarts += 1
+                    queue.insert(0, k)
+                idle.append(slot)
+        return [results[k] for k in range(len(items))]
+
+    def close(self) -> None:
+        """Kill the actors; shut Ray down if this executor started it."""
+        for actor in self.actors:
+            with contextlib.suppress(Exception):  # an already dead actor
+                self._ray.kill(actor)
+        self.actors = []
+        if self._owns_ray:
+            self._ray.shutdown()

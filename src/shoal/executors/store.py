@@ -1,0 +1,191 @@
+"""Content-addressed models that an algorithm still refers to (``store:<key>`` in recipes).
+
+M2N2's children become parents, so a worker saves a built child under the key of its
+recipe and later recipes name it. The runner calls :meth:`ModelStore.retain` after each
+batch with the keys the algorithm still needs; everything else is dropped.
+
+- :class:`MemoryStore` keeps tensors in memory (serial executor) and, given a directory,
+  writes the retained entries there at each checkpoint so a killed run can resume.
+- :class:`DirStore` keeps one ``<key>.safetensors`` file per model in a directory every
+  worker reaches (process pool, Ray).
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from shoal.errors import CheckpointError
+
+__all__ = ["PREFIX", "DirStore", "MemoryStore", "ModelStore", "open_store", "strip_prefix"]
+
+PREFIX = "store:"
+Tensors = dict[str, torch.Tensor]
+
+
+def strip_prefix(ref: str) -> str:
+    """``"store:abc"`` -> ``"abc"``; a bare key is returned unchanged."""
+    return ref[len(PREFIX) :] if ref.startswith(PREFIX) else ref
+
+
+def _plain(tensors: Tensors) -> Tensors:
+    # separate contiguous CPU copies: safetensors refuses shared storage (tied weights)
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+
+def _save_atomic(path: Path, tensors: Tensors) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class ModelStore(abc.ABC):
+    """Key -> state dict (tensor name -> tensor) of a built model."""
+
+    _retained: set[str] | None = None
+
+    @abc.abstractmethod
+    def put(self, key: str, tensors: Tensors) -> None:
+        """Save a model's tensors under ``key`` (no-op if present: keys name content)."""
+
+    @abc.abstractmethod
+    def get(self, key: str) -> Tensors:
+        """The tensors stored under ``key`` (``store:`` prefix allowed).
+
+        Raises:
+            CheckpointError: If nothing is stored under ``key``.
+        """
+
+    @abc.abstractmethod
+    def keys(self) -> set[str]:
+        """Keys currently held."""
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and strip_prefix(key) in self.keys()
+
+    def retain(self, keys: Iterable[str]) -> None:
+        """Mark ``keys`` as still needed; :meth:`prune` drops the others."""
+        self._retained = {strip_prefix(k) for k in keys}
+
+    def flush(self) -> None:  # noqa: B027 - optional hook
+        """Make the retained entries durable (before the run state refers to them)."""
+
+    def prune(self) -> None:  # noqa: B027 - optional hook
+        """Drop every entry not named by the last :meth:`retain` (after the state is saved)."""
+
+
+class MemoryStore(ModelStore):
+    """In-memory store, optionally persisted to ``directory`` at each :meth:`flush`."""
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self._data: dict[str, Tensors] = {}
+        self._retained: set[str] | None = None
+        self.directory = Path(directory) if directory is not None else None
+        if self.directory is not None and self.directory.is_dir():
+            for f in self.directory.glob("*.safetensors"):
+                self._data[f.stem] = load_file(str(f))
+
+    def put(self, key: str, tensors: Tensors) -> None:
+        key = strip_prefix(key)
+        if key not in self._data:
+            self._data[key] = _plain(tensors)
+
+    def get(self, key: str) -> Tensors:
+        try:
+            return self._data[strip_prefix(key)]
+        except KeyError:
+            raise CheckpointError(
+                f"model store: no model {key!r} (dropped or never built)"
+            ) from None
+
+    def keys(self) -> set[str]:
+        return set(self._data)
+
+    def flush(self) -> None:
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        keep = self._data.keys() if self._retained is None else self._retained & self._data.keys()
+        for key in keep:
+            path = self.directory / f"{key}.safetensors"
+            if not path.exists():
+                _save_atomic(path, self._data[key])
+
+    def prune(self) -> None:
+        if self._retained is None:
+            return
+        for key in list(self._data):
+            if key not in self._retained:
+                del self._data[key]
+        if self.directory is not None and self.directory.is_dir():
+            for f in self.directory.glob("*.safetensors"):
+                if f.stem not in self._retained:
+                    f.unlink(missing_ok=True)
+
+
+class DirStore(ModelStore):
+    """One ``<key>.safetensors`` per model in a shared directory, with a small read cache."""
+
+    def __init__(self, directory: str | Path, cache_size: int = 32) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._cache: OrderedDict[str, Tensors] = OrderedDict()
+        self._cache_size = cache_size
+        self._retained: set[str] | None = None
+
+    def _path(self, key: str) -> Path:
+        return self.directory / f"{strip_prefix(key)}.safetensors"
+
+    def put(self, key: str, tensors: Tensors) -> None:
+        path = self._path(key)
+        if not path.exists():
+            _save_atomic(path, _plain(tensors))
+
+    def get(self, key: str) -> Tensors:
+        key = strip_prefix(key)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        path = self._path(key)
+        if not path.is_file():
+            raise CheckpointError(f"model store: no model {key!r} in {self.directory}")
+        tensors = load_file(str(path))
+        self._cache[key] = tensors
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return tensors
+
+    def keys(self) -> set[str]:
+        return {f.stem for f in self.directory.glob("*.safetensors")}
+
+    def prune(self) -> None:
+        if self._retained is None:
+            return
+        for f in self.directory.glob("*.safetensors"):
+            if f.stem not in self._retained:
+                f.unlink(missing_ok=True)
+        for key in list(self._cache):
+            if key not in self._retained:
+                del self._cache[key]
+
+
+def open_store(spec: Mapping[str, Any]) -> ModelStore:
+    """Build a store from ``{"kind": "memory"|"dir", "path": ...}``."""
+    kind, path = spec.get("kind", "memory"), spec.get("path")
+    if kind == "memory":
+        return MemoryStore(str(path) if path else None)
+    if kind == "dir":
+        if not path:
+            raise CheckpointError("model store: kind 'dir' needs a path")
+        return DirStore(str(path))
+    raise CheckpointError(f"model store: unknown kind {kind!r} (memory, dir)")

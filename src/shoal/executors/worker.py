@@ -1,0 +1,139 @@
+"""A worker: a resident model, the source models, the tasks; scores work items.
+
+The same class runs in the main process (serial executor), in each process of the pool and
+inside each Ray actor, so every executor computes the same numbers for the same items.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+import torch
+
+from shoal.errors import TaskError
+from shoal.executors.build import SourceMap, build_candidate
+from shoal.executors.loaders import load_resident
+from shoal.executors.store import ModelStore, open_store
+from shoal.executors.work import WorkerSpec, WorkItem, WorkResult
+from shoal.tasks.base import Task, check_scores
+from shoal.tasks.registry import TaskEnv, build_task
+
+__all__ = ["Worker", "load_tensors"]
+
+
+def load_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint (HF dir, .safetensors, .pt/.bin) as float32-or-native CPU."""
+    from shoal.checkpoint import open_checkpoint
+
+    with open_checkpoint(path) as reader:
+        return {name: reader.get(name) for name in reader}
+
+
+class Worker:
+    """Builds candidates into one resident model and scores them.
+
+    Args:
+        spec: What to load (see :class:`WorkerSpec`).
+        store: The model store; default: opened from ``spec.store``.
+        worker_id: Name reported in results (default ``host:pid``).
+    """
+
+    def __init__(
+        self, spec: WorkerSpec, store: ModelStore | None = None, worker_id: str | None = None
+    ) -> None:
+        # the testbed task type registers itself on import (testbed sits above tasks)
+        import shoal.executors.testbed_task  # noqa: F401
+
+        if spec.threads is not None:
+            torch.set_num_threads(spec.threads)
+        self.spec = spec
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.model, self.tokenizer = load_resident(
+            spec.loader, spec.models, spec.base_model, spec.device
+        )
+        self.store = store if store is not None else open_store(spec.store)
+        self.sources = SourceMap(spec.models, self.store, load_tensors)
+        self._env = TaskEnv(tokenizer=self.tokenizer, root=spec.root, device=spec.device)
+        self.tasks: dict[str, Task] = {}
+        for t in spec.tasks:
+            self._add_task(t)
+        self.fitness_names = tuple(self.tasks)
+        self._extra_built = False
+        self._hf: dict[str, Any] = {}
+
+    def _add_task(self, spec: dict[str, Any]) -> None:
+        task = build_task(spec, self._env)
+        if task.name in self.tasks:
+            raise TaskError(f"two tasks are named {task.name!r}; give one a `name:`")
+        self.tasks[task.name] = task
+
+    def task_names(self, include_extra: bool = False) -> tuple[str, ...]:
+        """Names of the fitness tasks (and the extra/test ones if asked)."""
+        if include_extra:
+            self._build_extra()
+            return tuple(self.tasks)
+        return self.fitness_names
+
+    def _build_extra(self) -> None:
+        if not self._extra_built:
+            for t in self.spec.extra_tasks:
+                self._add_task(t)
+            self._extra_built = True
+
+    def _hf_models(self, names: list[str]) -> dict[str, Any]:
+        from shoal.merge.layer_path import load_model
+
+        for name in names:
+            if name not in self._hf:
+                path = self.spec.models.get(name, name)
+                self._hf[name] = load_model(path).to(self.spec.device)
+        return {n: self._hf[n] for n in names}
+
+    def build(self, recipe: dict[str, Any], seed: int) -> torch.nn.Module:
+        """Build ``recipe`` (in place where possible) and return the model to score."""
+        return build_candidate(self.model, recipe, self.sources, seed, hf_models=self._hf_models)
+
+    @torch.inference_mode()
+    def score(self, model: torch.nn.Module, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Per-example scores of ``model`` on the named tasks."""
+        if any(n not in self.tasks for n in names):
+            self._build_extra()
+        out = {}
+        for name in names:
+            if name not in self.tasks:
+                raise TaskError(f"no task named {name!r}; have {', '.join(self.tasks)}")
+            task = self.tasks[name]
+            out[name] = check_scores(task, task.score(model))
+        return out
+
+    def evaluate(self, item: WorkItem) -> WorkResult:
+        """Build and score one item. A failure scores 0 on every example (STYLE.md)."""
+        names = item.tasks if item.tasks is not None else self.fitness_names
+        start = time.perf_counter()
+        built = start
+        try:
+            model = self.build(item.recipe, item.seed)
+            built = time.perf_counter()
+            scores = self.score(model, names)
+            if item.keep_as is not None:
+                self.store.put(item.keep_as, model.state_dict())
+            error = None
+        except Exception as exc:  # a bad candidate must not end the run; it is logged
+            scores = {n: np.zeros(len(self.tasks[n])) for n in names if n in self.tasks}
+            error = f"{type(exc).__name__}: {exc}"
+            if os.environ.get("SHOAL_DEBUG"):
+                traceback.print_exc()
+        end = time.perf_counter()
+        return WorkResult(
+            index=item.index,
+            scores=scores,
+            seconds=end - start,
+            build_seconds=(built if error is None else end) - start,
+            worker=self.worker_id,
+            error=error,
+        )

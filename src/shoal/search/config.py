@@ -1,0 +1,291 @@
+"""The run configuration of ``shoal evolve``: a pydantic schema, one doc string per field.
+
+A config names the source models, the loader of the resident model, the tasks (fitness
+and held-out test), the algorithm (or a list of ``stages``), a budget, the executor and a
+seed. Unknown keys are errors naming their location; ``--set a.b=3`` overrides are parsed
+as YAML scalars and applied before validation. Relative paths are resolved against
+``root`` (default: the directory of the config file).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shoal.errors import RecipeError
+
+__all__ = [
+    "Budget",
+    "ExecutorConfig",
+    "LoaderConfig",
+    "RunConfig",
+    "StageConfig",
+    "TasksConfig",
+    "apply_overrides",
+    "load_config",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Budget(_Strict):
+    """When a run (or stage) stops; the first limit reached wins. Checked between batches."""
+
+    evaluations: int | None = Field(default=None, ge=1, description="Most candidate evaluations.")
+    seconds: float | None = Field(
+        default=None, gt=0, description="Most wall-clock seconds of search."
+    )
+    target: float | None = Field(
+        default=None,
+        description="Stop once the best fitness (mean over fitness tasks) reaches this.",
+    )
+
+
+class LoaderConfig(_Strict):
+    """How a worker builds its resident model (the one every candidate is merged into)."""
+
+    type: Literal["hf-causal-lm", "callable"] = Field(
+        default="hf-causal-lm",
+        description="hf-causal-lm: transformers AutoModelForCausalLM from a model dir; "
+        "callable: `target` returns any torch.nn.Module (or (module, tokenizer)).",
+    )
+    model: str | None = Field(
+        default=None,
+        description="hf-causal-lm: model name (or path) to load; default base, else first.",
+    )
+    target: str | None = Field(default=None, description="callable: 'package.module:function'.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for `target`."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="Parameter dtype of the resident model."
+    )
+
+    @model_validator(mode="after")
+    def _target_for_callable(self) -> LoaderConfig:
+        if self.type == "callable" and not self.target:
+            raise ValueError("loader.type callable needs loader.target ('module:function')")
+        return self
+
+
+class TasksConfig(_Strict):
+    """Task specs by split; each spec is a mapping with a ``type`` (see ``shoal.tasks``)."""
+
+    fitness: list[dict[str, Any]] = Field(
+        default=..., min_length=1, description="Tasks the search optimises (per-example scores)."
+    )
+    test: list[dict[str, Any]] = Field(
+        default_factory=list, description="Held-out tasks, scored only for the final best."
+    )
+
+
+class ExecutorConfig(_Strict):
+    """Where candidates are evaluated."""
+
+    type: Literal["serial", "process", "ray"] = Field(
+        default="serial", description="Executor kind."
+    )
+    workers: int = Field(default=2, ge=1, description="Worker processes / Ray actors.")
+    address: str | None = Field(
+        default=None,
+        description="ray: cluster address for ray.init(address=...); None starts a local one.",
+    )
+    device: str = Field(default="cpu", description="Torch device of the resident model.")
+    max_retries: int = Field(
+        default=2, ge=0, description="Times a work item is retried after a crash."
+    )
+    gpus_per_worker: float = Field(default=0.0, ge=0, description="ray: GPUs per actor.")
+
+
+class StageConfig(_Strict):
+    """One stage of a multi-stage run; its best becomes a model named after the stage."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Stage (and model) name.")
+    algorithm: dict[str, Any] = Field(..., description="Algorithm block: name + options.")
+    budget: Budget | None = Field(
+        default=None, description="Budget of this stage (default: run's)."
+    )
+
+
+class RunConfig(_Strict):
+    """A whole ``shoal evolve`` run."""
+
+    models: dict[str, str] = Field(
+        default_factory=dict, description="Source model name -> path (HF dir or .safetensors)."
+    )
+    base_model: str | None = Field(default=None, description="Name of the common ancestor, if any.")
+    loader: LoaderConfig = Field(
+        default_factory=lambda: LoaderConfig(), description="Resident model."
+    )
+    tasks: TasksConfig = Field(..., description="Fitness and test tasks.")
+    algorithm: dict[str, Any] | None = Field(
+        default=None, description="Algorithm block: `name` plus that algorithm's options."
+    )
+    stages: list[StageConfig] | None = Field(
+        default=None, description="Several algorithm blocks run in turn (instead of `algorithm`)."
+    )
+    budget: Budget = Field(default_factory=lambda: Budget(), description="Stop criteria.")
+    executor: ExecutorConfig = Field(
+        default_factory=lambda: ExecutorConfig(), description="Executor."
+    )
+    seed: int = Field(
+        default=0, ge=0, description="Root seed: every random stream derives from it."
+    )
+    batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Candidates asked per batch (None: the algorithm's natural size).",
+    )
+    baselines: bool = Field(
+        default=False, description="Also score every source model on all tasks for the summary."
+    )
+    progress: bool = Field(default=True, description="Show a rich progress bar.")
+    report: bool = Field(default=True, description="Draw plots and summary.md at the end.")
+    root: str | None = Field(
+        default=None,
+        description="Directory relative paths resolve against (default: config's dir).",
+    )
+
+    @model_validator(mode="after")
+    def _one_algorithm_source(self) -> RunConfig:
+        if (self.algorithm is None) == (self.stages is None):
+            raise ValueError("give exactly one of `algorithm` or `stages`")
+        blocks = (
+            [self.algorithm]
+            if self.algorithm is not None
+            else [s.algorithm for s in self.stages or []]
+        )
+        for block in blocks:
+            if not isinstance(block.get("name"), str):
+                raise ValueError("an algorithm block needs `name` (e.g. name: m2n2)")
+        if self.stages is not None:
+            names = [s.name for s in self.stages]
+            if len(set(names)) != len(names):
+                raise ValueError(f"stage names repeat: {names}")
+            clash = set(names) & set(self.models)
+            if clash:
+                raise ValueError(f"stage names clash with model names: {sorted(clash)}")
+        if self.base_model is not None and self.base_model not in self.models:
+            raise ValueError(f"base_model {self.base_model!r} is not one of models")
+        return self
+
+    def resolve(self, path: str) -> Path:
+        """``path`` made absolute against :attr:`root` (``~`` expanded)."""
+        p = Path(path).expanduser()
+        if p.is_absolute() or self.root is None:
+            return p
+        return Path(self.root) / p
+
+    def algorithm_blocks(self) -> list[tuple[str | None, dict[str, Any], Budget]]:
+        """``(stage name or None, algorithm block, budget)`` for every stage in order."""
+        if self.stages is None:
+            assert self.algorithm is not None
+            return [(None, dict(self.algorithm), self.budget)]
+        return [(s.name, dict(s.algorithm), s.budget or self.budget) for s in self.stages]
+
+    def to_yaml(self) -> str:
+        """The config as YAML (defaults filled in)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {item!r}: expected key=value, e.g. budget.evaluations=100")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested mapping, in place.
+
+    Integer path parts index lists (``stages.0.budget.evaluations=5``); missing mappings are
+    created. Returns ``data``.
+    """
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node: Any = data
+        for i, key in enumerate(keys[:-1]):
+            where = ".".join(keys[: i + 1])
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise RecipeError(f"--set {item}: {where} is not an index of the list")
+                node = node[int(key)]
+            elif isinstance(node, dict):
+                if node.get(key) is None:
+                    node[key] = {}
+                node = node[key]
+            else:
+                raise RecipeError(f"--set {item}: {where} is not a mapping")
+        last = keys[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise RecipeError(f"--set {item}: {last} is not an index of the list")
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise RecipeError(f"--set {item}: cannot set {last} inside a scalar")
+    return data
+
+
+def _format_error(exc: ValidationError, source: str) -> RecipeError:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return RecipeError(f"{source}: {loc}: unknown key")
+    return RecipeError(f"{source}: {loc}: {err['msg']}")
+
+
+def load_config(
+    source: str | Path | Mapping[str, Any],
+    overrides: Sequence[str] = (),
+    *,
+    root: str | Path | None = None,
+) -> RunConfig:
+    """Read, override and validate a run config.
+
+    Args:
+        source: A YAML file path or an already parsed mapping.
+        overrides: ``key.path=value`` strings (``--set``), values parsed as YAML scalars.
+        root: Directory for relative paths; default the file's directory (or the CWD for a
+            mapping). A ``root`` key in the config wins.
+
+    Raises:
+        RecipeError: Unreadable YAML, unknown key, bad value; the message names the file and
+            the key path.
+    """
+    if isinstance(source, Mapping):
+        data: Any = yaml.safe_load(yaml.safe_dump(dict(source)))  # deep copy, plain types
+        name = "config"
+        default_root = Path(root) if root is not None else Path.cwd()
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.is_file():
+            raise RecipeError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{path}: not valid YAML ({exc})") from None
+        default_root = Path(root) if root is not None else path.resolve().parent
+    if not isinstance(data, dict):
+        raise RecipeError(f"{name}: expected a mapping at the top level")
+    apply_overrides(data, overrides)
+    data.setdefault("root", str(default_root.resolve()))
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _format_error(exc, name) from None
+    # model paths are made absolute once so the resolved config is self-contained
+    config.models = {k: str(config.resolve(v)) for k, v in config.models.items()}
+    return config

@@ -1,0 +1,68 @@
+"""A rich progress bar over evaluations that shows the current best fitness."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+from shoal.search.base import Best
+from shoal.search.config import Budget
+
+__all__ = ["RunProgress"]
+
+
+class RunProgress:
+    """Progress of one stage; a no-op when disabled."""
+
+    def __init__(self, label: str, budget: Budget, *, enabled: bool = True) -> None:
+        self.label = label
+        self.total = budget.evaluations
+        self.enabled = enabled
+        self._progress: Any = None
+        self._task: Any = None
+
+    def start(self, done: int, best: Best | None) -> None:
+        """Create the bar at ``done`` evaluations."""
+        if not self.enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("best {task.fields[best]}"),
+        )
+        self._task = self._progress.add_task(
+            self.label, total=self.total, completed=done, best=self._fmt(best)
+        )
+
+    @staticmethod
+    def _fmt(best: Best | None) -> str:
+        return "-" if best is None else f"{best.fitness:.4f}"
+
+    def update(self, done: int, best: Best | None) -> None:
+        """Move the bar to ``done`` and show ``best``."""
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, best=self._fmt(best))
+
+    def __enter__(self) -> RunProgress:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._progress is not None:
+            self._progress.stop()

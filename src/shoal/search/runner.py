@@ -1,0 +1,501 @@
+"""The run loop of ``shoal evolve``: ask → evaluate → tell → log → checkpoint, until a stop.
+
+Per batch: the algorithm asks for recipes; each becomes a :class:`WorkItem` whose seed is
+derived from (stage seed, batch, position) so every executor builds the same models; the
+executor returns per-example scores; the algorithm is told; one event line per candidate
+is appended to ``events.jsonl``; models the algorithm still refers to are made durable in
+the store; the state is written atomically; then unreferenced store entries are dropped.
+A killed run resumes from the last written state (extra event lines are cut) and ends
+exactly as an uninterrupted one would.
+
+Stops on: evaluation budget, wall time, target fitness, the algorithm's ``stop()``, or
+Ctrl-C (the batch in flight finishes and is saved; a second Ctrl-C aborts at once).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shoal.errors import OutputExistsError, RecipeError, StateError, TaskError
+from shoal.executors import (
+    WorkerSpec,
+    WorkItem,
+    WorkResult,
+    candidate_seed,
+    make_executor,
+    open_store,
+)
+from shoal.executors.worker import Worker
+from shoal.search.base import ALGORITHMS, Algorithm, Best, store_key, store_ref
+from shoal.search.config import Budget, RunConfig, load_config
+from shoal.search.context import build_context, import_algorithms
+from shoal.search.export import export_model, replace_dir
+from shoal.search.progress import RunProgress
+from shoal.search.run_folder import RunFolder, write_atomic
+
+__all__ = ["RunResult", "evolve"]
+
+STATE_FORMAT = 1
+
+
+@dataclass
+class RunResult:
+    """What a run (or stage) ended with.
+
+    Attributes:
+        run_dir: The run folder.
+        status: ``completed`` or ``interrupted``.
+        stop_reason: Why the loop stopped.
+        evaluations: Candidates evaluated.
+        wall_seconds: Search time, summed over resumed sessions.
+        best: The algorithm's best candidate.
+        summary: The content of ``summary.json``.
+    """
+
+    run_dir: Path
+    status: str
+    stop_reason: str
+    evaluations: int
+    wall_seconds: float
+    best: Best | None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class _Interrupt:
+    """First Ctrl-C: finish the batch and stop; second: abort (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this batch (state is saved; Ctrl-C again aborts)", flush=True)
+
+
+@contextmanager
+def _sigint(flag: _Interrupt) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, flag.handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _stop_reason(
+    algo: Algorithm, budget: Budget, evaluations: int, wall: float, flag: _Interrupt
+) -> str | None:
+    if flag.requested:
+        return "interrupted"
+    if budget.evaluations is not None and evaluations >= budget.evaluations:
+        return f"evaluation budget ({budget.evaluations}) reached"
+    if budget.seconds is not None and wall >= budget.seconds:
+        return f"wall-time budget ({budget.seconds:g} s) reached"
+    best = algo.best
+    if budget.target is not None and best is not None and best.fitness >= budget.target:
+        return f"target fitness {budget.target:g} reached"
+    reasons = algo.stop()
+    if reasons:
+        return "algorithm: " + "; ".join(reasons)
+    return None
+
+
+def _means(scores: dict[str, np.ndarray]) -> dict[str, float]:
+    return {k: float(np.mean(v)) if len(v) else 0.0 for k, v in scores.items()}
+
+
+def _event(item: WorkItem, res: WorkResult, generation: int) -> dict[str, Any]:
+    means = _means(res.scores)
+    return {
+        "evaluation": item.index,
+        "generation": generation,
+        "recipe": item.recipe,
+        "seed": item.seed,
+        "means": means,
+        "fitness": float(np.mean(list(means.values()))) if means else 0.0,
+        "seconds": round(res.seconds, 6),
+        "build_seconds": round(res.build_seconds, 6),
+        "worker": res.worker,
+        "error": res.error,
+    }
+
+
+@dataclass
+class _Stage:
+    """Everything one stage of a run needs."""
+
+    config: RunConfig
+    folder: RunFolder
+    block: dict[str, Any]
+    budget: Budget
+    models: dict[str, str]
+    seed: int
+    executor: str
+    progress: bool
+    label: str
+    ray_init: dict[str, Any] | None = None
+
+
+def _worker_spec(st: _Stage, store: dict[str, Any]) -> WorkerSpec:
+    cfg = st.config
+    workers = cfg.executor.workers if st.executor != "serial" else 1
+    import os
+
+    threads = max(1, (os.cpu_count() or 1) // workers) if st.executor != "serial" else None
+    return WorkerSpec(
+        loader=cfg.loader.model_dump(mode="json"),
+        models=dict(st.models),
+        base_model=cfg.base_model,
+        tasks=[dict(t) for t in cfg.tasks.fitness],
+        extra_tasks=[dict(t) for t in cfg.tasks.test],
+        store=store,
+        device=cfg.executor.device,
+        root=cfg.root,
+        threads=threads,
+    )
+
+
+def _make_algorithm(st: _Stage, task_sizes: dict[str, int]) -> Algorithm:
+    import_algorithms()
+    block = dict(st.block)
+    name = block.pop("name")
+    if name not in ALGORITHMS:
+        known = ", ".join(sorted(ALGORITHMS)) or "none registered"
+        raise RecipeError(f"algorithm.name: unknown algorithm {name!r} (known: {known})")
+    context = build_context(st.config, st.models, st.seed, task_sizes, stage=st.label)
+    return ALGORITHMS[name].from_config(block, context)
+
+
+def _run_stage(st: _Stage) -> RunResult:
+    cfg, folder = st.config, st.folder
+    store_spec = (
+        {"kind": "memory", "path": str(folder.store)}
+        if st.executor == "serial"
+        else {"kind": "dir", "path": str(folder.store)}
+    )
+    spec = _worker_spec(st, store_spec)
+    store = open_store(store_spec)
+    saved = folder.read_state()
+    counters: dict[str, Any] = {
+        "generation": 0,
+        "evaluations": 0,
+        "wall_seconds": 0.0,
+        "best_seed": None,
+        "best_evaluation": None,
+    }
+    flag = _Interrupt()
+    with make_executor(
+        st.executor,
+        spec,
+        store=store,
+        workers=cfg.executor.workers,
+        address=cfg.executor.address,
+        max_retries=cfg.executor.max_retries,
+        gpus_per_worker=cfg.executor.gpus_per_worker,
+        ray_init=st.ray_init,
+    ) as executor:
+        local: Worker | None = getattr(executor, "worker", None)
+        task_sizes = _task_sizes(local, spec)
+        algo = _make_algorithm(st, task_sizes)
+        if saved is not None:
+            if saved.get("format_version") != STATE_FORMAT:
+                raise StateError(f"{folder.state}: unknown format_version")
+            algo.load_state_dict(saved["algorithm"])
+            counters.update(saved["runner"])
+        events = folder.events
+        events.truncate(int(counters["evaluations"]))
+        progress = RunProgress(st.label, st.budget, enabled=st.progress)
+        progress.start(int(counters["evaluations"]), algo.best)
+        t0 = time.monotonic() - float(counters["wall_seconds"])
+        reason = None
+        with _sigint(flag), progress:
+            while True:
+                wall = time.monotonic() - t0
+                reason = _stop_reason(algo, st.budget, int(counters["evaluations"]), wall, flag)
+                if reason is not None:
+                    break
+                _one_batch(st, algo, executor, store, counters, events)
+                counters["wall_seconds"] = time.monotonic() - t0
+                folder.write_state(
+                    {
+                        "format_version": STATE_FORMAT,
+                        "algorithm": algo.state_dict(),
+                        "runner": counters,
+                    }
+                )
+                store.prune()
+                progress.update(int(counters["evaluations"]), algo.best)
+        wall = float(counters["wall_seconds"])
+        if reason == "interrupted":
+            return RunResult(folder.root, "interrupted", reason, algo.evaluations, wall, algo.best)
+        summary = _finish(st, algo, counters, local, spec, store, reason or "")
+    return RunResult(
+        folder.root, "completed", reason or "", algo.evaluations, wall, algo.best, summary
+    )
+
+
+def _task_sizes(local: Worker | None, spec: WorkerSpec) -> dict[str, int]:
+    if local is not None:
+        return {n: len(local.tasks[n]) for n in local.fitness_names}
+    return {}
+
+
+def _one_batch(
+    st: _Stage,
+    algo: Algorithm,
+    executor: Any,
+    store: Any,
+    counters: dict[str, Any],
+    events: Any,
+) -> None:
+    gen, start = int(counters["generation"]), int(counters["evaluations"])
+    recipes = algo.ask(st.config.batch_size)
+    keep = type(algo).keep_models
+    items = [
+        WorkItem(
+            index=start + i,
+            recipe=r,
+            seed=candidate_seed(st.seed, gen, i),
+            keep_as=store_key(r) if keep else None,
+        )
+        for i, r in enumerate(recipes)
+    ]
+    results = executor.evaluate(items)
+    if start == 0 and results and all(r.error for r in results):
+        raise TaskError(f"every candidate of the first batch failed; first: {results[0].error}")
+    algo.tell(recipes, [r.scores for r in results])
+    events.append([_event(it, res, gen) for it, res in zip(items, results, strict=True)])
+    counters["generation"] = gen + 1
+    counters["evaluations"] = start + len(items)
+    best = algo.best
+    if best is not None:
+        for it in items:
+            if it.recipe == best.recipe:
+                counters["best_seed"], counters["best_evaluation"] = it.seed, it.index
+    if keep:
+        refs = set(algo.references())
+        if best is not None:
+            refs.add(store_key(best.recipe))
+        store.retain(refs)
+        store.flush()
+
+
+def _final_worker(local: Worker | None, spec: WorkerSpec) -> Worker:
+    if local is not None:
+        return local
+    return Worker(spec, worker_id="main")
+
+
+def _split_means(
+    worker: Worker, scores: dict[str, np.ndarray], spec: WorkerSpec
+) -> dict[str, dict[str, float]]:
+    means = _means(scores)
+    fitness = [n for n in worker.fitness_names]
+    test = [n for n in means if n not in fitness]
+    out = {"fitness": {n: means[n] for n in fitness}}
+    if test:
+        out["test"] = {n: means[n] for n in test}
+    for split, vals in list(out.items()):
+        if vals:
+            out[split] = {**vals, "mean": float(np.mean(list(vals.values())))}
+    return out
+
+
+def _finish(
+    st: _Stage,
+    algo: Algorithm,
+    counters: dict[str, Any],
+    local: Worker | None,
+    spec: WorkerSpec,
+    store: Any,
+    reason: str,
+) -> dict[str, Any]:
+    folder = st.folder
+    best = algo.best
+    summary: dict[str, Any] = {
+        "status": "completed",
+        "stage": st.label,
+        "algorithm": st.block.get("name"),
+        "stop_reason": reason,
+        "evaluations": algo.evaluations,
+        "wall_seconds": float(counters["wall_seconds"]),
+        "seed": st.seed,
+    }
+    if best is not None:
+        worker = _final_worker(local, spec)
+        seed = int(counters["best_seed"] or 0)
+        recipe = best.recipe
+        if type(algo).keep_models and store_key(recipe) in store:
+            build_recipe: dict[str, Any] = {"model": store_ref(recipe)}
+        else:
+            build_recipe = recipe
+        model = worker.build(build_recipe, seed)
+        export_model(model, recipe, folder.best, tokenizer=worker.tokenizer, seed=seed)
+        scores = worker.score(model, worker.task_names(include_extra=True))
+        summary["best"] = {
+            "evaluation": best.evaluation,
+            "fitness": best.fitness,
+            "recipe": recipe,
+            "seed": seed,
+            "path": str(folder.best),
+            "scores": _split_means(worker, scores, spec),
+        }
+        if st.config.baselines:
+            summary["baselines"] = {}
+            for name in st.models:
+                m = worker.build({"model": name}, 0)
+                s = worker.score(m, worker.task_names(include_extra=True))
+                summary["baselines"][name] = _split_means(worker, s, spec)
+    import json
+
+    write_atomic(folder.summary, json.dumps(summary, indent=2, sort_keys=False, default=str))
+    return summary
+
+
+def _prepare_folder(
+    folder: RunFolder, config: Any, overrides: Sequence[str], resume: bool
+) -> RunConfig:
+    if resume:
+        if not folder.config.is_file():
+            raise StateError(
+                f"{folder.config}: nothing to resume (no config.yaml in the run folder)"
+            )
+        if config is not None or overrides:
+            pass  # the saved config wins (STYLE.md: on resume the saved state wins)
+        return load_config(folder.config)
+    if folder.config.exists() or folder.state.exists():
+        raise OutputExistsError(
+            f"{folder.root}: already holds a run; pass --resume to continue it "
+            "or pick another --run-dir"
+        )
+    if config is None:
+        raise RecipeError("no config given")
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    if overrides and isinstance(config, RunConfig):
+        raise RecipeError("overrides apply to a config file or mapping, not a RunConfig")
+    write_atomic(folder.config, cfg.to_yaml())
+    return cfg
+
+
+def _validate_tasks(cfg: RunConfig) -> None:
+    import shoal.executors.testbed_task  # noqa: F401  (registers `testbed`)
+    from shoal.tasks.registry import validate_task_spec
+
+    for split in ("fitness", "test"):
+        for i, spec in enumerate(getattr(cfg.tasks, split)):
+            validate_task_spec(spec, f"tasks.{split}[{i}]")
+
+
+def evolve(
+    config: str | Path | dict[str, Any] | RunConfig | None,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overrides: Sequence[str] = (),
+    executor: str | None = None,
+    progress: bool | None = None,
+    ray_init: dict[str, Any] | None = None,
+) -> RunResult:
+    """Run (or resume) an evolutionary search described by a config.
+
+    Args:
+        config: Config file, mapping or :class:`RunConfig` (ignored on resume: the run
+            folder's ``config.yaml`` wins).
+        run_dir: The run folder (must not hold a run unless ``resume``).
+        resume: Continue the run in ``run_dir`` from its last completed batch.
+        overrides: ``key.path=value`` overrides (``--set``) for a new run.
+        executor: Override ``executor.type`` (does not change results).
+        progress: Override ``progress`` (rich progress bar).
+        ray_init: Extra ``ray.init`` arguments for a local Ray instance (tests).
+
+    Returns:
+        The :class:`RunResult` of the last stage run (``summary`` holds the run summary).
+
+    Raises:
+        RecipeError / TaskError / StateError / OutputExistsError: Bad config, tasks or folder.
+    """
+    folder = RunFolder(run_dir)
+    cfg = _prepare_folder(folder, config, overrides, resume)
+    _validate_tasks(cfg)
+    kind = executor or cfg.executor.type
+    show = cfg.progress if progress is None else progress
+    models = dict(cfg.models)
+    blocks = cfg.algorithm_blocks()
+    stage_results: list[RunResult] = []
+    result: RunResult | None = None
+    for i, (name, block, budget) in enumerate(blocks):
+        sfolder = folder if name is None else folder.stage(name)
+        seed = (
+            cfg.seed
+            if name is None
+            else int(np.random.SeedSequence([cfg.seed, i]).generate_state(1)[0])
+        )
+        done = sfolder.read_summary()
+        if name is not None and done is not None and done.get("status") == "completed":
+            result = RunResult(
+                sfolder.root,
+                "completed",
+                done.get("stop_reason", ""),
+                int(done.get("evaluations", 0)),
+                float(done.get("wall_seconds", 0.0)),
+                None,
+                done,
+            )
+        else:
+            stage = _Stage(
+                cfg,
+                sfolder,
+                block,
+                budget,
+                dict(models),
+                seed,
+                kind,
+                show,
+                name or str(block["name"]),
+                ray_init,
+            )
+            result = _run_stage(stage)
+        stage_results.append(result)
+        if result.status != "completed":
+            return result
+        if name is not None:
+            models[name] = str(sfolder.best)
+    assert result is not None
+    if cfg.stages is not None:
+        result.summary = _multi_stage_summary(folder, stage_results)
+    return result
+
+
+def _multi_stage_summary(folder: RunFolder, results: list[RunResult]) -> dict[str, Any]:
+    import json
+    import shutil
+
+    last = results[-1]
+    best_src = last.run_dir / "best"
+    if best_src.is_dir():
+        tmp = folder.best.with_name(".best.copy-tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(best_src, tmp)
+        replace_dir(tmp, folder.best)
+    summary = {
+        "status": "completed",
+        "stages": [r.summary for r in results],
+        "evaluations": sum(r.evaluations for r in results),
+        "wall_seconds": sum(r.wall_seconds for r in results),
+        "best": dict(last.summary.get("best", {}), path=str(folder.best)),
+    }
+    write_atomic(folder.summary, json.dumps(summary, indent=2, default=str))
+    return summary

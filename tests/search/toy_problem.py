@@ -1,0 +1,184 @@
+"""A toy problem for the run loop: a 1-parameter "model", a task around it, a random search.
+
+The model is ``Scalar`` (one parameter ``x``). Two source models hold x = 0 and x = 1, so
+the linear merge with weights (1 - t, t) has x = t. The task scores example j as
+``1 - |x - c_j|`` for five centres c_j, so the best t is their median, 0.5.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import Field
+from safetensors.torch import save_file
+
+from shoal.search.base import (
+    ALGORITHMS,
+    Algorithm,
+    AlgorithmOptions,
+    Best,
+    SearchContext,
+    mean_over_tasks,
+    register,
+    store_ref,
+)
+
+CENTRES = np.array([0.2, 0.35, 0.5, 0.65, 0.8])
+
+
+class Scalar(torch.nn.Module):
+    """A model with one parameter ``x`` of shape (1,)."""
+
+    def __init__(self, value: float = 0.0) -> None:
+        super().__init__()
+        self.x = torch.nn.Parameter(torch.tensor([value]))
+
+
+def make_scalar(value: float = 0.0) -> Scalar:
+    """Loader target."""
+    return Scalar(value)
+
+
+def score(model: Scalar) -> np.ndarray:
+    """Per-example scores 1 - |x - c_j|."""
+    x = float(model.x.detach()[0])
+    return np.clip(1.0 - np.abs(x - CENTRES), 0.0, 1.0)
+
+
+def score_or_die(model: Scalar, marker: str) -> np.ndarray:
+    """Like :func:`score`, but kills its own process the first time (marker file absent)."""
+    path = Path(marker)
+    if not path.exists():
+        path.write_text("died once")
+        os._exit(3)
+    return score(model)
+
+
+def write_sources(directory: Path) -> dict[str, str]:
+    """Two 1-parameter checkpoints, x = 0 and x = 1."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, value in (("zero", 0.0), ("one", 1.0)):
+        path = directory / f"{name}.safetensors"
+        save_file({"x": torch.tensor([value])}, str(path))
+        out[name] = str(path)
+    return out
+
+
+class ToyOptions(AlgorithmOptions):
+    """Options of the toy random search."""
+
+    population: int = Field(4, ge=1)
+
+
+def linear_recipe(t: float) -> dict[str, Any]:
+    """Linear merge of zero and one with x = t."""
+    return {
+        "merge_method": "linear",
+        "models": [
+            {"model": "zero", "parameters": {"weight": 1.0 - t}},
+            {"model": "one", "parameters": {"weight": t}},
+        ],
+    }
+
+
+class ToyRandomSearch(Algorithm):
+    """Random search over t in [0, 1]; keeps its best. Deterministic by seed."""
+
+    name = "toy-random"
+    Options = ToyOptions
+    keep_models: ClassVar[bool] = False
+
+    def __init__(self, options: ToyOptions, context: SearchContext) -> None:
+        super().__init__()
+        self.options = options
+        self.rng = np.random.default_rng(np.random.SeedSequence(context.seed))
+        self._best: Best | None = None
+
+    def _ask(self, n: int | None) -> list[dict[str, Any]]:
+        k = n or self.options.population
+        return [linear_recipe(round(float(t), 6)) for t in self.rng.uniform(0.0, 1.0, size=k)]
+
+    def _tell(self, recipes: list[dict[str, Any]], scores: list[Any]) -> None:
+        for i, (r, s) in enumerate(zip(recipes, scores, strict=True)):
+            f = mean_over_tasks(s)
+            if self._best is None or f > self._best.fitness:
+                self._best = Best(r, f, self.evaluations + i)
+
+    @property
+    def best(self) -> Best | None:
+        return self._best
+
+    def _state(self) -> dict[str, Any]:
+        b = self._best
+        return {
+            "rng": self.rng.bit_generator.state,
+            "best": None if b is None else [b.recipe, b.fitness, b.evaluation],
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        b = state["best"]
+        self._best = None if b is None else Best(b[0], b[1], b[2])
+
+
+class ToyKeeper(ToyRandomSearch):
+    """Like the random search, but every other batch merges the best kept model with one.
+
+    Exercises the model store: recipes refer to ``store:<key>`` of earlier candidates.
+    """
+
+    name = "toy-keeper"
+    keep_models: ClassVar[bool] = True
+
+    def _ask(self, n: int | None) -> list[dict[str, Any]]:
+        recipes = super()._ask(n)
+        if self._best is None or self.evaluations // (n or self.options.population) % 2 == 0:
+            return recipes
+        ref = store_ref(self._best.recipe)
+        return [
+            {
+                "merge_method": "linear",
+                "models": [
+                    {"model": ref, "parameters": {"weight": 0.9}},
+                    {"model": "one", "parameters": {"weight": round(0.1 * i / len(recipes), 6)}},
+                ],
+            }
+            for i in range(len(recipes))
+        ]
+
+    def references(self) -> set[str]:
+        return set() if self._best is None else {store_ref(self._best.recipe)}
+
+
+for _cls in (ToyRandomSearch, ToyKeeper):
+    if _cls.name not in ALGORITHMS:
+        register(_cls)
+
+
+def toy_config(sources: dict[str, str], **overrides: Any) -> dict[str, Any]:
+    """A config for the toy problem."""
+    here = str(Path(__file__).resolve().parent)
+    cfg: dict[str, Any] = {
+        "models": sources,
+        "loader": {"type": "callable", "target": "toy_problem:make_scalar"},
+        "tasks": {
+            "fitness": [
+                {"type": "function", "name": "toy", "target": "toy_problem:score", "size": 5}
+            ],
+            "test": [
+                {"type": "function", "name": "toy-test", "target": "toy_problem:score", "size": 5}
+            ],
+        },
+        "algorithm": {"name": "toy-random", "population": 4},
+        "budget": {"evaluations": 12},
+        "seed": 7,
+        "progress": False,
+        "root": here,
+    }
+    cfg.update(overrides)
+    return cfg
