@@ -117,3 +117,109 @@ def test_from_config() -> None:
         DFS.from_config({"models": ["A", "B"], "repeats": 0}, ctx)
     with pytest.raises(RecipeError, match=r"algorithm\.scale"):
         DFS.from_config({"scale": "matrix"}, ctx)
+
+
+# -- end to end through the run loop, on tiny Llama models built from configs ------------------
+def _tiny_llama_dirs(root, names: list[str]) -> dict[str, str]:
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    out = {}
+    for k, name in enumerate(names):
+        model = transformers.LlamaForCausalLM(cfg)
+        g = torch.Generator().manual_seed(100 + k)
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                base = 1.0 if "norm" in pname else 0.0
+                p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
+        model.save_pretrained(root / name)
+        out[name] = str(root / name)
+    return out
+
+
+def next_token_probability(model, offset: int = 0, n: int = 8) -> np.ndarray:
+    """Per-example score: probability of a fixed next token after a fixed prompt."""
+    import torch
+
+    ids = (torch.arange(n * 6).reshape(n, 6) * 5 + offset) % 60 + 3
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[:, -1].float()
+    target = (torch.arange(n) * 7 + offset) % 64
+    return logits.softmax(-1)[torch.arange(n), target].numpy()
+
+
+def _tasks() -> dict:
+    fn = f"{__name__}:next_token_probability"
+    return {
+        "fitness": [{"type": "function", "name": "fit", "target": fn, "size": 8}],
+        "test": [
+            {"type": "function", "name": "held", "target": fn, "size": 8, "options": {"offset": 3}}
+        ],
+    }
+
+
+def test_dfs_run_end_to_end_exports_a_loadable_best(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    from shoal.merge.layer_path import build_from_recipe, load_model
+    from shoal.search.runner import evolve
+
+    models = _tiny_llama_dirs(tmp_path, ["A", "B"])
+    config = {
+        "models": models,
+        "loader": {"type": "hf-causal-lm", "model": "A"},
+        "tasks": _tasks(),
+        "algorithm": {"name": "dfs", "repeats": 1, "popsize": 6},
+        "budget": {"evaluations": 12},
+        "progress": False,
+        "report": False,
+    }
+    result = evolve(config, tmp_path / "run")
+    assert result.status == "completed" and result.evaluations == 12
+    best = result.best
+    assert best is not None and best.recipe["merge_method"] == "layer_path"
+    exported = load_model(result.run_dir / "best")
+    direct = build_from_recipe(best.recipe, {n: load_model(p) for n, p in models.items()})
+    assert float(np.mean(next_token_probability(exported))) == pytest.approx(best.fitness)
+    assert np.allclose(next_token_probability(exported), next_token_probability(direct))
+
+
+def test_ps_then_dfs_stages(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    from shoal.merge.layer_path import load_model
+    from shoal.search.runner import evolve
+
+    models = _tiny_llama_dirs(tmp_path, ["base", "a", "b"])
+    config = {
+        "models": models,
+        "base_model": "base",
+        "tasks": _tasks(),
+        "stages": [
+            {"name": "ps", "algorithm": {"name": "ps", "popsize": 4}},
+            {
+                "name": "dfs",
+                "algorithm": {"name": "dfs", "models": ["ps", "b"], "repeats": 1, "popsize": 4},
+            },
+        ],
+        "budget": {"evaluations": 8},
+        "progress": False,
+        "report": False,
+    }
+    result = evolve(config, tmp_path / "run")
+    assert result.status == "completed"
+    assert result.best is not None
+    path = result.best.recipe["parameters"]["path"]
+    assert path[0] == ["ps", 0] and path[-1] == ["ps", 2]  # PS's result is model A
+    # the PS stage's best/ is the exact model it scored (DARE drops redone with its seed)
+    ps = result.summary["stages"][0]["best"]
+    assert ps["recipe"]["merge_method"] == "dare_ties"
+    ps_model = load_model(ps["path"])
+    assert float(np.mean(next_token_probability(ps_model))) == pytest.approx(ps["fitness"])
