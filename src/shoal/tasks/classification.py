@@ -1,0 +1,89 @@
+"""Classification on in-memory tensors: one 0/1 score per example (correct or not).
+
+The model is called on the whole input in one batched forward pass (or in chunks of
+``batch_size``); the predicted class is the arg-max of the logits. This is the task
+of M2N2's image experiments, and it is fast: one matmul chain per evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from shoal.errors import TaskError
+
+
+class ClassificationTask:
+    """Score a classifier on fixed inputs; per-example score 1.0 if the arg-max equals the label.
+
+    Args:
+        name: unique task name within a run (``digits-train``, ...).
+        x: inputs, shape ``(n, ...)``; passed to the model as they are.
+        y: integer labels, shape ``(n,)``.
+        batch_size: examples per forward pass; ``None`` = all at once.
+    """
+
+    def __init__(
+        self, name: str, x: torch.Tensor, y: torch.Tensor, *, batch_size: int | None = None
+    ) -> None:
+        if x.shape[0] != y.shape[0]:
+            raise TaskError(
+                f"task {name!r}: {x.shape[0]} inputs but {y.shape[0]} labels (must be equal)"
+            )
+        if y.ndim != 1 or y.dtype.is_floating_point:
+            raise TaskError(f"task {name!r}: labels must be a 1-D integer tensor")
+        if batch_size is not None and batch_size < 1:
+            raise TaskError(f"task {name!r}: batch_size must be ≥ 1, got {batch_size}")
+        self.name = name
+        self.x = x
+        self.y = y.to(torch.int64)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def correct(self, logits: torch.Tensor) -> torch.Tensor:
+        """Boolean correctness from logits of shape ``(..., n, classes)`` → ``(..., n)``."""
+        return logits.argmax(-1) == self.y.to(logits.device)
+
+    def score(self, model: Any) -> np.ndarray:
+        """Per-example correctness of ``model`` (an ``nn.Module`` or any callable on tensors).
+
+        Returns:
+            float64 array of shape ``(len(self),)`` with values 0.0 or 1.0.
+        """
+        device = _device_of(model)
+        n = len(self)
+        step = self.batch_size or max(n, 1)
+        out = torch.empty(n, dtype=torch.bool)
+        with torch.no_grad():
+            for start in range(0, n, step):
+                xb = self.x[start : start + step].to(device)
+                out[start : start + step] = self.correct(model(xb)).cpu()
+        return out.numpy().astype(np.float64)
+
+    def accuracy(self, model: Any) -> float:
+        """Mean of :meth:`score`."""
+        return float(self.score(model).mean()) if len(self) else 0.0
+
+
+def _device_of(model: Any) -> torch.device:
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        for p in params():
+            return p.device
+    return torch.device("cpu")
+
+
+def image_tasks(data: Any, *, prefix: str | None = None) -> dict[str, ClassificationTask]:
+    """Train and test tasks of an ``ImageData`` (``shoal.testbed.images``), keyed by split.
+
+    Names are ``<prefix>-train`` and ``<prefix>-test`` (prefix defaults to the data's name).
+    """
+    p = prefix or data.name
+    return {
+        "train": ClassificationTask(f"{p}-train", data.x_train, data.y_train),
+        "test": ClassificationTask(f"{p}-test", data.x_test, data.y_test),
+    }
