@@ -40,7 +40,8 @@ def _read(
     tensor = src.get(name, device=device)
     if not allow_nonfinite:
         try:
-            check_finite(tensor, name=name, source=src.path)
+            file_of = getattr(src, "file_of", None)
+            check_finite(tensor, name=name, source=file_of(name) if file_of else src.path)
         except CheckpointError as exc:
             raise CheckpointError(f"{exc} (pass --allow-nonfinite to merge anyway)") from None
     return tensor

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -160,12 +161,16 @@ class _Planner:
 
     # -- helpers ---------------------------------------------------------------------
 
+    def _where(self, ref: str) -> str:
+        path = str(self.sources[ref].path)
+        return ref if path == ref or Path(path) == Path(ref) else f"{ref} ({path})"
+
     def _check_input(
         self, ref: str, name: str, out_name: str, want: tuple[int, ...], want_from: str
     ) -> None:
         src = self.sources[ref]
         if name not in src:
-            raise MergeError(f"tensor {name!r} missing from model {ref} ({src.path})")
+            raise MergeError(f"tensor {name!r} missing from model {self._where(ref)}")
         shape = tuple(src.shape(name))
         if shape != want:
             raise MergeError(
@@ -199,7 +204,7 @@ class _Planner:
         lead = next((m for m in members if m[0] == base_ref), members[0])
         lead_src = self.sources[lead[0]]
         if lead[1] not in lead_src:
-            raise MergeError(f"tensor {lead[1]!r} missing from model {lead[0]} ({lead_src.path})")
+            raise MergeError(f"tensor {lead[1]!r} missing from model {self._where(lead[0])}")
         shape = tuple(lead_src.shape(lead[1]))
         for ref, name, _ in members:
             self._check_input(ref, name, out_name, shape, lead[0])

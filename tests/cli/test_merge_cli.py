@@ -1,0 +1,268 @@
+"""``shoal merge`` / ``shoal inspect`` from the command line, bad input above all.
+
+Every user error must end in exactly one line on stderr that names the file, tensor
+or key, exit code 2, and no output directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+NAMES = (
+    "model.embed_tokens.weight",
+    "model.layers.0.mlp.up_proj.weight",
+    "model.layers.0.input_layernorm.weight",
+    "model.layers.1.mlp.up_proj.weight",
+    "model.layers.1.input_layernorm.weight",
+    "model.norm.weight",
+    "lm_head.weight",
+)
+SHAPES = {"embed": (8, 4), "up_proj": (6, 4), "norm": (4,), "lm_head": (8, 4)}
+
+
+def _shape(name: str) -> tuple[int, ...]:
+    return next(s for key, s in SHAPES.items() if key in name)
+
+
+def _model(root: Path, name: str, seed: int, **edits: torch.Tensor | None) -> Path:
+    """A small llama-named checkpoint; ``edits`` replace (or with None drop) tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {n: torch.randn(_shape(n), generator=gen) for n in NAMES}
+    for key, value in edits.items():
+        full = key.replace("__", ".")
+        if value is None:
+            del tensors[full]
+        else:
+            tensors[full] = value
+    path = root / name
+    path.mkdir()
+    save_file(tensors, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+    return path
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> dict[str, Path]:
+    root = tmp_path / "models"
+    root.mkdir()
+    return {"base": _model(root, "base", 0), "a": _model(root, "a", 1), "b": _model(root, "b", 2)}
+
+
+def _ties(m: dict[str, Path], **over: str) -> str:
+    a, b, base = over.get("a", m["a"]), over.get("b", m["b"]), over.get("base", m["base"])
+    return (
+        f"merge_method: {over.get('method', 'ties')}\nbase_model: {base}\nmodels:\n"
+        f"  - model: {a}\n    parameters: {{weight: 0.5, density: {over.get('density', '0.5')}}}\n"
+        f"  - model: {b}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+    )
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    """Run ``shoal ARGS`` in process; return (exit code, stdout, stderr)."""
+    from shoal.cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["shoal", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_error_line(err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture
+def cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    """Write a recipe and run ``shoal merge recipe out`` with extra args."""
+
+    def _run(recipe: str, *extra: str, out: Path | None = None) -> tuple[int, str, str, Path]:
+        path = tmp_path / "recipe.yaml"
+        path.write_text(recipe)
+        target = out or tmp_path / "out"
+        code, stdout, stderr = run_cli(
+            ["merge", str(path), str(target), *extra], capsys, monkeypatch
+        )
+        return code, stdout, stderr, target
+
+    return _run
+
+
+def _nothing_left(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
+
+
+def test_merge_succeeds(cli, models) -> None:
+    code, stdout, _, out = cli(_ties(models), "--seed", "1")
+    assert code == 0
+    assert "wrote" in stdout
+    assert set(load_file(out / "model.safetensors")) == set(NAMES)
+    assert (out / "config.json").is_file() and (out / "shoal_recipe.yaml").is_file()
+
+
+def test_missing_model_dir(cli, models, tmp_path: Path) -> None:
+    missing = tmp_path / "models" / "nope"
+    code, _, err, out = cli(_ties(models, a=str(missing)))
+    assert code == 2
+    _one_error_line(err, str(missing), "not found")
+    _nothing_left(out)
+
+
+def test_missing_tensor(cli, models, tmp_path: Path) -> None:
+    holey = _model(tmp_path / "models", "holey", 3, model__layers__1__mlp__up_proj__weight=None)
+    code, _, err, out = cli(_ties(models, b=str(holey)))
+    assert code == 2
+    _one_error_line(err, "model.layers.1.mlp.up_proj.weight", "holey")
+    _nothing_left(out)
+
+
+def test_shape_mismatch(cli, models, tmp_path: Path) -> None:
+    odd = _model(tmp_path / "models", "odd", 3, model__norm__weight=torch.ones(5))
+    code, _, err, out = cli(_ties(models, b=str(odd)))
+    assert code == 2
+    _one_error_line(err, "model.norm.weight", "odd", "[5]")
+    _nothing_left(out)
+
+
+def test_truncated_safetensors(cli, models) -> None:
+    f = models["b"] / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-50])
+    code, _, err, out = cli(_ties(models))
+    assert code == 2
+    _one_error_line(err, str(f))
+    _nothing_left(out)
+
+
+def test_corrupt_header(cli, models) -> None:
+    f = models["a"] / "model.safetensors"
+    f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + b"\0" * 32)
+    code, _, err, out = cli(_ties(models))
+    assert code == 2
+    _one_error_line(err, str(f))
+    _nothing_left(out)
+
+
+def test_nonfinite_refused_unless_allowed(cli, models, tmp_path: Path) -> None:
+    bad = torch.ones(6, 4)
+    bad[2, 1] = float("nan")
+    nan = _model(tmp_path / "models", "nan", 3, model__layers__0__mlp__up_proj__weight=bad)
+    code, _, err, out = cli(_ties(models, b=str(nan)))
+    assert code == 2
+    _one_error_line(err, "model.layers.0.mlp.up_proj.weight", "nan", "--allow-nonfinite")
+    _nothing_left(out)
+    code, _, _, out = cli(_ties(models, b=str(nan)), "--allow-nonfinite")
+    assert code == 0 and (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("edit", "needles"),
+    [
+        ({"method": "tiez"}, ("recipe.yaml", "merge_method", "tiez")),
+        ({"density": "0.5, densty: 0.3"}, ("recipe.yaml", "models[0].parameters.densty")),
+        ({"density": "lots"}, ("recipe.yaml", "models[0].parameters.density", "number")),
+        ({"density": "1.5"}, ("recipe.yaml", "models[0].parameters.density", "[0, 1]")),
+    ],
+)
+def test_bad_recipe(cli, models, edit: dict[str, str], needles: tuple[str, ...]) -> None:
+    code, _, err, out = cli(_ties(models, **edit))
+    assert code == 2
+    _one_error_line(err, *needles)
+    _nothing_left(out)
+
+
+def test_unknown_top_level_key(cli, models) -> None:
+    code, _, err, out = cli(_ties(models) + "dtpye: float16\n")
+    assert code == 2
+    _one_error_line(err, "recipe.yaml", "dtpye")
+    _nothing_left(out)
+
+
+def test_output_exists(cli, models, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, _, err, _ = cli(_ties(models))
+    assert code == 2
+    _one_error_line(err, str(out), "--overwrite")
+    assert (out / "keep.txt").read_text() == "precious"
+    code, _, _, _ = cli(_ties(models), "--overwrite")
+    assert code == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_disk_full_mid_write_leaves_nothing(cli, models, monkeypatch) -> None:
+    import shoal.checkpoint.writer as writer_module
+
+    real = writer_module._tensor_bytes
+    calls = {"n": 0}
+
+    def failing(tensor: torch.Tensor) -> memoryview:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(tensor)
+
+    monkeypatch.setattr(writer_module, "_tensor_bytes", failing)
+    code, _, err, out = cli(_ties(models), "--out-shard-size", "200")
+    assert code == 2
+    _one_error_line(err, str(out), "No space left on device")
+    _nothing_left(out)
+
+
+def test_inspect(models, capsys, monkeypatch) -> None:
+    code, stdout, _ = run_cli(["inspect", str(models["a"])], capsys, monkeypatch)
+    assert code == 0
+    assert "model.layers.1.mlp.up_proj.weight" in stdout and "6×4" in stdout
+    assert "7 tensors" in stdout and "layers: 2" in stdout and "float32" in stdout
+    code, _, err = run_cli(["inspect", str(models["a"] / "nope")], capsys, monkeypatch)
+    assert code == 2
+    _one_error_line(err, "nope")
+
+
+def _subprocess(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "shoal.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_help_is_fast() -> None:
+    _subprocess("--help")  # warm the file cache
+    start = time.perf_counter()
+    done = _subprocess("--help")
+    elapsed = time.perf_counter() - start
+    assert done.returncode == 0 and "merge" in done.stdout
+    assert elapsed < 2.0, f"shoal --help took {elapsed:.2f} s"
+    version = _subprocess("--version")
+    assert version.returncode == 0 and version.stdout.startswith("shoal ")
+
+
+def test_real_process_exit_code(models, tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(_ties(models, density="2"))
+    done = _subprocess("merge", str(recipe), str(tmp_path / "out"))
+    assert done.returncode == 2
+    _one_error_line(done.stderr, "r.yaml", "density")
+    assert not (tmp_path / "out").exists()
