@@ -65,7 +65,7 @@ def write_sources(directory: Path) -> dict[str, str]:
     for name, value in (("zero", 0.0), ("one", 1.0)):
         path = directory / f"{name}.safetensors"
         save_file({"x": torch.tensor([value])}, str(path))
-        out[name] = str(path)
+        out[name] = str(path.resolve())
     return out
 
 
@@ -162,7 +162,6 @@ for _cls in (ToyRandomSearch, ToyKeeper):
 
 def toy_config(sources: dict[str, str], **overrides: Any) -> dict[str, Any]:
     """A config for the toy problem."""
-    here = str(Path(__file__).resolve().parent)
     cfg: dict[str, Any] = {
         "models": sources,
         "loader": {"type": "callable", "target": "toy_problem:make_scalar"},
@@ -178,7 +177,6 @@ def toy_config(sources: dict[str, str], **overrides: Any) -> dict[str, Any]:
         "budget": {"evaluations": 12},
         "seed": 7,
         "progress": False,
-        "root": here,
     }
     cfg.update(overrides)
     return cfg

@@ -33,8 +33,9 @@ class WorkItem:
         index: Evaluation index within the run (0-based, unique).
         recipe: The recipe (plain dict). Besides merge recipes a worker knows
             ``{"model": ref}`` (a source or ``store:<key>`` model as is),
-            ``{"merge_method": "random_init", "parameters": {"std": s, "seed": k}}`` (``seed`` optional; default the item seed) and an optional
-            top-level ``mutation: sigma`` (Gaussian noise added after building).
+            ``{"merge_method": "random_init", "parameters": {"std": s, "seed": k}}``
+            (``seed`` optional, default the item's) and an optional top-level
+            ``mutation: sigma`` (Gaussian noise added after building).
         seed: The candidate's seed (:func:`candidate_seed`).
         keep_as: Store key to save the built model under, or ``None``.
         tasks: Names of the tasks to score; ``None`` means every fitness task.

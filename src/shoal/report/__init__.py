@@ -1,1 +1,47 @@
-"""shoal.report (being written)."""
+"""shoal.report — plots and a Markdown summary drawn from a run folder.
+
+:func:`write_report` reads ``events.jsonl`` (every stage of a multi-stage run, in order)
+and ``summary.json`` and writes ``report/``: ``fitness.png`` (candidates and running best
+against evaluations), ``tasks.png`` (per-task scores of the best so far; the final best on
+fitness and test splits, with baselines), ``parameters.png`` (traces of the recipe
+parameters that varied most) and ``summary.md``. ``shoal report RUN_DIR`` redraws it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from shoal.report.data import RunData, load_run, numeric_leaves
+from shoal.report.plots import plot_fitness, plot_parameters, plot_tasks
+from shoal.report.summary import summary_markdown
+
+__all__ = ["RunData", "load_run", "numeric_leaves", "summary_markdown", "write_report"]
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """(Re)draw ``RUN_DIR/report/`` from the run folder; returns its path.
+
+    Raises:
+        StateError: If ``run_dir`` holds no run.
+    """
+    data = load_run(run_dir)
+    out = Path(run_dir) / "report"
+    tmp = out.with_name(f".report.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if data.events:
+            plot_fitness(data, tmp / "fitness.png")
+            plot_tasks(data, tmp / "tasks.png")
+            plot_parameters(data, tmp / "parameters.png")
+        (tmp / "summary.md").write_text(summary_markdown(data))
+        old = out.with_name(f".report.old-{os.getpid()}")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,100 @@
+"""``shoal evolve`` and ``shoal report``.
+
+Command bodies import the library inside, so registering them costs nothing at
+``shoal --help`` time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+__all__ = ["register"]
+
+_EVOLVE_HELP = """Search for a model by evolution, as CONFIG says; write the run folder.
+
+The config names the source models, the resident-model loader, the fitness and
+test tasks, the algorithm (or `stages:`), a budget, the executor and a seed.
+
+\b
+    models: {base: tb/base, gcd: tb/expert-gcd, sum: tb/expert-chain_sum}
+    base_model: base
+    tasks:
+      fitness: [{type: testbed, dir: tb, skill: gcd, split: train, limit: 32}]
+      test:    [{type: testbed, dir: tb, skill: gcd, split: test}]
+    algorithm: {name: ps}
+    budget: {evaluations: 200}
+    executor: {type: process, workers: 2}
+    seed: 0
+
+\b
+    shoal evolve ps.yaml --run-dir runs/ps --set budget.evaluations=50
+    shoal evolve ps.yaml --run-dir runs/ps --resume     # after Ctrl-C or a kill
+
+Run folder: config.yaml, state.json, events.jsonl, store/, best/, summary.json,
+report/. Ctrl-C stops after the batch in flight (resumable); twice aborts.
+"""
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``evolve`` and ``report`` to the ``shoal`` app."""
+
+    @app.command("evolve", help=_EVOLVE_HELP)
+    def evolve_cmd(
+        config: Path = typer.Argument(None, help="Run config (YAML); not needed with --resume."),
+        run_dir: Path = typer.Option(..., "--run-dir", help="Run folder to write."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir."),
+        executor: str = typer.Option(
+            None, "--executor", help="serial, process or ray (overrides executor.type)."
+        ),
+        overrides: list[str] = typer.Option(
+            [], "--set", help="Override a config key: --set budget.evaluations=100 (YAML value)."
+        ),
+        no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    ) -> None:
+        from shoal.errors import RecipeError
+        from shoal.report import write_report
+        from shoal.search.runner import evolve
+
+        if executor is not None and executor not in ("serial", "process", "ray"):
+            raise RecipeError(f"--executor: unknown executor {executor!r} (serial, process, ray)")
+        if config is None and not resume:
+            raise RecipeError("give a CONFIG file (or --resume an existing --run-dir)")
+        result = evolve(
+            config,
+            run_dir,
+            resume=resume,
+            overrides=overrides,
+            executor=executor,
+            progress=False if no_progress else None,
+        )
+        if result.status != "completed":
+            typer.echo(
+                f"stopped ({result.stop_reason}); continue with: shoal evolve --resume "
+                f"--run-dir {run_dir}"
+            )
+            raise typer.Exit(130)
+        report = write_report(run_dir)
+        best = result.summary.get("best") or {}
+        typer.echo(
+            f"{result.evaluations} evaluations, {result.wall_seconds:.1f} s; "
+            f"stopped: {result.stop_reason}"
+        )
+        if best:
+            scores = best.get("scores", {})
+            parts = [
+                f"{split} {vals.get('mean', float('nan')):.4f}" for split, vals in scores.items()
+            ]
+            typer.echo(f"best: {best.get('path')} ({', '.join(parts)})")
+        typer.echo(f"report: {report / 'summary.md'}")
+
+    @app.command("report")
+    def report_cmd(
+        run_dir: Path = typer.Argument(..., help="A run folder written by shoal evolve."),
+    ) -> None:
+        """(Re)draw the plots and summary.md of a run folder into RUN_DIR/report/."""
+        from shoal.report import write_report
+
+        out = write_report(run_dir)
+        typer.echo(f"report: {out / 'summary.md'}")

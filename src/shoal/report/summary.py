@@ -1,0 +1,55 @@
+"""``summary.md``: the run's key figures as Markdown."""
+
+from __future__ import annotations
+
+from shoal.report.data import RunData
+
+__all__ = ["summary_markdown"]
+
+
+def _table(rows: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    cols = sorted(
+        {(s, t) for v in rows.values() for s, tv in v.items() for t in tv},
+        key=lambda c: (c[0] != "fitness", c[0], c[1] == "mean", c[1]),
+    )
+    if not cols:
+        return []
+    head = "| model | " + " | ".join(f"{t} ({s})" for s, t in cols) + " |"
+    sep = "|---|" + "---|" * len(cols)
+    body = [
+        f"| {name} | "
+        + " | ".join(f"{v.get(s, {}).get(t, float('nan')):.4f}" for s, t in cols)
+        + " |"
+        for name, v in rows.items()
+    ]
+    return [head, sep, *body]
+
+
+def summary_markdown(data: RunData) -> str:
+    """Markdown text of the report summary."""
+    s = data.summary
+    lines = [f"# Run {data.root.name}", ""]
+    lines.append(f"- status: {s.get('status', 'running or interrupted')}")
+    lines.append(f"- evaluations: {s.get('evaluations', len(data.events))}")
+    if "wall_seconds" in s:
+        lines.append(f"- wall time: {float(s['wall_seconds']):.1f} s")
+    for st in s.get("stages", []):
+        lines.append(
+            f"- stage {st.get('stage')}: {st.get('algorithm')}, {st.get('evaluations')} "
+            f"evaluations, {st.get('stop_reason')}"
+        )
+    if s.get("stop_reason"):
+        lines.append(f"- stopped: {s['stop_reason']}")
+    errors = sum(1 for e in data.events if e.get("error"))
+    if errors:
+        lines.append(f"- failed candidates: {errors}")
+    best = s.get("best") or {}
+    if best:
+        lines += ["", "## Best", ""]
+        lines.append(f"- evaluation {best.get('evaluation')}, fitness {best.get('fitness')}")
+        lines.append(f"- checkpoint: `{best.get('path')}`")
+        rows = {"best": best.get("scores", {})}
+        rows.update(s.get("baselines") or {})
+        lines += ["", *_table(rows)]
+    lines += ["", "![fitness](fitness.png)", "![tasks](tasks.png)", "![parameters](parameters.png)"]
+    return "\n".join(lines) + "\n"
