@@ -8,7 +8,7 @@ EXTRAS  := llm,eval,distributed,plots,data,test
 # nothing later pulls a multi-GB CUDA build.
 TORCH   := torch==2.13.0
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench mergekit-venv clean
 
 install: $(STAMP)
 
@@ -43,6 +43,16 @@ format: install
 bench: install
 	$(BIN)/python bench/merge.py
 	$(BIN)/python bench/m2n2_digits.py
+
+# mergekit in a side venv, only as a comparison for bench/merge.py and the
+# cross-check tests (skipped without it); torch pinned to the CPU wheel again.
+MERGEKIT_VENV := .bench/mergekit-venv
+mergekit-venv: $(MERGEKIT_VENV)/bin/mergekit-yaml
+
+$(MERGEKIT_VENV)/bin/mergekit-yaml:
+	$(PY) -m venv $(MERGEKIT_VENV)
+	$(MERGEKIT_VENV)/bin/pip install -q $(TORCH)
+	$(MERGEKIT_VENV)/bin/pip install -q mergekit $(TORCH)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .bench
