@@ -269,3 +269,30 @@ def test_recipe_round_trip() -> None:
     lp = parse_layer_path(recipe)
     assert lp.path == (("A", 0), ("B", 1)) and lp.head == "A"
     assert parse_layer_path(lp.to_recipe()) == lp
+
+
+@pytest.mark.parametrize("family", ["Qwen2", "Mistral"])
+def test_other_llama_family_models(family: str) -> None:
+    cfg_cls = getattr(transformers, f"{family}Config")
+    model_cls = getattr(transformers, f"{family}ForCausalLM")
+    cfg = cfg_cls(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    models = {"A": _seeded(model_cls(cfg), 1), "B": _seeded(model_cls(cfg), 2)}
+    ident = build_layer_path_model(models, [("A", 0), ("A", 1), ("A", 2)])
+    assert torch.equal(_logits(ident), _logits(models["A"]))
+    mixed = build_layer_path_model(models, [("A", 0), ("B", 1), ("A", 1), ("B", 1), ("A", 2)])
+    types = getattr(mixed.config, "layer_types", None)
+    assert types is None or len(types) == 5
+    prompt = IDS[:1, :4]
+    out = mixed.generate(prompt, max_new_tokens=4, do_sample=False, use_cache=True)
+    ids = prompt
+    for _ in range(4):
+        ids = torch.cat([ids, _logits(mixed, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ids)
