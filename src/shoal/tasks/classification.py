@@ -44,9 +44,10 @@ class ClassificationTask:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
-    def correct(self, logits: torch.Tensor) -> torch.Tensor:
-        """Boolean correctness from logits of shape ``(..., n, classes)`` → ``(..., n)``."""
-        return logits.argmax(-1) == self.y.to(logits.device)
+    def correct(self, logits: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Boolean correctness from logits ``(..., m, classes)`` of examples ``start…start+m``."""
+        y = self.y[start : start + logits.shape[-2]]
+        return logits.argmax(-1) == y.to(logits.device)
 
     def score(self, model: Any) -> np.ndarray:
         """Per-example correctness of ``model`` (an ``nn.Module`` or any callable on tensors).
@@ -61,7 +62,7 @@ class ClassificationTask:
         with torch.no_grad():
             for start in range(0, n, step):
                 xb = self.x[start : start + step].to(device)
-                out[start : start + step] = self.correct(model(xb)).cpu()
+                out[start : start + step] = self.correct(model(xb), start).cpu()
         return out.numpy().astype(np.float64)
 
     def accuracy(self, model: Any) -> float:

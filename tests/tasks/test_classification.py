@@ -1,0 +1,58 @@
+"""Classification task: per-example correctness, chunking, errors, Task protocol."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from shoal.errors import TaskError
+from shoal.tasks.base import Task, check_scores
+from shoal.tasks.classification import ClassificationTask, image_tasks
+
+
+class _Fixed(torch.nn.Module):
+    """Returns the logits stored for each input index (input = index as a float)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits[x[:, 0].long()]
+
+
+def test_per_example_correctness_by_hand() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 3.0], [0.0, 5.0, 1.0], [1.0, 0.0, 0.0]])
+    x = torch.arange(4, dtype=torch.float32)[:, None]
+    y = torch.tensor([0, 1, 1, 2])
+    task = ClassificationTask("t", x, y)
+    assert isinstance(task, Task) and len(task) == 4
+    got = task.score(_Fixed(logits))
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, [1.0, 0.0, 1.0, 0.0])
+    np.testing.assert_array_equal(check_scores(task, got), got)
+    assert task.accuracy(_Fixed(logits)) == 0.5
+    chunked = ClassificationTask("t", x, y, batch_size=3)
+    np.testing.assert_array_equal(chunked.score(_Fixed(logits)), got)
+    # plain callables work too
+    np.testing.assert_array_equal(task.score(lambda inp: logits[inp[:, 0].long()]), got)
+
+
+def test_bad_inputs_name_the_task() -> None:
+    with pytest.raises(TaskError, match="'bad': 3 inputs but 2 labels"):
+        ClassificationTask("bad", torch.zeros(3, 2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(TaskError, match="integer"):
+        ClassificationTask("bad", torch.zeros(2, 2), torch.zeros(2))
+    with pytest.raises(TaskError, match="batch_size"):
+        ClassificationTask("bad", torch.zeros(2, 2), torch.zeros(2, dtype=torch.long), batch_size=0)
+
+
+def test_image_tasks_names() -> None:
+    class D:
+        name = "toy"
+        x_train, y_train = torch.zeros(3, 2), torch.zeros(3, dtype=torch.long)
+        x_test, y_test = torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)
+
+    tasks = image_tasks(D())
+    assert tasks["train"].name == "toy-train" and len(tasks["test"]) == 1
