@@ -98,6 +98,7 @@ class ToyRandomSearch(Algorithm):
         self.options = options
         self.rng = np.random.default_rng(np.random.SeedSequence(context.seed))
         self._best: Best | None = None
+        self.model_names = sorted(context.models)
 
     def _ask(self, n: int | None) -> list[dict[str, Any]]:
         k = n or self.options.population
@@ -117,6 +118,7 @@ class ToyRandomSearch(Algorithm):
         b = self._best
         return {
             "rng": self.rng.bit_generator.state,
+            "models": self.model_names,
             "best": None if b is None else [b.recipe, b.fitness, b.evaluation],
         }
 

@@ -1,6 +1,7 @@
 """The process-pool executor: one resident model per worker process.
 
-Processes start with ``spawn`` (no forked torch state), ignore Ctrl-C (the runner decides
+Processes start with ``spawn`` (no forked torch state; a script that runs a search
+must guard its entry point with ``if __name__ == "__main__":``), ignore Ctrl-C (the runner decides
 when to stop) and use ``threads`` torch threads each. A worker that dies (segfault, OOM
 kill, ``os._exit``) breaks the pool: the pool is rebuilt and the unfinished items are
 submitted again, each at most ``max_retries`` times.
@@ -22,6 +23,7 @@ from shoal.executors.worker import Worker
 __all__ = ["ProcessExecutor", "WorkerLost"]
 
 _WORKER: Worker | None = None
+_INIT_ERROR: BaseException | None = None
 
 
 class WorkerLost(ShoalError):
@@ -29,12 +31,17 @@ class WorkerLost(ShoalError):
 
 
 def _init_worker(spec: WorkerSpec) -> None:
-    global _WORKER
+    global _WORKER, _INIT_ERROR
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _WORKER = Worker(spec)
+    try:
+        _WORKER = Worker(spec)
+    except Exception as exc:  # reported by the first item, not as a broken pool
+        _INIT_ERROR = exc
 
 
 def _evaluate(item: WorkItem) -> WorkResult:
+    if _INIT_ERROR is not None:
+        raise _INIT_ERROR
     assert _WORKER is not None, "worker process not initialised"
     return _WORKER.evaluate(item)
 

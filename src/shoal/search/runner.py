@@ -102,7 +102,7 @@ def _stop_reason(
         return "interrupted"
     if budget.evaluations is not None and evaluations >= budget.evaluations:
         return f"evaluation budget ({budget.evaluations}) reached"
-    if budget.seconds is not None and wall >= budget.seconds:
+    if budget.seconds is not None and evaluations > 0 and wall >= budget.seconds:
         return f"wall-time budget ({budget.seconds:g} s) reached"
     best = algo.best
     if budget.target is not None and best is not None and best.fitness >= budget.target:

@@ -1,0 +1,150 @@
+"""The run loop on the toy problem: results, stops, determinism, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import toy_problem as tp
+from safetensors.torch import load_file
+
+from shoal.errors import OutputExistsError, StateError
+from shoal.search.run_folder import RunFolder
+from shoal.search.runner import evolve
+
+DETERMINISTIC = ("evaluation", "generation", "recipe", "seed", "means", "fitness", "error")
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> dict[str, str]:
+    return tp.write_sources(tmp_path / "src")
+
+
+def _events(run: Path) -> list[dict[str, Any]]:
+    return [{k: e[k] for k in DETERMINISTIC} for e in RunFolder(run).events.read()]
+
+
+def _weight_of_one(recipe: dict[str, Any]) -> float:
+    return float(recipe["models"][1]["parameters"]["weight"])
+
+
+def test_run_writes_folder_and_scores_match_the_formula(tmp_path, sources):
+    result = evolve(tp.toy_config(sources), tmp_path / "run")
+    assert result.status == "completed" and result.evaluations == 12
+    assert "evaluation budget" in result.stop_reason
+    events = RunFolder(tmp_path / "run").events.read()
+    assert len(events) == 12 and [e["evaluation"] for e in events] == list(range(12))
+    for e in events:  # linear merge of x=0 and x=1 with weights (1-t, t) has x = t
+        t = _weight_of_one(e["recipe"])
+        assert e["means"]["toy"] == pytest.approx(np.mean(1 - np.abs(t - tp.CENTRES)), abs=1e-6)
+    best = max(events, key=lambda e: e["fitness"])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["best"]["evaluation"] == best["evaluation"]
+    assert summary["best"]["scores"]["test"]["toy-test"] == pytest.approx(best["fitness"], abs=1e-6)
+    # best/ is a loadable checkpoint holding the best candidate's x
+    x = load_file(str(tmp_path / "run" / "best" / "model.safetensors"))["x"]
+    assert float(x[0]) == pytest.approx(_weight_of_one(best["recipe"]), abs=1e-6)
+    assert (tmp_path / "run" / "best" / "shoal_recipe.yaml").is_file()
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["runner"]["evaluations"] == 12 and state["algorithm"]["evaluations"] == 12
+
+
+def test_same_seed_same_run_other_seed_differs(tmp_path, sources):
+    evolve(tp.toy_config(sources), tmp_path / "a")
+    evolve(tp.toy_config(sources), tmp_path / "b")
+    evolve(tp.toy_config(sources, seed=8), tmp_path / "c")
+    assert _events(tmp_path / "a") == _events(tmp_path / "b")
+    assert _events(tmp_path / "a") != _events(tmp_path / "c")
+
+
+def test_stops_on_target_and_wall_time(tmp_path, sources):
+    r = evolve(tp.toy_config(sources, budget={"evaluations": 400, "target": 0.75}), tmp_path / "t")
+    assert "target" in r.stop_reason and r.best is not None and r.best.fitness >= 0.75
+    assert r.evaluations < 400
+    r = evolve(tp.toy_config(sources, budget={"seconds": 1e-9}), tmp_path / "w")
+    assert "wall-time" in r.stop_reason and r.evaluations == 4  # checked between batches
+
+
+def test_existing_run_folder_needs_resume(tmp_path, sources):
+    evolve(tp.toy_config(sources), tmp_path / "run")
+    with pytest.raises(OutputExistsError, match="--resume"):
+        evolve(tp.toy_config(sources), tmp_path / "run")
+    with pytest.raises(StateError, match="nothing to resume"):
+        evolve(None, tmp_path / "none", resume=True)
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+@pytest.mark.parametrize("keeper", [False, True])
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, sources, monkeypatch, keeper):
+    cfg = tp.toy_config(sources, budget={"evaluations": 20})
+    if keeper:  # exercises the model store across the kill
+        cfg["algorithm"] = {"name": "toy-keeper", "population": 4}
+    evolve(cfg, tmp_path / "full")
+
+    # kill after the events of batch 3 are written but before its state is saved
+    original = RunFolder.write_state
+    calls = {"n": 0}
+
+    def dying(self: RunFolder, state: dict[str, Any]) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise _Killed
+        original(self, state)
+
+    monkeypatch.setattr(RunFolder, "write_state", dying)
+    with pytest.raises(_Killed):
+        evolve(cfg, tmp_path / "cut")
+    monkeypatch.setattr(RunFolder, "write_state", original)
+    assert len(RunFolder(tmp_path / "cut").events.read()) == 12  # one batch more than saved
+    result = evolve(None, tmp_path / "cut", resume=True)
+    assert result.evaluations == 20
+    assert _events(tmp_path / "cut") == _events(tmp_path / "full")
+    full = json.loads((tmp_path / "full" / "state.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "state.json").read_text())
+    assert full["algorithm"] == cut["algorithm"]
+    s_full = json.loads((tmp_path / "full" / "summary.json").read_text())["best"]
+    s_cut = json.loads((tmp_path / "cut" / "summary.json").read_text())["best"]
+    assert s_full["recipe"] == s_cut["recipe"] and s_full["scores"] == s_cut["scores"]
+
+
+def interrupting_score(model: Any, pid: int, at: float) -> np.ndarray:
+    """Scores like the toy task; sends SIGINT to the runner when x is near ``at``."""
+    x = float(model.x.detach()[0])
+    if abs(x - at) < 1e-6:
+        os.kill(pid, signal.SIGINT)
+    return tp.score(model)
+
+
+def test_ctrl_c_stops_after_batch_and_resumes(tmp_path, sources):
+    cfg = tp.toy_config(sources, budget={"evaluations": 16})
+    evolve(cfg, tmp_path / "full")
+    events = _events(tmp_path / "full")
+    best = max(events, key=lambda e: e["fitness"])
+    # a candidate of batch 2 that is not the best (the best is scored again at the end)
+    hit = next(e for e in events[4:8] if e["evaluation"] != best["evaluation"])
+    first_t = _weight_of_one(hit["recipe"])
+    cfg_int = json.loads(json.dumps(cfg))
+    cfg_int["tasks"]["fitness"] = [
+        {
+            "type": "function",
+            "name": "toy",
+            "target": "test_runner:interrupting_score",
+            "size": 5,
+            "options": {"pid": os.getpid(), "at": first_t},
+        }
+    ]
+    result = evolve(cfg_int, tmp_path / "int")
+    assert result.status == "interrupted" and result.evaluations == 8  # batch 2 finished
+    assert not (tmp_path / "int" / "summary.json").exists()
+    resumed = evolve(None, tmp_path / "int", resume=True)
+    assert resumed.status == "completed" and resumed.evaluations == 16
+    # the interrupt flag would fire again on resume only if t repeats; it does not
+    assert _events(tmp_path / "int") == _events(tmp_path / "full")
