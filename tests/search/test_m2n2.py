@@ -150,7 +150,7 @@ def _drive(algo: M2N2, evaluations: int) -> list[dict]:
 
 
 def test_seed_warmup_then_steady_state() -> None:
-    algo = M2N2({"archive_size": 5, "seed": 3}, seeds=["a", "b"])
+    algo = M2N2({"archive_size": 5, "seed": 3, "warmup": "random"}, seeds=["a", "b"])
     seen = _drive(algo, 12)
     assert seen[:2] == [{"model": "a"}, {"model": "b"}]
     # warm-up: random merges among the seeds until the archive is full (5 members)
@@ -165,13 +165,25 @@ def test_seed_warmup_then_steady_state() -> None:
 
 
 def test_scratch_init_and_mutation() -> None:
-    algo = M2N2({"init": "scratch", "archive_size": 4, "seed": 0})
+    algo = M2N2({"init": "scratch", "archive_size": 4, "seed": 0, "initial": 3})
     seen = _drive(algo, 8)
-    assert [r["merge_method"] for r in seen[:4]] == ["random_init"] * 4
-    assert all(r["parameters"]["std"] == 0.01 for r in seen[:4])
-    assert len({store_key(r) for r in seen[:4]}) == 4  # distinct store keys
-    assert all(r["mutation"] == 0.01 for r in seen[4:])
+    assert [r["merge_method"] for r in seen[:4]] == ["random_init"] * 3 + ["splitpoint"]
+    assert all(r["parameters"]["std"] == 0.01 for r in seen[:3])
+    assert len({store_key(r) for r in seen[:3]}) == 3  # distinct store keys
+    assert all(r["mutation"] == 0.01 for r in seen[3:])
     assert len(algo.references()) == 4
+
+
+def test_select_warmup_fills_archive_with_selected_children() -> None:
+    # reference protocol: two members, then children chosen by M2N2 fill the archive
+    algo = M2N2({"init": "scratch", "archive_size": 6, "seed": 2})
+    seen = _drive(algo, 6)
+    assert [r["merge_method"] for r in seen] == ["random_init"] * 2 + ["splitpoint"] * 4
+    assert algo.births == [0, 1, 2, 3, 4, 5]  # nothing dropped while filling
+    # the third child may already have a child as parent
+    refs = {store_key(r) for r in seen}
+    for r in seen[2:]:
+        assert all(m["model"][len("store:") :] in refs for m in r["models"])
 
 
 def test_no_splitpoint_means_whole_vector_slerp() -> None:

@@ -38,11 +38,12 @@ def test_digits_split_as_published(digits) -> None:
 
     raw = load_digits()
     assert digits.x_train.shape == (1437, 64) and digits.x_test.shape == (360, 64)
-    # first 80 % train, last 20 % test, no shuffling, pixels / 16
-    np.testing.assert_allclose(digits.x_train.numpy(), raw.data[:1437] / 16, rtol=1e-6)
-    np.testing.assert_allclose(digits.x_test.numpy(), raw.data[1437:] / 16, rtol=1e-6)
+    # first 80 % train, last 20 % test, no shuffling, raw 0-16 pixels (reference code)
+    np.testing.assert_array_equal(digits.x_train.numpy(), raw.data[:1437])
+    np.testing.assert_array_equal(digits.x_test.numpy(), raw.data[1437:])
     np.testing.assert_array_equal(digits.y_test.numpy(), raw.target[1437:])
-    assert float(digits.x_train.max()) == 1.0 and digits.n_classes == 10
+    assert float(digits.x_train.max()) == 16.0 and digits.n_classes == 10
+    assert float(load_digits_data(scale=1 / 16).x_train.max()) == 1.0
 
 
 def test_mnist_split_balanced_and_disjoint() -> None:
@@ -84,6 +85,9 @@ def test_experts_specialise_and_are_deterministic(digits) -> None:
     again = train_expert(digits, (0, 1, 2, 3, 4))
     for p, q in zip(e04.parameters(), again.parameters(), strict=True):
         assert torch.equal(p, q)
+    # the two experts start from different draws of the seed-42 generator
+    other = train_expert(digits, (0, 1, 2, 3, 4), init_index=1)
+    assert not torch.equal(next(other.parameters()), next(e04.parameters()))
     assert len(EXPERT_GROUPS_3) == 3 and sorted(sum(EXPERT_GROUPS_3, ())) == list(range(10))
     with pytest.raises(TaskError, match="no training images"):
         train_expert(digits, (11,))

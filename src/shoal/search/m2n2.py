@@ -90,6 +90,18 @@ class M2N2Options(AlgorithmOptions):
         "them; scratch: archive_size random models N(0, init_std²)",
     )
     init_std: float = Field(0.01, gt=0.0, description="std of the from-scratch initialisation")
+    initial: int = Field(
+        2,
+        ge=2,
+        description="random models that start the archive from scratch (reference code: 2); "
+        "children fill the rest",
+    )
+    warmup: Literal["select", "random"] = Field(
+        "select",
+        description="parents while the archive fills: select = M2N2's own selection among "
+        "the members so far (reference code, whose empty slots score 0 and are never "
+        "picked); random = uniform pairs of the initial members (seeds)",
+    )
     mutation_std: float | None = Field(
         None,
         ge=0.0,
@@ -340,7 +352,9 @@ class M2N2(Algorithm):
     @property
     def n_initial(self) -> int:
         """Members that start the archive: the seeds, or archive_size random models."""
-        return len(self.seeds) if self.options.init == "seeds" else self.options.archive_size
+        if self.options.init == "seeds":
+            return len(self.seeds)
+        return min(self.options.initial, self.options.archive_size)
 
     def _initial_recipe(self, i: int) -> dict[str, Any]:
         if self.options.init == "seeds":
@@ -374,9 +388,9 @@ class M2N2(Algorithm):
 
     def _parents(self) -> tuple[int, int]:
         o = self.options
-        if len(self.refs) < o.archive_size and o.init == "seeds":
-            # warm-up: random merges among the seeds until the archive is full
-            k = len(self.seeds)
+        if len(self.refs) < o.archive_size and o.warmup == "random":
+            # warm-up: random merges among the initial members until the archive is full
+            k = self.n_initial
             a = int(self._rng.integers(k))
             b = int(self._rng.integers(k - 1))
             return a, b + (b >= a)

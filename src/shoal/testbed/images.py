@@ -6,8 +6,9 @@ images, the last 20 % for testing = 360, no shuffling), an MLP 64-256-10
 (19,210 parameters) initialised from N(0, 0.01²), and experts trained for 10
 full-batch Adam steps (lr 3e-3) from init seed 42 on a subset of the classes.
 
-Pixels are scaled to [0, 1] (digits: /16, MNIST: /255). Both datasets ship with
-their Python packages, so nothing here touches the network.
+Digits pixels stay as published (integers 0–16, unscaled, as the reference code
+feeds them); MNIST pixels are scaled to [0, 1]. Both datasets ship with their
+Python packages, so nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class ImageData:
 
     Attributes:
         name: ``digits`` or ``mnist``.
-        x_train: float32 tensor ``(n_train, n_features)`` in [0, 1].
+        x_train: float32 tensor ``(n_train, n_features)``.
         y_train: int64 tensor ``(n_train,)``.
         x_test: float32 tensor ``(n_test, n_features)``.
         y_test: int64 tensor ``(n_test,)``.
@@ -55,12 +56,17 @@ class ImageData:
         return int(max(self.y_train.max(), self.y_test.max())) + 1
 
 
-def load_digits_data() -> ImageData:
-    """sklearn's digits, split as published: first 1,437 train, last 360 test, no shuffling."""
+def load_digits_data(scale: float = 1.0) -> ImageData:
+    """sklearn's digits, split as published: first 1,437 train, last 360 test, no shuffling.
+
+    Args:
+        scale: pixels are multiplied by it; 1.0 (default) keeps the published raw
+            0–16 values, 1/16 maps them to [0, 1].
+    """
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    x = torch.as_tensor(bunch.data, dtype=torch.float32) / 16.0
+    x = torch.as_tensor(bunch.data, dtype=torch.float32) * scale
     y = torch.as_tensor(bunch.target, dtype=torch.int64)
     n_train = int(0.8 * len(y))  # 1437
     return ImageData("digits", x[:n_train], y[:n_train], x[n_train:], y[n_train:])
@@ -145,21 +151,28 @@ def train_expert(
     classes: Sequence[int],
     *,
     init_seed: int = 42,
+    init_index: int = 0,
     steps: int = 10,
     lr: float = 3e-3,
     hidden: int = 256,
 ) -> nn.Sequential:
     """Train an expert on the training images of ``classes`` only (published setting).
 
-    Full-batch Adam on the cross-entropy over all 10 logits, from the N(0, 0.01²)
-    init drawn with ``init_seed``; the same seed for every expert, so experts share an
-    ancestor. Deterministic on CPU.
+    Full-batch Adam on the cross-entropy over all 10 logits, from an N(0, 0.01²)
+    init: the ``init_index``-th model drawn from one generator seeded with
+    ``init_seed`` (so two experts from seed 42 start from different draws, as in the
+    reference code). Deterministic on CPU.
     """
     mask = torch.isin(data.y_train, torch.as_tensor(list(classes)))
     if not bool(mask.any()):
         raise TaskError(f"no training images of classes {list(classes)} in {data.name}")
     x, y = data.x_train[mask], data.y_train[mask]
-    model = build_mlp(data.n_features, hidden, 10, seed=init_seed)
+    model = build_mlp(data.n_features, hidden, 10)
+    gen = torch.Generator().manual_seed(init_seed)
+    with torch.no_grad():
+        for _ in range(init_index + 1):
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
         opt.zero_grad()
@@ -175,10 +188,10 @@ def train_experts(
     groups: Sequence[Sequence[int]] = EXPERT_GROUPS_2,
     **kwargs: int | float,
 ) -> dict[str, nn.Sequential]:
-    """One expert a class group, named ``expert-0-4`` etc. (first and last class)."""
+    """One expert a class group, named ``expert-0-4`` etc.; expert i starts from draw i."""
     return {
-        f"expert-{g[0]}-{g[-1]}": train_expert(data, g, **kwargs)  # type: ignore[arg-type]
-        for g in groups
+        f"expert-{g[0]}-{g[-1]}": train_expert(data, g, init_index=i, **kwargs)  # type: ignore[arg-type]
+        for i, g in enumerate(groups)
     }
 
 
