@@ -13,8 +13,11 @@ Python packages, so nothing here touches the network.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -199,3 +202,48 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Fraction of ``x`` that ``model`` classifies as ``y``."""
     with torch.no_grad():
         return float((model(x).argmax(-1) == y).double().mean())
+
+
+def image_task(data: str = "digits", split: str = "train", name: str | None = None) -> Any:
+    """Task factory for configs (``type: python``, ``target: shoal.testbed.images:image_task``).
+
+    Returns a :class:`~shoal.tasks.classification.ClassificationTask` named
+    ``<data>-<split>`` unless ``name`` is given.
+    """
+    from shoal.tasks.classification import ClassificationTask
+
+    if split not in ("train", "test"):
+        raise TaskError(f"image_task: split must be 'train' or 'test', got {split!r}")
+    ds = load_image_data(data)
+    x, y = (ds.x_train, ds.y_train) if split == "train" else (ds.x_test, ds.y_test)
+    return ClassificationTask(name or f"{ds.name}-{split}", x, y)
+
+
+def write_image_experts(
+    out_dir: str | Path,
+    data: str = "digits",
+    groups: Sequence[Sequence[int]] = EXPERT_GROUPS_2,
+    *,
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Train the experts and write each as ``<out_dir>/<name>.safetensors`` (atomically).
+
+    The files are plain state dicts of the MLP (``0.weight``, ``0.bias``, ``2.weight``,
+    ``2.bias``), loadable by ``shoal.checkpoint`` and by configs as source models.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = load_image_data(data)
+    hidden = 256 if data == "digits" else 32
+    paths: dict[str, Path] = {}
+    for name, model in train_experts(ds, groups, hidden=hidden).items():
+        path = out / f"{name}.safetensors"
+        paths[name] = path
+        if path.exists() and not overwrite:
+            continue
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        os.replace(tmp, path)
+    return paths
