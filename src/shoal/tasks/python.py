@@ -78,7 +78,11 @@ class FunctionTask:
 @register_task_type("python", PythonOptions)
 def build_python(o: PythonOptions, env: TaskEnv) -> Task:
     """Call the user's factory."""
-    task = import_callable(o.target, "task.target")(**o.options)
+    factory = import_callable(o.target, "task.target")
+    try:
+        task = factory(**o.options)
+    except TypeError as exc:  # options that do not fit the factory's signature
+        raise TaskError(f"task.target {o.target!r} rejects options {o.options}: {exc}") from None
     if not isinstance(task, Task):
         raise TaskError(f"task.target {o.target!r} returned {type(task).__name__}, not a Task")
     if o.name is not None:

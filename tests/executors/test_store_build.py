@@ -1,0 +1,122 @@
+"""Model store, candidate seeds and in-place building, without a run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import toy_problem as tp
+
+from shoal.errors import CheckpointError, MergeError
+from shoal.executors import (
+    DirStore,
+    MemoryStore,
+    SourceMap,
+    WorkerSpec,
+    WorkItem,
+    build_candidate,
+    candidate_seed,
+)
+from shoal.executors.serial import SerialExecutor
+from shoal.executors.worker import load_tensors
+
+
+def test_candidate_seed_is_a_pure_function_and_distinct():
+    seeds = {candidate_seed(7, g, i) for g in range(20) for i in range(20)}
+    assert len(seeds) == 400
+    assert candidate_seed(7, 3, 4) == candidate_seed(7, 3, 4) != candidate_seed(8, 3, 4)
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+@pytest.mark.parametrize("kind", ["memory", "dir"])
+def test_store_put_get_retain_prune(tmp_path, kind):
+    store = MemoryStore(tmp_path / "s") if kind == "memory" else DirStore(tmp_path / "s")
+    store.put("a", {"x": torch.tensor([1.0])})
+    store.put("store:b", {"x": torch.tensor([2.0])})
+    store.put("a", {"x": torch.tensor([9.0])})  # keys name content: the first stays
+    assert float(store.get("store:a")["x"][0]) == 1.0 and "store:b" in store
+    store.retain({"store:b"})
+    store.flush()
+    store.prune()
+    assert store.keys() == {"b"}
+    with pytest.raises(CheckpointError, match="'a'"):
+        store.get("a")
+    # what was flushed survives a restart (resume)
+    again = MemoryStore(tmp_path / "s") if kind == "memory" else DirStore(tmp_path / "s")
+    assert float(again.get("b")["x"][0]) == 2.0
+
+
+def test_memory_store_persists_only_retained_entries(tmp_path):
+    store = MemoryStore(tmp_path / "s")
+    for k in "abc":
+        store.put(k, {"x": torch.zeros(2)})
+    store.retain({"a", "c"})
+    store.flush()
+    assert {p.stem for p in (tmp_path / "s").glob("*.safetensors")} == {"a", "c"}
+    store.retain({"c"})
+    store.flush()
+    store.prune()
+    assert {p.stem for p in (tmp_path / "s").glob("*.safetensors")} == {"c"}
+
+
+def _sources(tmp_path) -> SourceMap:
+    paths = tp.write_sources(tmp_path / "src")
+    return SourceMap(paths, MemoryStore(), load_tensors)
+
+
+def test_build_copy_init_and_mutation(tmp_path):
+    sources = _sources(tmp_path)
+    model = tp.Scalar().requires_grad_(False)
+    build_candidate(model, {"model": "one"}, sources, seed=0)
+    assert float(model.x[0]) == 1.0
+    init = {"merge_method": "random_init", "parameters": {"std": 0.5}}
+    a = float(build_candidate(model, init, sources, seed=1).x[0])
+    b = float(build_candidate(model, init, sources, seed=1).x[0])
+    c = float(build_candidate(model, init, sources, seed=2).x[0])
+    assert a == b != c
+    seeded = {"merge_method": "random_init", "parameters": {"std": 0.5, "seed": 9}}
+    assert float(build_candidate(model, seeded, sources, seed=1).x[0]) == float(
+        build_candidate(model, seeded, sources, seed=2).x[0]
+    )
+    # mutation: exactly N(0, sigma^2) noise on top of the copy, from the item seed
+    xs = []
+    for s in range(400):
+        build_candidate(model, {"model": "one", "mutation": 0.1}, sources, seed=s)
+        xs.append(float(model.x[0]) - 1.0)
+    assert abs(np.mean(xs)) < 0.02 and np.std(xs) == pytest.approx(0.1, rel=0.15)
+
+
+def test_build_linear_merge_in_place_and_store_refs(tmp_path):
+    sources = _sources(tmp_path)
+    model = tp.Scalar().requires_grad_(False)
+    param = model.x
+    build_candidate(model, tp.linear_recipe(0.25), sources, seed=0)
+    assert model.x is param and float(model.x[0]) == pytest.approx(0.25)
+    sources._store.put("k", {"x": torch.tensor([0.75])})  # type: ignore[union-attr]
+    build_candidate(model, {"model": "store:k"}, sources, seed=0)
+    assert float(model.x[0]) == 0.75
+    assert "store:k" in sources and "store:nope" not in sources and "zero" in sources
+    with pytest.raises(MergeError, match="lacks tensor 'x'"):
+        sources._store.put("bad", {"y": torch.tensor([1.0])})  # type: ignore[union-attr]
+        build_candidate(model, {"model": "store:bad"}, sources, seed=0)
+
+
+def test_worker_scores_a_failed_candidate_as_worst(tmp_path):
+    paths = tp.write_sources(tmp_path / "src")
+    spec = WorkerSpec(
+        loader={"type": "callable", "target": "toy_problem:make_scalar", "options": {}},
+        models=paths,
+        base_model=None,
+        tasks=[{"type": "function", "name": "toy", "target": "toy_problem:score", "size": 5}],
+    )
+    ex = SerialExecutor(spec)
+    good, bad = ex.evaluate(
+        [
+            WorkItem(0, tp.linear_recipe(0.5), seed=1, keep_as="g"),
+            WorkItem(1, {"model": "missing-model"}, seed=2),
+        ]
+    )
+    assert good.error is None and good.scores["toy"] == pytest.approx(1 - abs(0.5 - tp.CENTRES))
+    assert "g" in ex.worker.store
+    assert bad.error is not None and "missing-model" in bad.error
+    assert np.all(bad.scores["toy"] == 0.0) and bad.scores["toy"].shape == (5,)
