@@ -68,6 +68,7 @@ def breadcrumbs(
     w = per_model(weights, k, "weights")
     d = per_model(densities, k, "densities")
     g = per_model(gammas, k, "gammas")
-    deltas = x - b
-    band = torch.stack([deltas[i] * breadcrumbs_mask(deltas[i], d[i], g[i]) for i in range(k)])
-    return b + combine(band, w, consensus=consensus, normalize=normalize)
+    deltas = x - b  # a fresh tensor: band-passed in place to save memory
+    for i in range(k):
+        deltas[i].masked_fill_(~breadcrumbs_mask(deltas[i], d[i], g[i]), 0.0)
+    return b + combine(deltas, w, consensus=consensus, normalize=normalize)

@@ -45,6 +45,7 @@ def ties(
     k = x.shape[0]
     w = per_model(weights, k, "weights")
     d = per_model(densities, k, "densities")
-    deltas = x - b
-    trimmed = torch.stack([deltas[i] * magnitude_mask(deltas[i], d[i]) for i in range(k)])
-    return b + combine(trimmed, w, consensus="ties", normalize=normalize, majority=majority)
+    deltas = x - b  # a fresh tensor: trimmed in place to save memory
+    for i in range(k):
+        deltas[i].masked_fill_(~magnitude_mask(deltas[i], d[i]), 0.0)
+    return b + combine(deltas, w, consensus="ties", normalize=normalize, majority=majority)
