@@ -63,3 +63,23 @@ def test_model_stock_ratio_by_hand() -> None:
     # orthogonal deltas: t = 0, the base comes back
     out = model_stock(base, [base + d1, base + torch.tensor([0.0, 0.0, 2.0])])
     torch.testing.assert_close(out, base)
+
+
+def test_model_stock_filter_wise_is_row_by_row() -> None:
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(4, 6, generator=g)
+    xs = [base + torch.randn(4, 6, generator=g) for _ in range(3)]
+    out = model_stock(base, xs, filter_wise=True)
+    for r in range(4):  # each row merged on its own equals the whole-tensor rule on that row
+        torch.testing.assert_close(out[r], model_stock(base[r], [x[r] for x in xs]))
+    assert not torch.allclose(out, model_stock(base, xs))
+
+
+def test_ties_divisor_guard_only_where_no_model_agrees() -> None:
+    base = torch.zeros(2)
+    # entry 0: both models zero -> no agreeing model -> 0; entry 1: weights 1 and -1 ...
+    a = torch.tensor([0.0, 2.0])
+    b = torch.tensor([0.0, -2.0])
+    out = ties(base, [a, b], [1.0, -1.0], [1.0, 1.0])
+    # weighted deltas [0, 2] and [0, 2]: both agree (+), divisor 1 + (-1) = 0 -> kept as 4
+    torch.testing.assert_close(out, torch.tensor([0.0, 4.0]))

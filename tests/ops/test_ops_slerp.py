@@ -58,3 +58,10 @@ def test_given_cos_overrides_the_angle() -> None:
 def test_zero_vector_is_linear() -> None:
     a, b = torch.zeros(3), torch.tensor([1.0, 2.0, 3.0])
     torch.testing.assert_close(slerp(a, b, 0.25), 0.25 * b)
+
+
+def test_zero_vector_in_mergekit_mode_counts_as_orthogonal() -> None:
+    a, b = torch.zeros(3), torch.tensor([1.0, 2.0, 3.0])
+    t = 0.25
+    # mergekit: dot = 0 -> Ω = π/2 -> sin(tπ/2)·b
+    torch.testing.assert_close(slerp(a, b, t, dot_threshold=0.9995), math.sin(t * math.pi / 2) * b)

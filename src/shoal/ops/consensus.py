@@ -45,7 +45,8 @@ def combine(
     ``consensus="ties"``: keep entries whose weighted sign agrees with the elected
     sign; the divisor (when ``normalize``) is the per-entry sum of the agreeing
     models' weights. ``consensus="none"``: plain weighted sum; the divisor is Σ_k w_k.
-    A divisor below 1e-8 in magnitude is replaced by 1 (no division there).
+    Where no model agrees (TIES divisor exactly 0) or Σ_k w_k is below 1e-8 in
+    magnitude, the divisor is replaced by 1 (mergekit's guards).
     """
     w = weight_column(list(weights), deltas.ndim - 1)
     weighted = w * deltas
@@ -59,4 +60,10 @@ def combine(
         divisor = w.sum(0).expand_as(merged)
     else:
         raise MergeError(f"unknown consensus {consensus!r} (expected 'none' or 'ties')")
-    return safe_divide(merged, divisor) if normalize else merged
+    if not normalize:
+        return merged
+    if consensus == "ties":
+        # mergekit guards only an exact zero here (no agreeing model)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        return merged / divisor
+    return safe_divide(merged, divisor)

@@ -34,8 +34,9 @@ def slerp(
     Ω = arccos(cos(a, b));
     θ = sin((1 − t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b.
     The unnormalised tensors are interpolated (their norms are not forced to 1).
-    Falls back to linear interpolation (1 − t)·a + t·b when either tensor is zero,
-    when sin Ω ≤ ``eps``, or,
+    Falls back to linear interpolation (1 − t)·a + t·b when sin Ω ≤ ``eps``, when
+    either tensor is zero (only without ``dot_threshold``: mergekit counts a zero
+    tensor as orthogonal, cos Ω = 0), or,
     when ``dot_threshold`` is given, when |cos Ω| > ``dot_threshold``
     (``dot_threshold=0.9995`` reproduces mergekit).
 
@@ -54,8 +55,9 @@ def slerp(
     if a.shape != b.shape:
         raise MergeError(f"slerp: shape mismatch {list(a.shape)} vs {list(b.shape)}")
     a32, b32 = f32(a), f32(b)
-    if cos is None and (not bool(a32.any()) or not bool(b32.any())):
-        return (1.0 - t) * a32 + t * b32  # no angle to a zero tensor
+    if cos is None and dot_threshold is None and (not bool(a32.any()) or not bool(b32.any())):
+        # no angle to a zero tensor; mergekit (dot_threshold set) treats it as orthogonal
+        return (1.0 - t) * a32 + t * b32
     c = cosine(a32, b32) if cos is None else max(-1.0, min(1.0, float(cos)))
     omega = math.acos(c)
     sin_omega = math.sin(omega)
