@@ -46,6 +46,18 @@ def _names(family: str) -> tuple[list[str], int]:
             **small,
         )
         model = tf.GPTNeoXForCausalLM(cfg)
+    elif family == "t5":
+        cfg = tf.T5Config(d_model=8, d_kv=4, d_ff=16, num_layers=3, num_heads=2, **small)
+        model = tf.T5ForConditionalGeneration(cfg)
+    elif family == "phi":
+        cfg = tf.PhiConfig(
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            **small,
+        )
+        model = tf.PhiForCausalLM(cfg)
     else:
         raise AssertionError(family)
     return list(model.state_dict()), num_layers(cfg.to_dict()) or -1
@@ -57,6 +69,8 @@ PREFIX = {
     "gpt2": r"transformer\.h\.(\d+)\.",
     "bert": r"encoder\.layer\.(\d+)\.",
     "gpt_neox": r"gpt_neox\.layers\.(\d+)\.",
+    "t5": r"(?:encoder|decoder)\.block\.(\d+)\.",
+    "phi": r"model\.layers\.(\d+)\.",
 }
 
 
@@ -77,7 +91,9 @@ def test_layer_index_on_real_names(family: str) -> None:
             moved = rename_layer(name, 7)
             assert layer_index(moved) == 7 and moved.replace(".7.", f".{expected}.", 1) == name
     assert outside >= 1  # embeddings / final norm exist
-    assert len(set(per_layer.values())) == 1 and per_layer[0] > 0  # same tensors per block
+    assert per_layer[1] == per_layer[2] > 0  # same tensors per block
+    # (T5's block 0 alone holds the relative attention bias)
+    assert per_layer[0] == per_layer[1] + (2 if family == "t5" else 0)
 
 
 @pytest.mark.parametrize(
