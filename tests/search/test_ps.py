@@ -139,3 +139,26 @@ def test_config_errors_name_the_key() -> None:
         PS.from_config({}, SearchContext(models={"x": "x"}))
     with pytest.raises(RecipeError, match="per_layer"):
         PS.from_config({"groups": "per_layer"}, ctx)  # no layer count known
+
+
+def test_per_layer_recipe_merges_each_block_with_its_own_weight() -> None:
+    """Through shoal.merge: one expert, density 1 → each tensor is base + w_group · τ."""
+    import torch
+
+    from shoal.merge import merge_state_dicts
+
+    g = torch.Generator().manual_seed(0)
+    names = [
+        "model.embed_tokens.weight",
+        *(f"model.layers.{i}.mlp.up_proj.weight" for i in range(3)),
+        "model.norm.weight",
+    ]
+    base = {n: torch.randn(4, 3, generator=g) for n in names}
+    expert = {n: t + torch.randn(4, 3, generator=g) for n, t in base.items()}
+    ps = PS(["expert"], "base", options={"groups": "per_layer"}, num_layers=3)
+    weights = np.array([0.1, 0.2, 0.3, 0.4, 0.5])  # embed, layer 0..2, rest
+    x = np.concatenate([weights, np.ones(5)])  # densities 1: DARE keeps everything
+    merged = merge_state_dicts(ps.decode(x), {"base": base, "expert": expert}, seed=0)
+    for name, w in zip(names, weights, strict=True):
+        expected = base[name] + w * (expert[name] - base[name])
+        torch.testing.assert_close(merged[name], expected, msg=name)
