@@ -77,10 +77,9 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(130)
         report = write_report(run_dir)
         best = result.summary.get("best") or {}
-        typer.echo(
-            f"{result.evaluations} evaluations, {result.wall_seconds:.1f} s; "
-            f"stopped: {result.stop_reason}"
-        )
+        evaluations = result.summary.get("evaluations", result.evaluations)
+        wall = float(result.summary.get("wall_seconds", result.wall_seconds))
+        typer.echo(f"{evaluations} evaluations, {wall:.1f} s; stopped: {result.stop_reason}")
         if best:
             scores = best.get("scores", {})
             parts = [

@@ -79,6 +79,7 @@ def load_resident(
     if kind == "hf-causal-lm":
         import transformers
 
+        transformers.utils.logging.disable_progress_bar()
         auto_model: Any = transformers.AutoModelForCausalLM
         auto_tok: Any = transformers.AutoTokenizer
         path = _hf_model_dir(loader, models, base_model)

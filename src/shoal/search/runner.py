@@ -497,5 +497,10 @@ def _multi_stage_summary(folder: RunFolder, results: list[RunResult]) -> dict[st
         "wall_seconds": sum(r.wall_seconds for r in results),
         "best": dict(last.summary.get("best", {}), path=str(folder.best)),
     }
+    baselines: dict[str, Any] = {}
+    for r in results:  # later stages also score the earlier stages' bests
+        baselines.update(r.summary.get("baselines") or {})
+    if baselines:
+        summary["baselines"] = baselines
     write_atomic(folder.summary, json.dumps(summary, indent=2, default=str))
     return summary

@@ -1,0 +1,59 @@
+"""The report reads a run folder and writes PNG plots and summary.md."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "search"))
+import toy_problem as tp
+
+from shoal.errors import StateError
+from shoal.report import load_run, numeric_leaves, write_report
+from shoal.search.runner import evolve
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_numeric_leaves_flattens_recipe_parameters():
+    recipe = {
+        "merge_method": "ties",
+        "base_model": "/m/base",
+        "models": [
+            {"model": "/m/a", "parameters": {"weight": 0.3, "density": [0.1, 0.2]}},
+            {"model": "b", "parameters": {"weight": 0.7, "normalize": True}},
+        ],
+        "parameters": {"lambda": 1.5},
+    }
+    assert numeric_leaves(recipe) == {
+        "a.weight": 0.3,
+        "a.density[0]": 0.1,
+        "a.density[1]": 0.2,
+        "b.weight": 0.7,
+        "lambda": 1.5,
+    }
+
+
+def test_write_report_draws_pngs_and_summary(tmp_path):
+    sources = tp.write_sources(tmp_path / "src")
+    evolve(tp.toy_config(sources, baselines=True), tmp_path / "run")
+    out = write_report(tmp_path / "run")
+    for name in ("fitness.png", "tasks.png", "parameters.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000
+    md = (out / "summary.md").read_text()
+    assert "evaluations: 12" in md and "| best |" in md and "| zero |" in md
+    run = load_run(tmp_path / "run")
+    assert [e["step"] for e in run.events] == list(range(12))
+    # zero and one score 0.5 on the toy task: 1 - mean |c - 0| = 1 - mean |c - 1| = 0.5
+    assert "| zero | 0.5000 |" in md
+    # redrawing replaces the folder
+    write_report(tmp_path / "run")
+    assert not list(tmp_path.glob("run/.report*"))
+
+
+def test_report_of_a_non_run_is_an_error(tmp_path):
+    with pytest.raises(StateError, match="not a run folder"):
+        write_report(tmp_path)
