@@ -76,6 +76,14 @@ class Recipe(_Strict):
         self._source_dir = path
         return self
 
+    def __eq__(self, other: object) -> bool:
+        """Recipes are equal when they describe the same merge (file location aside)."""
+        if not isinstance(other, Recipe):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable containers inside
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data (only keys that are set), as YAML/JSON would hold it."""
         return self.model_dump(mode="json", exclude_none=True)
