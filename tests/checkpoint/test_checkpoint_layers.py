@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
 
 from shoal.checkpoint import layer_index, num_layers, rename_layer, with_num_layers
 from shoal.errors import CheckpointError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
 
 
 def _names(family: str) -> tuple[list[str], int]:

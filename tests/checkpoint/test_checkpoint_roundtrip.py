@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from shoal.checkpoint import ShardedWriter, open_checkpoint, read_header
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
 
 
 def _tensors() -> dict[str, torch.Tensor]:
