@@ -1,0 +1,79 @@
+"""Non-weight files of the output: config, tokenizer source, chat template, model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from shoal.merge import merge
+from shoal.recipe import load_recipe
+
+
+def _model(root: Path, name: str, seed: int) -> Path:
+    gen = torch.Generator().manual_seed(seed)
+    path = root / name
+    path.mkdir()
+    save_file(
+        {
+            "model.embed_tokens.weight": torch.randn(8, 4, generator=gen),
+            "model.layers.0.mlp.up_proj.weight": torch.randn(6, 4, generator=gen),
+            "model.norm.weight": torch.randn(4, generator=gen),
+        },
+        str(path / "model.safetensors"),
+    )
+    config = {"model_type": "llama", "num_hidden_layers": 1, "torch_dtype": "float32", "who": name}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "tokenizer_config.json").write_text(json.dumps({"who": name}))
+    (path / "special_tokens_map.json").write_text(json.dumps({"who": name}))
+    return path
+
+
+def test_tokenizer_source_config_and_card(tmp_path: Path) -> None:
+    base, a, b = (_model(tmp_path, n, i) for i, n in enumerate(("base", "a", "b")))
+    text = (
+        f"merge_method: task_arithmetic\nbase_model: {base}\n"
+        f"models: [{{model: {a}}}, {{model: {b}}}]\n"
+        f"tokenizer_source: {a}\nchat_template: '{{{{ messages }}}}'\ndtype: bfloat16\n"
+    )
+    out = merge(text, tmp_path / "out", seed=5, progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["who"] == "base" and config["torch_dtype"] == "bfloat16"
+    assert json.loads((out / "tokenizer_config.json").read_text())["who"] == "a"
+    assert json.loads((out / "special_tokens_map.json").read_text())["who"] == "a"
+    assert (out / "chat_template.jinja").read_text() == "{{ messages }}"
+    stored = load_recipe(out / "shoal_recipe.yaml")
+    assert stored == load_recipe(text)
+    assert yaml.safe_load((out / "shoal_recipe.yaml").read_text())["merge_method"] == (
+        "task_arithmetic"
+    )
+    card = (out / "README.md").read_text()
+    assert stored.content_hash() in card and "seed: 5" in card and str(a) in card
+
+
+def test_tokenizer_from_base_by_default(tmp_path: Path) -> None:
+    base, a = _model(tmp_path, "base", 0), _model(tmp_path, "a", 1)
+    text = f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
+    out = merge(text, tmp_path / "out", progress=False)
+    assert json.loads((out / "tokenizer_config.json").read_text())["who"] == "base"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "shoal_recipe.yaml",
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+    ]
+
+
+def test_relative_paths_resolve_next_to_the_recipe(tmp_path: Path, monkeypatch) -> None:
+    _model(tmp_path, "base", 0)
+    _model(tmp_path, "a", 1)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("merge_method: linear\nmodels: [{model: base}, {model: a}]\n")
+    monkeypatch.chdir(tmp_path.parent)  # not where the models are
+    out = merge(recipe, tmp_path / "out", progress=False)
+    assert (out / "model.safetensors").is_file()
