@@ -165,7 +165,8 @@ def build_candidate(
     else:
         from shoal.merge import merge_into_module
 
-        merge_into_module(module, body, sources, seed=seed)
+        # sources were checked for NaN/Inf once when loaded (worker.load_tensors)
+        merge_into_module(module, body, sources, seed=seed, allow_nonfinite=True)
     if sigma > 0:
         gen = generator_for(seed, 2)
         with torch.no_grad():

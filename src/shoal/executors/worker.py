@@ -27,11 +27,18 @@ __all__ = ["Worker", "load_tensors"]
 
 
 def load_tensors(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint (HF dir, .safetensors, .pt/.bin) as float32-or-native CPU."""
-    from shoal.checkpoint import open_checkpoint
+    """Every tensor of a checkpoint (HF dir, .safetensors, .pt/.bin), on the CPU.
+
+    Raises:
+        CheckpointError: A tensor holds NaN/Inf (checked once here, not per candidate).
+    """
+    from shoal.checkpoint import check_finite, open_checkpoint
 
     with open_checkpoint(path) as reader:
-        return {name: reader.get(name) for name in reader}
+        out = {name: reader.get(name) for name in reader}
+    for name, tensor in out.items():
+        check_finite(tensor, name=name, source=str(path))
+    return out
 
 
 class Worker:
