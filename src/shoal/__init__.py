@@ -25,7 +25,14 @@ _LAZY = {
     "load_model": "shoal.merge.layer_path",
 }
 
-__all__ = ["ShoalError", "__version__", *_LAZY]
+__all__ = [
+    "ShoalError",
+    "__version__",
+    "load_model",
+    "load_recipe",
+    "merge",
+    "merge_state_dicts",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from shoal.merge import merge, merge_state_dicts

@@ -19,6 +19,10 @@ so results do not depend on order or threads.
 
 from __future__ import annotations
 
+import sys
+import types
+from typing import Any
+
 from shoal.merge.execute import iter_merged, tensor_seed
 from shoal.merge.memory import merge_into, merge_into_module, merge_state_dicts
 from shoal.merge.plan import MergePlan, TensorInput, TensorPlan, build_plan
@@ -40,3 +44,17 @@ __all__ = [
     "open_sources",
     "tensor_seed",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    """``shoal.merge`` is both this package and the :func:`merge` function.
+
+    Importing ``shoal.merge`` binds the package to the name ``merge`` on ``shoal``,
+    shadowing the lazily exported function; calling the package runs :func:`merge`.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return merge(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

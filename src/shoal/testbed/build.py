@@ -82,7 +82,8 @@ def _save_model(model: Any, tokenizer: Any, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
-def _prepare_target(out_dir: Path, overwrite: bool) -> None:
+def prepare_target(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing ``out_dir`` unless ``overwrite``; create its parent."""
     if out_dir.exists() and not overwrite:
         raise OutputExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +108,7 @@ def build_testbed(
     overwrite: bool = False,
     threads: int | None = 2,
     progress: Progress | None = None,
+    device: str | None = None,
 ) -> Path:
     """Build a base model and one expert per skill, with held-out data.
 
@@ -120,6 +122,9 @@ def build_testbed(
         threads: torch intra-op threads during the build (restored after);
             ``None`` leaves torch's setting alone.
         progress: Called as ``progress(phase, done, total)`` while training.
+        device: Where to train (``"cuda"``, ...); ``None`` means CPU. Initial
+            weights and batch order are drawn on the CPU, so only the arithmetic
+            differs between devices.
 
     Returns:
         The path of the finished testbed.
@@ -130,7 +135,7 @@ def build_testbed(
     """
     out = Path(out_dir)
     preset = get_size(size) if isinstance(size, str) else size
-    _prepare_target(out, overwrite)
+    prepare_target(out, overwrite)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -140,7 +145,7 @@ def build_testbed(
         if threads is not None:
             torch.set_num_threads(threads)
         tmp.mkdir(parents=True)
-        meta = _build_into(tmp, preset, seed, progress)
+        meta = _build_into(tmp, preset, seed, progress, device)
         meta["build_seconds"] = round(time.perf_counter() - started, 2)
         meta["threads"] = torch.get_num_threads()
         (tmp / "testbed.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -153,7 +158,7 @@ def build_testbed(
 
 
 def _build_into(
-    root: Path, size: TestbedSize, seed: int, progress: Progress | None
+    root: Path, size: TestbedSize, seed: int, progress: Progress | None, device: str | None
 ) -> dict[str, Any]:
     """Write data and models under ``root``; return the metadata of the build."""
     import transformers
@@ -173,7 +178,7 @@ def _build_into(
 
     t0 = time.perf_counter()
     corpus = [e["prompt"] + " " + e["answer"] for s in skills for e in splits[s]["train"]]
-    tokenizer = train_tokenizer(corpus, size.vocab_size)
+    tokenizer = train_tokenizer(corpus, size.vocab_size, split_digits=size.split_digits)
     encoded = {s: encode_examples(tokenizer, splits[s]["train"]) for s in skills}
     timings["tokenizer"] = time.perf_counter() - t0
 
@@ -184,7 +189,7 @@ def _build_into(
         return lambda step, _loss: progress(phase, step + 1, total)
 
     t0 = time.perf_counter()
-    base = make_model(size, tokenizer, _generator(seed, 0))
+    base = make_model(size, tokenizer, _generator(seed, 0)).to(device or "cpu")
     mix = [row for s in skills for row in encoded[s]]
     base_losses = train_steps(
         base,
@@ -194,6 +199,7 @@ def _build_into(
         pad_id=tokenizer.pad_token_id,
         generator=_generator(seed, 1),
         on_step=reporter("base", size.base_steps),
+        device=device,
     )
     _save_model(base, tokenizer, root / "base")
     timings["base"] = time.perf_counter() - t0
@@ -212,6 +218,7 @@ def _build_into(
             pad_id=tokenizer.pad_token_id,
             generator=_generator(seed, 2, index),
             on_step=reporter(expert_name(skill), size.expert_steps),
+            device=device,
         )
         _save_model(expert, tokenizer, root / expert_name(skill))
         timings[expert_name(skill)] = time.perf_counter() - t0
@@ -238,5 +245,6 @@ def _build_into(
         "num_parameters": sum(p.numel() for p in base.parameters()),
         "data_sha256": data_hashes,
         "timings_seconds": {k: round(v, 2) for k, v in timings.items()},
+        "device": str(device or "cpu"),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }

@@ -16,7 +16,7 @@ __all__ = ["BOS", "EOS", "PAD", "train_tokenizer"]
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, *, split_digits: bool = True) -> Any:
     """Train a byte-level BPE tokenizer on ``texts``.
 
     Args:
@@ -24,6 +24,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
             tie-breaking, which the trainer does deterministically).
         vocab_size: Final vocabulary, including the 256 byte symbols and the
             three special tokens (ids 0, 1, 2 = pad, bos, eos).
+        split_digits: Give every digit its own token (as Llama's tokenizer
+            does), so arithmetic is learned digit by digit rather than as a
+            table of merged numbers.
 
     Returns:
         A ``transformers.PreTrainedTokenizerFast`` with pad/bos/eos set and
@@ -33,7 +36,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
+    else:
+        tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

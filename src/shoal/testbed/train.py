@@ -106,6 +106,7 @@ def train_steps(
     pad_id: int,
     generator: torch.Generator,
     on_step: Callable[[int, float], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> list[float]:
     """Train ``model`` in place for ``steps`` AdamW steps on ``data``.
 
@@ -119,6 +120,8 @@ def train_steps(
         pad_id: Padding token id.
         generator: Source of the batch order.
         on_step: Called as ``on_step(step, loss)`` after each step.
+        device: Where the batches go (the model must already be there);
+            ``None`` means CPU. The batch order is drawn on the CPU either way.
 
     Returns:
         The loss of every step.
@@ -145,7 +148,8 @@ def train_steps(
         cursor += size.batch_size
         for group in opt.param_groups:
             group["lr"] = size.lr * _lr_factor(step, steps, warmup)
-        loss = model(**_batch(rows, pad_id)).loss
+        batch = {k: v.to(device or "cpu") for k, v in _batch(rows, pad_id).items()}
+        loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -1,0 +1,110 @@
+"""``shoal testbed build|report``: the language-model testbed from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+__all__ = ["register"]
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``testbed`` sub-app to ``app``."""
+    sub = typer.Typer(
+        name="testbed",
+        help="Build and score a base model and one expert per skill (reasoning-gym tasks).",
+        no_args_is_help=True,
+    )
+
+    @sub.command("build")
+    def build(
+        out_dir: Path = typer.Argument(..., help="Directory to create."),
+        size: str = typer.Option("tiny", "--size", help="tiny (seconds) or small (minutes)."),
+        seed: int = typer.Option(0, "--seed", help="Root seed: same seed, same tensors."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
+        threads: int = typer.Option(2, "--threads", help="torch threads while training."),
+        device: str | None = typer.Option(
+            None, "--device", help="Train on cpu (default), cuda, ...; same data, same order."
+        ),
+        report: bool = typer.Option(
+            False, "--report/--no-report", help="Score every model after building."
+        ),
+    ) -> None:
+        """Build a testbed: data splits, tokenizer, base model and experts."""
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        from transformers.utils import logging as hf_logging
+
+        from shoal.testbed import build_testbed
+        from shoal.testbed.build import prepare_target
+        from shoal.testbed.sizes import get_size
+
+        # an unknown size or an existing output fails before any progress bar is drawn
+        preset = get_size(size)
+        prepare_target(out_dir, overwrite)
+        hf_logging.disable_progress_bar()
+        console = Console(stderr=True)
+        with Progress(
+            TextColumn("{task.description:<24}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar:
+            bars: dict[str, object] = {}
+
+            def on_progress(phase: str, done: int, total: int) -> None:
+                if phase not in bars:
+                    bars[phase] = bar.add_task(phase, total=total)
+                bar.update(bars[phase], completed=done)  # type: ignore[arg-type]
+
+            path = build_testbed(
+                out_dir,
+                preset,
+                seed,
+                overwrite=overwrite,
+                threads=threads,
+                progress=on_progress,
+                device=device,
+            )
+        console.print(f"testbed written to {path}")
+        if report:
+            _report(path, "test", device)
+
+    @sub.command("report")
+    def report_cmd(
+        testbed_dir: Path = typer.Argument(..., help="A directory made by `shoal testbed build`."),
+        split: str = typer.Option("test", "--split", help="train, validation or test."),
+        device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default cpu)."),
+    ) -> None:
+        """Score every model on every skill; print a table, write report.json/.md."""
+        _report(testbed_dir, split, device)
+
+    app.add_typer(sub)
+
+
+def _report(path: Path, split: str, device: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from transformers.utils import logging as hf_logging
+
+    from shoal.testbed import report_testbed
+
+    hf_logging.disable_progress_bar()
+    console = Console()
+    with console.status("scoring every model on every skill"):
+        rep = report_testbed(path, split=split, device=device)
+    table = Table(title=f"exact match (%), {split} split, {path}")
+    table.add_column("model")
+    for skill in rep.skills:
+        table.add_column(f"{skill} (n={rep.n[skill]})", justify="right")
+    for model in rep.models:
+        cells = []
+        for skill in rep.skills:
+            text = f"{rep.scores[model][skill]:.1f}"
+            cells.append(f"[bold]{text}[/bold]" if model == f"expert-{skill}" else text)
+        table.add_row(model, *cells)
+    console.print(table)
+    margins = ", ".join(f"{s} {m:+.1f}" for s, m in rep.own_skill_margins().items())
+    console.print(f"expert - base on own skill: {margins}   ({rep.seconds:.1f} s)")
