@@ -9,7 +9,10 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "shoal"
 
-# part -> the parts it may import (besides itself and shoal.errors)
+# top-level modules below every part, importable from all of them
+SHARED = {"errors", "_closing"}
+
+# part -> the parts it may import (besides itself and SHARED)
 ALLOWED: dict[str, set[str]] = {
     "checkpoint": set(),
     "ops": set(),
@@ -41,8 +44,18 @@ def test_part_imports_only_below_it(part: str) -> None:
     for path in sorted((SRC / part).rglob("*.py")):
         for module in _imports(path):
             parts = module.split(".")
-            if parts[0] != "shoal" or len(parts) < 2 or parts[1] in {part, "errors"}:
+            if parts[0] != "shoal" or len(parts) < 2 or parts[1] in {part, *SHARED}:
                 continue
             if parts[1] not in ALLOWED[part]:
                 offenders.append(f"{path.relative_to(SRC)} imports {module}")
+    assert not offenders, "\n".join(offenders)
+
+
+@pytest.mark.parametrize("name", sorted(SHARED))
+def test_shared_modules_import_no_part(name: str) -> None:
+    offenders = []
+    for module in _imports(SRC / f"{name}.py"):
+        parts = module.split(".")
+        if parts[0] == "shoal" and (len(parts) < 2 or parts[1] not in SHARED):
+            offenders.append(f"{name}.py imports {module}")
     assert not offenders, "\n".join(offenders)

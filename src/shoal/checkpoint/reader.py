@@ -14,12 +14,12 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from shoal._closing import Closing
 from shoal.checkpoint.st_format import TensorInfo, read_header
 from shoal.errors import CheckpointError
 
@@ -45,7 +45,7 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
     return CheckpointReader(Path(path))
 
 
-class CheckpointReader:
+class CheckpointReader(Closing):
     """Tensors of one checkpoint, read lazily.
 
     Attributes:
@@ -279,17 +279,6 @@ class CheckpointReader:
         """Release the memory maps. The reader can still answer metadata queries."""
         self._handles.clear()
         self._pt_loaded.clear()
-
-    def __enter__(self) -> CheckpointReader:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"CheckpointReader({str(self.path)!r}, {len(self)} tensors)"
