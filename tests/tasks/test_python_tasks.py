@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
-from shoal.errors import TaskError
+from shoal.errors import RecipeError, TaskError
 from shoal.tasks.base import Task
+from shoal.tasks.python import import_callable
 from shoal.tasks.registry import TASK_TYPES, build_task, validate_task_spec
 
 
@@ -74,3 +76,12 @@ def test_registry_knows_builtin_types_and_rejects_bad_specs():
         )
     with pytest.raises(TaskError, match=r"task\.size: .*greater than or equal to 1"):
         build_task({"type": "function", "name": "x", "target": "m:f", "size": 0})
+
+
+def test_import_callable_follows_dotted_paths_and_raises_the_given_error():
+    assert import_callable("os.path:join", "x") is os.path.join
+    assert import_callable("os:path.join", "x") is os.path.join
+    with pytest.raises(RecipeError, match=r"loader\.target: module 'os' has no attribute 'nope'"):
+        import_callable("os:nope", "loader.target", RecipeError)
+    with pytest.raises(RecipeError, match=r"loader\.target: 'os:sep' is not callable"):
+        import_callable("os:sep", "loader.target", RecipeError)

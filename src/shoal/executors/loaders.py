@@ -9,40 +9,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from importlib import import_module
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from shoal.errors import RecipeError
+from shoal.tasks.python import import_callable
 
-__all__ = ["import_target", "load_resident"]
+__all__ = ["load_resident"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def import_target(target: str, what: str = "loader.target") -> Callable[..., Any]:
-    """Import ``"package.module:function"`` (dotted attribute path after the colon allowed).
-
-    Raises:
-        RecipeError: Malformed string, missing module or attribute, naming ``what``.
-    """
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise RecipeError(f"{what}: {target!r} is not 'package.module:function'")
-    try:
-        obj: Any = import_module(module_name)
-    except ImportError as exc:
-        raise RecipeError(f"{what}: cannot import module {module_name!r} ({exc})") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise RecipeError(f"{what}: module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise RecipeError(f"{what}: {target!r} is not callable")
-    return obj  # type: ignore[no-any-return]
 
 
 def _hf_model_dir(loader: Mapping[str, Any], models: Mapping[str, str], base: str | None) -> Path:
@@ -89,7 +67,7 @@ def load_resident(
         except (OSError, ValueError):
             tokenizer = None
     elif kind == "callable":
-        fn = import_target(str(loader.get("target")))
+        fn = import_callable(str(loader.get("target")), "loader.target", RecipeError)
         out = fn(**dict(loader.get("options") or {}))
         model, tokenizer = out if isinstance(out, tuple) else (out, None)
         if not isinstance(model, torch.nn.Module):

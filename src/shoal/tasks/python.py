@@ -17,28 +17,40 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from shoal.errors import TaskError
+from shoal.errors import ShoalError, TaskError
 from shoal.tasks.base import Task
 from shoal.tasks.registry import TaskEnv, TaskOptions, register_task_type
 
 __all__ = ["FunctionTask", "import_callable"]
 
 
-def import_callable(target: str, where: str) -> Callable[..., Any]:
-    """Import ``"package.module:attr"``; errors name ``where`` and the target."""
+def import_callable(
+    target: str, where: str, error: type[ShoalError] = TaskError
+) -> Callable[..., Any]:
+    """Import ``"package.module:function"`` (dotted attribute path after the colon allowed).
+
+    Args:
+        target: the ``"package.module:attr"`` string.
+        where: the config key holding ``target``, named in error messages.
+        error: the error class raised.
+
+    Raises:
+        ShoalError: ``error``, for a malformed string, a missing module or attribute, or an
+            attribute that is not callable.
+    """
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
-        raise TaskError(f"{where}: {target!r} is not 'package.module:function'")
+        raise error(f"{where}: {target!r} is not 'package.module:function'")
     try:
         obj: Any = import_module(module_name)
     except ImportError as exc:
-        raise TaskError(f"{where}: cannot import {module_name!r} ({exc})") from None
+        raise error(f"{where}: cannot import module {module_name!r} ({exc})") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise TaskError(f"{where}: {module_name!r} has no attribute {attr!r}")
+            raise error(f"{where}: module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise TaskError(f"{where}: {target!r} is not callable")
+        raise error(f"{where}: {target!r} is not callable")
     return obj  # type: ignore[no-any-return]
 
 
