@@ -47,6 +47,24 @@ def per_model(values: Sequence[float], k: int, what: str) -> list[float]:
     return vals
 
 
+def checked_sparse_inputs(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float]]:
+    """Inputs of a sparsifying merge (TIES, DARE, breadcrumbs), upcast and checked.
+
+    Returns:
+        ``(x, b, w, d)``: the models stacked as float32 ``(K, *shape)``, the base as
+        float32, and one weight and one density per model.
+    """
+    x = stack_f32(tensors)
+    b = check_base(base, x)
+    k = x.shape[0]
+    return x, b, per_model(weights, k, "weights"), per_model(densities, k, "densities")
+
+
 def weight_column(weights: Sequence[float], ndim: int) -> torch.Tensor:
     """Weights shaped ``(K, 1, ..., 1)`` to broadcast against ``(K, *shape)``."""
     return torch.tensor(weights, dtype=torch.float32).reshape(-1, *([1] * ndim))

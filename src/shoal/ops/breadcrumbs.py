@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from shoal.ops._common import check_base, per_model, stack_f32
+from shoal.ops._common import checked_sparse_inputs, per_model
 from shoal.ops.consensus import Consensus, combine
 from shoal.ops.masks import topk_mask
 
@@ -62,11 +62,8 @@ def breadcrumbs(
     Returns:
         float32 tensor of the common shape.
     """
-    x = stack_f32(tensors)
-    b = check_base(base, x)
+    x, b, w, d = checked_sparse_inputs(base, tensors, weights, densities)
     k = x.shape[0]
-    w = per_model(weights, k, "weights")
-    d = per_model(densities, k, "densities")
     g = per_model(gammas, k, "gammas")
     deltas = x - b  # a fresh tensor: band-passed in place to save memory
     for i in range(k):

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 
 from shoal.errors import MergeError
-from shoal.ops._common import ZERO_GUARD, check_base, per_model, stack_f32
+from shoal.ops._common import ZERO_GUARD, checked_sparse_inputs
 from shoal.ops.consensus import Consensus, combine
 from shoal.ops.masks import bernoulli_mask
 
@@ -77,10 +77,8 @@ def dare(
     Returns:
         float32 tensor of the common shape.
     """
-    x = stack_f32(tensors)
-    b = check_base(base, x)
-    k = x.shape[0]
-    w = per_model(weights, k, "weights")
-    d = per_model(densities, k, "densities")
-    deltas = torch.stack([dare_sparsify(x[i] - b, d[i], generator, rescale) for i in range(k)])
+    x, b, w, d = checked_sparse_inputs(base, tensors, weights, densities)
+    deltas = torch.stack(
+        [dare_sparsify(x[i] - b, d[i], generator, rescale) for i in range(x.shape[0])]
+    )
     return b + combine(deltas, w, consensus=consensus, normalize=normalize)

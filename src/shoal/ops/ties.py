@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from shoal.ops._common import check_base, per_model, stack_f32
+from shoal.ops._common import checked_sparse_inputs
 from shoal.ops.consensus import Majority, combine
 from shoal.ops.masks import magnitude_mask
 
@@ -40,12 +40,8 @@ def ties(
     Returns:
         float32 tensor of the common shape.
     """
-    x = stack_f32(tensors)
-    b = check_base(base, x)
-    k = x.shape[0]
-    w = per_model(weights, k, "weights")
-    d = per_model(densities, k, "densities")
+    x, b, w, d = checked_sparse_inputs(base, tensors, weights, densities)
     deltas = x - b  # a fresh tensor: trimmed in place to save memory
-    for i in range(k):
+    for i in range(x.shape[0]):
         deltas[i].masked_fill_(~magnitude_mask(deltas[i], d[i]), 0.0)
     return b + combine(deltas, w, consensus="ties", normalize=normalize, majority=majority)
