@@ -67,3 +67,18 @@ def test_copy_model_files(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == sorted(["config.json", *wanted])
     assert json.loads((out / "config.json").read_text()) == {"num_hidden_layers": 5, "a": 1}
     assert (out / "spiece.model").read_text() == "spiece.model"
+
+
+@pytest.mark.parametrize(
+    ("text", "match"), [("{oops", "not valid JSON"), ("[1]", "expected a JSON object")]
+)
+def test_copy_model_files_rejects_a_bad_config(tmp_path: Path, text: str, match: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(text)
+    with (
+        pytest.raises(CheckpointError, match=rf"config\.json: {match}"),
+        ShardedWriter(tmp_path / "out") as w,
+    ):
+        copy_model_files(src, w)
+    assert not (tmp_path / "out").exists()

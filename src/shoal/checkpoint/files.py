@@ -23,6 +23,21 @@ MODEL_FILES = (
 MODEL_FILE_GLOBS = ("vocab.*", "*.model", "chat_template*")
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """The JSON object in a model's ``config.json``.
+
+    Raises:
+        CheckpointError: the file cannot be read, is not valid JSON, or holds no object.
+    """
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return loaded
+
+
 def copy_model_files(
     src_dir: str | Path, writer: ShardedWriter, *, config_updates: dict[str, Any] | None = None
 ) -> list[str]:
@@ -38,7 +53,7 @@ def copy_model_files(
         The relative paths written, in order.
 
     Raises:
-        CheckpointError: ``config.json`` is not valid JSON, or a copy fails.
+        CheckpointError: ``config.json`` is not a valid JSON object, or a copy fails.
     """
     src = Path(src_dir)
     if not src.is_dir():
@@ -46,10 +61,7 @@ def copy_model_files(
     written: list[str] = []
     cfg = src / "config.json"
     if cfg.is_file():
-        try:
-            config = json.loads(cfg.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{cfg}: not valid JSON ({exc})") from exc
+        config = read_config(cfg)
         config.update(config_updates or {})
         writer.write_text("config.json", json.dumps(config, indent=2) + "\n")
         written.append("config.json")

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from shoal._closing import Closing
+from shoal.checkpoint.files import read_config
 from shoal.checkpoint.st_format import TensorInfo, read_header
 from shoal.errors import CheckpointError
 
@@ -76,13 +77,7 @@ class CheckpointReader(Closing):
     def _open_dir(self, d: Path) -> None:
         cfg = d / "config.json"
         if cfg.is_file():
-            try:
-                loaded = json.loads(cfg.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise CheckpointError(f"{cfg}: not valid JSON ({exc})") from exc
-            if not isinstance(loaded, dict):
-                raise CheckpointError(f"{cfg}: expected a JSON object")
-            self.config = loaded
+            self.config = read_config(cfg)
         if (d / SAFETENSORS_INDEX).is_file():
             self._open_index(d / SAFETENSORS_INDEX, safetensors=True)
         elif (d / SAFETENSORS_SINGLE).is_file():
