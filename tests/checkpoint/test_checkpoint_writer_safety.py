@@ -140,3 +140,22 @@ def test_nested_text_files_and_copies(tmp_path: Path) -> None:
     assert (tmp_path / "o" / "sub" / "dir" / "a.json").read_text() == "{}"
     assert (tmp_path / "o" / "b.txt").read_text() == "hello"
     assert not (tmp_path / "o" / "model.safetensors").exists()  # no tensors, no weights file
+
+
+def test_failure_while_creating_names_the_temporary_folder(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(CheckpointError, match=r"\.tmp.*: cannot create \("):
+        ShardedWriter(tmp_path / "file" / "out").__enter__()
+    assert _listing(tmp_path) == ["file"]
+
+
+def test_interrupt_while_finishing_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted_copy(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer_mod.shutil, "copyfileobj", interrupted_copy)
+    with pytest.raises(KeyboardInterrupt), ShardedWriter(tmp_path / "o") as w:
+        w.add("a", torch.ones(4))
+    assert _listing(tmp_path) == []

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -109,19 +110,13 @@ class ShardedWriter:
 
     def __enter__(self) -> ShardedWriter:
         self._check_out_dir()
-        try:
+        with self._cleanup_on_failure(f"{self.tmp_dir}: cannot create"):
             if self.tmp_dir.exists():  # left by a killed run with the same pid
                 shutil.rmtree(self.tmp_dir)
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
             self.tmp_dir.mkdir()
             if self._plan is not None:
                 self._open_planned_shards(self._plan)
-        except OSError as exc:
-            self._cleanup()
-            raise CheckpointError(f"{self.tmp_dir}: cannot create ({exc})") from exc
-        except BaseException:
-            self._cleanup()
-            raise
         self._entered = True
         return self
 
@@ -134,12 +129,19 @@ class ShardedWriter:
         if exc_type is not None:
             self._cleanup()
             return
-        try:
+        with self._cleanup_on_failure(f"{self.out_dir}: writing failed"):
             self._finish()
             self._swap_in()
-        except OSError as err:
+
+    @contextlib.contextmanager
+    def _cleanup_on_failure(self, what: str) -> Iterator[None]:
+        """On any exception in the block, remove the partial output and re-raise; an
+        ``OSError`` becomes a :class:`CheckpointError` reading ``"{what} ({error})"``."""
+        try:
+            yield
+        except OSError as exc:
             self._cleanup()
-            raise CheckpointError(f"{self.out_dir}: writing failed ({err})") from err
+            raise CheckpointError(f"{what} ({exc})") from exc
         except BaseException:
             self._cleanup()
             raise
