@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -14,13 +13,7 @@ from shoal.errors import OutputExistsError
 from shoal.search.m2n2_digits import run_image_m2n2, write_run_folder
 from shoal.testbed.images import accuracy, build_mlp, load_digits_data
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_demo_cli_writes_run_folder(tmp_path) -> None:

@@ -16,6 +16,8 @@ from shoal.search.m2n2_flat import FlatM2N2, FlatModel, History
 from shoal.tasks.classification import ClassificationTask, image_tasks
 from shoal.testbed.images import build_mlp, digits_mlp, load_digits_data
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _np_slerp(a: np.ndarray, b: np.ndarray, t: float, cos: float) -> np.ndarray:
     om = math.acos(cos)
@@ -118,15 +120,6 @@ def test_batched_forward_equals_module_forward() -> None:
         m = build_mlp()
         torch.nn.utils.vector_to_parameters(v, m.parameters())
         np.testing.assert_array_equal(got["t"], task.score(m))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matmuls: one intra-op thread avoids oversubscription when the suite runs with -n 2
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -6,21 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from shoal.search.m2n2_digits import run_image_m2n2
 from shoal.search.runner import evolve
 from shoal.testbed.images import write_image_experts
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _archive_refs(run_dir: Path) -> list[str]:
