@@ -11,6 +11,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
+from merge_helpers import TINY_LLAMA, llama_config  # noqa: E402
+
 from shoal.errors import MergeError, OutputExistsError, RecipeError  # noqa: E402
 from shoal.merge.layer_path import (  # noqa: E402
     build_from_recipe,
@@ -33,18 +35,8 @@ def _seeded(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def _llama(seed: int, layers: int = 3, tie: bool = False) -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
+    cfg = llama_config(
+        layers, tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2
     )
     return _seeded(transformers.LlamaForCausalLM(cfg), seed)
 
@@ -275,15 +267,7 @@ def test_recipe_round_trip() -> None:
 def test_other_llama_family_models(family: str) -> None:
     cfg_cls = getattr(transformers, f"{family}Config")
     model_cls = getattr(transformers, f"{family}ForCausalLM")
-    cfg = cfg_cls(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    cfg = cfg_cls(**TINY_LLAMA, num_hidden_layers=3)
     models = {"A": _seeded(model_cls(cfg), 1), "B": _seeded(model_cls(cfg), 2)}
     ident = build_layer_path_model(models, [("A", 0), ("A", 1), ("A", 2)])
     assert torch.equal(_logits(ident), _logits(models["A"]))

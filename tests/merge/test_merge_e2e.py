@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import state_dict
+from merge_helpers import state_dict
 
 from shoal.merge import merge, merge_into_module, merge_state_dicts
 from shoal.recipe import METHODS

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_family, llama_config, state_dict
+from merge_helpers import build_family, llama_config, state_dict
 
 from shoal.merge import merge
 from shoal.recipe import load_recipe
