@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any
 
 import pytest
 import toy_problem as tp
 
 from shoal.search.run_folder import RunFolder
 from shoal.search.runner import evolve
-
-KEYS = ("evaluation", "recipe", "seed", "means", "fitness", "error")
-
-
-def _events(run: Path) -> list[dict[str, Any]]:
-    return [{k: e[k] for k in KEYS} for e in RunFolder(run).events.read()]
 
 
 @pytest.mark.slow
@@ -29,19 +21,11 @@ def test_process_equals_serial_with_store_and_survives_worker_death(tmp_path):
     # a fitness task that kills its worker process the first time it runs
     marker = tmp_path / "marker"
     dying = json.loads(json.dumps(cfg))
-    dying["tasks"]["fitness"] = [
-        {
-            "type": "function",
-            "name": "toy",
-            "target": "toy_problem:score_or_die",
-            "size": 5,
-            "options": {"marker": str(marker)},
-        }
-    ]
+    dying["tasks"]["fitness"] = tp.dying_fitness(marker)
     result = evolve(dying, tmp_path / "proc")
     assert marker.exists()  # a worker did die
     assert result.status == "completed"
-    assert _events(tmp_path / "proc") == _events(tmp_path / "serial")
+    assert tp.run_events(tmp_path / "proc") == tp.run_events(tmp_path / "serial")
     workers = {e["worker"] for e in RunFolder(tmp_path / "proc").events.read()}
     assert all(w != "serial" for w in workers)
     # the store holds exactly what the algorithm still references (+ the best)

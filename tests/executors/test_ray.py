@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import pytest
 import toy_problem as tp
 
@@ -12,12 +9,6 @@ from shoal.search.run_folder import RunFolder
 from shoal.search.runner import evolve
 
 ray = pytest.importorskip("ray")
-
-KEYS = ("evaluation", "recipe", "seed", "means", "fitness", "error")
-
-
-def _events(run: Path) -> list[dict[str, Any]]:
-    return [{k: e[k] for k in KEYS} for e in RunFolder(run).events.read()]
 
 
 @pytest.mark.slow
@@ -28,22 +19,14 @@ def test_ray_equals_serial_and_replaces_a_dead_actor(tmp_path):
     cfg["executor"] = {"type": "ray", "workers": 2}
     evolve(cfg, tmp_path / "serial", executor="serial")
     marker = tmp_path / "marker"  # the fitness task kills its actor the first time
-    cfg["tasks"]["fitness"] = [
-        {
-            "type": "function",
-            "name": "toy",
-            "target": "toy_problem:score_or_die",
-            "size": 5,
-            "options": {"marker": str(marker)},
-        }
-    ]
+    cfg["tasks"]["fitness"] = tp.dying_fitness(marker)
     result = evolve(
         cfg,
         tmp_path / "ray",
         ray_init={"num_cpus": 2, "include_dashboard": False},
     )
     assert result.status == "completed"
-    assert _events(tmp_path / "ray") == _events(tmp_path / "serial")
+    assert tp.run_events(tmp_path / "ray") == tp.run_events(tmp_path / "serial")
     workers = {e["worker"] for e in RunFolder(tmp_path / "ray").events.read()}
     assert marker.exists() and workers and all(w.startswith("ray-actor-") for w in workers)
     assert "ray-actor-3" in workers  # the replacement of the actor that died

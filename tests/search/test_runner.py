@@ -26,7 +26,7 @@ def sources(tmp_path: Path) -> dict[str, str]:
 
 
 def _events(run: Path) -> list[dict[str, Any]]:
-    return [{k: e[k] for k in DETERMINISTIC} for e in RunFolder(run).events.read()]
+    return tp.run_events(run, DETERMINISTIC)
 
 
 def _weight_of_one(recipe: dict[str, Any]) -> float:

@@ -26,6 +26,7 @@ from shoal.search.base import (
     register,
     store_ref,
 )
+from shoal.search.run_folder import RunFolder
 
 CENTRES = np.array([0.2, 0.35, 0.5, 0.65, 0.8])
 
@@ -56,6 +57,28 @@ def score_or_die(model: Scalar, marker: str) -> np.ndarray:
         path.write_text("died once")
         os._exit(3)
     return score(model)
+
+
+def dying_fitness(marker: Path) -> list[dict[str, Any]]:
+    """``tasks.fitness`` with :func:`score_or_die`: the first worker to score dies."""
+    return [
+        {
+            "type": "function",
+            "name": "toy",
+            "target": "toy_problem:score_or_die",
+            "size": 5,
+            "options": {"marker": str(marker)},
+        }
+    ]
+
+
+#: event fields that do not depend on the executor (no timings, no worker names)
+EVENT_KEYS = ("evaluation", "recipe", "seed", "means", "fitness", "error")
+
+
+def run_events(run: Path, keys: tuple[str, ...] = EVENT_KEYS) -> list[dict[str, Any]]:
+    """The events of the run folder ``run``, each cut down to ``keys``."""
+    return [{k: e[k] for k in keys} for e in RunFolder(run).events.read()]
 
 
 def write_sources(directory: Path) -> dict[str, str]:
