@@ -13,56 +13,69 @@ from shoal.errors import CheckpointError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
 
 
+# family -> (config class, model class, config fields): three blocks, tiny widths
+FAMILIES: dict[str, tuple[str, str, dict[str, int]]] = {
+    "llama": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+        },
+    ),
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        {"n_embd": 8, "n_layer": 3, "n_head": 2, "n_positions": 16},
+    ),
+    "bert": (
+        "BertConfig",
+        "BertModel",
+        {
+            "hidden_size": 8,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "intermediate_size": 16,
+            "max_position_embeddings": 16,
+        },
+    ),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        {
+            "hidden_size": 8,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "intermediate_size": 16,
+            "max_position_embeddings": 16,
+        },
+    ),
+    "t5": (
+        "T5Config",
+        "T5ForConditionalGeneration",
+        {"d_model": 8, "d_kv": 4, "d_ff": 16, "num_layers": 3, "num_heads": 2},
+    ),
+    "phi": (
+        "PhiConfig",
+        "PhiForCausalLM",
+        {
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+        },
+    ),
+}
+
+
 def _names(family: str) -> tuple[list[str], int]:
     import transformers as tf
 
-    small = {"vocab_size": 32}
-    if family == "llama":
-        cfg = tf.LlamaConfig(
-            hidden_size=8,
-            intermediate_size=16,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            **small,
-        )
-        model = tf.LlamaForCausalLM(cfg)
-    elif family == "gpt2":
-        cfg = tf.GPT2Config(n_embd=8, n_layer=3, n_head=2, n_positions=16, **small)
-        model = tf.GPT2LMHeadModel(cfg)
-    elif family == "bert":
-        cfg = tf.BertConfig(
-            hidden_size=8,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            intermediate_size=16,
-            max_position_embeddings=16,
-            **small,
-        )
-        model = tf.BertModel(cfg)
-    elif family == "gpt_neox":
-        cfg = tf.GPTNeoXConfig(
-            hidden_size=8,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            intermediate_size=16,
-            max_position_embeddings=16,
-            **small,
-        )
-        model = tf.GPTNeoXForCausalLM(cfg)
-    elif family == "t5":
-        cfg = tf.T5Config(d_model=8, d_kv=4, d_ff=16, num_layers=3, num_heads=2, **small)
-        model = tf.T5ForConditionalGeneration(cfg)
-    elif family == "phi":
-        cfg = tf.PhiConfig(
-            hidden_size=8,
-            intermediate_size=16,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            **small,
-        )
-        model = tf.PhiForCausalLM(cfg)
-    else:
-        raise AssertionError(family)
+    config_cls, model_cls, fields = FAMILIES[family]
+    cfg = getattr(tf, config_cls)(vocab_size=32, **fields)
+    model = getattr(tf, model_cls)(cfg)
     return list(model.state_dict()), num_layers(cfg.to_dict()) or -1
 
 
@@ -75,6 +88,10 @@ PREFIX = {
     "t5": r"(?:encoder|decoder)\.block\.(\d+)\.",
     "phi": r"model\.layers\.(\d+)\.",
 }
+
+
+def test_every_family_has_a_prefix() -> None:
+    assert set(FAMILIES) == set(PREFIX)
 
 
 @pytest.mark.parametrize("family", sorted(PREFIX))
