@@ -13,12 +13,13 @@ checkpoints (a base and two perturbed copies, 156M parameters, 625 MB each) once
   process's RSS after imports (mmapped input pages are file-backed and excluded;
   target ≤ 1 GB);
 - ``shoal --help`` wall time (target < 1 s);
-- mergekit, when installed (it is not installed by shoal; the comparison is skipped).
+- ``mergekit-yaml`` on the same recipes, when the side venv of ``make mergekit-venv``
+  (or ``$MERGEKIT_YAML``) exists: both tools timed end to end as commands (process
+  start, imports, merge, write), with shoal's ratio to mergekit (target for TIES ≤ ⅓).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -174,6 +175,41 @@ def run_merge(method: str, paths: dict[str, Path]) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def mergekit_command() -> Path | None:
+    """The ``mergekit-yaml`` of the side venv (``make mergekit-venv``), if there is one."""
+    path = Path(os.environ.get("MERGEKIT_YAML", ROOT / ".bench/mergekit-venv/bin/mergekit-yaml"))
+    return path if path.is_file() else None
+
+
+def command_seconds(argv: list[str], out: Path) -> float:
+    """Wall seconds of one command, start to exit; its output is removed after."""
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
+    elapsed = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:]
+        raise RuntimeError(f"{argv[0]} failed: {tail}")
+    return elapsed
+
+
+def compare_with_mergekit(mergekit: Path) -> None:
+    """Time ``shoal merge`` and ``mergekit-yaml`` as commands on the same recipes."""
+    shoal = Path(PY).with_name("shoal")
+    print(f"end to end as commands, vs {mergekit}")
+    print(f"{'method':<16}{'shoal s':>9}{'mergekit s':>12}{'shoal/mergekit':>16}")
+    for method in METHODS:
+        recipe = BENCH / f"{method}.yaml"
+        out = BENCH / f"cmd-{method}"
+        ours = command_seconds([str(shoal), "merge", str(recipe), str(out), "--quiet"], out)
+        theirs = command_seconds(
+            [str(mergekit), str(recipe), str(out), "--no-copy-tokenizer", "--allow-crimes"], out
+        )
+        print(f"{method:<16}{ours:>9.2f}{theirs:>12.2f}{ours / theirs:>16.2f}")
+
+
 def help_time() -> float:
     """Best of three wall times of ``shoal --help``."""
     times = []
@@ -216,10 +252,11 @@ def main() -> None:
             f"{r['cpu'] / cpu:>9.2f}{r['peak_anon_mb']:>14.0f}{r['maxrss_mb']:>12.0f}"
         )
     print(f"shoal --help: {help_time():.2f} s (best of 3)")
-    if importlib.util.find_spec("mergekit") is None:
-        print("mergekit: not installed, comparison skipped")
-    else:  # pragma: no cover - not installed here
-        print("mergekit: installed; run `mergekit-yaml .bench/merge/<method>.yaml out` to compare")
+    mergekit = mergekit_command()
+    if mergekit is None:
+        print("mergekit: no side venv (`make mergekit-venv`), comparison skipped")
+    else:
+        compare_with_mergekit(mergekit)
 
 
 if __name__ == "__main__":

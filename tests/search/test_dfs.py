@@ -180,7 +180,6 @@ def test_dfs_run_end_to_end_exports_a_loadable_best(tmp_path) -> None:
         "algorithm": {"name": "dfs", "repeats": 1, "popsize": 6},
         "budget": {"evaluations": 12},
         "progress": False,
-        "report": False,
     }
     result = evolve(config, tmp_path / "run")
     assert result.status == "completed" and result.evaluations == 12
@@ -211,7 +210,6 @@ def test_ps_then_dfs_stages(tmp_path) -> None:
         ],
         "budget": {"evaluations": 8},
         "progress": False,
-        "report": False,
     }
     result = evolve(config, tmp_path / "run")
     assert result.status == "completed"

@@ -26,7 +26,7 @@ def test_runner_and_fast_path_build_the_same_archive(tmp_path) -> None:
     result = evolve(
         EXAMPLES / "m2n2-digits-scratch.yaml",
         tmp_path / "run",
-        overrides=[f"budget.evaluations={n}", "algorithm.archive_size=6", "report=false"],
+        overrides=[f"budget.evaluations={n}", "algorithm.archive_size=6"],
         progress=False,
     )
     fast = run_image_m2n2(evaluations=n, options={"seed": 0, "archive_size": 6}, record_every=n)
@@ -57,7 +57,6 @@ def test_runner_from_two_expert_files(tmp_path) -> None:
         "algorithm": {"name": "m2n2", "archive_size": 4},
         "budget": {"evaluations": 12},
         "executor": {"type": "serial"},
-        "report": False,
         "progress": False,
     }
     evolve(config, tmp_path / "run")

@@ -120,3 +120,18 @@ def test_bad_algorithm_or_task_fails_before_evaluating(tmp_path, change, error, 
     with pytest.raises(error, match=match):
         evolve(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "events.jsonl").exists()
+
+
+def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
+    """A config or --set given with --resume must match the saved run, not be ignored."""
+    from shoal.errors import StateError
+
+    cfg = tp.toy_config(tp.write_sources(tmp_path / "src"), budget={"evaluations": 8})
+    evolve(cfg, tmp_path / "run")
+    # the same config again is accepted, and so is another executor
+    done = evolve(cfg, tmp_path / "run", resume=True, executor="serial")
+    assert done.evaluations == 8
+    with pytest.raises(StateError, match="budget"):
+        evolve(cfg, tmp_path / "run", resume=True, overrides=["budget.evaluations=99"])
+    with pytest.raises(StateError, match="seed"):
+        evolve({**cfg, "seed": 1}, tmp_path / "run", resume=True)

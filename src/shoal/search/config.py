@@ -146,7 +146,6 @@ class RunConfig(_Strict):
         default=False, description="Also score every source model on all tasks for the summary."
     )
     progress: bool = Field(default=True, description="Show a rich progress bar.")
-    report: bool = Field(default=True, description="Draw plots and summary.md at the end.")
     root: str | None = Field(
         default=None,
         description="Directory relative paths resolve against (default: config's dir).",

@@ -373,9 +373,20 @@ def _prepare_folder(
             raise StateError(
                 f"{folder.config}: nothing to resume (no config.yaml in the run folder)"
             )
+        saved = load_config(folder.config)
         if config is not None or overrides:
-            pass  # the saved config wins (STYLE.md: on resume the saved state wins)
-        return load_config(folder.config)
+            # the saved config wins; a different one given now would be silently
+            # ignored, so it is refused instead
+            given = config if isinstance(config, RunConfig) else load_config(config, overrides)
+            now, before = given.model_dump(mode="json"), saved.model_dump(mode="json")
+            changed = sorted(k for k in now if k != "executor" and now[k] != before.get(k))
+            if changed:
+                raise StateError(
+                    f"{folder.config}: the run being resumed has another config "
+                    f"({', '.join(changed)} differ); resume without CONFIG/--set, "
+                    "or start a new --run-dir"
+                )
+        return saved
     if folder.config.exists() or folder.state.exists():
         raise OutputExistsError(
             f"{folder.root}: already holds a run; pass --resume to continue it "
