@@ -19,8 +19,8 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_testbed(tmp_path_factory.mktemp("tb") / "tiny", "tiny", seed=0, threads=1)
+def tiny(tiny_testbed: Path) -> Path:
+    return tiny_testbed
 
 
 @pytest.fixture(scope="module")

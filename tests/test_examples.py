@@ -1,0 +1,66 @@
+"""Every evolve config in examples/ runs end to end, shortened, on the tiny testbed.
+
+The examples point at `.testbed/small` and `.testbed/digits`; here those paths are
+swapped for the suite's tiny testbed and freshly written digits experts, and the
+budgets cut to a generation or two, so the files users copy cannot drift from the
+config schema or the algorithms' options.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shoal.search.runner import evolve
+from shoal.testbed.images import write_image_experts
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _shorten(config: dict) -> list[str]:
+    """Overrides that cut an example to a few evaluations on few examples."""
+    sets = ["progress=false"]
+    stages = config.get("stages") or [config]
+    for i, stage in enumerate(stages):
+        prefix = f"stages.{i}." if "stages" in config else ""
+        algo = stage["algorithm"]
+        sets.append(f"{prefix}budget.evaluations=4")
+        if algo["name"] in ("ps", "dfs"):
+            sets.append(f"{prefix}algorithm.popsize=4")
+        if algo["name"] == "m2n2":
+            sets.append(f"{prefix}algorithm.archive_size=3")
+    for split in ("fitness", "test"):
+        for j, spec in enumerate(config["tasks"][split]):
+            if spec["type"] == "testbed":
+                sets.append(f"tasks.{split}.{j}.limit=6")
+    return sets
+
+
+def test_there_are_examples_for_every_algorithm() -> None:
+    names = {yaml.safe_load(p.read_text()).get("algorithm", {}).get("name") for p in EXAMPLES}
+    assert {"ps", "dfs", "m2n2"} <= names
+    assert any("stages" in yaml.safe_load(p.read_text()) for p in EXAMPLES)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_example_runs_shortened(example: Path, tiny_testbed: Path, tmp_path: Path) -> None:
+    digits = tmp_path / "digits"
+    write_image_experts(digits)
+    text = example.read_text()
+    text = text.replace("../.testbed/small", str(tiny_testbed))
+    text = text.replace("../.testbed/digits", str(digits))
+    config = yaml.safe_load(text)
+    config["root"] = str(example.parent)
+    result = evolve(config, tmp_path / "run", overrides=_shorten(config))
+    assert result.status == "completed"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["evaluations"] >= 1
+    best = summary["best"]
+    test_names = [t.get("name") or t.get("skill") for t in config["tasks"]["test"]]
+    assert len(best["scores"]["test"]) - ("mean" in best["scores"]["test"]) == len(test_names)
+    assert (tmp_path / "run" / "best").is_dir()
