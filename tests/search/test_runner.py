@@ -148,3 +148,19 @@ def test_ctrl_c_stops_after_batch_and_resumes(tmp_path, sources):
     assert resumed.status == "completed" and resumed.evaluations == 16
     # the interrupt flag would fire again on resume only if t repeats; it does not
     assert _events(tmp_path / "int") == _events(tmp_path / "full")
+
+
+def test_baselines_score_sources_and_named_recipes(tmp_path, sources):
+    half = {
+        "merge_method": "linear",
+        "models": [
+            {"model": "zero", "parameters": {"weight": 0.5}},
+            {"model": "one", "parameters": {"weight": 0.5}},
+        ],
+    }
+    evolve(tp.toy_config(sources, baselines={"half": half}), tmp_path / "run")
+    baselines = json.loads((tmp_path / "run" / "summary.json").read_text())["baselines"]
+    assert set(baselines) == {"zero", "one", "half"}
+    for name, x in (("zero", 0.0), ("one", 1.0), ("half", 0.5)):  # score = mean 1 - |x - c|
+        expected = np.mean(np.clip(1 - np.abs(x - tp.CENTRES), 0, 1))
+        assert baselines[name]["test"]["toy-test"] == pytest.approx(expected, abs=1e-6)

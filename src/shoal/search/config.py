@@ -142,8 +142,12 @@ class RunConfig(_Strict):
         ge=1,
         description="Candidates asked per batch (None: the algorithm's natural size).",
     )
-    baselines: bool = Field(
-        default=False, description="Also score every source model on all tasks for the summary."
+    baselines: bool | dict[str, dict[str, Any]] = Field(
+        default=False,
+        description=(
+            "Also score every source model on all tasks for the summary; a mapping "
+            "name -> recipe scores those recipes too (e.g. an untuned merge)."
+        ),
     )
     progress: bool = Field(default=True, description="Show a rich progress bar.")
     root: str | None = Field(

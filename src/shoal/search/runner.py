@@ -355,8 +355,10 @@ def _finish(
         }
         if st.config.baselines:
             summary["baselines"] = {}
-            for name in st.models:
-                m = worker.build({"model": name}, 0)
+            extra = st.config.baselines if isinstance(st.config.baselines, dict) else {}
+            named = {name: {"model": name} for name in st.models} | extra
+            for name, baseline in named.items():
+                m = worker.build(baseline, 0)
                 s = worker.score(m, worker.task_names(include_extra=True))
                 summary["baselines"][name] = _split_means(worker, s, spec)
     import json
