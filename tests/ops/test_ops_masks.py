@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from shoal.ops import bernoulli_mask, magnitude_mask, topk_mask
@@ -48,3 +49,22 @@ def test_bernoulli_mask_determinism_and_rate() -> None:
     assert torch.equal(m1, m2) and not torch.equal(m1, m3)
     # 20,000 draws: std of the rate is sqrt(.3*.7/2e4) ≈ 0.0032
     assert abs(m1.float().mean().item() - 0.3) < 0.02
+
+
+@pytest.mark.parametrize("case", ["normal", "ties", "spike", "constant"])
+def test_kth_smallest_equals_kthvalue_on_large_tensors(case: str) -> None:
+    from shoal.ops.masks import kth_smallest
+
+    gen = torch.Generator().manual_seed(3)
+    n = (1 << 20) + 12345  # past the size where the histogram narrowing starts
+    if case == "normal":
+        v = torch.randn(n, generator=gen).abs()
+    elif case == "ties":  # few distinct values: many entries share a bin edge
+        v = torch.randint(0, 7, (n,), generator=gen).float() / 3
+    elif case == "spike":  # one huge outlier squeezes everything into the first bin
+        v = torch.rand(n, generator=gen)
+        v[17] = 1e30
+    else:
+        v = torch.full((n,), 0.25)
+    for rank in (1, 2, n // 3, n // 2 + 1, n - 1, n):
+        assert kth_smallest(v, rank).item() == torch.kthvalue(v, rank).values.item()
