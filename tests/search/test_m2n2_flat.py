@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from shoal.errors import StateError
 from shoal.executors.build import generator_for
 from shoal.search.base import store_key
 from shoal.search.m2n2 import M2N2
@@ -42,8 +43,8 @@ A = torch.tensor([1.0, 0.0, 2.0, 0.0])
 B = torch.tensor([0.0, 1.0, 1.0, 2.0])
 
 
-def _runner(model: FlatModel | None = None) -> FlatM2N2:
-    algo = M2N2({"archive_size": 3}, seeds=["a", "b"])
+def _runner(model: FlatModel | None = None, chromosomes: list[str] | None = None) -> FlatM2N2:
+    algo = M2N2({"archive_size": 3, "chromosomes": chromosomes}, seeds=["a", "b"])
     return FlatM2N2(algo, model or _tiny(), {}, sources={"a": A, "b": B})
 
 
@@ -88,7 +89,9 @@ def test_mutation_is_seeded_gaussian() -> None:
 
 def test_chromosomes_split_separately() -> None:
     model = FlatModel(nn.Linear(1, 2), chromosomes=["weight", ""])
-    r = _runner(model)
+    with pytest.raises(StateError, match="chromosome"):  # model and algorithm must agree
+        _runner(model)
+    r = _runner(model, chromosomes=["weight", ""])
     params = {
         "split": [{"filter": "weight", "value": 0.0}, {"value": 1.0}],
         "ratio": [{"filter": "weight", "value": 0.0}, {"value": 0.0}],

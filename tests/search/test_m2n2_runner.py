@@ -21,15 +21,18 @@ def _archive_refs(run_dir: Path) -> list[str]:
     return list(state["algorithm"]["state"]["refs"])
 
 
-def test_runner_and_fast_path_build_the_same_archive(tmp_path) -> None:
+@pytest.mark.parametrize("chromosomes", [None, ["0.", ""]], ids=["one-vector", "two-chromosomes"])
+def test_runner_and_fast_path_build_the_same_archive(tmp_path, chromosomes) -> None:
     n = 40
+    sets = [f"budget.evaluations={n}", "algorithm.archive_size=6"]
+    options: dict = {"seed": 0, "archive_size": 6}
+    if chromosomes:  # hidden layer and output layer split separately
+        sets.append(f"algorithm.chromosomes={json.dumps(chromosomes)}")
+        options["chromosomes"] = chromosomes
     result = evolve(
-        EXAMPLES / "m2n2-digits-scratch.yaml",
-        tmp_path / "run",
-        overrides=[f"budget.evaluations={n}", "algorithm.archive_size=6"],
-        progress=False,
+        EXAMPLES / "m2n2-digits-scratch.yaml", tmp_path / "run", overrides=sets, progress=False
     )
-    fast = run_image_m2n2(evaluations=n, options={"seed": 0, "archive_size": 6}, record_every=n)
+    fast = run_image_m2n2(evaluations=n, options=options, record_every=n)
     # same recipes, same random streams, same store keys: the same archive, member by member
     assert _archive_refs(tmp_path / "run") == fast.runner.algo.refs
     best = result.summary["best"]

@@ -69,22 +69,39 @@ def _split_contexts(
 ) -> dict[str, SplitContext]:
     """Local split index and SLERP angles of every merged tensor (METHODS.md §1 splitpoint).
 
-    The flat vector is the floating-point tensors of model A in A's key order; the
-    split index is ``round(split · total)``. One pass over A and B accumulates the dot
-    products and norms needed for the global angle or the two segment angles.
+    A chromosome is the set of merged tensors whose ``split`` and ``ratio`` resolve to
+    the same values (one for the whole model unless those parameters are filter lists,
+    as M2N2 writes them with ``chromosomes``). Its flat vector is its floating-point
+    tensors of model A in A's key order; its split index is ``round(split · length)``.
     """
-    merged = [tp for tp in plan.tensors if not tp.copy]
-    if not merged:
-        return {}
-    total = sum(math.prod(tp.shape) for tp in merged)
-    params = merged[0].params
+    chromosomes: dict[tuple[float, float], list[TensorPlan]] = {}
+    for tp in plan.tensors:
+        if not tp.copy:
+            key = (float(tp.params["split"]), float(tp.params["ratio"]))
+            chromosomes.setdefault(key, []).append(tp)
+    contexts: dict[str, SplitContext] = {}
+    for members in chromosomes.values():
+        contexts.update(_chromosome_contexts(members, sources, device, allow_nonfinite))
+    return contexts
+
+
+def _chromosome_contexts(
+    members: list[TensorPlan],
+    sources: Mapping[str, TensorSource],
+    device: str | torch.device,
+    allow_nonfinite: bool,
+) -> dict[str, SplitContext]:
+    """Split contexts of one chromosome: one pass over A and B accumulates the dot
+    products and norms of the global angle or of the two segment angles."""
+    total = sum(math.prod(tp.shape) for tp in members)
+    params = members[0].params
     split_at = round(float(params["split"]) * total)
     angle = str(params["angle"])
     # [dot, |a|², |b|²] before and after the split
     sums = torch.zeros(2, 3, dtype=torch.float64)
     offsets: dict[str, int] = {}
     offset = 0
-    for tp in merged:
+    for tp in members:
         offsets[tp.name] = offset
         a_in, b_in = tp.inputs
         a = _read(sources, a_in.model, a_in.name, device, allow_nonfinite).reshape(-1).double()

@@ -73,8 +73,8 @@ def run_image_m2n2(
     ds = load_image_data(data)
     tasks = image_tasks(ds)
     width = hidden or (256 if data == "digits" else 32)
-    model = FlatModel(build_mlp(ds.n_features, width, 10))
     opts = {"init": "seeds" if experts else "scratch", **(options or {})}
+    model = FlatModel(build_mlp(ds.n_features, width, 10), opts.get("chromosomes"))
     sources: dict[str, torch.Tensor] = {}
     if opts["init"] == "seeds":
         trained = train_experts(ds, hidden=width)

@@ -118,6 +118,14 @@ class FlatM2N2:
     store: dict[str, torch.Tensor] = field(default_factory=dict)
     generation: int = 0  # ask/tell rounds so far (names the candidates' random streams)
 
+    def __post_init__(self) -> None:
+        wanted = len(self.algo.options.chromosome_filters)
+        if len(self.model.chromosomes) != wanted:
+            raise StateError(
+                f"m2n2: the algorithm splits {wanted} chromosome(s) but the FlatModel was "
+                f"built with {len(self.model.chromosomes)}; pass the same `chromosomes`"
+            )
+
     def vector(self, ref: str) -> torch.Tensor:
         """The flat vector of a seed name or ``store:<hash>`` reference."""
         if ref.startswith(STORE_PREFIX):
