@@ -31,10 +31,10 @@ def register(app: typer.Typer) -> None:
     def demo_cmd(
         run_dir: Path = typer.Option(Path(".demo/run"), "--run-dir", help="Run folder to write."),
         evaluations: int = typer.Option(
-            20_000, "--evaluations", min=100, help="Child evaluations (published: 50,000)."
+            50_000, "--evaluations", min=100, help="Child evaluations (the published budget)."
         ),
         seed: int = typer.Option(0, "--seed", min=0, help="Root seed."),
-        threads: int = typer.Option(1, "--threads", min=1, help="torch threads for the matmuls."),
+        threads: int = typer.Option(2, "--threads", min=1, help="torch threads for the matmuls."),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     ) -> None:
         import torch
