@@ -71,3 +71,18 @@ def test_ties_model_with_itself() -> None:
     g = torch.Generator().manual_seed(13)
     base, x = torch.randn(10, generator=g), torch.randn(10, generator=g)
     torch.testing.assert_close(ties(base, [x, x], [1.0, 1.0], [1.0, 1.0]), x)
+
+
+@pytest.mark.parametrize("consensus", ["ties", "none"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_combine_in_chunks_equals_combine_at_once(consensus: str, normalize: bool) -> None:
+    from shoal.ops.consensus import combine
+
+    gen = torch.Generator().manual_seed(11)
+    deltas = torch.randn(3, 37, 29, generator=gen)
+    deltas[deltas.abs() < 0.5] = 0.0  # sparse, with entries where no model agrees
+    w = [0.7, -0.2, 1.1]
+    whole = combine(deltas, w, consensus=consensus, normalize=normalize, chunk=10**9)
+    chunked = combine(deltas, w, consensus=consensus, normalize=normalize, chunk=100)
+    assert chunked.shape == whole.shape
+    assert torch.equal(chunked, whole)

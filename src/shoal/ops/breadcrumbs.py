@@ -65,7 +65,7 @@ def breadcrumbs(
     x, b, w, d = checked_sparse_inputs(base, tensors, weights, densities)
     k = x.shape[0]
     g = per_model(gammas, k, "gammas")
-    deltas = x - b  # a fresh tensor: band-passed in place to save memory
+    deltas = x.sub_(b)  # x is a fresh stack: it becomes the task vectors, band-passed in place
     for i in range(k):
         deltas[i].masked_fill_(~breadcrumbs_mask(deltas[i], d[i], g[i]), 0.0)
-    return b + combine(deltas, w, consensus=consensus, normalize=normalize)
+    return combine(deltas, w, consensus=consensus, normalize=normalize).add_(b)

@@ -32,6 +32,11 @@ def elect_sign(weighted: torch.Tensor, majority: Majority = "sum") -> torch.Tens
     return torch.where(total >= 0, 1.0, -1.0)
 
 
+# entries combined at a time: every step is entry-wise, so working through a large
+# tensor in chunks gives the same numbers while the K-fold temporaries stay small
+CHUNK = 1 << 20
+
+
 def combine(
     deltas: torch.Tensor,
     weights: Sequence[float],
@@ -39,6 +44,7 @@ def combine(
     consensus: Consensus,
     normalize: bool,
     majority: Majority = "sum",
+    chunk: int = CHUNK,
 ) -> torch.Tensor:
     """Merge sparsified task vectors ``(K, *shape)`` into one delta.
 
@@ -47,7 +53,26 @@ def combine(
     models' weights. ``consensus="none"``: plain weighted sum; the divisor is Σ_k w_k.
     Where no model agrees (TIES divisor exactly 0) or Σ_k w_k is below 1e-8 in
     magnitude, the divisor is replaced by 1 (mergekit's guards).
+
+    Tensors of more than ``chunk`` entries are combined ``chunk`` entries at a time.
     """
+    if deltas[0].numel() <= chunk:
+        return _combine(deltas, weights, consensus, normalize, majority)
+    flat = deltas.reshape(deltas.shape[0], -1)
+    out = torch.empty(flat.shape[1], dtype=flat.dtype, device=flat.device)
+    for start in range(0, flat.shape[1], chunk):
+        part = flat[:, start : start + chunk]
+        out[start : start + chunk] = _combine(part, weights, consensus, normalize, majority)
+    return out.reshape(deltas.shape[1:])
+
+
+def _combine(
+    deltas: torch.Tensor,
+    weights: Sequence[float],
+    consensus: Consensus,
+    normalize: bool,
+    majority: Majority,
+) -> torch.Tensor:
     w = weight_column(list(weights), deltas.ndim - 1)
     weighted = w * deltas
     if consensus == "ties":

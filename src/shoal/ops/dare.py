@@ -81,4 +81,5 @@ def dare(
     deltas = torch.stack(
         [dare_sparsify(x[i] - b, d[i], generator, rescale) for i in range(x.shape[0])]
     )
-    return b + combine(deltas, w, consensus=consensus, normalize=normalize)
+    del x
+    return combine(deltas, w, consensus=consensus, normalize=normalize).add_(b)

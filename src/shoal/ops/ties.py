@@ -41,7 +41,8 @@ def ties(
         float32 tensor of the common shape.
     """
     x, b, w, d = checked_sparse_inputs(base, tensors, weights, densities)
-    deltas = x - b  # a fresh tensor: trimmed in place to save memory
-    for i in range(x.shape[0]):
+    deltas = x.sub_(b)  # x is a fresh stack: it becomes the task vectors, trimmed in place
+    for i in range(deltas.shape[0]):
         deltas[i].masked_fill_(~magnitude_mask(deltas[i], d[i]), 0.0)
-    return b + combine(deltas, w, consensus="ties", normalize=normalize, majority=majority)
+    merged = combine(deltas, w, consensus="ties", normalize=normalize, majority=majority)
+    return merged.add_(b)
