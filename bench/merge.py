@@ -100,7 +100,11 @@ def build_models() -> dict[str, Path]:
 
 
 def raw_io(inputs: list[Path], out: Path) -> tuple[float, float]:
-    """(wall, CPU) seconds to read every tensor of ``inputs`` and write one model's bytes."""
+    """(wall, CPU) seconds to read every tensor of ``inputs`` and write one model's bytes.
+
+    The bound for a merge: every input byte read into memory, one model's bytes written
+    and fsynced, with no arithmetic in between.
+    """
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -114,6 +118,9 @@ def raw_io(inputs: list[Path], out: Path) -> tuple[float, float]:
                 # clone: every byte of every input really passes through memory
                 result[name] = f.get_tensor(name).clone()
     save_file(result, str(out / "model.safetensors"))
+    # the same durability as shoal's writer, which fsyncs before its atomic rename
+    with open(out / "model.safetensors", "rb") as fh:
+        os.fsync(fh.fileno())
     elapsed = time.perf_counter() - start, time.process_time() - cpu
     shutil.rmtree(out)
     return elapsed
