@@ -256,7 +256,10 @@ def main() -> None:
         f"{'peak anon MB':>14}{'max RSS MB':>12}"
     )
     for method, inputs in METHODS.items():
-        r = run_merge(method, paths)
+        # best of two runs, as for the raw bound (page-cache and writeback state vary)
+        runs = [run_merge(method, paths) for _ in range(2)]
+        r = min(runs, key=lambda x: x["seconds"])
+        r["peak_anon_mb"] = max(x["peak_anon_mb"] for x in runs)
         wall, cpu = raw[len(inputs)]
         print(
             f"{method:<16}{r['seconds']:>8.2f}{r['cpu']:>8.2f}{r['seconds'] / wall:>10.2f}"
