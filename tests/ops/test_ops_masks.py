@@ -68,3 +68,14 @@ def test_kth_smallest_equals_kthvalue_on_large_tensors(case: str) -> None:
         v = torch.full((n,), 0.25)
     for rank in (1, 2, n // 3, n // 2 + 1, n - 1, n):
         assert kth_smallest(v, rank).item() == torch.kthvalue(v, rank).values.item()
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_kth_smallest_with_nonfinite_entries_matches_kthvalue(bad: float) -> None:
+    from shoal.ops.masks import kth_smallest
+
+    v = torch.rand((1 << 20) + 7, generator=torch.Generator().manual_seed(2))
+    v[123] = bad
+    for rank in (1, v.numel() // 2, v.numel()):
+        got, want = kth_smallest(v, rank), torch.kthvalue(v, rank).values
+        assert torch.equal(got, want) or (got.isnan() and want.isnan())

@@ -98,3 +98,30 @@ def test_svd_mutation_passes_vectors_through() -> None:
 @pytest.mark.parametrize("name", sorted(OPERATORS))
 def test_registry_entries_are_callable(name: str) -> None:
     assert callable(OPERATORS[name])
+
+
+def test_splitpoint_recipe_with_scalar_split_is_one_vector() -> None:
+    """Per-tensor ratios (a filter list) do not cut the model into chromosomes: only a
+    `split` filter list does. Here the split index 4 of the flat 8-vector falls between
+    the two tensors, so p lies wholly before it (t = ratio_p) and q wholly after
+    (t = 1 - ratio_q), each with its own segment angle."""
+    from shoal.merge import merge_state_dicts
+    from shoal.ops.splitpoint import splitpoint
+
+    gen = torch.Generator().manual_seed(5)
+    a = {"p.weight": torch.randn(4, generator=gen), "q.weight": torch.randn(4, generator=gen)}
+    b = {"p.weight": torch.randn(4, generator=gen), "q.weight": torch.randn(4, generator=gen)}
+    recipe = {
+        "merge_method": "splitpoint",
+        "models": [{"model": "a"}, {"model": "b"}],
+        "parameters": {
+            "split": 0.5,
+            "ratio": [{"filter": "p.", "value": 0.2}, {"value": 0.7}],
+            "angle": "segment",
+        },
+    }
+    out = merge_state_dicts(recipe, {"a": a, "b": b})
+    want_p = splitpoint(a["p.weight"], b["p.weight"], split=4, ratio=0.2)
+    want_q = splitpoint(a["q.weight"], b["q.weight"], split=0, ratio=0.7)
+    torch.testing.assert_close(out["p.weight"], want_p)
+    torch.testing.assert_close(out["q.weight"], want_q)

@@ -21,7 +21,9 @@ def _archive_refs(run_dir: Path) -> list[str]:
     return list(state["algorithm"]["state"]["refs"])
 
 
-@pytest.mark.parametrize("chromosomes", [None, ["0.", ""]], ids=["one-vector", "two-chromosomes"])
+@pytest.mark.parametrize(
+    "chromosomes", [None, ["0.", ""], ["0."]], ids=["one-vector", "two", "two-implicit-rest"]
+)
 def test_runner_and_fast_path_build_the_same_archive(tmp_path, chromosomes) -> None:
     n = 40
     sets = [f"budget.evaluations={n}", "algorithm.archive_size=6"]

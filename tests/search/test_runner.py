@@ -164,3 +164,15 @@ def test_baselines_score_sources_and_named_recipes(tmp_path, sources):
     for name, x in (("zero", 0.0), ("one", 1.0), ("half", 0.5)):  # score = mean 1 - |x - c|
         expected = np.mean(np.clip(1 - np.abs(x - tp.CENTRES), 0, 1))
         assert baselines[name]["test"]["toy-test"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_bad_baseline_recipe_fails_before_the_search(tmp_path, sources):
+    from shoal.errors import RecipeError
+
+    typo = {"merge_method": "linear", "models": [{"model": "zer0", "parameters": {"weight": 1}}]}
+    with pytest.raises(RecipeError, match=r"baselines\.typo: unknown model 'zer0'"):
+        evolve(tp.toy_config(sources, baselines={"typo": typo}), tmp_path / "run")
+    assert not (tmp_path / "run" / "config.yaml").exists()  # nothing written
+    bad = {"merge_method": "lineer", "models": [{"model": "zero"}]}
+    with pytest.raises(RecipeError, match=r"baselines\.bad"):
+        evolve(tp.toy_config(sources, baselines={"bad": bad}), tmp_path / "run2")

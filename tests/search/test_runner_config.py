@@ -135,3 +135,6 @@ def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
         evolve(cfg, tmp_path / "run", resume=True, overrides=["budget.evaluations=99"])
     with pytest.raises(StateError, match="seed"):
         evolve({**cfg, "seed": 1}, tmp_path / "run", resume=True)
+    # --set alone (no CONFIG, as on the command line) is checked against the saved config
+    with pytest.raises(StateError, match="budget"):
+        evolve(None, tmp_path / "run", resume=True, overrides=["budget.evaluations=99"])

@@ -69,16 +69,15 @@ def _split_contexts(
 ) -> dict[str, SplitContext]:
     """Local split index and SLERP angles of every merged tensor (METHODS.md §1 splitpoint).
 
-    A chromosome is the set of merged tensors whose ``split`` and ``ratio`` resolve to
-    the same values (one for the whole model unless those parameters are filter lists,
-    as M2N2 writes them with ``chromosomes``). Its flat vector is its floating-point
-    tensors of model A in A's key order; its split index is ``round(split · length)``.
+    A chromosome is the set of merged tensors to which the same entry of a ``split``
+    filter list applies (M2N2 writes one entry per chromosome); without a filter list
+    the whole model is one. Its flat vector is its floating-point tensors of model A in
+    A's key order; its split index is ``round(split · length)``.
     """
-    chromosomes: dict[tuple[float, float], list[TensorPlan]] = {}
+    chromosomes: dict[int, list[TensorPlan]] = {}
     for tp in plan.tensors:
         if not tp.copy:
-            key = (float(tp.params["split"]), float(tp.params["ratio"]))
-            chromosomes.setdefault(key, []).append(tp)
+            chromosomes.setdefault(tp.group, []).append(tp)
     contexts: dict[str, SplitContext] = {}
     for members in chromosomes.values():
         contexts.update(_chromosome_contexts(members, sources, device, allow_nonfinite))

@@ -70,6 +70,8 @@ class TensorPlan:
             for splitpoint: ``[A, B]``).
         params: method-level parameters resolved for this tensor (t, lambda, ...).
         copy: copy the base / first input unchanged (non-float tensors, passthrough).
+        group: splitpoint only: the chromosome, i.e. the index of the ``split`` filter
+            entry that applies to this tensor (0 when ``split`` is not a filter list).
     """
 
     name: str
@@ -79,6 +81,7 @@ class TensorPlan:
     inputs: tuple[TensorInput, ...]
     params: Mapping[str, Scalar]
     copy: bool = False
+    group: int = 0
 
     def all_inputs(self) -> tuple[TensorInput, ...]:
         """Base (if any) followed by the other inputs."""
@@ -226,9 +229,31 @@ class _Planner:
         if not floating:  # integer buffers: taken from the base / first model as they are
             lead_input = next(i for i in inputs if i.model == lead[0])
             base, others = None, [lead_input]
-        self.tensors.append(
-            TensorPlan(out_name, shape, dtype, base, tuple(others), method_params, copy)
+        group = (
+            _filter_entry(slice_params, glob, "split", out_name) if spec.name == "splitpoint" else 0
         )
+        self.tensors.append(
+            TensorPlan(out_name, shape, dtype, base, tuple(others), method_params, copy, group)
+        )
+
+
+def _filter_entry(
+    slice_params: Mapping[str, Any] | None, glob: Mapping[str, Any] | None, key: str, name: str
+) -> int:
+    """Index of the filter entry of parameter ``key`` that applies to tensor ``name``.
+
+    The innermost scope that sets ``key`` decides; 0 when its value is not a filter list.
+    """
+    for scope in (slice_params, glob):
+        if scope and key in scope:
+            value = scope[key]
+            if isinstance(value, list) and value and isinstance(value[0], Mapping):
+                for i, entry in enumerate(value):
+                    flt = entry.get("filter")
+                    if flt is None or flt in name:
+                        return i
+            return 0
+    return 0
 
 
 def _model_layer_count(src: TensorSource) -> int:

@@ -65,9 +65,11 @@ def checked_sparse_inputs(
     return x, b, per_model(weights, k, "weights"), per_model(densities, k, "densities")
 
 
-def weight_column(weights: Sequence[float], ndim: int) -> torch.Tensor:
-    """Weights shaped ``(K, 1, ..., 1)`` to broadcast against ``(K, *shape)``."""
-    return torch.tensor(weights, dtype=torch.float32).reshape(-1, *([1] * ndim))
+def weight_column(
+    weights: Sequence[float], ndim: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Weights shaped ``(K, 1, ..., 1)`` to broadcast against ``(K, *shape)`` on ``device``."""
+    return torch.tensor(weights, dtype=torch.float32, device=device).reshape(-1, *([1] * ndim))
 
 
 def safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

@@ -73,7 +73,7 @@ def _combine(
     normalize: bool,
     majority: Majority,
 ) -> torch.Tensor:
-    w = weight_column(list(weights), deltas.ndim - 1)
+    w = weight_column(list(weights), deltas.ndim - 1, deltas.device)
     weighted = w * deltas
     if consensus == "ties":
         sign = elect_sign(weighted, majority)

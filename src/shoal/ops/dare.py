@@ -78,8 +78,7 @@ def dare(
         float32 tensor of the common shape.
     """
     x, b, w, d = checked_sparse_inputs(base, tensors, weights, densities)
-    deltas = torch.stack(
-        [dare_sparsify(x[i] - b, d[i], generator, rescale) for i in range(x.shape[0])]
-    )
-    del x
+    deltas = x.sub_(b)  # x is a fresh stack: it becomes the task vectors, sparsified in turn
+    for i in range(deltas.shape[0]):
+        deltas[i] = dare_sparsify(deltas[i], d[i], generator, rescale)
     return combine(deltas, w, consensus=consensus, normalize=normalize).add_(b)

@@ -32,7 +32,7 @@ def linear(
     """
     x = stack_f32(tensors)
     w = per_model(weights, x.shape[0], "weights")
-    out = (weight_column(w, x.ndim - 1) * x).sum(0)
+    out = (weight_column(w, x.ndim - 1, x.device) * x).sum(0)
     if normalize:
         total = sum(w)
         if abs(total) < ZERO_GUARD:

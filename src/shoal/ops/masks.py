@@ -5,6 +5,8 @@ Used by TIES (magnitude), DARE (Bernoulli) and breadcrumbs (magnitude band).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -56,11 +58,14 @@ def kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
     n = values.numel()
     if n < _NARROW_FROM:
         return torch.kthvalue(values, rank).values
-    lo, hi = float(values.min()), float(values.max())
+    lo_t, hi_t = torch.aminmax(values)
+    lo, hi = float(lo_t), float(hi_t)
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # histc needs a finite range
+        return torch.kthvalue(values, rank).values
     if not lo < hi:
         return values.new_tensor(lo)
     counts = torch.histc(values, bins=_BINS, min=lo, max=hi).cumsum(0)
-    b = int(torch.searchsorted(counts, torch.tensor(float(rank))))
+    b = int(torch.searchsorted(counts, counts.new_tensor(float(rank))))
     width = (hi - lo) / _BINS
     low_edge = lo + b * width if b > 0 else -float("inf")
     high_edge = lo + (b + 1) * width if b < _BINS - 1 else float("inf")

@@ -36,7 +36,7 @@ def task_arithmetic(
     x = stack_f32(tensors)
     b = check_base(base, x)
     w = per_model(weights, x.shape[0], "weights")
-    delta = (weight_column(w, b.ndim) * (x - b)).sum(0)
+    delta = (weight_column(w, b.ndim, b.device) * (x - b)).sum(0)
     if normalize:
         if abs(sum(w)) < ZERO_GUARD:
             raise MergeError(f"task_arithmetic: weights {w} sum to zero, cannot normalize")

@@ -45,8 +45,8 @@ class FlatModel:
 
     Args:
         module: the resident model; its parameters are overwritten by :meth:`load`.
-        chromosomes: tensor-name substrings (ending with ``''``); a tensor belongs to the
-            first chromosome whose substring its name contains.
+        chromosomes: tensor-name substrings (a final ``''`` for the rest is added when
+            missing); a tensor belongs to the first chromosome whose substring it contains.
     """
 
     def __init__(self, module: nn.Module, chromosomes: list[str] | None = None) -> None:
@@ -56,7 +56,10 @@ class FlatModel:
         self.shapes = [p.shape for p in self.params.values()]
         self.numels = [p.numel() for p in self.params.values()]
         self.n = sum(self.numels)
-        filters = chromosomes or [""]
+        filters = list(chromosomes or [])
+        if not filters or filters[-1] != "":
+            filters.append("")  # the rest, as M2N2Options.chromosome_filters has it
+        self.filters = filters
         offsets = np.cumsum([0, *self.numels])
         groups: list[list[int]] = [[] for _ in filters]
         for i, name in enumerate(self.names):
@@ -119,11 +122,11 @@ class FlatM2N2:
     generation: int = 0  # ask/tell rounds so far (names the candidates' random streams)
 
     def __post_init__(self) -> None:
-        wanted = len(self.algo.options.chromosome_filters)
-        if len(self.model.chromosomes) != wanted:
+        wanted = self.algo.options.chromosome_filters
+        if self.model.filters != wanted:
             raise StateError(
-                f"m2n2: the algorithm splits {wanted} chromosome(s) but the FlatModel was "
-                f"built with {len(self.model.chromosomes)}; pass the same `chromosomes`"
+                f"m2n2: the algorithm's chromosomes {wanted} differ from the FlatModel's "
+                f"{self.model.filters}; build both from the same `chromosomes`"
             )
 
     def vector(self, ref: str) -> torch.Tensor:

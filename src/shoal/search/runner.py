@@ -379,7 +379,14 @@ def _prepare_folder(
         if config is not None or overrides:
             # the saved config wins; a different one given now would be silently
             # ignored, so it is refused instead
-            given = config if isinstance(config, RunConfig) else load_config(config, overrides)
+            if isinstance(config, RunConfig):
+                if overrides:
+                    raise RecipeError(
+                        "overrides apply to a config file or mapping, not a RunConfig"
+                    )
+                given = config
+            else:  # --set alone is checked against the saved config itself
+                given = load_config(folder.config if config is None else config, overrides)
             now, before = given.model_dump(mode="json"), saved.model_dump(mode="json")
             changed = sorted(k for k in now if k != "executor" and now[k] != before.get(k))
             if changed:
@@ -388,6 +395,7 @@ def _prepare_folder(
                     f"({', '.join(changed)} differ); resume without CONFIG/--set, "
                     "or start a new --run-dir"
                 )
+        _validate_tasks(saved)  # task files may have moved since the run started
         return saved
     if folder.config.exists() or folder.state.exists():
         raise OutputExistsError(
@@ -399,8 +407,35 @@ def _prepare_folder(
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     if overrides and isinstance(config, RunConfig):
         raise RecipeError("overrides apply to a config file or mapping, not a RunConfig")
+    _validate_tasks(cfg)  # before anything is written: a bad config leaves no run folder
+    _validate_baselines(cfg)
     write_atomic(folder.config, cfg.to_yaml())
     return cfg
+
+
+def _validate_baselines(cfg: RunConfig) -> None:
+    """Named baseline recipes are checked before the search, not after it."""
+    from shoal.recipe import load_recipe
+
+    if not isinstance(cfg.baselines, dict):
+        return
+    # a model reference is a config model, an earlier stage's result, or a path
+    known = set(cfg.models) | {s.name for s in cfg.stages or []}
+    for name, recipe in cfg.baselines.items():
+        where = f"baselines.{name}"
+        if set(recipe) != {"model"}:
+            try:
+                load_recipe(recipe)
+            except RecipeError as exc:
+                raise RecipeError(f"{where}: {exc}") from None
+        named = [m.get("model") for m in recipe.get("models", []) if isinstance(m, dict)]
+        named += [recipe.get("base_model"), recipe.get("model")]
+        refs = {str(r) for r in named if r is not None}
+        unknown = sorted(r for r in refs if r not in known and not cfg.resolve(r).exists())
+        if unknown:
+            raise RecipeError(
+                f"{where}: unknown model {unknown[0]!r} (known: {', '.join(cfg.models)})"
+            )
 
 
 def _validate_tasks(cfg: RunConfig) -> None:
@@ -442,7 +477,6 @@ def evolve(
     """
     folder = RunFolder(run_dir)
     cfg = _prepare_folder(folder, config, overrides, resume)
-    _validate_tasks(cfg)
     kind = executor or cfg.executor.type
     show = cfg.progress if progress is None else progress
     models = dict(cfg.models)
