@@ -91,3 +91,18 @@ def test_experts_specialise_and_are_deterministic(digits) -> None:
     assert len(EXPERT_GROUPS_3) == 3 and sorted(sum(EXPERT_GROUPS_3, ())) == list(range(10))
     with pytest.raises(TaskError, match="no training images"):
         train_expert(digits, (11,))
+
+
+def test_shared_init_experts_are_fine_tunes_of_the_written_base(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from shoal.testbed.images import write_image_experts
+
+    paths = write_image_experts(tmp_path, "mnist", steps=3, shared_init=True)
+    assert set(paths) == {"base", "expert-0-4", "expert-5-9"}
+    base, a, b = (load_file(str(paths[k])) for k in ("base", "expert-0-4", "expert-5-9"))
+    # trained for 0 steps the experts would be the base itself: same draw, same shapes
+    zero = write_image_experts(tmp_path / "zero", "mnist", steps=0, shared_init=True)
+    for k in base:
+        assert torch.equal(load_file(str(zero["expert-0-4"]))[k], base[k])
+        assert not torch.equal(a[k], base[k]) and not torch.equal(a[k], b[k])

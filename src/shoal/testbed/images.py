@@ -189,11 +189,23 @@ def train_expert(
 def train_experts(
     data: ImageData,
     groups: Sequence[Sequence[int]] = EXPERT_GROUPS_2,
+    *,
+    shared_init: bool = False,
     **kwargs: int | float,
 ) -> dict[str, nn.Sequential]:
-    """One expert a class group, named ``expert-0-4`` etc.; expert i starts from draw i."""
+    """One expert a class group, named ``expert-0-4`` etc.
+
+    Expert i starts from draw i (the published M2N2 setting), or every expert from
+    draw 0 with ``shared_init`` — fine-tunes of one common base, whose task vectors
+    PS-style merges (TIES, DARE) combine.
+    """
     return {
-        f"expert-{g[0]}-{g[-1]}": train_expert(data, g, init_index=i, **kwargs)  # type: ignore[arg-type]
+        f"expert-{g[0]}-{g[-1]}": train_expert(
+            data,
+            g,
+            init_index=0 if shared_init else i,
+            **kwargs,  # type: ignore[arg-type]
+        )
         for i, g in enumerate(groups)
     }
 
@@ -224,12 +236,16 @@ def write_image_experts(
     data: str = "digits",
     groups: Sequence[Sequence[int]] = EXPERT_GROUPS_2,
     *,
+    steps: int = 10,
+    shared_init: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Path]:
     """Train the experts and write each as ``<out_dir>/<name>.safetensors`` (atomically).
 
     The files are plain state dicts of the MLP (``0.weight``, ``0.bias``, ``2.weight``,
-    ``2.bias``), loadable by ``shoal.checkpoint`` and by configs as source models.
+    ``2.bias``), loadable by ``shoal.checkpoint`` and by configs as source models. With
+    ``shared_init`` every expert is fine-tuned from one initial model, written too as
+    ``base.safetensors`` (the base of a task-vector merge).
     """
     from safetensors.torch import save_file
 
@@ -237,8 +253,11 @@ def write_image_experts(
     out.mkdir(parents=True, exist_ok=True)
     ds = load_image_data(data)
     hidden = 256 if data == "digits" else 32
+    models = train_experts(ds, groups, shared_init=shared_init, hidden=hidden, steps=steps)
+    if shared_init:  # the common starting point: an expert trained for no steps
+        models["base"] = train_expert(ds, groups[0], init_index=0, steps=0, hidden=hidden)
     paths: dict[str, Path] = {}
-    for name, model in train_experts(ds, groups, hidden=hidden).items():
+    for name, model in models.items():
         path = out / f"{name}.safetensors"
         paths[name] = path
         if path.exists() and not overwrite:
