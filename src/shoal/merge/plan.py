@@ -32,7 +32,7 @@ from shoal.recipe import (
     is_pre_tensor,
     position,
 )
-from shoal.recipe.params import Scalar
+from shoal.recipe.params import Scalar, filter_entry, is_filter_list
 
 _DTYPES = {
     "float32": torch.float32,
@@ -247,12 +247,7 @@ def _filter_entry(
     for scope in (slice_params, glob):
         if scope and key in scope:
             value = scope[key]
-            if isinstance(value, list) and value and isinstance(value[0], Mapping):
-                for i, entry in enumerate(value):
-                    flt = entry.get("filter")
-                    if flt is None or flt in name:
-                        return i
-            return 0
+            return (filter_entry(value, name) or 0) if is_filter_list(value) else 0
     return 0
 
 

@@ -66,18 +66,29 @@ def interpolate(values: Sequence[float], t: float) -> float:
     return float(values[lo]) * (1.0 - frac) + float(values[lo + 1]) * frac
 
 
+def is_filter_list(value: Any) -> bool:
+    """Whether a parameter setting is a list of ``{filter, value}`` entries."""
+    return isinstance(value, list) and bool(value) and isinstance(value[0], Mapping)
+
+
+def filter_entry(value: list[Mapping[str, Any]], tensor_name: str) -> int | None:
+    """Index of the first entry of a filter list that applies to ``tensor_name``."""
+    for i, entry in enumerate(value):
+        flt = entry.get("filter")
+        if flt is None or flt in tensor_name:
+            return i
+    return None
+
+
 def evaluate(value: Any, tensor_name: str, t: float) -> Scalar | None:
     """Value of one (already validated) parameter setting for one tensor.
 
     Returns ``None`` when ``value`` is a filter list and no entry applies to the tensor.
     """
+    if is_filter_list(value):
+        i = filter_entry(value, tensor_name)
+        return None if i is None else evaluate(value[i]["value"], tensor_name, t)
     if isinstance(value, list):
-        if value and isinstance(value[0], Mapping):
-            for entry in value:
-                flt = entry.get("filter")
-                if flt is None or flt in tensor_name:
-                    return evaluate(entry["value"], tensor_name, t)
-            return None
         return interpolate(value, t)
     if isinstance(value, bool | str):
         return value
