@@ -379,14 +379,8 @@ def _prepare_folder(
         if config is not None or overrides:
             # the saved config wins; a different one given now would be silently
             # ignored, so it is refused instead
-            if isinstance(config, RunConfig):
-                if overrides:
-                    raise RecipeError(
-                        "overrides apply to a config file or mapping, not a RunConfig"
-                    )
-                given = config
-            else:  # --set alone is checked against the saved config itself
-                given = load_config(folder.config if config is None else config, overrides)
+            # --set alone is checked against the saved config itself
+            given = _given_config(folder.config if config is None else config, overrides)
             now, before = given.model_dump(mode="json"), saved.model_dump(mode="json")
             changed = sorted(k for k in now if k != "executor" and now[k] != before.get(k))
             if changed:
@@ -404,13 +398,20 @@ def _prepare_folder(
         )
     if config is None:
         raise RecipeError("no config given")
-    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
-    if overrides and isinstance(config, RunConfig):
-        raise RecipeError("overrides apply to a config file or mapping, not a RunConfig")
+    cfg = _given_config(config, overrides)
     _validate_tasks(cfg)  # before anything is written: a bad config leaves no run folder
     _validate_baselines(cfg)
     write_atomic(folder.config, cfg.to_yaml())
     return cfg
+
+
+def _given_config(config: Any, overrides: Sequence[str]) -> RunConfig:
+    """The config given by the caller (file, mapping or RunConfig) with ``--set`` applied."""
+    if not isinstance(config, RunConfig):
+        return load_config(config, overrides)
+    if overrides:
+        raise RecipeError("overrides apply to a config file or mapping, not a RunConfig")
+    return config
 
 
 def _validate_baselines(cfg: RunConfig) -> None:
