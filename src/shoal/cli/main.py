@@ -49,13 +49,7 @@ def _root(
 
 
 for _name in _COMMAND_MODULES:
-    try:
-        _module = import_module(_name)
-    except ModuleNotFoundError as exc:  # a part not written yet
-        if exc.name != _name:
-            raise
-        continue
-    _module.register(app)
+    import_module(_name).register(app)
 
 
 def main() -> None:
