@@ -86,3 +86,25 @@ def test_combine_in_chunks_equals_combine_at_once(consensus: str, normalize: boo
     chunked = combine(deltas, w, consensus=consensus, normalize=normalize, chunk=100)
     assert chunked.shape == whole.shape
     assert torch.equal(chunked, whole)
+
+
+@pytest.mark.parametrize("majority", ["sum", "count"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_combine_equals_masking_by_sign_agreement(majority: str, normalize: bool) -> None:
+    """The positive/negative-part sums give the same bits as the textbook agreement mask."""
+    from shoal.ops.consensus import combine, elect_sign
+
+    gen = torch.Generator().manual_seed(5)
+    deltas = torch.randn(4, 61, 17, generator=gen)
+    deltas[deltas.abs() < 0.4] = 0.0
+    w = torch.tensor([0.9, 0.35, -0.6, 1.2]).reshape(-1, 1, 1)
+    weighted = w * deltas
+    agree = weighted.sign() == elect_sign(weighted, majority)  # zeros agree with nothing
+    expected = (weighted * agree).sum(0)
+    if normalize:
+        divisor = (w * agree).sum(0)
+        expected = expected / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    got = combine(
+        deltas, w.flatten().tolist(), consensus="ties", normalize=normalize, majority=majority
+    )
+    assert torch.equal(got, expected)

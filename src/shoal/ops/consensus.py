@@ -29,7 +29,7 @@ def elect_sign(weighted: torch.Tensor, majority: Majority = "sum") -> torch.Tens
         total = weighted.sign().sum(0)
     else:
         raise MergeError(f"unknown sign majority {majority!r} (expected 'sum' or 'count')")
-    return torch.where(total >= 0, 1.0, -1.0)
+    return total.ge_(0).mul_(2).sub_(1)  # in place on the fresh total: 1.0 or -1.0
 
 
 # entries combined at a time: every step is entry-wise, so working through a large
@@ -75,20 +75,26 @@ def _combine(
 ) -> torch.Tensor:
     w = weight_column(list(weights), deltas.ndim - 1, deltas.device)
     weighted = w * deltas
-    if consensus == "ties":
-        sign = elect_sign(weighted, majority)
-        agree = weighted.sign() == sign  # zero entries agree with nothing
-        merged = (weighted * agree).sum(0)
-        divisor = (w * agree).sum(0)
-    elif consensus == "none":
+    if consensus == "none":
         merged = weighted.sum(0)
-        divisor = w.sum(0).expand_as(merged)
-    else:
+        return safe_divide(merged, w.sum(0).expand_as(merged)) if normalize else merged
+    if consensus != "ties":
         raise MergeError(f"unknown consensus {consensus!r} (expected 'none' or 'ties')")
+    # Entries of the losing sign and zeros drop out, so the agreeing sum is the sum of
+    # the positive parts where +1 is elected and of the negative parts elsewhere. The
+    # selections are products with 0/1 float masks, not torch.where: the same bits
+    # (x·1 + y·0 = x), several times faster on the CPU, and this is the search loop's
+    # hot path.
+    plus = elect_sign(weighted, majority).gt_(0)  # 1.0 where +1 is elected
+    minus = 1.0 - plus
+    merged = weighted.clamp(min=0).sum(0).mul_(plus) + weighted.clamp(max=0).sum(0).mul_(minus)
     if not normalize:
         return merged
-    if consensus == "ties":
-        # mergekit guards only an exact zero here (no agreeing model)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-        return merged / divisor
-    return safe_divide(merged, divisor)
+    # divisor: the summed weights of the models whose entry has the elected sign
+    # (zero entries agree with nothing); mergekit guards only an exact zero
+    signs = weighted.sign()
+    divisor = (w * signs.clamp(min=0)).sum(0).mul_(plus) - (w * signs.clamp(max=0)).sum(0).mul_(
+        minus
+    )
+    divisor += divisor.eq(0)
+    return merged / divisor

@@ -28,21 +28,28 @@ def dare_sparsify(
     convention; equal to the paper's in expectation). ``"none"``: no rescale.
     Density ≥ 1 keeps everything and draws nothing from ``generator``.
     """
+    return _sparsify_(delta.clone(), density, generator, rescale)
+
+
+def _sparsify_(
+    delta: torch.Tensor, density: float, generator: torch.Generator, rescale: Rescale
+) -> torch.Tensor:
+    """:func:`dare_sparsify` overwriting ``delta`` (no new tensor per model: hot path)."""
+    if rescale not in ("inverse_density", "l1", "none"):
+        raise MergeError(f"unknown DARE rescale {rescale!r} (expected inverse_density, l1 or none)")
     if density >= 1.0:
-        return delta.clone()
+        return delta
     if density <= 0.0:
-        return torch.zeros_like(delta)
-    kept = delta * bernoulli_mask(delta.shape, density, generator).to(delta.device)
+        return delta.zero_()
+    full_norm = delta.abs().sum() if rescale == "l1" else None
+    delta.mul_(bernoulli_mask(delta.shape, density, generator).to(delta.device))
     if rescale == "inverse_density":
-        return kept / density
-    if rescale == "l1":
-        kept_norm = kept.abs().sum()
-        if float(kept_norm) < ZERO_GUARD:
-            return kept
-        return kept * (delta.abs().sum() / kept_norm)
-    if rescale == "none":
-        return kept
-    raise MergeError(f"unknown DARE rescale {rescale!r} (expected inverse_density, l1 or none)")
+        return delta.div_(density)
+    if full_norm is not None:
+        kept_norm = delta.abs().sum()
+        if float(kept_norm) >= ZERO_GUARD:
+            delta.mul_(full_norm / kept_norm)
+    return delta
 
 
 def dare(
@@ -80,5 +87,5 @@ def dare(
     x, b, w, d = checked_sparse_inputs(base, tensors, weights, densities)
     deltas = x.sub_(b)  # x is a fresh stack: it becomes the task vectors, sparsified in turn
     for i in range(deltas.shape[0]):
-        deltas[i] = dare_sparsify(deltas[i], d[i], generator, rescale)
+        _sparsify_(deltas[i], d[i], generator, rescale)
     return combine(deltas, w, consensus=consensus, normalize=normalize).add_(b)

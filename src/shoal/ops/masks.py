@@ -98,8 +98,11 @@ def bernoulli_mask(
 ) -> torch.Tensor:
     """Keep each entry independently with probability ``density``.
 
-    Draws ``numel`` uniforms from ``generator`` (on the generator's device), so the
-    same generator state gives the same mask.
+    Draws ``numel`` uniforms u from ``generator`` (on the generator's device) and keeps
+    the entries with u < density, so the same generator state gives the same mask.
+    The mask is float32 ones and zeros, ready to multiply: on the CPU, multiplying by
+    a float mask is several times faster than bool masking (``masked_fill_``,
+    ``torch.where``), and DARE draws one mask per model per tensor per candidate.
 
     Args:
         shape: shape of the mask.
@@ -107,7 +110,7 @@ def bernoulli_mask(
         generator: the source of randomness.
 
     Returns:
-        bool tensor of ``shape``.
+        float32 tensor of ``shape``, 1.0 where kept and 0.0 where dropped.
     """
     u = torch.rand(tuple(shape), generator=generator, device=generator.device)
-    return u < density
+    return u.lt_(density)  # in place: the uniforms become the 0/1 mask
