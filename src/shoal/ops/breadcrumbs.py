@@ -67,5 +67,5 @@ def breadcrumbs(
     g = per_model(gammas, k, "gammas")
     deltas = x.sub_(b)  # x is a fresh stack: it becomes the task vectors, band-passed in place
     for i in range(k):
-        deltas[i].masked_fill_(~breadcrumbs_mask(deltas[i], d[i], g[i]), 0.0)
+        deltas[i].mul_(breadcrumbs_mask(deltas[i], d[i], g[i]))  # faster than masked_fill_
     return combine(deltas, w, consensus=consensus, normalize=normalize).add_(b)

@@ -43,6 +43,6 @@ def ties(
     x, b, w, d = checked_sparse_inputs(base, tensors, weights, densities)
     deltas = x.sub_(b)  # x is a fresh stack: it becomes the task vectors, trimmed in place
     for i in range(deltas.shape[0]):
-        deltas[i].masked_fill_(~magnitude_mask(deltas[i], d[i]), 0.0)
+        deltas[i].mul_(magnitude_mask(deltas[i], d[i]))  # faster than masked_fill_ on CPU
     merged = combine(deltas, w, consensus="ties", normalize=normalize, majority=majority)
     return merged.add_(b)
