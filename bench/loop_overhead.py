@@ -41,7 +41,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--testbed", default=None)
     parser.add_argument("--evaluations", type=int, default=24)
-    parser.add_argument("--limit", type=int, default=32, help="fitness examples per skill")
+    parser.add_argument(
+        "--limit", type=int, default=100, help="fitness examples per skill (as the PS example)"
+    )
     parser.add_argument("--algorithm", default="ps")
     args = parser.parse_args()
 

@@ -56,6 +56,17 @@ def test_example_fields_and_prompt() -> None:
     assert ex["answer"] == str(math.gcd(a, b))  # the generator is what we think it is
 
 
+def test_gcd_draws_no_coprime_pairs() -> None:
+    """gcd's constant answer "1" (61 % of raw draws) is left out of every split."""
+    import math
+
+    splits = make_splits("gcd", 0, SIZES)
+    for rows in splits.values():
+        for ex in rows:
+            a, b = ex["metadata"]["numbers"]
+            assert math.gcd(a, b) >= 2 and ex["answer"] == str(math.gcd(a, b))
+
+
 def test_unknown_skill_and_exhausted_generator() -> None:
     with pytest.raises(TaskError, match="nope"):
         draw_examples("nope", 1, 0)
