@@ -31,7 +31,7 @@ def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch
         return torch.ones_like(delta, dtype=torch.bool)
     n_keep = int(max(density, 0.0) * n)
     n_top = min(int(max(gamma, 0.0) * n), n - n_keep)
-    return topk_mask(delta, n_top + n_keep) & ~topk_mask(delta, n_top)
+    return topk_mask(delta, n_top + n_keep) ^ topk_mask(delta, n_top)  # nested: XOR is the band
 
 
 def breadcrumbs(
