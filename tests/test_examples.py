@@ -63,6 +63,11 @@ def test_example_runs_shortened(example: Path, tiny_testbed: Path, tmp_path: Pat
     assert result.status == "completed"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["evaluations"] >= 1
+    logs = sorted((tmp_path / "run").rglob("events.jsonl"))  # one per stage of a staged run
+    assert logs
+    events = [json.loads(line) for log in logs for line in log.open()]
+    failed = [e["error"] for e in events if e.get("error")]
+    assert not failed, failed[0]  # a candidate the example's own models cannot build
     best = summary["best"]
     test_names = [t.get("name") or t.get("skill") for t in config["tasks"]["test"]]
     assert len(best["scores"]["test"]) - ("mean" in best["scores"]["test"]) == len(test_names)

@@ -46,6 +46,21 @@ def test_store_put_get_retain_prune(tmp_path, kind):
     assert float(again.get("b")["x"][0]) == 2.0
 
 
+@pytest.mark.parametrize("kind", ["memory", "dir"])
+def test_store_keeps_a_tied_weight_once_as_checkpoints_do(tmp_path, kind):
+    """A tied lm_head is stored under the embeddings' name only, as save_pretrained writes it."""
+    emb = torch.nn.Embedding(5, 3)
+    head = torch.nn.Linear(3, 5, bias=False)
+    head.weight = emb.weight  # tied
+    sd = {"embed.weight": emb.weight, "norm": torch.ones(3), "lm_head.weight": head.weight}
+    sd["lone_view"] = sd["norm"][:2]  # a view of other storage, not an alias: kept
+    store = MemoryStore() if kind == "memory" else DirStore(tmp_path / "s")
+    store.put("m", sd)
+    got = store.get("m")
+    assert set(got) == {"embed.weight", "norm", "lone_view"}
+    assert torch.equal(got["embed.weight"], emb.weight.detach())
+
+
 def test_memory_store_persists_only_retained_entries(tmp_path):
     store = MemoryStore(tmp_path / "s")
     for k in "abc":

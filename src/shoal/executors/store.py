@@ -36,8 +36,22 @@ def strip_prefix(ref: str) -> str:
 
 
 def _plain(tensors: Tensors) -> Tensors:
-    # separate contiguous CPU copies: safetensors refuses shared storage (tied weights)
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    """Contiguous CPU copies, each distinct tensor once.
+
+    A later name that aliases an earlier tensor (a tied ``lm_head.weight`` sharing the
+    embeddings) is left out, as ``save_pretrained`` leaves it out: a stored model then
+    lists the same tensors as the checkpoints it is merged with, and safetensors, which
+    refuses shared storage, can write it.
+    """
+    out: Tensors = {}
+    seen: set[tuple[object, ...]] = set()
+    for name, t in tensors.items():
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride())
+        if t.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        out[name] = t.detach().to("cpu", copy=True).contiguous()
+    return out
 
 
 def _save_atomic(path: Path, tensors: Tensors) -> None:
