@@ -103,3 +103,22 @@ def test_cli_config_errors_are_one_line(tmp_path, capsys, monkeypatch):
         assert err.strip().count("\n") == 0 and needle in err
     code, _, err = _main(["report", "nowhere"], tmp_path, capsys, monkeypatch)
     assert code == 2 and "not a run folder" in err
+
+
+def test_failed_candidates_are_counted_and_warned_about(tmp_path, capsys, monkeypatch):
+    sources = tp.write_sources(tmp_path / "src")
+    cfg = tp.toy_config(sources)
+    cfg["tasks"]["fitness"][0]["target"] = "toy_problem:score_or_raise"
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    args = ["evolve", "cfg.yaml", "--run-dir", "runs/f", "--set", "budget.evaluations=12"]
+    code, out, err = _main([*args, "--no-progress"], tmp_path, capsys, monkeypatch)
+    assert code == 0, err
+    assert "12 evaluations" in out
+    run = tmp_path / "runs" / "f"
+    events = [json.loads(line) for line in (run / "events.jsonl").open()]
+    failed = [e for e in events if e["error"]]
+    assert 0 < len(failed) < len(events)  # the toy draws x on both sides of 0.6
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["failed_candidates"] == len(failed)
+    assert summary["first_failure"] == failed[0]["error"] and "x above 0.6" in err
+    assert f"warning: {len(failed)} candidates failed" in err

@@ -50,6 +50,13 @@ def score(model: Scalar) -> np.ndarray:
     return np.clip(1.0 - np.abs(x - CENTRES), 0.0, 1.0)
 
 
+def score_or_raise(model: Scalar) -> np.ndarray:
+    """Like :func:`score`, but a model with x > 0.6 is an error (a candidate that fails)."""
+    if float(model.x.detach()[0]) > 0.6:
+        raise ValueError("x above 0.6")
+    return score(model)
+
+
 def score_or_die(model: Scalar, marker: str) -> np.ndarray:
     """Like :func:`score`, but kills its own process the first time (marker file absent)."""
     path = Path(marker)

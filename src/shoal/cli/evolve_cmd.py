@@ -80,6 +80,13 @@ def register(app: typer.Typer) -> None:
         evaluations = result.summary.get("evaluations", result.evaluations)
         wall = float(result.summary.get("wall_seconds", result.wall_seconds))
         typer.echo(f"{evaluations} evaluations, {wall:.1f} s; stopped: {result.stop_reason}")
+        failed = int(result.summary.get("failed_candidates", 0))
+        if failed:
+            typer.echo(
+                f"warning: {failed} candidates failed and scored 0 (first: "
+                f"{result.summary.get('first_failure')}); see events.jsonl",
+                err=True,
+            )
         if best:
             scores = best.get("scores", {})
             parts = [

@@ -195,6 +195,8 @@ def _run_stage(st: _Stage) -> RunResult:
         "wall_seconds": 0.0,
         "best_seed": None,
         "best_evaluation": None,
+        "failed": 0,
+        "first_failure": None,
     }
     flag = _Interrupt()
     with make_executor(
@@ -276,6 +278,10 @@ def _one_batch(
     results = executor.evaluate(items)
     if start == 0 and results and all(r.error for r in results):
         raise TaskError(f"every candidate of the first batch failed; first: {results[0].error}")
+    failed = [r.error for r in results if r.error]
+    if failed:
+        counters["failed"] = int(counters.get("failed", 0)) + len(failed)
+        counters["first_failure"] = counters.get("first_failure") or failed[0]
     algo.tell(recipes, [r.scores for r in results])
     events.append([_event(it, res, gen) for it, res in zip(items, results, strict=True)])
     counters["generation"] = gen + 1
@@ -333,7 +339,10 @@ def _finish(
         "evaluations": algo.evaluations,
         "wall_seconds": float(counters["wall_seconds"]),
         "seed": st.seed,
+        "failed_candidates": int(counters.get("failed", 0)),
     }
+    if counters.get("first_failure"):
+        summary["first_failure"] = counters["first_failure"]
     if best is not None:
         worker = _final_worker(local, spec)
         seed = int(counters["best_seed"] or 0)
@@ -543,8 +552,14 @@ def _multi_stage_summary(folder: RunFolder, results: list[RunResult]) -> dict[st
         "stages": [r.summary for r in results],
         "evaluations": sum(r.evaluations for r in results),
         "wall_seconds": sum(r.wall_seconds for r in results),
+        "failed_candidates": sum(int(r.summary.get("failed_candidates", 0)) for r in results),
         "best": dict(last.summary.get("best", {}), path=str(folder.best)),
     }
+    first = next(
+        (r.summary["first_failure"] for r in results if "first_failure" in r.summary), None
+    )
+    if first:
+        summary["first_failure"] = first
     baselines: dict[str, Any] = {}
     for r in results:  # later stages also score the earlier stages' bests
         baselines.update(r.summary.get("baselines") or {})
