@@ -18,7 +18,7 @@ from shoal.executors import (
     candidate_seed,
 )
 from shoal.executors.serial import SerialExecutor
-from shoal.executors.worker import load_tensors
+from shoal.executors.worker import Worker, load_tensors
 
 
 def test_candidate_seed_is_a_pure_function_and_distinct():
@@ -59,6 +59,39 @@ def test_store_keeps_a_tied_weight_once_as_checkpoints_do(tmp_path, kind):
     got = store.get("m")
     assert set(got) == {"embed.weight", "norm", "lone_view"}
     assert torch.equal(got["embed.weight"], emb.weight.detach())
+
+
+@pytest.mark.parametrize("order", [("a", "store:k"), ("store:k", "a")])
+def test_tied_weights_merge_across_pt_sources_and_stored_models(tmp_path, order):
+    """A torch.save source (both tied names) merges with a stored child (one name)."""
+    torch.manual_seed(0)
+    a, child = tp.Tied(), tp.Tied()
+    torch.save(a.state_dict(), tmp_path / "a.pt")
+    spec = WorkerSpec(
+        loader={"type": "callable", "target": "toy_problem:Tied", "options": {}},
+        models={"a": str(tmp_path / "a.pt")},
+        base_model=None,
+        tasks=[],
+    )
+    worker = Worker(spec)
+    worker.store.put("k", child.state_dict())
+    assert (
+        set(worker.sources["a"])
+        == set(worker.store.get("k"))
+        == {
+            "embed.weight",
+            "norm.weight",
+            "norm.bias",
+        }
+    )
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": m, "parameters": {"weight": 0.5}} for m in order],
+    }
+    model = worker.build(recipe, seed=0)
+    expected = (a.embed.weight + child.embed.weight) / 2
+    assert torch.allclose(model.embed.weight, expected)
+    assert model.lm_head.weight is model.embed.weight
 
 
 def test_memory_store_persists_only_retained_entries(tmp_path):

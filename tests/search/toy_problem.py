@@ -39,6 +39,17 @@ class Scalar(torch.nn.Module):
         self.x = torch.nn.Parameter(torch.tensor([value]))
 
 
+class Tied(torch.nn.Module):
+    """Embeddings and an output head sharing one weight, as tied language models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(5, 3)
+        self.norm = torch.nn.LayerNorm(3)
+        self.lm_head = torch.nn.Linear(3, 5, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+
 def make_scalar(value: float = 0.0) -> Scalar:
     """Loader target."""
     return Scalar(value)

@@ -35,23 +35,38 @@ def strip_prefix(ref: str) -> str:
     return ref[len(PREFIX) :] if ref.startswith(PREFIX) else ref
 
 
-def _plain(tensors: Tensors) -> Tensors:
-    """Contiguous CPU copies, each distinct tensor once.
+def distinct_tensors(tensors: Tensors) -> Tensors:
+    """``tensors`` without the names that alias an earlier tensor, in order.
 
-    A later name that aliases an earlier tensor (a tied ``lm_head.weight`` sharing the
-    embeddings) is left out, as ``save_pretrained`` leaves it out: a stored model then
-    lists the same tensors as the checkpoints it is merged with, and safetensors, which
-    refuses shared storage, can write it.
+    A tied ``lm_head.weight`` shares the embeddings' storage; ``save_pretrained`` writes
+    it once, under the embeddings' name, while ``torch.save`` and ``state_dict()`` list
+    both. Sources and stored models pass through here, so every model of a run lists
+    the same tensor names whichever way it was saved.
     """
     out: Tensors = {}
     seen: set[tuple[object, ...]] = set()
     for name, t in tensors.items():
-        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride())
+        ident = (
+            t.device,
+            t.dtype,
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            t.shape,
+            t.stride(),
+        )
         if t.numel() and ident in seen:
             continue
         seen.add(ident)
-        out[name] = t.detach().to("cpu", copy=True).contiguous()
+        out[name] = t
     return out
+
+
+def _plain(tensors: Tensors) -> Tensors:
+    # contiguous CPU copies of the distinct tensors (safetensors refuses shared storage)
+    return {
+        k: v.detach().to("cpu", copy=True).contiguous()
+        for k, v in distinct_tensors(tensors).items()
+    }
 
 
 def _save_atomic(path: Path, tensors: Tensors) -> None:

@@ -6,6 +6,7 @@ inside each Ray actor, so every executor computes the same numbers for the same 
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -18,7 +19,7 @@ import torch
 from shoal.errors import TaskError
 from shoal.executors.build import SourceMap, build_candidate
 from shoal.executors.loaders import load_resident
-from shoal.executors.store import ModelStore, open_store
+from shoal.executors.store import ModelStore, distinct_tensors, open_store
 from shoal.executors.work import WorkerSpec, WorkItem, WorkResult
 from shoal.tasks.base import Task, check_scores
 from shoal.tasks.registry import TaskEnv, build_task
@@ -39,6 +40,10 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
     for name, tensor in out.items():
         check_finite(tensor, name=name, source=str(path))
     return out
+
+
+def _load_untied(tied: frozenset[str], path: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_tensors(path).items() if k not in tied}
 
 
 class Worker:
@@ -64,7 +69,12 @@ class Worker:
             spec.loader, spec.models, spec.base_model, spec.device
         )
         self.store = store if store is not None else open_store(spec.store)
-        self.sources = SourceMap(spec.models, self.store, load_tensors)
+        # a tied weight (lm_head sharing the embeddings) is one tensor under two names;
+        # stored models keep it under the first (distinct_tensors), so sources drop the
+        # others too, whether save_pretrained left them out or torch.save kept them
+        resident = self.model.state_dict(keep_vars=True)
+        tied = frozenset(resident) - frozenset(distinct_tensors(resident))
+        self.sources = SourceMap(spec.models, self.store, functools.partial(_load_untied, tied))
         self._env = TaskEnv(tokenizer=self.tokenizer, root=spec.root, device=spec.device)
         self.tasks: dict[str, Task] = {}
         for t in spec.tasks:
