@@ -15,7 +15,7 @@ import torch
 
 from shoal.ops._common import checked_sparse_inputs, per_model
 from shoal.ops.consensus import Consensus, combine
-from shoal.ops.masks import topk_mask
+from shoal.ops.masks import magnitudes, top_magnitudes
 
 
 def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -31,7 +31,8 @@ def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch
         return torch.ones_like(delta, dtype=torch.bool)
     n_keep = int(max(density, 0.0) * n)
     n_top = min(int(max(gamma, 0.0) * n), n - n_keep)
-    return topk_mask(delta, n_top + n_keep) ^ topk_mask(delta, n_top)  # nested: XOR is the band
+    mag = magnitudes(delta)  # once for both masks; they nest, so XOR is the band
+    return (top_magnitudes(mag, n_top + n_keep) ^ top_magnitudes(mag, n_top)).reshape(delta.shape)
 
 
 def breadcrumbs(

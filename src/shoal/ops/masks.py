@@ -24,20 +24,33 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     Returns:
         bool tensor of ``x``'s shape.
     """
-    n = x.numel()
+    return top_magnitudes(magnitudes(x), k).reshape(x.shape)
+
+
+def magnitudes(x: torch.Tensor) -> torch.Tensor:
+    """``|x|`` flattened, in float32: the input of :func:`top_magnitudes`."""
+    return x.detach().abs().reshape(-1).to(torch.float32)
+
+
+def top_magnitudes(mag: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat mask of the ``k`` largest entries of the flat ``mag`` (see :func:`topk_mask`).
+
+    Callers that need several masks of one tensor (breadcrumbs' band) take the
+    magnitudes once and call this for each count.
+    """
+    n = mag.numel()
     k = max(0, min(int(k), n))
     if k == n:
-        return torch.ones_like(x, dtype=torch.bool)
+        return torch.ones_like(mag, dtype=torch.bool)
     if k == 0:
-        return torch.zeros_like(x, dtype=torch.bool)
-    mag = x.detach().abs().reshape(-1).to(torch.float32)
+        return torch.zeros_like(mag, dtype=torch.bool)
     # the k-th largest is the (n - k + 1)-th smallest
     threshold = kth_smallest(mag, n - k + 1)
     above = mag > threshold
     missing = k - int(above.sum())
     tied = (mag == threshold).nonzero().reshape(-1)[:missing]
     above[tied] = True
-    return above.reshape(x.shape)
+    return above
 
 
 # below this many entries torch.kthvalue alone is as fast as narrowing first
