@@ -195,8 +195,6 @@ def _run_stage(st: _Stage) -> RunResult:
         "wall_seconds": 0.0,
         "best_seed": None,
         "best_evaluation": None,
-        "failed": 0,
-        "first_failure": None,
     }
     flag = _Interrupt()
     with make_executor(
@@ -278,10 +276,6 @@ def _one_batch(
     results = executor.evaluate(items)
     if start == 0 and results and all(r.error for r in results):
         raise TaskError(f"every candidate of the first batch failed; first: {results[0].error}")
-    failed = [r.error for r in results if r.error]
-    if failed:
-        counters["failed"] = int(counters.get("failed", 0)) + len(failed)
-        counters["first_failure"] = counters.get("first_failure") or failed[0]
     algo.tell(recipes, [r.scores for r in results])
     events.append([_event(it, res, gen) for it, res in zip(items, results, strict=True)])
     counters["generation"] = gen + 1
@@ -339,10 +333,12 @@ def _finish(
         "evaluations": algo.evaluations,
         "wall_seconds": float(counters["wall_seconds"]),
         "seed": st.seed,
-        "failed_candidates": int(counters.get("failed", 0)),
     }
-    if counters.get("first_failure"):
-        summary["first_failure"] = counters["first_failure"]
+    # read back from events.jsonl, which resume keeps in step with the state
+    failures = [e["error"] for e in folder.events.read() if e.get("error")]
+    summary["failed_candidates"] = len(failures)
+    if failures:
+        summary["first_failure"] = failures[0]
     if best is not None:
         worker = _final_worker(local, spec)
         seed = int(counters["best_seed"] or 0)
