@@ -168,3 +168,45 @@ def test_worker_scores_a_failed_candidate_as_worst(tmp_path):
     assert "g" in ex.worker.store
     assert bad.error is not None and "missing-model" in bad.error
     assert np.all(bad.scores["toy"] == 0.0) and bad.scores["toy"].shape == (5,)
+
+
+def test_a_stored_model_merges_alike_in_memory_and_read_back_from_disk(tmp_path):
+    """Regression: a splitpoint flattens model A in A's key order, so a stored model must
+    list its tensors in one order in memory (serial) and read back from disk (process
+    workers, Ray, a resumed run); the in-memory store kept state_dict order
+    (norm.weight, norm.bias), a safetensors file reads back sorted (norm.bias, norm.weight)."""
+    torch.manual_seed(0)
+    mem = MemoryStore(tmp_path / "s")
+    for key in ("a", "b"):
+        model = tp.Tied()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_()
+        mem.put(key, model.state_dict())
+    mem.retain({"a", "b"})
+    mem.flush()
+    stores = {
+        "memory": mem,
+        "dir": DirStore(tmp_path / "s"),
+        "resumed": MemoryStore(tmp_path / "s"),
+    }
+    orders = {kind: list(store.get("a")) for kind, store in stores.items()}
+    # the module's order, as the flat fast path (m2n2_flat) and the in-memory store have it
+    assert (
+        orders["memory"] == orders["dir"] == orders["resumed"] == list(tp.Tied().state_dict())[:3]
+    )
+    # 21 floats; a split at 17 falls in norm.weight in one order and in norm.bias in the other
+    recipe = {
+        "merge_method": "splitpoint",
+        "models": [{"model": "store:a"}, {"model": "store:b"}],
+        "parameters": {"angle": "segment", "ratio": 0.3, "split": 0.8},
+    }
+    built = {}
+    for kind, store in stores.items():
+        model = build_candidate(
+            tp.Tied().requires_grad_(False), recipe, SourceMap({}, store, load_tensors), seed=0
+        )
+        built[kind] = {k: v.clone() for k, v in model.state_dict().items()}
+    for kind in ("dir", "resumed"):
+        for name, tensor in built["memory"].items():
+            assert torch.equal(tensor, built[kind][name]), (kind, name)

@@ -8,11 +8,17 @@ batch with the keys the algorithm still needs; everything else is dropped.
   writes the retained entries there at each checkpoint so a killed run can resume.
 - :class:`DirStore` keeps one ``<key>.safetensors`` file per model in a directory every
   worker reaches (process pool, Ray).
+
+A stored model lists its tensors in the order they were put (the module's ``state_dict``
+order), in memory and read back from disk alike: a ``splitpoint`` merge flattens model A
+in A's key order, so the order is part of the model. A ``.safetensors`` file reads back
+sorted by name; the file records the order in its metadata (``shoal.order``).
 """
 
 from __future__ import annotations
 
 import abc
+import json
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -20,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from shoal.errors import CheckpointError
 
@@ -69,13 +76,26 @@ def _plain(tensors: Tensors) -> Tensors:
     }
 
 
+_ORDER = "shoal.order"
+
+
 def _save_atomic(path: Path, tensors: Tensors) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata={_ORDER: json.dumps(list(tensors))})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _load(path: Path) -> Tensors:
+    """A stored model's tensors in the order they were saved (safetensors sorts by name)."""
+    with safe_open(str(path), framework="pt") as f:
+        names = list(f.keys())
+        saved = json.loads((f.metadata() or {}).get(_ORDER, "null"))
+        if isinstance(saved, list) and sorted(saved) == sorted(names):
+            names = saved  # else a file of an older version: its (sorted) file order
+        return {name: f.get_tensor(name) for name in names}
 
 
 class ModelStore(abc.ABC):
@@ -122,7 +142,7 @@ class MemoryStore(ModelStore):
         self.directory = Path(directory) if directory is not None else None
         if self.directory is not None and self.directory.is_dir():
             for f in self.directory.glob("*.safetensors"):
-                self._data[f.stem] = load_file(str(f))
+                self._data[f.stem] = _load(f)
 
     def put(self, key: str, tensors: Tensors) -> None:
         key = strip_prefix(key)
@@ -188,7 +208,7 @@ class DirStore(ModelStore):
         path = self._path(key)
         if not path.is_file():
             raise CheckpointError(f"model store: no model {key!r} in {self.directory}")
-        tensors = load_file(str(path))
+        tensors = _load(path)
         self._cache[key] = tensors
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
