@@ -8,8 +8,11 @@ exit code 2.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from importlib import import_module
+from typing import NoReturn
 
 import typer
 
@@ -52,25 +55,60 @@ for _name in _COMMAND_MODULES:
     import_module(_name).register(app)
 
 
+def _click_exception() -> type[Exception]:
+    """The base of the usage errors the installed typer raises.
+
+    typer >= 0.22 raises exceptions of its own vendored copy of click, older
+    releases click's; both are ancestors of the public ``typer.BadParameter``.
+    """
+    for cls in typer.BadParameter.__mro__:
+        if cls.__name__ == "ClickException":
+            return cls
+    raise RuntimeError("typer.BadParameter derives from no ClickException")  # pragma: no cover
+
+
+def _terminate_as_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (``timeout``, ``docker stop``, schedulers) unwinds like Ctrl-C.
+
+    Raising ``KeyboardInterrupt`` runs every ``finally`` on the way out, so
+    temporary output folders are removed and run state stays consistent.
+    """
+    raise KeyboardInterrupt
+
+
+def _abort(code: int) -> NoReturn:
+    typer.echo("aborted", err=True)
+    sys.exit(code)
+
+
 def main() -> None:
-    """Run the CLI; user errors end in one line and exit code 2."""
+    """Run the CLI: user errors end in one line on stderr and exit code 2.
+
+    A usage mistake (unknown option, missing argument) is one ``error:`` line
+    too; Ctrl-C or SIGTERM prints ``aborted`` and exits with 130.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
-        app(standalone_mode=False)
+        # non-standalone: errors come back to us instead of click printing them
+        code = app(standalone_mode=False)
     except ShoalError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
+        _abort(130)
+    except _click_exception() as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # help was printed already
             sys.exit(2)
-        raise
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        typer.echo(f"error: {exc.format_message()}{hint}", err=True)  # type: ignore[attr-defined]
+        sys.exit(2)
+    # typer returns an exit code instead of raising: 130 for Ctrl-C, N for Exit(N)
+    if code == 130:
+        _abort(130)
+    if isinstance(code, int) and code != 0:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
