@@ -36,3 +36,7 @@ class StateError(ShoalError):
 
 class TaskError(ShoalError):
     """A task definition or its data is invalid."""
+
+
+class DeviceError(ShoalError):
+    """A device name torch does not know, or a device this machine lacks."""

@@ -266,3 +266,92 @@ def test_real_process_exit_code(models, tmp_path: Path) -> None:
     assert done.returncode == 2
     _one_error_line(done.stderr, "r.yaml", "density")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["merge", "r.yaml", "out", "--sed", "3"], "--sed"),
+        (["merge", "r.yaml", "out", "--seed", "abc"], "--seed"),
+        (["merge"], "recipe"),
+        (["mrge"], "mrge"),
+    ],
+)
+def test_usage_mistakes_are_one_line(args, needle, capsys, monkeypatch) -> None:
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 2
+    _one_error_line(err, needle)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:7", "meta"])
+def test_unusable_device_is_one_line(cli, models, device: str) -> None:
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 CUDA devices")
+    code, _, err, out = cli(_ties(models), "--device", device)
+    assert code == 2
+    _one_error_line(err, "--device", repr(device))
+    _nothing_left(out)
+
+
+def test_overwrite_refuses_a_source_of_the_recipe(cli, models) -> None:
+    before = (models["a"] / "model.safetensors").read_bytes()
+    for target in (models["a"], models["a"].parent):  # the model itself, a folder holding it
+        code, _, err, _ = cli(_ties(models), "--overwrite", out=target)
+        assert code == 2
+        _one_error_line(err, str(target), "elsewhere")
+    assert (models["a"] / "model.safetensors").read_bytes() == before
+
+
+def test_repeated_yaml_key_is_refused(cli, models) -> None:
+    code, _, err, out = cli("merge_method: linear\n" + _ties(models))
+    assert code == 2
+    _one_error_line(err, "recipe.yaml:", "'merge_method' given twice")
+    _nothing_left(out)
+
+
+def test_zero_weight_sum_names_the_tensor(cli, models) -> None:
+    recipe = (
+        f"merge_method: linear\nmodels:\n  - model: {models['a']}\n    parameters: {{weight: 1}}\n"
+        f"  - model: {models['b']}\n    parameters: {{weight: -1}}\n"
+    )
+    code, _, err, out = cli(recipe)
+    assert code == 2
+    _one_error_line(err, "tensor 'lm_head.weight'", "sum to zero", "normalize: false")
+    _nothing_left(out)
+
+
+def test_leftover_of_a_killed_merge_is_removed(cli, models, tmp_path: Path) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    stale = tmp_path / f".out.tmp-{int(dead.stdout)}"  # that process has exited
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    code, _, _, out = cli(_ties(models))
+    assert code == 0 and out.is_dir()
+    assert not stale.exists()
+
+
+def test_sigterm_unwinds_and_leaves_nothing(tmp_path: Path) -> None:
+    """SIGTERM (timeout, docker stop) mid-build: 'aborted', exit 130, no output, no temp."""
+    import signal
+
+    out = tmp_path / "tb"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal.cli.main", "testbed", "build", str(out), "--size", "small"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".tb.tmp-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the build has started once its temporary tree exists
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "aborted"
+    assert list(tmp_path.iterdir()) == []

@@ -3,7 +3,9 @@
 Tensors are written as they arrive, so memory stays at one tensor. Everything goes
 to a temporary sibling directory ``.<name>.tmp-<pid>`` that is renamed onto the
 output only when the ``with`` block ends cleanly; on any error the temporary
-directory is removed and the output is left as it was.
+directory is removed and the output is left as it was. A write killed outright
+(SIGKILL, power cut) cannot clean up; the next write to the same output removes
+its leftover (:func:`remove_stale_temp_dirs`).
 
 Two modes:
 
@@ -17,6 +19,7 @@ Two modes:
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -33,6 +36,24 @@ from shoal.errors import CheckpointError, OutputExistsError
 
 Plan = dict[str, tuple[tuple[int, ...], torch.dtype]]
 _COPY_CHUNK = 16 * 1024 * 1024
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(out_dir: Path) -> None:
+    """Delete ``.<name>.tmp-<pid>`` siblings of ``out_dir`` whose process has ended."""
+    for path in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.tmp-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def shard_name(i: int, n: int) -> str:
@@ -103,6 +124,8 @@ class ShardedWriter:
     # -- lifecycle -------------------------------------------------------------------
 
     def _check_out_dir(self) -> None:
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise OutputExistsError(f"{self.out_dir}: exists and is not a directory")
         if self.out_dir.exists() and not self.overwrite:
             raise OutputExistsError(
                 f"{self.out_dir}: output exists (pass overwrite / --overwrite to replace it)"
@@ -113,6 +136,7 @@ class ShardedWriter:
         with self._cleanup_on_failure(f"{self.tmp_dir}: cannot create"):
             if self.tmp_dir.exists():  # left by a killed run with the same pid
                 shutil.rmtree(self.tmp_dir)
+            remove_stale_temp_dirs(self.out_dir)
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
             self.tmp_dir.mkdir()
             if self._plan is not None:

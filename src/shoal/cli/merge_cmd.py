@@ -20,7 +20,7 @@ def _methods_help() -> str:
     lines = []
     for spec in METHODS.values():
         params = ", ".join(spec.param_names) or "no parameters"
-        lines.append(f"  {spec.name}: {spec.help} [{params}]")
+        lines.append(f"  {spec.name}: {spec.help} ({params})")
     return "\b\n" + "\n".join(lines)
 
 
@@ -79,7 +79,9 @@ def register(app: typer.Typer) -> None:
             help="Output dtype: float32, float16, bfloat16 (default: the recipe's, else the "
             "sources').",
         ),
-        seed: int = typer.Option(0, "--seed", help="Seed of random drops (DARE)."),
+        seed: int = typer.Option(
+            0, "--seed", help="Seed of the random drops of the dare_* methods."
+        ),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
         allow_nonfinite: bool = typer.Option(
             False, "--allow-nonfinite", help="Merge inputs that hold NaN/Inf instead of refusing."
@@ -126,43 +128,42 @@ def register(app: typer.Typer) -> None:
 
         from shoal.checkpoint import layer_index, num_layers, open_checkpoint
 
+        console = Console()
         with open_checkpoint(path) as reader:
             names = [n for n in reader if filter_ is None or filter_ in n]
-            table = Table(title=str(path), show_lines=False)
-            for col, justify in (
-                ("tensor", "left"),
-                ("shape", "left"),
-                ("dtype", "left"),
-                ("layer", "right"),
-                ("size", "right"),
-            ):
-                table.add_column(col, justify=justify)  # type: ignore[arg-type]
+            rows = []
             total_params = total_bytes = 0
             dtypes: Counter[str] = Counter()
             layers: set[int] = set()
             for name in names:
-                shape = reader.shape(name)
-                dtype = reader.dtype(name)
+                dtype = str(reader.dtype(name)).removeprefix("torch.")
                 numel = reader.numel(name)
-                nbytes = numel * dtype.itemsize
+                nbytes = numel * reader.dtype(name).itemsize
                 layer = layer_index(name)
                 total_params += numel
                 total_bytes += nbytes
-                dtypes[str(dtype).removeprefix("torch.")] += 1
+                dtypes[dtype] += 1
                 if layer is not None:
                     layers.add(layer)
-                table.add_row(
-                    name,
-                    "×".join(str(d) for d in shape) or "scalar",
-                    str(dtype).removeprefix("torch."),
-                    "" if layer is None else str(layer),
-                    _format_bytes(nbytes),
+                shape = "×".join(str(d) for d in reader.shape(name)) or "scalar"
+                rows.append(
+                    (name, shape, dtype, "" if layer is None else str(layer), _format_bytes(nbytes))
                 )
-            console = Console()
-            console.print(table)
+            columns = ("tensor", "shape", "dtype", "layer", "size")
+            if console.is_terminal:
+                table = Table(title=str(path), show_lines=False)
+                for col in columns:
+                    table.add_column(col, justify="right" if col in ("layer", "size") else "left")
+                for row in rows:
+                    table.add_row(*row)
+                console.print(table)
+            else:  # piped: whole names, tab-separated, for grep / cut / awk
+                typer.echo("\t".join(columns))
+                for row in rows:
+                    typer.echo("\t".join(row))
             declared = num_layers(reader.config) if reader.config else None
             model_type = (reader.config or {}).get("model_type", "?")
-            console.print(
+            typer.echo(
                 f"{len(names)} tensors, {total_params:,} parameters, "
                 f"{_format_bytes(total_bytes)}; layers: {len(layers)}"
                 + (f" (config: {declared})" if declared is not None else "")

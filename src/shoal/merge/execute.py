@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from shoal.checkpoint import check_finite
-from shoal.errors import CheckpointError
+from shoal.errors import CheckpointError, MergeError
 from shoal.merge.methods import SplitContext, apply_method
 from shoal.merge.plan import MergePlan, TensorPlan
 from shoal.merge.sources import TensorSource
@@ -138,7 +138,10 @@ def merged_tensor(
     tensors = [_read(sources, i.model, i.name, device, allow_nonfinite) for i in tp.inputs]
     generator = torch.Generator(device=device)
     generator.manual_seed(tensor_seed(seed, tp.name))
-    out = apply_method(plan.method, tp, base, tensors, generator, split)
+    try:
+        out = apply_method(plan.method, tp, base, tensors, generator, split)
+    except MergeError as exc:  # an operator knows the numbers, not the tensor
+        raise MergeError(f"tensor {tp.name!r}: {exc}") from None
     return out.to(tp.dtype)
 
 

@@ -117,7 +117,7 @@ def resolve_model_path(ref: str, recipe: Recipe) -> Path:
         candidates = [path]
     else:
         candidates = [Path.cwd() / path]
-        if recipe.source_dir is not None:
+        if recipe.source_dir is not None and recipe.source_dir != Path.cwd():
             candidates.append(recipe.source_dir / path)
     for candidate in candidates:
         if candidate.exists():

@@ -7,7 +7,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from shoal._devices import resolve_device
 from shoal.checkpoint import ShardedWriter, copy_model_files, parse_size, with_num_layers
+from shoal.errors import OutputExistsError
 from shoal.merge.card import model_card
 from shoal.merge.execute import iter_merged
 from shoal.merge.plan import MergePlan, build_plan
@@ -20,6 +22,28 @@ def _model_dir(ref: str, recipe: Recipe, sources: Mapping[str, TensorSource]) ->
     if not isinstance(path, Path):
         path = resolve_model_path(ref, recipe)
     return path if path.is_dir() else None
+
+
+def _refuse_source_as_output(
+    out: Path, recipe: Recipe, sources: Mapping[str, TensorSource]
+) -> None:
+    """Refuse an ``out`` that is, or holds, one of the recipe's own models.
+
+    ``--overwrite`` replaces ``out`` only after the merge; a source inside it
+    would be deleted by the very merge that reads it.
+    """
+    if not out.exists():
+        return
+    target = out.resolve()
+    for ref in recipe.model_refs():
+        path = getattr(sources.get(ref), "path", None)
+        if not isinstance(path, Path):
+            continue
+        path = path.resolve()
+        if path == target or target in path.parents:
+            raise OutputExistsError(
+                f"{out}: holds the recipe's model {ref!r} ({path}); write the merge elsewhere"
+            )
 
 
 def _config_updates(
@@ -82,11 +106,13 @@ def merge(
     """
     from shoal import __version__
 
+    resolve_device(device)
     recipe = load_recipe(recipe)
     out = Path(out_dir)
     max_bytes = parse_size(out_shard_size)
     sources, opened = open_sources(recipe)
     try:
+        _refuse_source_as_output(out, recipe, sources)
         plan = build_plan(recipe, sources, dtype=dtype)
         out_dtype = dtype or recipe.output_dtype()
         ref_dir = _model_dir(plan.reference, recipe, sources)

@@ -36,6 +36,8 @@ def linear(
     if normalize:
         total = sum(w)
         if abs(total) < ZERO_GUARD:
-            raise MergeError(f"linear merge: weights {w} sum to zero, cannot normalize")
+            raise MergeError(
+                f"linear merge: weights {w} sum to zero, cannot normalize (set normalize: false)"
+            )
         out = out / total
     return out

@@ -39,6 +39,8 @@ def task_arithmetic(
     delta = (weight_column(w, b.ndim, b.device) * (x - b)).sum(0)
     if normalize:
         if abs(sum(w)) < ZERO_GUARD:
-            raise MergeError(f"task_arithmetic: weights {w} sum to zero, cannot normalize")
+            raise MergeError(
+                f"task_arithmetic: weights {w} sum to zero, cannot normalize (set normalize: false)"
+            )
         delta = delta / sum(w)
     return b + lam * delta

@@ -38,6 +38,7 @@ _LAZY = {
     "is_pre_tensor": "shoal.recipe.params",
     "load_recipe": "shoal.recipe.load",
     "method_spec": "shoal.recipe.methods",
+    "parse_yaml": "shoal.recipe.load",
     "position": "shoal.recipe.params",
     "resolve": "shoal.recipe.params",
 }
@@ -57,12 +58,13 @@ __all__ = [
     "is_pre_tensor",
     "load_recipe",
     "method_spec",
+    "parse_yaml",
     "position",
     "resolve",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from shoal.recipe.load import load_recipe
+    from shoal.recipe.load import load_recipe, parse_yaml
     from shoal.recipe.methods import METHODS, MethodSpec, ParamSpec, method_spec
     from shoal.recipe.params import evaluate, interpolate, is_pre_tensor, position, resolve
     from shoal.recipe.schema import (

@@ -76,11 +76,43 @@ def _read_source(source: str | Path | Mapping[str, Any]) -> tuple[Any, Path | No
     else:
         text = str(source)
     label = str(path) if path else "recipe"
+    return parse_yaml(text, label), (path.resolve().parent if path else None), label
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping.
+
+    YAML says keys are unique, but PyYAML silently keeps the last one, so a recipe
+    with two ``merge_method:`` lines would run with the second.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice", mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, label: str) -> Any:
+    """Parse YAML ``text``; a syntax error or a repeated key is one :class:`RecipeError` line.
+
+    Args:
+        text: The YAML document.
+        label: The file name (or ``"recipe"``) the error message starts with.
+    """
     try:
-        data = yaml.safe_load(text)
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: safe
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{label}: not valid YAML: {' '.join(str(exc).split())}") from None
-    return data, (path.resolve().parent if path else None), label
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"{label}{where}: not valid YAML: {' '.join(problem.split())}") from None
 
 
 def _check_structure(recipe: Recipe, method: MethodSpec) -> None:

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from shoal._devices import resolve_device
+from shoal.checkpoint import remove_stale_temp_dirs
 from shoal.errors import OutputExistsError
 from shoal.testbed.sizes import TestbedSize, get_size
 from shoal.testbed.skills import SKILLS, SPLITS, make_splits
@@ -135,7 +137,9 @@ def build_testbed(
     """
     out = Path(out_dir)
     preset = get_size(size) if isinstance(size, str) else size
+    resolve_device(device)
     prepare_target(out, overwrite)
+    remove_stale_temp_dirs(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shoal._devices import resolve_device
 from shoal.testbed.load import load_testbed
 
 __all__ = ["TestbedReport", "report_testbed"]
@@ -110,6 +111,7 @@ def report_testbed(
     """
     from transformers import AutoModelForCausalLM
 
+    resolve_device(device)
     started = time.perf_counter()
     bed = load_testbed(path)
     tokenizer = bed.tokenizer()
