@@ -17,9 +17,9 @@ NAMES = ("base", "expert-chain_sum", "expert-spell_backward", "expert-gcd")
 
 @pytest.fixture(scope="module")
 def testbed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory holding `testbed/<model>` like `shoal testbed build testbed` makes."""
+    """A directory holding `testbed/<model>` like `shoal testbed build .testbed/small` makes."""
     root = tmp_path_factory.mktemp("examples")
-    build_family(root / "testbed", llama_config(layers=3), NAMES)
+    build_family(root / ".testbed" / "small", llama_config(layers=3), NAMES)
     return root
 
 
