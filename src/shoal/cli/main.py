@@ -58,7 +58,7 @@ for _name in _COMMAND_MODULES:
 def _click_exception() -> type[Exception]:
     """The base of the usage errors the installed typer raises.
 
-    typer >= 0.22 raises exceptions of its own vendored copy of click, older
+    Recent typer releases raise exceptions of their own vendored copy of click, older
     releases click's; both are ancestors of the public ``typer.BadParameter``.
     """
     for cls in typer.BadParameter.__mro__:
