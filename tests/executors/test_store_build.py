@@ -210,3 +210,46 @@ def test_a_stored_model_merges_alike_in_memory_and_read_back_from_disk(tmp_path)
     for kind in ("dir", "resumed"):
         for name, tensor in built["memory"].items():
             assert torch.equal(tensor, built[kind][name]), (kind, name)
+
+
+def test_a_source_file_and_a_stored_copy_split_alike(tmp_path):
+    """A splitpoint flattens model A in A's key order: a seed read from a safetensors
+    file (names sorted: norm.bias first) must split where the same weights split when
+    they come back from the store (module order: norm.weight first)."""
+    from safetensors.torch import save_file
+
+    from shoal.executors.store import distinct_tensors
+
+    torch.manual_seed(0)
+    parents = {}
+    for key in ("a", "b"):
+        model = tp.Tied()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_()
+        parents[key] = distinct_tensors(model.state_dict())
+        save_file(
+            {k: v.contiguous() for k, v in parents[key].items()}, tmp_path / f"{key}.safetensors"
+        )
+    spec = WorkerSpec(
+        loader={"type": "callable", "target": "toy_problem:Tied", "options": {}},
+        models={k: str(tmp_path / f"{k}.safetensors") for k in parents},
+        base_model=None,
+        tasks=[],
+    )
+    worker = Worker(spec)
+    assert list(load_tensors(str(tmp_path / "a.safetensors")))[:2] == ["embed.weight", "norm.bias"]
+    for key, tensors in parents.items():
+        worker.store.put(key, tensors)
+    built = {}
+    for kind, (a, b) in {"files": ("a", "b"), "store": ("store:a", "store:b")}.items():
+        recipe = {
+            "merge_method": "splitpoint",
+            "models": [{"model": a}, {"model": b}],
+            # 21 floats; a split at 17 falls in norm.weight in one order, norm.bias in the other
+            "parameters": {"angle": "segment", "ratio": 0.3, "split": 0.8},
+        }
+        model = worker.build(recipe, seed=0)
+        built[kind] = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, tensor in built["store"].items():
+        assert torch.equal(tensor, built["files"][name]), name

@@ -42,8 +42,20 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_untied(tied: frozenset[str], path: str) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in load_tensors(path).items() if k not in tied}
+def _load_in_model_order(
+    order: tuple[str, ...], tied: frozenset[str], path: str
+) -> dict[str, torch.Tensor]:
+    """A source's tensors in the resident model's order, its tied aliases left out.
+
+    A file lists its tensors in its own order (safetensors: by name), a stored model
+    in the module's; a ``splitpoint`` flattens model A in A's key order, so every
+    source is put in the module's order for a split to mean the same on any parent.
+    Names the model lacks follow in file order.
+    """
+    loaded = load_tensors(path)
+    ordered = {k: loaded[k] for k in order if k in loaded}
+    ordered.update((k, v) for k, v in loaded.items() if k not in ordered and k not in tied)
+    return ordered
 
 
 class Worker:
@@ -73,8 +85,11 @@ class Worker:
         # stored models keep it under the first (distinct_tensors), so sources drop the
         # others too, whether save_pretrained left them out or torch.save kept them
         resident = self.model.state_dict(keep_vars=True)
-        tied = frozenset(resident) - frozenset(distinct_tensors(resident))
-        self.sources = SourceMap(spec.models, self.store, functools.partial(_load_untied, tied))
+        order = tuple(distinct_tensors(resident))
+        tied = frozenset(resident) - frozenset(order)
+        self.sources = SourceMap(
+            spec.models, self.store, functools.partial(_load_in_model_order, order, tied)
+        )
         self._env = TaskEnv(tokenizer=self.tokenizer, root=spec.root, device=spec.device)
         self.tasks: dict[str, Task] = {}
         for t in spec.tasks:
