@@ -170,7 +170,8 @@ def test_bad_baseline_recipe_fails_before_the_search(tmp_path, sources):
     from shoal.errors import RecipeError
 
     typo = {"merge_method": "linear", "models": [{"model": "zer0", "parameters": {"weight": 1}}]}
-    with pytest.raises(RecipeError, match=r"baselines\.typo: unknown model 'zer0'"):
+    typo_key = r"baselines\.typo\.models\[0\]\.model: unknown model 'zer0'"
+    with pytest.raises(RecipeError, match=typo_key):
         evolve(tp.toy_config(sources, baselines={"typo": typo}), tmp_path / "run")
     assert not (tmp_path / "run" / "config.yaml").exists()  # nothing written
     bad = {"merge_method": "lineer", "models": [{"model": "zero"}]}

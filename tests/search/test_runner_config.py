@@ -73,8 +73,12 @@ def test_bad_config_names_the_key(change, match):
 
 def test_bad_yaml_and_missing_file(tmp_path: Path):
     (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
-    with pytest.raises(RecipeError, match=r"bad\.yaml: not valid YAML"):
+    with pytest.raises(RecipeError, match=r"bad\.yaml:2:1: not valid YAML") as info:
         load_config(tmp_path / "bad.yaml")
+    assert "\n" not in str(info.value)  # one line
+    (tmp_path / "twice.yaml").write_text("seed: 0\nmodels: {}\nseed: 1\n")
+    with pytest.raises(RecipeError, match=r"twice\.yaml:3:1: .*'seed' given twice"):
+        load_config(tmp_path / "twice.yaml")
     with pytest.raises(RecipeError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
 
@@ -138,3 +142,14 @@ def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
     # --set alone (no CONFIG, as on the command line) is checked against the saved config
     with pytest.raises(StateError, match="budget"):
         evolve(None, tmp_path / "run", resume=True, overrides=["budget.evaluations=99"])
+
+
+def test_loader_model_path_resolves_against_the_config(tmp_path: Path):
+    (tmp_path / "m").mkdir()
+    loader = {"type": "hf-causal-lm", "model": "m"}
+    cfg = load_config(_cfg(loader=loader), root=tmp_path)
+    assert cfg.loader.model == str(tmp_path.resolve() / "m")
+    # a model name stays a name; so does a path that is not there (the run check names it)
+    for name in ("zero", "nowhere"):
+        cfg = load_config(_cfg(loader={**loader, "model": name}), root=tmp_path)
+        assert cfg.loader.model == name

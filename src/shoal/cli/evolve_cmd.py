@@ -33,7 +33,9 @@ test tasks, the algorithm (or `stages:`), a budget, the executor and a seed.
     shoal evolve ps.yaml --run-dir runs/ps --resume     # after Ctrl-C or a kill
 
 Run folder: config.yaml, state.json, events.jsonl, store/, best/, summary.json,
-report/. Ctrl-C stops after the batch in flight (resumable); twice aborts.
+report/. Ctrl-C stops after the batch in flight (resumable); twice aborts. Models,
+tasks and algorithm are checked before anything is written; an error before the
+first batch is saved leaves the run folder as it was, so fix CONFIG and rerun.
 """
 
 

@@ -24,7 +24,7 @@ def write_report(run_dir: str | Path) -> Path:
     """(Re)draw ``RUN_DIR/report/`` from the run folder; returns its path.
 
     Raises:
-        StateError: If ``run_dir`` holds no run.
+        StateError: If ``run_dir`` holds no run, or one of its files does not parse.
     """
     data = load_run(run_dir)
     out = Path(run_dir) / "report"

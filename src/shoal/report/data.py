@@ -35,7 +35,8 @@ def load_run(run_dir: str | Path) -> RunData:
     """Load events and summary of a run folder (single or multi-stage).
 
     Raises:
-        StateError: If the folder holds no run.
+        StateError: If the folder holds no run, or a file of it does not parse (one line
+            naming the file; a torn last line of ``events.jsonl`` is left out).
     """
     folder = RunFolder(run_dir)
     if not folder.config.is_file() and not folder.events.path.is_file():
@@ -52,9 +53,17 @@ def load_run(run_dir: str | Path) -> RunData:
         stage_dirs.extend((n, folder.stage(n)) for n in names)
     events: list[dict[str, Any]] = []
     for name, sf in stage_dirs:
-        for e in sf.events.read():
+        for n, e in enumerate(sf.events.read(), 1):
+            _check_event(e, f"{sf.events.path}:{n}")
             events.append({**e, "stage": name, "step": len(events)})
     return RunData(folder.root, events, summary, [n for n, _ in stage_dirs])
+
+
+def _check_event(event: dict[str, Any], where: str) -> None:
+    """The fields the plots read are there, with the right types."""
+    for key, kind in (("fitness", (int, float)), ("means", dict), ("recipe", dict)):
+        if not isinstance(event.get(key), kind) or isinstance(event.get(key), bool):
+            raise StateError(f"{where}: event lacks {key!r} (or it has the wrong type)")
 
 
 def numeric_leaves(obj: Any, prefix: str = "") -> dict[str, float]:

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shoal.errors import RecipeError
+from shoal.recipe.load import parse_yaml
 
 __all__ = [
     "Budget",
@@ -276,10 +277,7 @@ def load_config(
         name = str(path)
         if not path.is_file():
             raise RecipeError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{path}: not valid YAML ({exc})") from None
+        data = parse_yaml(path.read_text(encoding="utf-8", errors="replace"), str(path))
         default_root = Path(root) if root is not None else path.resolve().parent
     if not isinstance(data, dict):
         raise RecipeError(f"{name}: expected a mapping at the top level")
@@ -291,4 +289,7 @@ def load_config(
         raise _format_error(exc, name) from None
     # model paths are made absolute once so the resolved config is self-contained
     config.models = {k: str(config.resolve(v)) for k, v in config.models.items()}
+    model = config.loader.model
+    if model is not None and model not in config.models and config.resolve(model).exists():
+        config.loader.model = str(config.resolve(model))  # a path, not a name
     return config

@@ -1,16 +1,30 @@
-"""Building the :class:`SearchContext` an algorithm is constructed with, and filling the
-algorithm registry (every algorithm module is imported so ``ALGORITHMS`` is complete)."""
+"""Building the :class:`SearchContext` an algorithm is constructed with, filling the
+algorithm registry (every algorithm module is imported so ``ALGORITHMS`` is complete), and
+constructing an algorithm from its config block."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from shoal.search.base import SearchContext
+from shoal.errors import RecipeError, ShoalError
+from shoal.search.base import ALGORITHMS, Algorithm, SearchContext
 
-__all__ = ["ALGORITHM_MODULES", "build_context", "import_algorithms"]
+if TYPE_CHECKING:
+    from shoal.search.config import RunConfig
+
+__all__ = [
+    "ALGORITHM_MODULES",
+    "algorithm_class",
+    "algorithm_key",
+    "build_context",
+    "import_algorithms",
+    "make_algorithm",
+    "prefix_error",
+]
 
 #: modules that register algorithms (missing ones are skipped: parts being written)
 ALGORITHM_MODULES = (
@@ -22,6 +36,8 @@ ALGORITHM_MODULES = (
     "shoal.search.random_search",
 )
 
+E = TypeVar("E", bound=ShoalError)
+
 
 def import_algorithms() -> None:
     """Import every module that registers an algorithm."""
@@ -31,6 +47,60 @@ def import_algorithms() -> None:
         except ModuleNotFoundError as exc:
             if exc.name != name:
                 raise
+
+
+def prefix_error(exc: E, where: str) -> E:
+    """``exc`` with ``where: `` in front of its message, unless it names ``where`` already."""
+    text = str(exc)
+    if text.startswith((f"{where}:", f"{where}.", f"{where}[")):
+        return exc
+    return type(exc)(f"{where}: {text}")
+
+
+def algorithm_key(config: RunConfig, index: int) -> str:
+    """Config key of the algorithm block of stage ``index``, for messages."""
+    return "algorithm" if config.stages is None else f"stages[{index}].algorithm"
+
+
+def algorithm_class(name: str, where: str = "algorithm") -> type[Algorithm]:
+    """The registered algorithm called ``name``.
+
+    Raises:
+        RecipeError: Unknown name, naming ``<where>.name`` and the known ones.
+    """
+    import_algorithms()
+    if name not in ALGORITHMS:
+        known = ", ".join(sorted(ALGORITHMS)) or "none registered"
+        raise RecipeError(f"{where}.name: unknown algorithm {name!r} (known: {known})")
+    return ALGORITHMS[name]
+
+
+def make_algorithm(
+    config: RunConfig,
+    block: Mapping[str, Any],
+    models: dict[str, str],
+    seed: int,
+    task_sizes: dict[str, int] | None = None,
+    *,
+    label: str | None = None,
+    where: str = "algorithm",
+) -> Algorithm:
+    """Construct the algorithm of one block (``name`` plus options) for a stage.
+
+    Raises:
+        RecipeError: Unknown name, option or bad value, naming ``<where>.<key>``.
+    """
+    options = dict(block)
+    cls = algorithm_class(str(options.pop("name")), where)
+    context = build_context(config, models, seed, task_sizes, stage=label)
+    try:
+        return cls.from_config(options, context)
+    except RecipeError as exc:
+        # algorithms name their options `algorithm.<key>`; a stage's block lives elsewhere
+        text = str(exc)
+        if where == "algorithm" or not text.startswith("algorithm."):
+            raise
+        raise RecipeError(where + text[len("algorithm") :]) from None
 
 
 def _layers(path: Path) -> int | None:
@@ -59,7 +129,7 @@ def _tensors(config: Any, models: dict[str, str]) -> dict[str, int]:
     try:
         with open_checkpoint(models[first]) as reader:
             return {k: reader.numel(k) for k in reader}
-    except Exception:  # cheap metadata only; an unreadable model errors later with context
+    except Exception:  # check_run read the headers; a later stage's model may not exist yet
         return {}
 
 

@@ -4,13 +4,15 @@
 the last completed batch), ``events.jsonl`` (one line per evaluated candidate),
 ``store/``, ``best/``, ``summary.json``, ``report/``. A multi-stage run keeps one such
 folder per stage under ``stages/<name>/`` and a top-level summary.
+
+Reading is forgiving only where a kill leaves a mark: a torn last line of ``events.jsonl``
+is left out. Any other file that does not parse is a :class:`StateError` naming it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,33 +51,51 @@ class EventLog:
             os.fsync(fh.fileno())
 
     def read(self) -> list[dict[str, Any]]:
-        """Every complete event line (a torn last line is ignored)."""
-        return list(self._iter())
+        """Every complete event line (a torn last line is ignored).
 
-    def _iter(self) -> Iterator[dict[str, Any]]:
+        Raises:
+            StateError: A line before the last is not a JSON object (naming file and line).
+        """
+        return self._scan()[0]
+
+    def _scan(self) -> tuple[list[dict[str, Any]], bool]:
+        """The events, and whether a torn last line (a killed run's partial write) was left out."""
         if not self.path.is_file():
-            return
-        with self.path.open(encoding="utf-8") as fh:
-            for line in fh:
-                if not line.endswith("\n"):
-                    return  # torn write of a killed run
-                yield json.loads(line)
+            return [], False
+        with self.path.open(encoding="utf-8", errors="replace") as fh:
+            lines = fh.readlines()
+        events: list[dict[str, Any]] = []
+        for n, line in enumerate(lines, 1):
+            event = _event_line(line)
+            if event is None and n == len(lines):
+                return events, True
+            if event is None:
+                raise StateError(f"{self.path}:{n}: not an event line (a JSON object)")
+            events.append(event)
+        return events, False
 
     def truncate(self, count: int) -> None:
         """Keep the first ``count`` events (those the saved state knows), atomically."""
-        events = self.read()
+        events, torn = self._scan()
         if len(events) < count:
             raise StateError(
                 f"{self.path}: holds {len(events)} events but the saved state counts {count}"
             )
-        if len(events) == count and self.path.is_file() and self._clean_end():
+        if len(events) == count and self.path.is_file() and not torn:
             return
         text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in events[:count])
         write_atomic(self.path, text)
 
-    def _clean_end(self) -> bool:
-        data = self.path.read_bytes()
-        return not data or data.endswith(b"\n")
+
+def _event_line(line: str) -> dict[str, Any] | None:
+    """The event a line holds; ``None`` for a partial or corrupt line."""
+    if not line.endswith("\n"):
+        return None
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) else None
 
 
 class RunFolder:
@@ -117,22 +137,38 @@ class RunFolder:
         return RunFolder(self.root / "stages" / name)
 
     def read_state(self) -> dict[str, Any] | None:
-        """The saved state, or ``None`` if there is none."""
-        if not self.state.is_file():
-            return None
-        try:
-            data: dict[str, Any] = json.loads(self.state.read_text())
-        except json.JSONDecodeError as exc:
-            raise StateError(f"{self.state}: not valid JSON ({exc.msg})") from None
-        return data
+        """The saved state, or ``None`` if there is none.
+
+        Raises:
+            StateError: The file is not a JSON object (one line naming it).
+        """
+        return _read_json(self.state)
 
     def write_state(self, state: dict[str, Any]) -> None:
         """Save the state atomically."""
         write_atomic(self.state, json.dumps(state, sort_keys=True))
 
     def read_summary(self) -> dict[str, Any] | None:
-        """The summary, or ``None``."""
-        if not self.summary.is_file():
-            return None
-        data: dict[str, Any] = json.loads(self.summary.read_text())
-        return data
+        """The summary, or ``None``.
+
+        Raises:
+            StateError: The file is not a JSON object (one line naming it).
+        """
+        return _read_json(self.summary)
+
+    def has_state(self) -> bool:
+        """Whether any batch of the run (of any stage) was saved."""
+        return self.state.is_file() or any((self.root / "stages").glob("*/state.json"))
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or ``None`` if there is no such file."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except json.JSONDecodeError as exc:
+        raise StateError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise StateError(f"{path}: expected a JSON object")
+    return data

@@ -6,7 +6,9 @@ executor returns per-example scores; the algorithm is told; one event line per c
 is appended to ``events.jsonl``; models the algorithm still refers to are made durable in
 the store; the state is written atomically; then unreferenced store entries are dropped.
 A killed run resumes from the last written state (extra event lines are cut) and ends
-exactly as an uninterrupted one would.
+exactly as an uninterrupted one would. Before anything is written the config is checked as
+far as it can be without evaluating a candidate (:func:`~shoal.search.preflight.check_run`);
+an error before the first batch is saved leaves the run folder as it was.
 
 Stops on: evaluation budget, wall time, target fitness, the algorithm's ``stop()``, or
 Ctrl-C (the batch in flight finishes and is saved; a second Ctrl-C aborts at once).
@@ -14,6 +16,8 @@ Ctrl-C (the batch in flight finishes and is saved; a second Ctrl-C aborts at onc
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import threading
 import time
@@ -25,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from shoal.errors import OutputExistsError, RecipeError, StateError, TaskError
+from shoal.errors import OutputExistsError, RecipeError, ShoalError, StateError, TaskError
 from shoal.executors import (
     WorkerSpec,
     WorkItem,
@@ -35,10 +39,11 @@ from shoal.executors import (
     open_store,
 )
 from shoal.executors.worker import Worker
-from shoal.search.base import ALGORITHMS, Algorithm, Best, store_key, store_ref
+from shoal.search.base import Algorithm, Best, store_key, store_ref
 from shoal.search.config import Budget, RunConfig, load_config
-from shoal.search.context import build_context, import_algorithms
+from shoal.search.context import algorithm_key, make_algorithm, prefix_error
 from shoal.search.export import export_model, replace_dir
+from shoal.search.preflight import check_run
 from shoal.search.progress import RunProgress
 from shoal.search.run_folder import RunFolder, write_atomic
 
@@ -147,13 +152,12 @@ class _Stage:
     progress: bool
     label: str
     ray_init: dict[str, Any] | None = None
+    key: str = "algorithm"  # config key of the algorithm block, for messages
 
 
 def _worker_spec(st: _Stage, store: dict[str, Any]) -> WorkerSpec:
     cfg = st.config
     workers = cfg.executor.workers if st.executor != "serial" else 1
-    import os
-
     threads = max(1, (os.cpu_count() or 1) // workers) if st.executor != "serial" else None
     return WorkerSpec(
         loader=cfg.loader.model_dump(mode="json"),
@@ -169,14 +173,9 @@ def _worker_spec(st: _Stage, store: dict[str, Any]) -> WorkerSpec:
 
 
 def _make_algorithm(st: _Stage, task_sizes: dict[str, int]) -> Algorithm:
-    import_algorithms()
-    block = dict(st.block)
-    name = block.pop("name")
-    if name not in ALGORITHMS:
-        known = ", ".join(sorted(ALGORITHMS)) or "none registered"
-        raise RecipeError(f"algorithm.name: unknown algorithm {name!r} (known: {known})")
-    context = build_context(st.config, st.models, st.seed, task_sizes, stage=st.label)
-    return ALGORITHMS[name].from_config(block, context)
+    return make_algorithm(
+        st.config, st.block, st.models, st.seed, task_sizes, label=st.label, where=st.key
+    )
 
 
 def _run_stage(st: _Stage) -> RunResult:
@@ -394,8 +393,10 @@ def _prepare_folder(
                     f"({', '.join(changed)} differ); resume without CONFIG/--set, "
                     "or start a new --run-dir"
                 )
-        _validate_tasks(saved)  # task files may have moved since the run started
+        _check(saved, str(folder.config))  # models or task files may have moved since
         return saved
+    if folder.root.exists() and not folder.root.is_dir():
+        raise OutputExistsError(f"{folder.root}: exists and is not a folder")
     if folder.config.exists() or folder.state.exists():
         raise OutputExistsError(
             f"{folder.root}: already holds a run; pass --resume to continue it "
@@ -404,8 +405,7 @@ def _prepare_folder(
     if config is None:
         raise RecipeError("no config given")
     cfg = _given_config(config, overrides)
-    _validate_tasks(cfg)  # before anything is written: a bad config leaves no run folder
-    _validate_baselines(cfg)
+    _check(cfg, _source_name(config))  # before anything is written
     write_atomic(folder.config, cfg.to_yaml())
     return cfg
 
@@ -419,38 +419,53 @@ def _given_config(config: Any, overrides: Sequence[str]) -> RunConfig:
     return config
 
 
-def _validate_baselines(cfg: RunConfig) -> None:
-    """Named baseline recipes are checked before the search, not after it."""
-    from shoal.recipe import load_recipe
+def _source_name(config: Any) -> str:
+    """How messages name the config: its file, as :func:`load_config` does."""
+    return str(Path(config)) if isinstance(config, str | Path) else "config"
 
-    if not isinstance(cfg.baselines, dict):
-        return
-    # a model reference is a config model, an earlier stage's result, or a path
-    known = set(cfg.models) | {s.name for s in cfg.stages or []}
-    for name, recipe in cfg.baselines.items():
-        where = f"baselines.{name}"
-        if set(recipe) != {"model"}:
+
+def _check(cfg: RunConfig, source: str) -> None:
+    """:func:`check_run`, its errors prefixed with the config file (``runs.yaml: ...``)."""
+    try:
+        check_run(cfg)
+    except ShoalError as exc:
+        raise prefix_error(exc, source) from None
+
+
+@contextmanager
+def _undo_unless_saved(folder: RunFolder) -> Iterator[None]:
+    """On any error before a batch of the run is saved, remove what this call created.
+
+    The folder is then as it was (absent, for a new run), so the user can fix the config
+    and run the same command again. Once a batch is saved, the folder is kept: it resumes.
+    """
+    root = Path(os.path.abspath(folder.root))
+    missing = [p for p in (root, *root.parents) if not p.exists()]  # innermost first
+    before = set(root.iterdir()) if root.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        if not folder.has_state():
+            _remove_new(root, missing, before)
+        raise
+
+
+def _remove_new(root: Path, missing: list[Path], before: set[Path]) -> None:
+    if missing:
+        shutil.rmtree(root, ignore_errors=True)
+        for parent in missing[1:]:  # folders made on the way, unless now in use
             try:
-                load_recipe(recipe)
-            except RecipeError as exc:
-                raise RecipeError(f"{where}: {exc}") from None
-        named = [m.get("model") for m in recipe.get("models", []) if isinstance(m, dict)]
-        named += [recipe.get("base_model"), recipe.get("model")]
-        refs = {str(r) for r in named if r is not None}
-        unknown = sorted(r for r in refs if r not in known and not cfg.resolve(r).exists())
-        if unknown:
-            raise RecipeError(
-                f"{where}: unknown model {unknown[0]!r} (known: {', '.join(cfg.models)})"
-            )
-
-
-def _validate_tasks(cfg: RunConfig) -> None:
-    import shoal.executors.testbed_task  # noqa: F401  (registers `testbed`)
-    from shoal.tasks.registry import validate_task_spec
-
-    for split in ("fitness", "test"):
-        for i, spec in enumerate(getattr(cfg.tasks, split)):
-            validate_task_spec(spec, f"tasks.{split}[{i}]")
+                parent.rmdir()
+            except OSError:
+                break
+        return
+    if not root.is_dir():
+        return
+    for path in set(root.iterdir()) - before:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def evolve(
@@ -464,6 +479,10 @@ def evolve(
     ray_init: dict[str, Any] | None = None,
 ) -> RunResult:
     """Run (or resume) an evolutionary search described by a config.
+
+    Everything that can be checked without evaluating a candidate (see
+    :func:`~shoal.search.preflight.check_run`) is checked before the run folder is written,
+    and an error before the first batch is saved leaves the folder as it was.
 
     Args:
         config: Config file, mapping or :class:`RunConfig` (ignored on resume: the run
@@ -479,17 +498,24 @@ def evolve(
         The :class:`RunResult` of the last stage run (``summary`` holds the run summary).
 
     Raises:
-        RecipeError / TaskError / StateError / OutputExistsError: Bad config, tasks or folder.
+        ShoalError: Bad config, model, tasks or folder (RecipeError, CheckpointError,
+            MergeError, TaskError, StateError, OutputExistsError), naming the config file
+            and key.
     """
     folder = RunFolder(run_dir)
-    cfg = _prepare_folder(folder, config, overrides, resume)
-    kind = executor or cfg.executor.type
-    show = cfg.progress if progress is None else progress
+    with _undo_unless_saved(folder):
+        cfg = _prepare_folder(folder, config, overrides, resume)
+        show = cfg.progress if progress is None else progress
+        return _run_stages(folder, cfg, executor or cfg.executor.type, show, ray_init)
+
+
+def _run_stages(
+    folder: RunFolder, cfg: RunConfig, kind: str, show: bool, ray_init: dict[str, Any] | None
+) -> RunResult:
     models = dict(cfg.models)
-    blocks = cfg.algorithm_blocks()
     stage_results: list[RunResult] = []
     result: RunResult | None = None
-    for i, (name, block, budget) in enumerate(blocks):
+    for i, (name, block, budget) in enumerate(cfg.algorithm_blocks()):
         sfolder = folder if name is None else folder.stage(name)
         seed = (
             cfg.seed
@@ -519,6 +545,7 @@ def evolve(
                 show,
                 name or str(block["name"]),
                 ray_init,
+                algorithm_key(cfg, i),
             )
             result = _run_stage(stage)
         stage_results.append(result)

@@ -1,0 +1,193 @@
+"""Checking a run config before anything of the run is written.
+
+:func:`check_run` does every check that needs no candidate to be evaluated: task specs and
+named baselines; each source model's (and baseline path's) checkpoint headers, and that a
+tensor name has one shape across them; the device; the loader's model; building every task
+(fitness and test); each algorithm block's name and options; constructing the first
+algorithm. A user mistake is one :class:`~shoal.errors.ShoalError` naming the config key
+(and the file at fault). What it cannot see: NaN weights (that would read every tensor;
+the first batch finds them) and later stages' models, which earlier stages make.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shoal._devices import resolve_device
+from shoal.errors import CheckpointError, MergeError, RecipeError, ShoalError, TaskError
+from shoal.search.base import validate_options
+from shoal.search.context import algorithm_class, algorithm_key, make_algorithm, prefix_error
+
+if TYPE_CHECKING:
+    from shoal.search.config import RunConfig
+
+__all__ = ["check_run"]
+
+
+def check_run(config: RunConfig) -> None:
+    """Check everything a run needs that no evaluation is needed for.
+
+    Later stages, whose models include earlier stages' results, get their algorithm name
+    and options checked; the first stage's algorithm is constructed.
+
+    Raises:
+        ShoalError: The first problem, naming the config key and the file at fault.
+    """
+    resolve_device(config.executor.device, what="executor.device")
+    _check_task_specs(config)
+    baseline_paths = _check_baselines(config)
+    _check_checkpoints({f"models.{k}": v for k, v in config.models.items()} | baseline_paths)
+    sizes = _build_tasks(config, _resident_tokenizer(config))
+    # after the loader and tasks: modules they import may register algorithms, as in a run
+    _check_algorithm_blocks(config)
+    stage, block, _ = config.algorithm_blocks()[0]
+    make_algorithm(
+        config,
+        block,
+        dict(config.models),
+        config.seed,
+        sizes,
+        label=stage or str(block["name"]),
+        where=algorithm_key(config, 0),
+    )
+
+
+def _check_task_specs(config: RunConfig) -> None:
+    import shoal.executors.testbed_task  # noqa: F401  (registers `testbed`)
+    from shoal.tasks.registry import validate_task_spec
+
+    for split in ("fitness", "test"):
+        for i, spec in enumerate(getattr(config.tasks, split)):
+            validate_task_spec(spec, f"tasks.{split}[{i}]")
+
+
+def _check_baselines(config: RunConfig) -> dict[str, str]:
+    """Named baseline recipes are checked before the search, not after it.
+
+    Returns:
+        Config key -> checkpoint path of every model a baseline names by path.
+    """
+    from shoal.recipe import load_recipe
+
+    if not isinstance(config.baselines, dict):
+        return {}
+    # a model reference is a config model, an earlier stage's result, or a path
+    known = set(config.models) | {s.name for s in config.stages or []}
+    paths: dict[str, str] = {}
+    for name, recipe in config.baselines.items():
+        where = f"baselines.{name}"
+        if set(recipe) != {"model"}:
+            try:
+                load_recipe(recipe)
+            except RecipeError as exc:
+                raise prefix_error(exc, where) from None
+        for key, ref in _model_refs(recipe, where).items():
+            if ref in known:
+                continue
+            if not config.resolve(ref).exists():
+                names = ", ".join(config.models) or "none"
+                raise RecipeError(f"{key}: unknown model {ref!r} (known: {names})")
+            paths[key] = str(config.resolve(ref))
+    return paths
+
+
+def _model_refs(recipe: Mapping[str, Any], where: str) -> dict[str, str]:
+    """Config key -> model reference, for every model a recipe names."""
+    refs = {f"{where}.{k}": recipe.get(k) for k in ("model", "base_model")}
+    for j, m in enumerate(recipe.get("models") or []):
+        if isinstance(m, dict):
+            refs[f"{where}.models[{j}].model"] = m.get("model")
+    return {k: str(v) for k, v in refs.items() if v is not None}
+
+
+def _check_algorithm_blocks(config: RunConfig) -> None:
+    for i, (_, block, _) in enumerate(config.algorithm_blocks()):
+        where = algorithm_key(config, i)
+        cls = algorithm_class(str(block["name"]), where)
+        validate_options(cls.Options, {k: v for k, v in block.items() if k != "name"}, where)
+
+
+def _check_checkpoints(paths: Mapping[str, str]) -> None:
+    """Each checkpoint's headers read, and a tensor name has one shape across them all.
+
+    Args:
+        paths: Config key (``models.expert-gcd``) -> checkpoint path.
+    """
+    from shoal.checkpoint import open_checkpoint
+
+    first: dict[str, tuple[tuple[int, ...], str]] = {}  # tensor -> (shape, key)
+    for key, path in paths.items():
+        try:
+            with open_checkpoint(path) as reader:
+                shapes = {t: tuple(reader.shape(t)) for t in reader}
+        except ShoalError as exc:
+            raise prefix_error(exc, key) from None
+        for tensor, shape in shapes.items():
+            seen, other = first.setdefault(tensor, (shape, key))
+            if seen != shape:
+                raise MergeError(
+                    f"{key}: tensor {tensor!r} has shape {list(shape)} in {path}, "
+                    f"but {list(seen)} in {other}"
+                )
+
+
+def _resident_tokenizer(config: RunConfig) -> Any:
+    """The tokenizer tasks are built with, once the loader is known to find its model."""
+    loader = config.loader
+    if loader.type == "callable":
+        from shoal.executors.loaders import load_resident
+
+        return load_resident(loader.model_dump(), config.models, config.base_model)[1]
+    name = loader.model or config.base_model or next(iter(config.models), None)
+    if name is None:
+        raise RecipeError("loader: hf-causal-lm needs loader.model or at least one model")
+    path = Path(config.models.get(name, name))
+    if name not in config.models and not path.exists():
+        known = ", ".join(config.models) or "none"
+        raise RecipeError(f"loader.model: unknown model {name!r} (known: {known})")
+    where = "loader.model" if loader.model else f"models.{name}"
+    if not (path / "config.json").is_file():
+        raise RecipeError(
+            f"{where}: {path} is not a Hugging Face model directory (no config.json), "
+            "which the hf-causal-lm loader needs"
+        )
+    import transformers
+
+    auto_config: Any = transformers.AutoConfig
+    auto_tok: Any = transformers.AutoTokenizer
+    try:
+        auto_config.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{where}: {path / 'config.json'}: {_one_line(exc)}") from None
+    try:
+        return auto_tok.from_pretrained(path)
+    except (OSError, ValueError):
+        return None  # as the loader does: a model without a tokenizer
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def _build_tasks(config: RunConfig, tokenizer: Any) -> dict[str, int]:
+    """Build every task once, as a worker would; returns fitness task name -> examples."""
+    from shoal.tasks.registry import TaskEnv, build_task
+
+    env = TaskEnv(tokenizer=tokenizer, root=config.root, device=config.executor.device)
+    sizes: dict[str, int] = {}
+    names: set[str] = set()
+    for split in ("fitness", "test"):
+        for i, spec in enumerate(getattr(config.tasks, split)):
+            where = f"tasks.{split}[{i}]"
+            try:
+                task = build_task(spec, env, where)
+            except ShoalError as exc:
+                raise prefix_error(exc, where) from None
+            if task.name in names:
+                raise TaskError(f"{where}: two tasks are named {task.name!r}; give one a `name:`")
+            names.add(task.name)
+            if split == "fitness":
+                sizes[task.name] = len(task)
+    return sizes

@@ -1,0 +1,207 @@
+"""Checks before the run folder is written, and a folder left as it was on an early error.
+
+House rule: a user mistake is one line naming the file and the key, exit code 2; a run that
+fails before its first batch is saved leaves its folder as it was, so the corrected config
+runs with the same command.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import toy_problem as tp
+import yaml
+from safetensors.torch import save_file
+
+from shoal.errors import CheckpointError, MergeError, RecipeError, TaskError
+from shoal.executors.worker import Worker
+from shoal.search.runner import evolve
+
+
+def _main(args: list[str], cwd: Path, capsys, monkeypatch) -> tuple[int, str, str]:
+    """Run ``shoal`` in this process; returns (exit code, stdout, stderr)."""
+    from shoal.cli.main import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["shoal", *args])
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def no_evaluation(monkeypatch) -> None:
+    """Fail the test if any candidate is evaluated."""
+
+    def boom(self: Worker, item: Any) -> Any:
+        raise AssertionError("a candidate was evaluated before the config was checked")
+
+    monkeypatch.setattr(Worker, "evaluate", boom)
+
+
+@pytest.mark.parametrize(
+    ("change", "sets", "needle"),
+    [
+        ({"algorithm": {"name": "toy-randum"}}, [], "algorithm.name: unknown algorithm"),
+        ({}, ["algorithm.popsize=3"], "algorithm.popsize: unknown option"),
+        ({}, ["algorithm.population=0"], "algorithm.population: Input should be greater"),
+        ({}, ["tasks.fitness.0.target=nowhere:f"], "tasks.fitness[0]"),
+        ({}, ["executor.device=gpu"], "executor.device: 'gpu' is not a torch device"),
+    ],
+)
+def test_bad_config_leaves_no_folder_and_the_fixed_one_runs_in_it(
+    tmp_path, capsys, monkeypatch, change, sets, needle
+):
+    sources = tp.write_sources(tmp_path / "src")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tp.toy_config(sources, **change)))
+    args = ["evolve", "cfg.yaml", "--run-dir", "runs/x", "--no-progress"]
+    sets_args = [a for s in sets for a in ("--set", s)]
+    code, _, err = _main([*args, *sets_args], tmp_path, capsys, monkeypatch)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: cfg.yaml: ") and needle in err
+    assert not (tmp_path / "runs").exists()  # not even the parent folder
+    cfg.write_text(yaml.safe_dump(tp.toy_config(sources, budget={"evaluations": 4})))
+    code, out, err = _main(args, tmp_path, capsys, monkeypatch)
+    assert code == 0, err
+    assert "4 evaluations" in out
+
+
+def test_an_existing_folder_is_left_as_it_was(tmp_path, capsys, monkeypatch):
+    sources = tp.write_sources(tmp_path / "src")
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    (run / "notes.txt").write_text("mine")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tp.toy_config(sources, algorithm={"name": "pss"})))
+    args = ["evolve", "cfg.yaml", "--run-dir", "runs/x", "--no-progress"]
+    code, _, err = _main(args, tmp_path, capsys, monkeypatch)
+    assert code == 2 and "unknown algorithm 'pss'" in err
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    cfg.write_text(yaml.safe_dump(tp.toy_config(sources, budget={"evaluations": 4})))
+    code, _, err = _main(args, tmp_path, capsys, monkeypatch)
+    assert code == 0, err
+    assert (run / "notes.txt").read_text() == "mine" and (run / "summary.json").is_file()
+
+
+def failing_score(model: Any) -> Any:
+    """A task every candidate fails (as with NaN weights, found only by building one)."""
+    raise ValueError("no candidate scores")
+
+
+def test_a_run_failing_in_its_first_batch_removes_what_it_wrote(tmp_path):
+    sources = tp.write_sources(tmp_path / "src")
+    cfg = tp.toy_config(sources)
+    cfg["tasks"]["fitness"][0]["target"] = "test_runner_checks:failing_score"
+    with pytest.raises(TaskError, match="every candidate of the first batch failed"):
+        evolve(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    evolve(tp.toy_config(sources, budget={"evaluations": 4}), tmp_path / "run")
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def _truncate(path: str, keep: int = 20) -> None:
+    Path(path).write_bytes(Path(path).read_bytes()[:keep])
+
+
+@pytest.mark.usefixtures("no_evaluation")
+def test_truncated_model_is_named_by_its_key_before_any_evaluation(tmp_path):
+    sources = tp.write_sources(tmp_path / "src")
+    _truncate(sources["one"])
+    with pytest.raises(CheckpointError, match=r"^config: models\.one: .*one\.safetensors"):
+        evolve(tp.toy_config(sources), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    # through a file: the message names the file first
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tp.toy_config(sources)))
+    with pytest.raises(CheckpointError, match=r"^\S*cfg\.yaml: models\.one: .*one\.safetensors"):
+        evolve(tmp_path / "cfg.yaml", tmp_path / "run")
+
+
+@pytest.mark.usefixtures("no_evaluation")
+def test_missing_model_and_shape_mismatch_are_named_before_any_evaluation(tmp_path):
+    sources = tp.write_sources(tmp_path / "src")
+    missing = {**sources, "one": str(tmp_path / "gone.safetensors")}
+    with pytest.raises(CheckpointError, match=r"models\.one: .*gone\.safetensors"):
+        evolve(tp.toy_config(missing), tmp_path / "run")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "wide.safetensors"))
+    wide = {**sources, "one": str(tmp_path / "wide.safetensors")}
+    shapes = r"models\.(one|zero): tensor 'x' has shape \[\d\] in \S+, but \[\d\] in models\."
+    with pytest.raises(MergeError, match=shapes):
+        evolve(tp.toy_config(wide), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.usefixtures("no_evaluation")
+def test_a_broken_model_only_a_baseline_names_fails_before_the_search(tmp_path):
+    sources = tp.write_sources(tmp_path / "src")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(Path(sources["one"]).read_bytes()[:20])
+    baselines = {"other": {"model": str(broken)}}
+    with pytest.raises(CheckpointError, match=r"baselines\.other\.model: .*broken\.safetensors"):
+        evolve(tp.toy_config(sources, baselines=baselines), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.usefixtures("no_evaluation")
+def test_unknown_loader_model_names_the_known_ones(tmp_path):
+    sources = tp.write_sources(tmp_path / "src")
+    loader = {"type": "hf-causal-lm", "model": "nope"}
+    with pytest.raises(
+        RecipeError, match=r"loader\.model: unknown model 'nope' \(known: one, zero"
+    ):
+        evolve(tp.toy_config(sources, loader=loader), tmp_path / "run")
+    loader = {"type": "hf-causal-lm", "model": "zero"}
+    with pytest.raises(RecipeError, match=r"loader\.model: .*zero\.safetensors is not a Hugging"):
+        evolve(tp.toy_config(sources, loader=loader), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def _fake_testbed(root: Path, skills: list[str]) -> Path:
+    """Just enough of a testbed on disk for its tasks to be opened (no models to run)."""
+    models = {"base": {"path": "base"}} | {f"expert-{s}": {"path": f"expert-{s}"} for s in skills}
+    for entry in models.values():
+        (root / entry["path"]).mkdir(parents=True)
+        (root / entry["path"] / "config.json").write_text("{}")
+    meta = {"format_version": 1, "skills": skills, "models": models}
+    (root / "testbed.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.mark.usefixtures("no_evaluation")
+def test_unknown_testbed_skill_of_a_test_task_is_found_before_the_search(tmp_path):
+    sources = tp.write_sources(tmp_path / "src")
+    _fake_testbed(tmp_path / "tb", ["gcd", "spell_backward"])
+    cfg = tp.toy_config(sources)
+    cfg["tasks"]["test"] = [{"type": "testbed", "dir": str(tmp_path / "tb"), "skill": "gdc"}]
+    with pytest.raises(TaskError, match=r"tasks\.test\[0\]: .*no skill 'gdc'"):
+        evolve(cfg, tmp_path / "run")
+    cfg["tasks"]["test"] = [{"type": "testbed", "dir": str(tmp_path / "nowhere"), "skill": "gcd"}]
+    with pytest.raises(TaskError, match=r"tasks\.test\[0\]: .*nowhere"):
+        evolve(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_two_tasks_of_one_name_and_a_later_stage_option_are_named(tmp_path):
+    sources = tp.write_sources(tmp_path / "src")
+    cfg = tp.toy_config(sources)
+    cfg["tasks"]["test"][0]["name"] = "toy"
+    with pytest.raises(TaskError, match=r"tasks\.test\[0\]: two tasks are named 'toy'"):
+        evolve(cfg, tmp_path / "run")
+    stages = [
+        {"name": "a", "algorithm": {"name": "toy-random"}},
+        {"name": "b", "algorithm": {"name": "toy-random", "population": -1}},
+    ]
+    cfg = tp.toy_config(sources, algorithm=None, stages=stages)
+    with pytest.raises(RecipeError, match=r"stages\[1\]\.algorithm\.population"):
+        evolve(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
