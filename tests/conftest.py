@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -13,3 +15,30 @@ def tiny_testbed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from shoal.testbed import build_testbed
 
     return build_testbed(tmp_path_factory.mktemp("tb") / "tiny", "tiny", seed=0, threads=1)
+
+
+CliRun = Callable[..., tuple[int, str, str]]
+
+
+@pytest.fixture
+def shoal_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> CliRun:
+    """Run ``shoal ARGS`` in this process (fast), optionally in ``cwd``.
+
+    Returns ``run(args, cwd=None) -> (exit code, stdout, stderr)``.
+    """
+    from shoal.cli.main import main
+
+    def run(args: Sequence[str], cwd: Path | None = None) -> tuple[int, str, str]:
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", ["shoal", *args])
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

@@ -67,20 +67,6 @@ def _ties(m: dict[str, Path], **over: str) -> str:
     )
 
 
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
-    """Run ``shoal ARGS`` in process; return (exit code, stdout, stderr)."""
-    from shoal.cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["shoal", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def _one_error_line(err: str, *needles: str) -> None:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
@@ -90,16 +76,14 @@ def _one_error_line(err: str, *needles: str) -> None:
 
 
 @pytest.fixture
-def cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+def cli(tmp_path: Path, shoal_cli):
     """Write a recipe and run ``shoal merge recipe out`` with extra args."""
 
     def _run(recipe: str, *extra: str, out: Path | None = None) -> tuple[int, str, str, Path]:
         path = tmp_path / "recipe.yaml"
         path.write_text(recipe)
         target = out or tmp_path / "out"
-        code, stdout, stderr = run_cli(
-            ["merge", str(path), str(target), *extra], capsys, monkeypatch
-        )
+        code, stdout, stderr = shoal_cli(["merge", str(path), str(target), *extra])
         return code, stdout, stderr, target
 
     return _run
@@ -227,12 +211,12 @@ def test_disk_full_mid_write_leaves_nothing(cli, models, monkeypatch) -> None:
     _nothing_left(out)
 
 
-def test_inspect(models, capsys, monkeypatch) -> None:
-    code, stdout, _ = run_cli(["inspect", str(models["a"])], capsys, monkeypatch)
+def test_inspect(models, shoal_cli) -> None:
+    code, stdout, _ = shoal_cli(["inspect", str(models["a"])])
     assert code == 0
     assert "model.layers.1.mlp.up_proj.weight" in stdout and "6×4" in stdout
     assert "7 tensors" in stdout and "layers: 2" in stdout and "float32" in stdout
-    code, _, err = run_cli(["inspect", str(models["a"] / "nope")], capsys, monkeypatch)
+    code, _, err = shoal_cli(["inspect", str(models["a"] / "nope")])
     assert code == 2
     _one_error_line(err, "nope")
 
@@ -277,8 +261,8 @@ def test_real_process_exit_code(models, tmp_path: Path) -> None:
         (["mrge"], "mrge"),
     ],
 )
-def test_usage_mistakes_are_one_line(args, needle, capsys, monkeypatch) -> None:
-    code, _, err = run_cli(args, capsys, monkeypatch)
+def test_usage_mistakes_are_one_line(args, needle, shoal_cli) -> None:
+    code, _, err = shoal_cli(args)
     assert code == 2
     _one_error_line(err, needle)
 

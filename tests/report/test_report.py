@@ -59,20 +59,6 @@ def test_report_of_a_non_run_is_an_error(tmp_path):
         write_report(tmp_path)
 
 
-def _report_cli(run: Path, capsys, monkeypatch) -> tuple[int, str]:
-    """``shoal report RUN`` in this process; returns (exit code, stderr)."""
-    from shoal.cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["shoal", "report", str(run)])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    return code, capsys.readouterr().err
-
-
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     """A finished toy run, copied by each test that damages it."""
@@ -87,10 +73,10 @@ def _copy(run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run, tmp_path / "run"))
 
 
-def test_corrupt_summary_is_one_line_exit_2(finished_run, tmp_path, capsys, monkeypatch):
+def test_corrupt_summary_is_one_line_exit_2(finished_run, tmp_path, shoal_cli):
     run = _copy(finished_run, tmp_path)
     (run / "summary.json").write_text("{bad\n")
-    code, err = _report_cli(run, capsys, monkeypatch)
+    code, _, err = shoal_cli(["report", str(run)])
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: {run / 'summary.json'}: not valid JSON")
     (run / "summary.json").write_text("[1, 2]\n")
@@ -106,12 +92,12 @@ def test_torn_last_event_line_is_left_out(finished_run, tmp_path):
     assert (write_report(run) / "summary.md").is_file()
 
 
-def test_corrupt_event_line_names_file_and_line(finished_run, tmp_path, capsys, monkeypatch):
+def test_corrupt_event_line_names_file_and_line(finished_run, tmp_path, shoal_cli):
     run = _copy(finished_run, tmp_path)
     events = run / "events.jsonl"
     lines = events.read_text().splitlines(keepends=True)
     events.write_text("".join([*lines[:2], "{bad\n", *lines[3:]]))
-    code, err = _report_cli(run, capsys, monkeypatch)
+    code, _, err = shoal_cli(["report", str(run)])
     assert code == 2 and err.count("\n") == 1 and "events.jsonl:3: not an event line" in err
     events.write_text("".join([*lines[:4], '{"recipe": {}}\n', *lines[5:]]))
     with pytest.raises(StateError, match=r"events\.jsonl:5: event lacks 'fitness'"):

@@ -8,7 +8,6 @@ runs with the same command.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +20,6 @@ from safetensors.torch import save_file
 from shoal.errors import CheckpointError, MergeError, RecipeError, TaskError
 from shoal.executors.worker import Worker
 from shoal.search.runner import evolve
-
-
-def _main(args: list[str], cwd: Path, capsys, monkeypatch) -> tuple[int, str, str]:
-    """Run ``shoal`` in this process; returns (exit code, stdout, stderr)."""
-    from shoal.cli.main import main
-
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["shoal", *args])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture
@@ -60,24 +43,24 @@ def no_evaluation(monkeypatch) -> None:
     ],
 )
 def test_bad_config_leaves_no_folder_and_the_fixed_one_runs_in_it(
-    tmp_path, capsys, monkeypatch, change, sets, needle
+    shoal_cli, tmp_path, change, sets, needle
 ):
     sources = tp.write_sources(tmp_path / "src")
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(tp.toy_config(sources, **change)))
     args = ["evolve", "cfg.yaml", "--run-dir", "runs/x", "--no-progress"]
     sets_args = [a for s in sets for a in ("--set", s)]
-    code, _, err = _main([*args, *sets_args], tmp_path, capsys, monkeypatch)
+    code, _, err = shoal_cli([*args, *sets_args], tmp_path)
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith("error: cfg.yaml: ") and needle in err
     assert not (tmp_path / "runs").exists()  # not even the parent folder
     cfg.write_text(yaml.safe_dump(tp.toy_config(sources, budget={"evaluations": 4})))
-    code, out, err = _main(args, tmp_path, capsys, monkeypatch)
+    code, out, err = shoal_cli(args, tmp_path)
     assert code == 0, err
     assert "4 evaluations" in out
 
 
-def test_an_existing_folder_is_left_as_it_was(tmp_path, capsys, monkeypatch):
+def test_an_existing_folder_is_left_as_it_was(shoal_cli, tmp_path):
     sources = tp.write_sources(tmp_path / "src")
     run = tmp_path / "runs" / "x"
     run.mkdir(parents=True)
@@ -85,11 +68,11 @@ def test_an_existing_folder_is_left_as_it_was(tmp_path, capsys, monkeypatch):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(tp.toy_config(sources, algorithm={"name": "pss"})))
     args = ["evolve", "cfg.yaml", "--run-dir", "runs/x", "--no-progress"]
-    code, _, err = _main(args, tmp_path, capsys, monkeypatch)
+    code, _, err = shoal_cli(args, tmp_path)
     assert code == 2 and "unknown algorithm 'pss'" in err
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
     cfg.write_text(yaml.safe_dump(tp.toy_config(sources, budget={"evaluations": 4})))
-    code, _, err = _main(args, tmp_path, capsys, monkeypatch)
+    code, _, err = shoal_cli(args, tmp_path)
     assert code == 0, err
     assert (run / "notes.txt").read_text() == "mine" and (run / "summary.json").is_file()
 

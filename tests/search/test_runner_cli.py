@@ -14,22 +14,6 @@ import yaml
 HERE = Path(__file__).resolve().parent
 
 
-def _main(args: list[str], cwd: Path, capsys, monkeypatch) -> tuple[int, str, str]:
-    """Run ``shoal`` in this process (fast); returns (exit code, stdout, stderr)."""
-    from shoal.cli.main import main
-
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["shoal", *args])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def _shoal(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
@@ -45,7 +29,7 @@ def _shoal(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_evolve_resume_and_report_via_cli(tmp_path, capsys, monkeypatch):
+def test_evolve_resume_and_report_via_cli(shoal_cli, tmp_path):
     sources = tp.write_sources(tmp_path / "src")
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tp.toy_config(sources)))
     out = _shoal(
@@ -65,27 +49,23 @@ def test_evolve_resume_and_report_via_cli(tmp_path, capsys, monkeypatch):
         assert (run / "report" / name).is_file()
     assert yaml.safe_load((run / "config.yaml").read_text())["budget"]["evaluations"] == 8
     # a second run into the same folder is refused in one line, exit code 2
-    code, _, err = _main(
-        ["evolve", "cfg.yaml", "--run-dir", "runs/x"], tmp_path, capsys, monkeypatch
-    )
+    code, _, err = shoal_cli(["evolve", "cfg.yaml", "--run-dir", "runs/x"], tmp_path)
     assert code == 2 and err.count("\n") == 1 and "--resume" in err
     # resume of a finished run ends at once with the same summary
     before = json.loads((run / "summary.json").read_text())
-    code, _, err = _main(
+    code, _, err = shoal_cli(
         ["evolve", "--run-dir", "runs/x", "--resume", "--no-progress"],
         tmp_path,
-        capsys,
-        monkeypatch,
     )
     assert code == 0, err
     after = json.loads((run / "summary.json").read_text())
     assert after["best"]["recipe"] == before["best"]["recipe"] and after["evaluations"] == 8
     (run / "report" / "fitness.png").unlink()
-    code, out_text, _ = _main(["report", "runs/x"], tmp_path, capsys, monkeypatch)
+    code, out_text, _ = shoal_cli(["report", "runs/x"], tmp_path)
     assert code == 0 and (run / "report" / "fitness.png").is_file() and "summary.md" in out_text
 
 
-def test_cli_config_errors_are_one_line(tmp_path, capsys, monkeypatch):
+def test_cli_config_errors_are_one_line(shoal_cli, tmp_path):
     sources = tp.write_sources(tmp_path / "src")
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tp.toy_config(sources)))
     for args, needle in [
@@ -93,25 +73,23 @@ def test_cli_config_errors_are_one_line(tmp_path, capsys, monkeypatch):
         (["--set", "algorithm.popsize=3"], "algorithm.popsize: unknown option"),
         (["--executor", "mpi"], "unknown executor 'mpi'"),
     ]:
-        code, _, err = _main(
+        code, _, err = shoal_cli(
             ["evolve", "cfg.yaml", "--run-dir", f"runs/{len(args[1])}", *args],
             tmp_path,
-            capsys,
-            monkeypatch,
         )
         assert code == 2, err
         assert err.strip().count("\n") == 0 and needle in err
-    code, _, err = _main(["report", "nowhere"], tmp_path, capsys, monkeypatch)
+    code, _, err = shoal_cli(["report", "nowhere"], tmp_path)
     assert code == 2 and "not a run folder" in err
 
 
-def test_failed_candidates_are_counted_and_warned_about(tmp_path, capsys, monkeypatch):
+def test_failed_candidates_are_counted_and_warned_about(shoal_cli, tmp_path):
     sources = tp.write_sources(tmp_path / "src")
     cfg = tp.toy_config(sources)
     cfg["tasks"]["fitness"][0]["target"] = "toy_problem:score_or_raise"
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     args = ["evolve", "cfg.yaml", "--run-dir", "runs/f", "--set", "budget.evaluations=12"]
-    code, out, err = _main([*args, "--no-progress"], tmp_path, capsys, monkeypatch)
+    code, out, err = shoal_cli([*args, "--no-progress"], tmp_path)
     assert code == 0, err
     assert "12 evaluations" in out
     run = tmp_path / "runs" / "f"
