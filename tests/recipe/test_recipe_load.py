@@ -252,3 +252,17 @@ def test_recipe_is_frozen_data() -> None:
     with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error type
         recipe.merge_method = "ties"  # type: ignore[misc]
     assert yaml.safe_load(recipe.to_yaml())["merge_method"] == "linear"
+
+
+def test_parse_yaml_refuses_repeated_keys_and_keeps_merge_keys() -> None:
+    from shoal.errors import RecipeError
+    from shoal.recipe import parse_yaml
+
+    anchors = "a: &x {b: 1, c: 2}\nd:\n  <<: *x\n  c: 3\n"
+    assert parse_yaml(anchors, "f.yaml") == {"a": {"b": 1, "c": 2}, "d": {"b": 1, "c": 3}}
+    with pytest.raises(RecipeError, match=r"^f\.yaml:3:1: not valid YAML: key 'a' given twice$"):
+        parse_yaml("a: 1\nb: 2\na: 3\n", "f.yaml")
+    with pytest.raises(RecipeError, match=r"^f\.yaml:1:2: .*plain value"):
+        parse_yaml("{[a]: 1}", "f.yaml")
+    with pytest.raises(RecipeError, match=r"^f\.yaml:2:\d+: not valid YAML: "):
+        parse_yaml("a: [1\nb: 2\n", "f.yaml")

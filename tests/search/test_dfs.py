@@ -120,12 +120,12 @@ def test_from_config() -> None:
 
 
 # -- end to end through the run loop, on tiny Llama models built from configs ------------------
-def _tiny_llama_dirs(root, names: list[str]) -> dict[str, str]:
+def _tiny_llama_dirs(root, names: list[str], vocab: int = 64) -> dict[str, str]:
     import torch
     import transformers
 
     cfg = transformers.LlamaConfig(
-        vocab_size=64,
+        vocab_size=vocab,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=3,
@@ -189,6 +189,30 @@ def test_dfs_run_end_to_end_exports_a_loadable_best(tmp_path) -> None:
     direct = build_from_recipe(best.recipe, {n: load_model(p) for n, p in models.items()})
     assert float(np.mean(next_token_probability(exported))) == pytest.approx(best.fitness)
     assert np.allclose(next_token_probability(exported), next_token_probability(direct))
+
+
+def test_models_of_other_vocabularies_stack_but_do_not_merge(tmp_path) -> None:
+    """DFS takes embeddings and head from model A, so B may have another vocabulary;
+    a tensor-wise merge (PS) of the same models is refused before any evaluation."""
+    pytest.importorskip("transformers")
+    from shoal.errors import MergeError
+    from shoal.search.runner import evolve
+
+    models = _tiny_llama_dirs(tmp_path, ["A"]) | _tiny_llama_dirs(tmp_path, ["B"], vocab=72)
+    config = {
+        "models": models,
+        "loader": {"type": "hf-causal-lm", "model": "A"},
+        "tasks": _tasks(),
+        "algorithm": {"name": "dfs", "repeats": 1, "popsize": 4},
+        "budget": {"evaluations": 4},
+        "progress": False,
+    }
+    result = evolve(config, tmp_path / "dfs")
+    assert result.status == "completed" and result.summary["failed_candidates"] == 0
+    ps = {**config, "base_model": "A", "algorithm": {"name": "ps"}}
+    with pytest.raises(MergeError, match=r"models\.B: tensor '\S+' has shape \[72, 32\]"):
+        evolve(ps, tmp_path / "ps")
+    assert not (tmp_path / "ps").exists()
 
 
 def test_ps_then_dfs_stages(tmp_path) -> None:

@@ -89,13 +89,20 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`, merged below
+                continue
             key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-            if key in seen:
-                mark = key_node.start_mark
+            try:
+                repeated = key in seen
+                seen.add(key)
+            except TypeError:  # a list or mapping as a key
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} given twice", mark
+                    None, None, "a key must be a plain value", key_node.start_mark
+                ) from None
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice", key_node.start_mark
                 )
-            seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 

@@ -127,6 +127,9 @@ class Algorithm(abc.ABC):
     Options: ClassVar[type[BaseModel]] = AlgorithmOptions
     #: save every evaluated candidate in the model store under :func:`store_key` (M2N2)
     keep_models: ClassVar[bool] = False
+    #: its recipes combine tensors of one name across models, so the models must agree on
+    #: every shape (False for layer stacking, which takes embeddings and head from one model)
+    tensorwise: ClassVar[bool] = True
 
     @classmethod
     def from_config(cls, options: Mapping[str, Any], context: SearchContext) -> Algorithm:

@@ -66,6 +66,7 @@ class DFS(GenomeCMAES):
     """
 
     name = "dfs"
+    tensorwise = False  # layers of other models; embeddings and head from model A
     Options = DFSOptions
 
     def __init__(

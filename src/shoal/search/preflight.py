@@ -37,11 +37,12 @@ def check_run(config: RunConfig) -> None:
     """
     resolve_device(config.executor.device, what="executor.device")
     _check_task_specs(config)
-    baseline_paths = _check_baselines(config)
-    _check_checkpoints({f"models.{k}": v for k, v in config.models.items()} | baseline_paths)
+    paths = {f"models.{k}": v for k, v in config.models.items()} | _check_baselines(config)
+    shapes = _read_headers(paths)
     sizes = _build_tasks(config, _resident_tokenizer(config))
     # after the loader and tasks: modules they import may register algorithms, as in a run
-    _check_algorithm_blocks(config)
+    if _check_algorithm_blocks(config):
+        _check_same_shapes(shapes, paths)
     stage, block, _ = config.algorithm_blocks()[0]
     make_algorithm(
         config,
@@ -102,33 +103,49 @@ def _model_refs(recipe: Mapping[str, Any], where: str) -> dict[str, str]:
     return {k: str(v) for k, v in refs.items() if v is not None}
 
 
-def _check_algorithm_blocks(config: RunConfig) -> None:
+def _check_algorithm_blocks(config: RunConfig) -> bool:
+    """Check each block's name and options; True if every algorithm merges tensor-wise."""
+    tensorwise = True
     for i, (_, block, _) in enumerate(config.algorithm_blocks()):
         where = algorithm_key(config, i)
         cls = algorithm_class(str(block["name"]), where)
         validate_options(cls.Options, {k: v for k, v in block.items() if k != "name"}, where)
+        tensorwise = tensorwise and cls.tensorwise
+    return tensorwise
 
 
-def _check_checkpoints(paths: Mapping[str, str]) -> None:
-    """Each checkpoint's headers read, and a tensor name has one shape across them all.
+def _read_headers(paths: Mapping[str, str]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Each checkpoint's tensor shapes, from its headers only.
 
     Args:
         paths: Config key (``models.expert-gcd``) -> checkpoint path.
+
+    Returns:
+        Config key -> tensor name -> shape.
     """
     from shoal.checkpoint import open_checkpoint
 
-    first: dict[str, tuple[tuple[int, ...], str]] = {}  # tensor -> (shape, key)
+    shapes = {}
     for key, path in paths.items():
         try:
             with open_checkpoint(path) as reader:
-                shapes = {t: tuple(reader.shape(t)) for t in reader}
+                shapes[key] = {t: tuple(reader.shape(t)) for t in reader}
         except ShoalError as exc:
             raise prefix_error(exc, key) from None
-        for tensor, shape in shapes.items():
+    return shapes
+
+
+def _check_same_shapes(
+    shapes: Mapping[str, Mapping[str, tuple[int, ...]]], paths: Mapping[str, str]
+) -> None:
+    """A tensor name has one shape in every model (tensor-wise merges need that)."""
+    first: dict[str, tuple[tuple[int, ...], str]] = {}  # tensor -> (shape, key)
+    for key, tensors in shapes.items():
+        for tensor, shape in tensors.items():
             seen, other = first.setdefault(tensor, (shape, key))
             if seen != shape:
                 raise MergeError(
-                    f"{key}: tensor {tensor!r} has shape {list(shape)} in {path}, "
+                    f"{key}: tensor {tensor!r} has shape {list(shape)} in {paths[key]}, "
                     f"but {list(seen)} in {other}"
                 )
 
