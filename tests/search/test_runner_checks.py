@@ -8,6 +8,7 @@ runs with the same command.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,16 @@ def failing_score(model: Any) -> Any:
     raise ValueError("no candidate scores")
 
 
+FOREIGN: list[Path] = []
+
+
+def failing_score_while_others_write(model: Any) -> Any:
+    """As :func:`failing_score`, while someone else writes into the run's folder."""
+    for path in FOREIGN:
+        path.write_text("not the run's")
+    raise ValueError("no candidate scores")
+
+
 def test_a_run_failing_in_its_first_batch_removes_what_it_wrote(tmp_path):
     sources = tp.write_sources(tmp_path / "src")
     cfg = tp.toy_config(sources)
@@ -91,6 +102,16 @@ def test_a_run_failing_in_its_first_batch_removes_what_it_wrote(tmp_path):
     assert not (tmp_path / "run").exists()
     evolve(tp.toy_config(sources, budget={"evaluations": 4}), tmp_path / "run")
     assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_undoing_a_failed_run_keeps_files_it_did_not_write(tmp_path, monkeypatch):
+    sources = tp.write_sources(tmp_path / "src")
+    cfg = tp.toy_config(sources)
+    cfg["tasks"]["fitness"][0]["target"] = "test_runner_checks:failing_score_while_others_write"
+    monkeypatch.setattr(sys.modules[__name__], "FOREIGN", [tmp_path / "run" / "log.txt"])
+    with pytest.raises(TaskError, match="every candidate of the first batch failed"):
+        evolve(cfg, tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["log.txt"]
 
 
 def _truncate(path: str, keep: int = 20) -> None:

@@ -132,6 +132,11 @@ class RunFolder:
     def report(self) -> Path:
         return self.root / "report"
 
+    def own_names(self) -> tuple[str, ...]:
+        """Names of everything a run writes directly in its folder."""
+        paths = (self.config, self.state, self.events.path, self.store, self.best, self.summary)
+        return (*(p.name for p in paths), self.report.name, "stages")
+
     def stage(self, name: str) -> RunFolder:
         """The folder of stage ``name``."""
         return RunFolder(self.root / "stages" / name)

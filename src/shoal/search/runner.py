@@ -436,36 +436,36 @@ def _check(cfg: RunConfig, source: str) -> None:
 def _undo_unless_saved(folder: RunFolder) -> Iterator[None]:
     """On any error before a batch of the run is saved, remove what this call created.
 
-    The folder is then as it was (absent, for a new run), so the user can fix the config
-    and run the same command again. Once a batch is saved, the folder is kept: it resumes.
+    Only the run's own files go (config, events, store, ... and their temporary
+    siblings), and then the folder and the parents this call made, if left empty; a file
+    someone else put there stays. The user can fix the config and run the same command
+    again. Once a batch is saved, the folder is kept: it resumes.
     """
     root = Path(os.path.abspath(folder.root))
-    missing = [p for p in (root, *root.parents) if not p.exists()]  # innermost first
+    made = [p for p in (root, *root.parents) if not p.exists()]  # innermost first
     before = set(root.iterdir()) if root.is_dir() else set()
     try:
         yield
     except BaseException:
         if not folder.has_state():
-            _remove_new(root, missing, before)
+            _remove_new(root, folder.own_names(), before, made)
         raise
 
 
-def _remove_new(root: Path, missing: list[Path], before: set[Path]) -> None:
-    if missing:
-        shutil.rmtree(root, ignore_errors=True)
-        for parent in missing[1:]:  # folders made on the way, unless now in use
-            try:
-                parent.rmdir()
-            except OSError:
-                break
-        return
-    if not root.is_dir():
-        return
-    for path in set(root.iterdir()) - before:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+def _remove_new(root: Path, names: tuple[str, ...], before: set[Path], made: list[Path]) -> None:
+    if root.is_dir():
+        for path in set(root.iterdir()) - before:
+            if path.name not in names and not path.name.startswith(tuple(f".{n}." for n in names)):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+    for folder in made:
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            break
 
 
 def evolve(
