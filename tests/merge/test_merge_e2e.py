@@ -228,13 +228,18 @@ def test_in_memory_sources_and_in_place_merge(llama: dict) -> None:
 
 
 def test_splitpoint_matches_flat_reference(llama: dict) -> None:
+    import transformers
+
+    from shoal.checkpoint import open_checkpoint
     from shoal.ops.splitpoint import splitpoint_flat
 
     a, b = state_dict(llama["a"]), state_dict(llama["b"])
-    from shoal.checkpoint import open_checkpoint
-
+    # the flat order is the module's (as the resident model in `shoal evolve` has it),
+    # not the file's (sorted by name)
+    module = transformers.AutoModelForCausalLM.from_pretrained(llama["a"])
+    order = [n for n in module.state_dict() if n in a]
     with open_checkpoint(llama["a"]) as reader:
-        order = reader.keys()
+        assert reader.keys() != order and sorted(reader.keys()) == sorted(order)
     a_vec = torch.cat([a[n].reshape(-1) for n in order])
     b_vec = torch.cat([b[n].reshape(-1) for n in order])
     for angle in ("global", "segment"):
@@ -244,6 +249,11 @@ def test_splitpoint_matches_flat_reference(llama: dict) -> None:
         split = round(0.4 * a_vec.numel())
         ref = splitpoint_flat(a_vec, b_vec, split, 0.7, angle=angle)  # type: ignore[arg-type]
         torch.testing.assert_close(out_vec, ref, rtol=1e-5, atol=1e-6)
+        # state dicts in module order, as a worker passes them, give the same model
+        given = {str(llama[k]): {n: sd[n] for n in order} for k, sd in (("a", a), ("b", b))}
+        from_dicts = merge_state_dicts(text, given)
+        for name in order:
+            assert torch.equal(from_dicts[name], merged[name]), name
     # ends: all "before" with t = 0 is A; all "after" with t = 1 is B
     only_a = merge_state_dicts(
         _recipe("splitpoint", llama).replace("split: 0.4, ratio: 0.7", "split: 1.0, ratio: 0.0")

@@ -271,6 +271,31 @@ def _layer_names(src: TensorSource) -> dict[int, list[str]]:
     return out
 
 
+def module_order(names: Sequence[str], config: Mapping[str, Any] | None) -> list[str]:
+    """``names`` in the order the model's module lists its tensors, where that is known.
+
+    A checkpoint file lists tensors in its own order (safetensors: sorted by name), the
+    module that loads it in its layer order; a ``splitpoint`` flattens model A in A's
+    order, so both ways of merging — a file from disk here, the resident module in
+    ``shoal evolve`` — must count the split in the module's. The order comes from an
+    empty (meta-device) model built from ``config`` with ``transformers``; a config it
+    does not know leaves the file order. Names the module lacks follow in file order.
+    """
+    if not config or "model_type" not in config:
+        return list(names)
+    try:
+        import transformers
+
+        cfg = transformers.AutoConfig.for_model(**config)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(cfg)
+    except Exception:  # an architecture this transformers does not know: keep the file order
+        return list(names)
+    present = set(names)
+    ordered = [n for n in model.state_dict() if n in present]
+    return ordered + [n for n in names if n not in set(ordered)]
+
+
 def _reference(recipe: Recipe) -> str:
     if recipe.merge_method == "splitpoint" and recipe.models:
         return recipe.models[0].model  # model A fixes the flattening order
@@ -290,6 +315,8 @@ def _plan_models(planner: _Planner, recipe: Recipe, ref: str) -> None:
     if planner.spec.needs_base and recipe.base_model not in [m for m, _ in members_spec]:
         members_spec.insert(0, (recipe.base_model or "", None))
     names = src.keys()
+    if recipe.merge_method == "splitpoint":  # the split index counts in this order
+        names = module_order(names, src.config)
     for name in names:
         li = layer_index(name)
         t = position(name, li, n)
