@@ -167,21 +167,24 @@ def _tasks() -> dict:
     }
 
 
+def _dfs_config(models: dict[str, str], popsize: int, evaluations: int) -> dict:
+    return {
+        "models": models,
+        "loader": {"type": "hf-causal-lm", "model": "A"},
+        "tasks": _tasks(),
+        "algorithm": {"name": "dfs", "repeats": 1, "popsize": popsize},
+        "budget": {"evaluations": evaluations},
+        "progress": False,
+    }
+
+
 def test_dfs_run_end_to_end_exports_a_loadable_best(tmp_path) -> None:
     pytest.importorskip("transformers")
     from shoal.merge.layer_path import build_from_recipe, load_model
     from shoal.search.runner import evolve
 
     models = _tiny_llama_dirs(tmp_path, ["A", "B"])
-    config = {
-        "models": models,
-        "loader": {"type": "hf-causal-lm", "model": "A"},
-        "tasks": _tasks(),
-        "algorithm": {"name": "dfs", "repeats": 1, "popsize": 6},
-        "budget": {"evaluations": 12},
-        "progress": False,
-    }
-    result = evolve(config, tmp_path / "run")
+    result = evolve(_dfs_config(models, popsize=6, evaluations=12), tmp_path / "run")
     assert result.status == "completed" and result.evaluations == 12
     best = result.best
     assert best is not None and best.recipe["merge_method"] == "layer_path"
@@ -199,14 +202,7 @@ def test_models_of_other_vocabularies_stack_but_do_not_merge(tmp_path) -> None:
     from shoal.search.runner import evolve
 
     models = _tiny_llama_dirs(tmp_path, ["A"]) | _tiny_llama_dirs(tmp_path, ["B"], vocab=72)
-    config = {
-        "models": models,
-        "loader": {"type": "hf-causal-lm", "model": "A"},
-        "tasks": _tasks(),
-        "algorithm": {"name": "dfs", "repeats": 1, "popsize": 4},
-        "budget": {"evaluations": 4},
-        "progress": False,
-    }
+    config = _dfs_config(models, popsize=4, evaluations=4)
     result = evolve(config, tmp_path / "dfs")
     assert result.status == "completed" and result.summary["failed_candidates"] == 0
     ps = {**config, "base_model": "A", "algorithm": {"name": "ps"}}
