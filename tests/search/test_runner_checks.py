@@ -209,3 +209,19 @@ def test_two_tasks_of_one_name_and_a_later_stage_option_are_named(tmp_path):
     with pytest.raises(RecipeError, match=r"stages\[1\]\.algorithm\.population"):
         evolve(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_checks_and_context_build_a_callable_model_once(tmp_path, monkeypatch):
+    """The run's checks and the algorithm's context share one build of the resident
+    model; the serial worker builds its own: two in all, as before the checks existed."""
+    built = []
+    make = tp.make_scalar
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        built.append(1)
+        return make(*args, **kwargs)
+
+    monkeypatch.setattr(tp, "make_scalar", counted)
+    sources = tp.write_sources(tmp_path / "src")
+    evolve(tp.toy_config(sources, budget={"evaluations": 4}), tmp_path / "run")
+    assert len(built) == 2

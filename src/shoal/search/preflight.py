@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any
 from shoal._devices import resolve_device
 from shoal.errors import CheckpointError, MergeError, RecipeError, ShoalError, TaskError
 from shoal.search.base import validate_options
-from shoal.search.context import algorithm_class, algorithm_key, make_algorithm, prefix_error
+from shoal.search.context import (
+    algorithm_class,
+    algorithm_key,
+    callable_resident,
+    make_algorithm,
+    prefix_error,
+)
 
 if TYPE_CHECKING:
     from shoal.search.config import RunConfig
@@ -154,9 +160,7 @@ def _resident_tokenizer(config: RunConfig) -> Any:
     """The tokenizer tasks are built with, once the loader is known to find its model."""
     loader = config.loader
     if loader.type == "callable":
-        from shoal.executors.loaders import load_resident
-
-        return load_resident(loader.model_dump(), config.models, config.base_model)[1]
+        return callable_resident(config, dict(config.models))[1]
     name = loader.model or config.base_model or next(iter(config.models), None)
     if name is None:
         raise RecipeError("loader: hf-causal-lm needs loader.model or at least one model")
