@@ -209,6 +209,18 @@ def test_models_of_other_vocabularies_stack_but_do_not_merge(tmp_path) -> None:
     with pytest.raises(MergeError, match=r"models\.B: tensor '\S+' has shape \[72, 32\]"):
         evolve(ps, tmp_path / "ps")
     assert not (tmp_path / "ps").exists()
+    # a tensor-wise stage after DFS merges the same models: refused too
+    del config["algorithm"]
+    stages = {
+        **config,
+        "base_model": "A",
+        "stages": [
+            {"name": "dfs", "algorithm": {"name": "dfs", "repeats": 1, "popsize": 4}},
+            {"name": "ps", "algorithm": {"name": "ps"}},
+        ],
+    }
+    with pytest.raises(MergeError, match=r"has shape \[72, 32\]"):
+        evolve(stages, tmp_path / "stages")
 
 
 def test_ps_then_dfs_stages(tmp_path) -> None:

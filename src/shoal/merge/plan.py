@@ -280,20 +280,31 @@ def module_order(names: Sequence[str], config: Mapping[str, Any] | None) -> list
     ``shoal evolve`` — must count the split in the module's. The order comes from an
     empty (meta-device) model built from ``config`` with ``transformers``; a config it
     does not know leaves the file order. Names the module lacks follow in file order.
+
+    Known gaps (where ``shoal evolve``'s resident module may count otherwise): a model
+    without a ``model_type`` (a ``callable`` loader's); a file that also lists a tied alias
+    (``torch.save`` of a tied model), which the worker leaves out; checkpoints whose names
+    differ from the module's (fused MoE experts).
     """
     if not config or "model_type" not in config:
         return list(names)
     try:
         import transformers
 
-        cfg = transformers.AutoConfig.for_model(**config)
-        with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(cfg)
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # e.g. BERT's "use is_decoder=True"
+        try:
+            cfg = transformers.AutoConfig.for_model(**config)
+            with torch.device("meta"):
+                model = transformers.AutoModelForCausalLM.from_config(cfg)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
     except Exception:  # an architecture this transformers does not know: keep the file order
         return list(names)
     present = set(names)
     ordered = [n for n in model.state_dict() if n in present]
-    return ordered + [n for n in names if n not in set(ordered)]
+    placed = set(ordered)
+    return ordered + [n for n in names if n not in placed]
 
 
 def _reference(recipe: Recipe) -> str:

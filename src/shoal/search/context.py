@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Mapping
 from importlib import import_module
 from pathlib import Path
@@ -24,6 +23,7 @@ __all__ = [
     "algorithm_key",
     "build_context",
     "callable_resident",
+    "forget_callable_residents",
     "import_algorithms",
     "make_algorithm",
     "prefix_error",
@@ -118,30 +118,36 @@ def _layers(path: Path) -> int | None:
         return None
 
 
-def callable_resident(config: Any, models: dict[str, str]) -> tuple[dict[str, int], Any]:
-    """Tensor sizes and tokenizer of the model a ``callable`` loader builds.
-
-    The loader runs once per process for a given spec and unchanged model files (the
-    run's checks and its context ask alike); the module itself is not kept.
-    """
-    spec = json.dumps(config.loader.model_dump(mode="json"), sort_keys=True)
-    stamps = tuple(os.stat(p).st_mtime_ns if os.path.exists(p) else 0 for p in models.values())
-    return _callable_resident(spec, json.dumps(models, sort_keys=True), config.base_model, stamps)
-
-
 @functools.lru_cache(maxsize=4)
-def _callable_resident(
-    loader: str, models: str, base_model: str | None, stamps: tuple[int, ...]
-) -> tuple[dict[str, int], Any]:
+def _callable_resident(loader: str, models: str, base_model: str | None) -> Any:
     from shoal.executors.loaders import load_resident
 
     module, tokenizer = load_resident(json.loads(loader), json.loads(models), base_model)
     return {k: int(v.numel()) for k, v in module.state_dict().items()}, tokenizer
 
 
+def callable_resident(config: Any, models: dict[str, str]) -> tuple[dict[str, int], Any]:
+    """Tensor sizes and tokenizer of the model a ``callable`` loader builds.
+
+    Built once per spec until :func:`forget_callable_residents` (which every run's checks
+    call first), so a run's checks and its algorithm context share one build; the module
+    itself is not kept.
+    """
+    spec = json.dumps(config.loader.model_dump(mode="json"), sort_keys=True)
+    sizes, tokenizer = _callable_resident(
+        spec, json.dumps(models, sort_keys=True), config.base_model
+    )
+    return dict(sizes), tokenizer
+
+
+def forget_callable_residents() -> None:
+    """Drop what :func:`callable_resident` remembers (the models may have changed)."""
+    _callable_resident.cache_clear()
+
+
 def _tensors(config: Any, models: dict[str, str]) -> dict[str, int]:
     if config.loader.type == "callable":
-        return dict(callable_resident(config, models)[0])
+        return callable_resident(config, models)[0]
     first = config.base_model or next(iter(models), None)
     if first is None:
         return {}

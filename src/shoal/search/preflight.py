@@ -22,6 +22,7 @@ from shoal.search.context import (
     algorithm_class,
     algorithm_key,
     callable_resident,
+    forget_callable_residents,
     make_algorithm,
     prefix_error,
 )
@@ -41,6 +42,7 @@ def check_run(config: RunConfig) -> None:
     Raises:
         ShoalError: The first problem, naming the config key and the file at fault.
     """
+    forget_callable_residents()  # models may have changed since an earlier run
     resolve_device(config.executor.device, what="executor.device")
     _check_task_specs(config)
     paths = {f"models.{k}": v for k, v in config.models.items()} | _check_baselines(config)
@@ -110,13 +112,13 @@ def _model_refs(recipe: Mapping[str, Any], where: str) -> dict[str, str]:
 
 
 def _check_algorithm_blocks(config: RunConfig) -> bool:
-    """Check each block's name and options; True if every algorithm merges tensor-wise."""
-    tensorwise = True
+    """Check each block's name and options; True if any algorithm merges tensor-wise."""
+    tensorwise = False
     for i, (_, block, _) in enumerate(config.algorithm_blocks()):
         where = algorithm_key(config, i)
         cls = algorithm_class(str(block["name"]), where)
         validate_options(cls.Options, {k: v for k, v in block.items() if k != "name"}, where)
-        tensorwise = tensorwise and cls.tensorwise
+        tensorwise = tensorwise or cls.tensorwise
     return tensorwise
 
 
