@@ -100,3 +100,31 @@ def test_failed_candidates_are_counted_and_warned_about(shoal_cli, tmp_path):
     assert summary["failed_candidates"] == len(failed)
     assert summary["first_failure"] == failed[0]["error"] and "x above 0.6" in err
     assert f"warning: {len(failed)} candidates failed" in err
+
+
+def test_ctrl_c_stop_exits_130_with_the_resume_line_and_no_abort(shoal_cli, tmp_path):
+    """An orderly stop (first Ctrl-C) says how to continue; 'aborted' is for an abort."""
+    from test_runner import _events, _weight_of_one
+
+    sources = tp.write_sources(tmp_path / "src")
+    cfg = tp.toy_config(sources, budget={"evaluations": 16})
+    (tmp_path / "full.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, _ = shoal_cli(["evolve", "full.yaml", "--run-dir", "full", "--no-progress"], tmp_path)
+    assert code == 0
+    at = _weight_of_one(_events(tmp_path / "full")[5]["recipe"])  # a candidate of batch 2
+    cfg["tasks"]["fitness"] = [
+        {
+            "type": "function",
+            "name": "toy",
+            "target": "test_runner:interrupting_score",
+            "size": 5,
+            "options": {"pid": os.getpid(), "at": at},
+        }
+    ]
+    (tmp_path / "int.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, err = shoal_cli(
+        ["evolve", "int.yaml", "--run-dir", "int", "--no-progress"], tmp_path
+    )
+    assert code == 130
+    assert "continue with: shoal evolve --resume --run-dir int" in out
+    assert "aborted" not in err

@@ -6,6 +6,7 @@ Command bodies import the library inside, so registering them costs nothing at
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -76,7 +77,9 @@ def register(app: typer.Typer) -> None:
                 f"stopped ({result.stop_reason}); continue with: shoal evolve --resume "
                 f"--run-dir {run_dir}"
             )
-            raise typer.Exit(130)
+            # SystemExit, not typer.Exit: the entry point reads a returned 130 as a
+            # Ctrl-C that aborted a command, and would add "aborted" to this orderly stop
+            sys.exit(130)
         report = write_report(run_dir)
         best = result.summary.get("best") or {}
         evaluations = result.summary.get("evaluations", result.evaluations)
