@@ -335,6 +335,7 @@ def test_sigterm_unwinds_and_leaves_nothing(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        start_new_session=True,  # out of the test run's process group and its signals
     )
     err = ""
     try:
