@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -115,14 +113,6 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, sources, monkeypat
     assert s_full["recipe"] == s_cut["recipe"] and s_full["scores"] == s_cut["scores"]
 
 
-def interrupting_score(model: Any, pid: int, at: float) -> np.ndarray:
-    """Scores like the toy task; sends SIGINT to the runner when x is near ``at``."""
-    x = float(model.x.detach()[0])
-    if abs(x - at) < 1e-6:
-        os.kill(pid, signal.SIGINT)
-    return tp.score(model)
-
-
 def test_ctrl_c_stops_after_batch_and_resumes(tmp_path, sources):
     cfg = tp.toy_config(sources, budget={"evaluations": 16})
     evolve(cfg, tmp_path / "full")
@@ -132,15 +122,7 @@ def test_ctrl_c_stops_after_batch_and_resumes(tmp_path, sources):
     hit = next(e for e in events[4:8] if e["evaluation"] != best["evaluation"])
     first_t = _weight_of_one(hit["recipe"])
     cfg_int = json.loads(json.dumps(cfg))
-    cfg_int["tasks"]["fitness"] = [
-        {
-            "type": "function",
-            "name": "toy",
-            "target": "test_runner:interrupting_score",
-            "size": 5,
-            "options": {"pid": os.getpid(), "at": first_t},
-        }
-    ]
+    cfg_int["tasks"]["fitness"] = tp.interrupting_fitness(first_t)
     result = evolve(cfg_int, tmp_path / "int")
     assert result.status == "interrupted" and result.evaluations == 8  # batch 2 finished
     assert not (tmp_path / "int" / "summary.json").exists()

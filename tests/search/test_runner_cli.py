@@ -112,15 +112,7 @@ def test_ctrl_c_stop_exits_130_with_the_resume_line_and_no_abort(shoal_cli, tmp_
     code, _, _ = shoal_cli(["evolve", "full.yaml", "--run-dir", "full", "--no-progress"], tmp_path)
     assert code == 0
     at = _weight_of_one(_events(tmp_path / "full")[5]["recipe"])  # a candidate of batch 2
-    cfg["tasks"]["fitness"] = [
-        {
-            "type": "function",
-            "name": "toy",
-            "target": "test_runner:interrupting_score",
-            "size": 5,
-            "options": {"pid": os.getpid(), "at": at},
-        }
-    ]
+    cfg["tasks"]["fitness"] = tp.interrupting_fitness(at)
     (tmp_path / "int.yaml").write_text(yaml.safe_dump(cfg))
     code, out, err = shoal_cli(
         ["evolve", "int.yaml", "--run-dir", "int", "--no-progress"], tmp_path

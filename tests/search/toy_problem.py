@@ -8,6 +8,7 @@ the linear merge with weights (1 - t, t) has x = t. The task scores example j as
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -77,17 +78,26 @@ def score_or_die(model: Scalar, marker: str) -> np.ndarray:
     return score(model)
 
 
+def function_fitness(target: str, **options: Any) -> list[dict[str, Any]]:
+    """``tasks.fitness``: one function task ``toy`` of 5 examples scored by ``target``."""
+    return [{"type": "function", "name": "toy", "target": target, "size": 5, "options": options}]
+
+
 def dying_fitness(marker: Path) -> list[dict[str, Any]]:
     """``tasks.fitness`` with :func:`score_or_die`: the first worker to score dies."""
-    return [
-        {
-            "type": "function",
-            "name": "toy",
-            "target": "toy_problem:score_or_die",
-            "size": 5,
-            "options": {"marker": str(marker)},
-        }
-    ]
+    return function_fitness("toy_problem:score_or_die", marker=str(marker))
+
+
+def interrupting_score(model: Scalar, pid: int, at: float) -> np.ndarray:
+    """Like :func:`score`; sends SIGINT to process ``pid`` when x is near ``at``."""
+    if abs(float(model.x.detach()[0]) - at) < 1e-6:
+        os.kill(pid, signal.SIGINT)
+    return score(model)
+
+
+def interrupting_fitness(at: float) -> list[dict[str, Any]]:
+    """``tasks.fitness`` that sends this process SIGINT when a candidate's x is ``at``."""
+    return function_fitness("toy_problem:interrupting_score", pid=os.getpid(), at=at)
 
 
 #: event fields that do not depend on the executor (no timings, no worker names)
