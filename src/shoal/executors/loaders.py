@@ -18,19 +18,43 @@ import torch
 from shoal.errors import RecipeError
 from shoal.tasks.python import import_callable
 
-__all__ = ["load_resident"]
+__all__ = ["hf_model_dir", "hf_tokenizer", "load_resident"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _hf_model_dir(loader: Mapping[str, Any], models: Mapping[str, str], base: str | None) -> Path:
+def hf_model_dir(loader: Mapping[str, Any], models: Mapping[str, str], base: str | None) -> Path:
+    """The directory the ``hf-causal-lm`` loader reads: ``loader.model``, else the base
+    model, else the first model (a config name or a path).
+
+    Raises:
+        RecipeError: An unknown name, or a directory without ``config.json``, naming the key.
+    """
     name = loader.get("model") or base or next(iter(models), None)
     if name is None:
         raise RecipeError("loader: hf-causal-lm needs loader.model or at least one model")
     path = Path(models.get(name, name))
-    if not path.is_dir():
-        raise RecipeError(f"loader.model: {path} is not a model directory")
+    if name not in models and not path.exists():
+        known = ", ".join(models) or "none"
+        raise RecipeError(f"loader.model: unknown model {name!r} (known: {known})")
+    if not (path / "config.json").is_file():
+        where = "loader.model" if loader.get("model") else f"models.{name}"
+        raise RecipeError(
+            f"{where}: {path} is not a Hugging Face model directory (no config.json), "
+            "which the hf-causal-lm loader needs"
+        )
     return path
+
+
+def hf_tokenizer(path: Path) -> Any:
+    """The tokenizer saved with the model at ``path``, or ``None`` if it has none."""
+    import transformers
+
+    auto_tok: Any = transformers.AutoTokenizer
+    try:
+        return auto_tok.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
 
 
 def load_resident(
@@ -59,13 +83,9 @@ def load_resident(
 
         transformers.utils.logging.disable_progress_bar()
         auto_model: Any = transformers.AutoModelForCausalLM
-        auto_tok: Any = transformers.AutoTokenizer
-        path = _hf_model_dir(loader, models, base_model)
+        path = hf_model_dir(loader, models, base_model)
         model = auto_model.from_pretrained(path, dtype=dtype)
-        try:
-            tokenizer = auto_tok.from_pretrained(path)
-        except (OSError, ValueError):
-            tokenizer = None
+        tokenizer = hf_tokenizer(path)
     elif kind == "callable":
         fn = import_callable(str(loader.get("target")), "loader.target", RecipeError)
         out = fn(**dict(loader.get("options") or {}))

@@ -1,18 +1,18 @@
 """Checking a run config before anything of the run is written.
 
 :func:`check_run` does every check that needs no candidate to be evaluated: task specs and
-named baselines; each source model's (and baseline path's) checkpoint headers, and that a
-tensor name has one shape across them; the device; the loader's model; building every task
-(fitness and test); each algorithm block's name and options; constructing the first
-algorithm. A user mistake is one :class:`~shoal.errors.ShoalError` naming the config key
-(and the file at fault). What it cannot see: NaN weights (that would read every tensor;
-the first batch finds them) and later stages' models, which earlier stages make.
+named baselines; each source model's (and baseline path's) checkpoint headers, and, when
+any algorithm merges tensor-wise, that a tensor name has one shape across them; the
+device; the loader's model; building every task (fitness and test); each algorithm
+block's name and options; constructing the first algorithm. A user mistake is one
+:class:`~shoal.errors.ShoalError` naming the config key (and the file at fault). What it
+cannot see: NaN weights (that would read every tensor; the first batch finds them) and
+later stages' models, which earlier stages make.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shoal._devices import resolve_device
@@ -160,34 +160,21 @@ def _check_same_shapes(
 
 def _resident_tokenizer(config: RunConfig) -> Any:
     """The tokenizer tasks are built with, once the loader is known to find its model."""
+    from shoal.executors.loaders import hf_model_dir, hf_tokenizer
+
     loader = config.loader
     if loader.type == "callable":
         return callable_resident(config, dict(config.models))[1]
-    name = loader.model or config.base_model or next(iter(config.models), None)
-    if name is None:
-        raise RecipeError("loader: hf-causal-lm needs loader.model or at least one model")
-    path = Path(config.models.get(name, name))
-    if name not in config.models and not path.exists():
-        known = ", ".join(config.models) or "none"
-        raise RecipeError(f"loader.model: unknown model {name!r} (known: {known})")
-    where = "loader.model" if loader.model else f"models.{name}"
-    if not (path / "config.json").is_file():
-        raise RecipeError(
-            f"{where}: {path} is not a Hugging Face model directory (no config.json), "
-            "which the hf-causal-lm loader needs"
-        )
+    path = hf_model_dir(loader.model_dump(), config.models, config.base_model)
     import transformers
 
     auto_config: Any = transformers.AutoConfig
-    auto_tok: Any = transformers.AutoTokenizer
     try:
         auto_config.from_pretrained(path)
     except (OSError, ValueError) as exc:
+        where = "loader.model" if loader.model else "models"
         raise CheckpointError(f"{where}: {path / 'config.json'}: {_one_line(exc)}") from None
-    try:
-        return auto_tok.from_pretrained(path)
-    except (OSError, ValueError):
-        return None  # as the loader does: a model without a tokenizer
+    return hf_tokenizer(path)
 
 
 def _one_line(exc: Exception) -> str:
