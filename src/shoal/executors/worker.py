@@ -22,7 +22,7 @@ from shoal.executors.loaders import load_resident
 from shoal.executors.store import ModelStore, distinct_tensors, open_store
 from shoal.executors.work import WorkerSpec, WorkItem, WorkResult
 from shoal.tasks.base import Task, check_scores
-from shoal.tasks.registry import TaskEnv, build_task
+from shoal.tasks.registry import TaskEnv, add_task
 
 __all__ = ["Worker", "load_tensors"]
 
@@ -93,16 +93,10 @@ class Worker:
         self._env = TaskEnv(tokenizer=self.tokenizer, root=spec.root, device=spec.device)
         self.tasks: dict[str, Task] = {}
         for t in spec.tasks:
-            self._add_task(t)
+            add_task(self.tasks, t, self._env)
         self.fitness_names = tuple(self.tasks)
         self._extra_built = False
         self._hf: dict[str, Any] = {}
-
-    def _add_task(self, spec: dict[str, Any]) -> None:
-        task = build_task(spec, self._env)
-        if task.name in self.tasks:
-            raise TaskError(f"two tasks are named {task.name!r}; give one a `name:`")
-        self.tasks[task.name] = task
 
     def task_names(self, include_extra: bool = False) -> tuple[str, ...]:
         """Names of the fitness tasks (and the extra/test ones if asked)."""
@@ -114,7 +108,7 @@ class Worker:
     def _build_extra(self) -> None:
         if not self._extra_built:
             for t in self.spec.extra_tasks:
-                self._add_task(t)
+                add_task(self.tasks, t, self._env)
             self._extra_built = True
 
     def _hf_models(self, names: list[str]) -> dict[str, Any]:

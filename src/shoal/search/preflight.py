@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from shoal._devices import resolve_device
-from shoal.errors import CheckpointError, MergeError, RecipeError, ShoalError, TaskError
+from shoal.errors import CheckpointError, MergeError, RecipeError, ShoalError
 from shoal.search.base import validate_options
 from shoal.search.context import (
     algorithm_class,
@@ -183,21 +183,19 @@ def _one_line(exc: Exception) -> str:
 
 def _build_tasks(config: RunConfig, tokenizer: Any) -> dict[str, int]:
     """Build every task once, as a worker would; returns fitness task name -> examples."""
-    from shoal.tasks.registry import TaskEnv, build_task
+    from shoal.tasks.base import Task
+    from shoal.tasks.registry import TaskEnv, add_task
 
     env = TaskEnv(tokenizer=tokenizer, root=config.root, device=config.executor.device)
+    tasks: dict[str, Task] = {}
     sizes: dict[str, int] = {}
-    names: set[str] = set()
     for split in ("fitness", "test"):
         for i, spec in enumerate(getattr(config.tasks, split)):
             where = f"tasks.{split}[{i}]"
             try:
-                task = build_task(spec, env, where)
+                task = add_task(tasks, spec, env, where)
             except ShoalError as exc:
                 raise prefix_error(exc, where) from None
-            if task.name in names:
-                raise TaskError(f"{where}: two tasks are named {task.name!r}; give one a `name:`")
-            names.add(task.name)
             if split == "fitness":
                 sizes[task.name] = len(task)
     return sizes

@@ -25,6 +25,7 @@ __all__ = [
     "TASK_TYPES",
     "TaskEnv",
     "TaskOptions",
+    "add_task",
     "build_task",
     "register_task_type",
     "validate_task_spec",
@@ -124,6 +125,21 @@ def validate_task_spec(spec: Mapping[str, Any], where: str = "task") -> TaskOpti
             known = ", ".join(sorted(schema.model_fields))
             raise TaskError(f"{loc}: unknown key for task type {kind} (known: {known})") from None
         raise TaskError(f"{loc}: {err['msg']}") from None
+
+
+def add_task(
+    tasks: dict[str, Task], spec: Mapping[str, Any], env: TaskEnv, where: str = "task"
+) -> Task:
+    """Build ``spec`` into ``tasks`` under its name; a name given twice is an error.
+
+    Raises:
+        TaskError: A task of that name is there already (naming ``where``).
+    """
+    task = build_task(spec, env, where)
+    if task.name in tasks:
+        raise TaskError(f"{where}: two tasks are named {task.name!r}; give one a `name:`")
+    tasks[task.name] = task
+    return task
 
 
 def build_task(spec: Mapping[str, Any], env: TaskEnv | None = None, where: str = "task") -> Task:
