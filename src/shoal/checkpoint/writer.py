@@ -49,10 +49,14 @@ def _process_alive(pid: int) -> bool:
 
 
 def remove_stale_temp_dirs(out_dir: Path) -> None:
-    """Delete ``.<name>.tmp-<pid>`` siblings of ``out_dir`` whose process has ended."""
+    """Delete ``.<name>.tmp-<pid>`` siblings of ``out_dir`` left by ended processes.
+
+    This process's own pid counts as ended: a folder under it is the leftover of an
+    earlier process that had the same pid, since a write removes its folder when done.
+    """
     for path in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.tmp-*"):
         pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and (int(pid) == os.getpid() or not _process_alive(int(pid))):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -134,9 +138,7 @@ class ShardedWriter:
     def __enter__(self) -> ShardedWriter:
         self._check_out_dir()
         with self._cleanup_on_failure(f"{self.tmp_dir}: cannot create"):
-            if self.tmp_dir.exists():  # left by a killed run with the same pid
-                shutil.rmtree(self.tmp_dir)
-            remove_stale_temp_dirs(self.out_dir)
+            remove_stale_temp_dirs(self.out_dir)  # also a leftover under our own pid
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
             self.tmp_dir.mkdir()
             if self._plan is not None:

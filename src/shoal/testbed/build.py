@@ -139,10 +139,8 @@ def build_testbed(
     preset = get_size(size) if isinstance(size, str) else size
     resolve_device(device)
     prepare_target(out, overwrite)
-    remove_stale_temp_dirs(out)
+    remove_stale_temp_dirs(out)  # also a leftover under our own pid
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     saved_threads = torch.get_num_threads()
     started = time.perf_counter()
     try:
