@@ -159,27 +159,3 @@ def test_interrupt_while_finishing_leaves_nothing(
     with pytest.raises(KeyboardInterrupt), ShardedWriter(tmp_path / "o") as w:
         w.add("a", torch.ones(4))
     assert _listing(tmp_path) == []
-
-
-def test_leftovers_of_ended_writers_go_and_live_ones_stay(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
-    from shoal.checkpoint import remove_stale_temp_dirs
-
-    ended = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    out = tmp_path / "out"
-    own = tmp_path / f".out.tmp-{os.getpid()}"  # an earlier process with our pid
-    dead = tmp_path / f".out.tmp-{int(ended.stdout)}"
-    live = tmp_path / f".out.tmp-{os.getppid()}"  # the test runner's parent is alive
-    other = tmp_path / f".other.tmp-{int(ended.stdout)}"  # another output's
-    for path in (own, dead, live, other):
-        path.mkdir()
-    remove_stale_temp_dirs(out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])

@@ -25,7 +25,7 @@ from shoal.checkpoint.layers import layer_index, num_layers, rename_layer, with_
 from shoal.checkpoint.reader import CheckpointReader, open_checkpoint
 from shoal.checkpoint.sizes import parse_size
 from shoal.checkpoint.st_format import TensorInfo, read_header
-from shoal.checkpoint.writer import ShardedWriter, remove_stale_temp_dirs, shard_name
+from shoal.checkpoint.writer import ShardedWriter, shard_name
 
 __all__ = [
     "CheckpointReader",
@@ -38,7 +38,6 @@ __all__ = [
     "open_checkpoint",
     "parse_size",
     "read_header",
-    "remove_stale_temp_dirs",
     "rename_layer",
     "shard_name",
     "with_num_layers",

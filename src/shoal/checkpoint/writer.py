@@ -5,7 +5,7 @@ to a temporary sibling directory ``.<name>.tmp-<pid>`` that is renamed onto the
 output only when the ``with`` block ends cleanly; on any error the temporary
 directory is removed and the output is left as it was. A write killed outright
 (SIGKILL, power cut) cannot clean up; the next write to the same output removes
-its leftover (:func:`remove_stale_temp_dirs`).
+its leftover (:func:`shoal._atomic.remove_stale_temp_siblings`).
 
 Two modes:
 
@@ -19,7 +19,6 @@ Two modes:
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import math
 import os
@@ -31,33 +30,12 @@ from typing import BinaryIO
 
 import torch
 
+from shoal._atomic import remove_stale_temp_siblings, replace_dir, temp_sibling
 from shoal.checkpoint.st_format import build_header, dtype_name
 from shoal.errors import CheckpointError, OutputExistsError
 
 Plan = dict[str, tuple[tuple[int, ...], torch.dtype]]
 _COPY_CHUNK = 16 * 1024 * 1024
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
-def remove_stale_temp_dirs(out_dir: Path) -> None:
-    """Delete ``.<name>.tmp-<pid>`` siblings of ``out_dir`` left by ended processes.
-
-    This process's own pid counts as ended: a folder under it is the leftover of an
-    earlier process that had the same pid, since a write removes its folder when done.
-    """
-    for path in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.tmp-*"):
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _process_alive(int(pid))):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def shard_name(i: int, n: int) -> str:
@@ -111,7 +89,7 @@ class ShardedWriter:
         if self.max_shard_bytes <= 0:
             raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
         self._check_out_dir()
-        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}"
+        self.tmp_dir = temp_sibling(self.out_dir)
         self._plan: Plan | None = None
         self._written: set[str] = set()
         self._entered = False
@@ -138,7 +116,7 @@ class ShardedWriter:
     def __enter__(self) -> ShardedWriter:
         self._check_out_dir()
         with self._cleanup_on_failure(f"{self.tmp_dir}: cannot create"):
-            remove_stale_temp_dirs(self.out_dir)  # also a leftover under our own pid
+            remove_stale_temp_siblings(self.out_dir)  # also a leftover under our own pid
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
             self.tmp_dir.mkdir()
             if self._plan is not None:
@@ -182,24 +160,9 @@ class ShardedWriter:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def _swap_in(self) -> None:
-        if self.out_dir.exists():
-            if not self.overwrite:  # appeared while we were writing
-                raise OutputExistsError(f"{self.out_dir}: output appeared during the write")
-            old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}"
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(self.out_dir, old)
-            try:
-                os.rename(self.tmp_dir, self.out_dir)
-            except OSError:
-                os.rename(old, self.out_dir)
-                raise
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-        else:
-            os.rename(self.tmp_dir, self.out_dir)
+        if self.out_dir.exists() and not self.overwrite:  # appeared while we were writing
+            raise OutputExistsError(f"{self.out_dir}: output appeared during the write")
+        replace_dir(self.tmp_dir, self.out_dir)
         self._entered = False
 
     # -- planned layout --------------------------------------------------------------

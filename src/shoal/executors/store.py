@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import abc
 import json
-import os
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from shoal._atomic import atomic_path
 from shoal.errors import CheckpointError
 
 __all__ = ["PREFIX", "DirStore", "MemoryStore", "ModelStore", "open_store", "strip_prefix"]
@@ -80,12 +80,8 @@ _ORDER = "shoal.order"
 
 
 def _save_atomic(path: Path, tensors: Tensors) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={_ORDER: json.dumps(list(tensors))})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _load(path: Path) -> Tensors:

@@ -9,10 +9,10 @@ parameters that varied most) and ``summary.md``. ``shoal report RUN_DIR`` redraw
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
+from shoal._atomic import replace_dir, temp_sibling
 from shoal.report.data import RunData, load_run, numeric_leaves
 from shoal.report.plots import plot_fitness, plot_parameters, plot_tasks
 from shoal.report.summary import summary_markdown
@@ -28,7 +28,7 @@ def write_report(run_dir: str | Path) -> Path:
     """
     data = load_run(run_dir)
     out = Path(run_dir) / "report"
-    tmp = out.with_name(f".report.tmp-{os.getpid()}")
+    tmp = temp_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -37,11 +37,7 @@ def write_report(run_dir: str | Path) -> Path:
             plot_tasks(data, tmp / "tasks.png")
             plot_parameters(data, tmp / "parameters.png")
         (tmp / "summary.md").write_text(summary_markdown(data))
-        old = out.with_name(f".report.old-{os.getpid()}")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

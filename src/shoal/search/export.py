@@ -10,7 +10,6 @@ beside the weights records the recipe and seed.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,16 +18,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-__all__ = ["export_model", "replace_dir"]
+from shoal._atomic import replace_dir, temp_sibling
 
-
-def replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move ``tmp`` onto ``out_dir``, replacing an older one (old moved aside, then deleted)."""
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+__all__ = ["export_model"]
 
 
 def export_model(
@@ -53,7 +45,7 @@ def export_model(
     """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         if recipe.get("merge_method") == "layer_path":

@@ -18,7 +18,6 @@ accuracy (as published, METHODS.md §3).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 import yaml
 
+from shoal._atomic import replace_dir, temp_sibling
 from shoal.errors import OutputExistsError
 from shoal.search.m2n2 import M2N2
 from shoal.search.m2n2_flat import FlatM2N2, FlatModel, History
@@ -127,18 +127,12 @@ def write_run_folder(run: ImageRun, run_dir: Path, *, overwrite_kind: str = RUN_
                 f"{run_dir} exists and is not an M2N2 image run; choose another --run-dir"
             )
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir.with_name(f".{run_dir.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(run_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
         _write_contents(run, tmp)
-        if run_dir.exists():
-            aside = run_dir.with_name(f".{run_dir.name}.old-{os.getpid()}")
-            os.replace(run_dir, aside)
-            os.replace(tmp, run_dir)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(tmp, run_dir)
+        replace_dir(tmp, run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -21,7 +21,6 @@ index round(split·n).
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from shoal._atomic import atomic_path, write_text_atomic
 from shoal.errors import StateError
 from shoal.executors.build import generator_for
 from shoal.executors.work import candidate_seed
@@ -246,13 +246,10 @@ class FlatM2N2:
         from safetensors.torch import save_file
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / f".store.safetensors.tmp-{os.getpid()}"
-        save_file({k: v.contiguous() for k, v in self.store.items()}, str(tmp))
-        os.replace(tmp, run_dir / "store.safetensors")
-        _write_json(
-            run_dir / "state.json",
-            {"algorithm": self.algo.state_dict(), "generation": self.generation},
-        )
+        with atomic_path(run_dir / "store.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in self.store.items()}, str(tmp))
+        state = {"algorithm": self.algo.state_dict(), "generation": self.generation}
+        write_text_atomic(run_dir / "state.json", json.dumps(state, indent=1))
 
     def load(self, run_dir: Path) -> None:
         """Resume from a folder written by :meth:`save`."""
@@ -268,12 +265,6 @@ def _values(value: Any) -> list[float]:
     if isinstance(value, list):
         return [float(e["value"]) for e in value]
     return [float(value)]
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 @dataclass

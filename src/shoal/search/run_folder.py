@@ -16,23 +16,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from shoal._atomic import write_text_atomic
 from shoal.errors import StateError
 
-__all__ = ["EventLog", "RunFolder", "write_atomic"]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary sibling, fsync, rename onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+__all__ = ["EventLog", "RunFolder"]
 
 
 class EventLog:
@@ -84,7 +71,7 @@ class EventLog:
         if len(events) == count and self.path.is_file() and not torn:
             return
         text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in events[:count])
-        write_atomic(self.path, text)
+        write_text_atomic(self.path, text)
 
 
 def _event_line(line: str) -> dict[str, Any] | None:
@@ -151,7 +138,7 @@ class RunFolder:
 
     def write_state(self, state: dict[str, Any]) -> None:
         """Save the state atomically."""
-        write_atomic(self.state, json.dumps(state, sort_keys=True))
+        write_text_atomic(self.state, json.dumps(state, sort_keys=True))
 
     def read_summary(self) -> dict[str, Any] | None:
         """The summary, or ``None``.

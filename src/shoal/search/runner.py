@@ -16,6 +16,7 @@ Ctrl-C (the batch in flight finishes and is saved; a second Ctrl-C aborts at onc
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from shoal._atomic import replace_dir, temp_sibling, write_text_atomic
 from shoal.errors import OutputExistsError, RecipeError, ShoalError, StateError, TaskError
 from shoal.executors import (
     WorkerSpec,
@@ -42,10 +44,10 @@ from shoal.executors.worker import Worker
 from shoal.search.base import Algorithm, Best, store_key, store_ref
 from shoal.search.config import Budget, RunConfig, load_config
 from shoal.search.context import algorithm_key, make_algorithm, prefix_error
-from shoal.search.export import export_model, replace_dir
+from shoal.search.export import export_model
 from shoal.search.preflight import check_run
 from shoal.search.progress import RunProgress
-from shoal.search.run_folder import RunFolder, write_atomic
+from shoal.search.run_folder import RunFolder
 
 __all__ = ["RunResult", "evolve"]
 
@@ -365,9 +367,8 @@ def _finish(
                 m = worker.build(baseline, 0)
                 s = worker.score(m, worker.task_names(include_extra=True))
                 summary["baselines"][name] = _split_means(worker, s, spec)
-    import json
 
-    write_atomic(folder.summary, json.dumps(summary, indent=2, sort_keys=False, default=str))
+    write_text_atomic(folder.summary, json.dumps(summary, indent=2, sort_keys=False, default=str))
     return summary
 
 
@@ -406,7 +407,7 @@ def _prepare_folder(
         raise RecipeError("no config given")
     cfg = _given_config(config, overrides)
     _check(cfg, _source_name(config))  # before anything is written
-    write_atomic(folder.config, cfg.to_yaml())
+    write_text_atomic(folder.config, cfg.to_yaml())
     return cfg
 
 
@@ -560,13 +561,10 @@ def _run_stages(
 
 
 def _multi_stage_summary(folder: RunFolder, results: list[RunResult]) -> dict[str, Any]:
-    import json
-    import shutil
-
     last = results[-1]
     best_src = last.run_dir / "best"
     if best_src.is_dir():
-        tmp = folder.best.with_name(".best.copy-tmp")
+        tmp = temp_sibling(folder.best)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(best_src, tmp)
         replace_dir(tmp, folder.best)
@@ -588,5 +586,5 @@ def _multi_stage_summary(folder: RunFolder, results: list[RunResult]) -> dict[st
         baselines.update(r.summary.get("baselines") or {})
     if baselines:
         summary["baselines"] = baselines
-    write_atomic(folder.summary, json.dumps(summary, indent=2, default=str))
+    write_text_atomic(folder.summary, json.dumps(summary, indent=2, default=str))
     return summary

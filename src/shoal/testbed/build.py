@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -27,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from shoal._atomic import remove_stale_temp_siblings, replace_dir, temp_sibling
 from shoal._devices import resolve_device
-from shoal.checkpoint import remove_stale_temp_dirs
 from shoal.errors import OutputExistsError
 from shoal.testbed.sizes import TestbedSize, get_size
 from shoal.testbed.skills import SKILLS, SPLITS, make_splits
@@ -91,17 +90,6 @@ def prepare_target(out_dir: Path, overwrite: bool) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished tree onto ``out_dir``, replacing an old one last."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def build_testbed(
     out_dir: str | Path,
     size: str | TestbedSize = "tiny",
@@ -139,8 +127,8 @@ def build_testbed(
     preset = get_size(size) if isinstance(size, str) else size
     resolve_device(device)
     prepare_target(out, overwrite)
-    remove_stale_temp_dirs(out)  # also a leftover under our own pid
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    remove_stale_temp_siblings(out)  # also a leftover under our own pid
+    tmp = temp_sibling(out)
     saved_threads = torch.get_num_threads()
     started = time.perf_counter()
     try:
@@ -151,7 +139,7 @@ def build_testbed(
         meta["build_seconds"] = round(time.perf_counter() - started, 2)
         meta["threads"] = torch.get_num_threads()
         (tmp / "testbed.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        _publish(tmp, out)
+        replace_dir(tmp, out)
     finally:
         torch.set_num_threads(saved_threads)
         if tmp.exists():

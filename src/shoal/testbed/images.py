@@ -13,7 +13,6 @@ Python packages, so nothing here touches the network.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from shoal._atomic import atomic_path
 from shoal.errors import TaskError
 
 #: digits class groups of the published two-expert experiment, and three groups for CycleQD
@@ -262,7 +262,6 @@ def write_image_experts(
         paths[name] = path
         if path.exists() and not overwrite:
             continue
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     return paths

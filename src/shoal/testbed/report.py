@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shoal._atomic import write_text_atomic
 from shoal._devices import resolve_device
 from shoal.testbed.load import load_testbed
 
@@ -82,12 +82,6 @@ class TestbedReport:
         return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def report_testbed(
     path: str | Path,
     *,
@@ -142,6 +136,6 @@ def report_testbed(
     )
     if write:
         stem = "report" if split == "test" else f"report-{split}"
-        _write_atomic(bed.root / f"{stem}.json", json.dumps(report.to_dict(), indent=1) + "\n")
-        _write_atomic(bed.root / f"{stem}.md", report.to_markdown())
+        write_text_atomic(bed.root / f"{stem}.json", json.dumps(report.to_dict(), indent=1) + "\n")
+        write_text_atomic(bed.root / f"{stem}.md", report.to_markdown())
     return report
