@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from shoal.errors import CheckpointError, MergeError, RecipeError, TaskError
 from shoal.executors.worker import Worker
+from shoal.search.run_folder import RunFolder
 from shoal.search.runner import evolve
 
 
@@ -225,3 +226,49 @@ def test_checks_and_context_build_a_callable_model_once(tmp_path, monkeypatch):
     sources = tp.write_sources(tmp_path / "src")
     evolve(tp.toy_config(sources, budget={"evaluations": 4}), tmp_path / "run")
     assert len(built) == 2
+
+
+def _write_nan(path: str) -> None:
+    save_file({"x": torch.tensor([float("nan")])}, path)
+
+
+def test_nan_weights_in_a_source_stop_the_run_naming_its_key(tmp_path):
+    sources = tp.write_sources(tmp_path / "src")
+    _write_nan(sources["one"])
+    with pytest.raises(CheckpointError, match=r"^models\.one: .*one\.safetensors: tensor 'x'"):
+        evolve(tp.toy_config(sources), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+def test_a_source_broken_before_a_resume_stops_it_and_the_fixed_one_ends_as_one_run(
+    tmp_path, monkeypatch
+):
+    """Scoring candidates 0 for a broken source would steer the search; it stops instead."""
+    sources = tp.write_sources(tmp_path / "src")
+    cfg = tp.toy_config(sources, budget={"evaluations": 12})
+    evolve(cfg, tmp_path / "whole")
+    original = RunFolder.write_state
+    calls = {"n": 0}
+
+    def dying(self: RunFolder, state: dict[str, Any]) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise _Killed
+        original(self, state)
+
+    monkeypatch.setattr(RunFolder, "write_state", dying)
+    with pytest.raises(_Killed):
+        evolve(cfg, tmp_path / "run")
+    monkeypatch.setattr(RunFolder, "write_state", original)
+    good = Path(sources["one"]).read_bytes()
+    _write_nan(sources["one"])
+    with pytest.raises(CheckpointError, match=r"^models\.one: .*holds 1 NaN"):
+        evolve(None, tmp_path / "run", resume=True)
+    assert len(RunFolder(tmp_path / "run").events.read()) == 4  # the saved batch only
+    Path(sources["one"]).write_bytes(good)
+    evolve(None, tmp_path / "run", resume=True)
+    assert tp.run_events(tmp_path / "run") == tp.run_events(tmp_path / "whole")

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from shoal.errors import MergeError
+from shoal.errors import CheckpointError, MergeError
 from shoal.executors.store import PREFIX, ModelStore
 
-__all__ = ["SourceMap", "build_candidate", "generator_for"]
+__all__ = ["SourceLoadError", "SourceMap", "build_candidate", "generator_for"]
 
 Tensors = dict[str, torch.Tensor]
 
@@ -38,6 +38,14 @@ def generator_for(seed: int, stream: int, device: str | torch.device = "cpu") ->
     gen = torch.Generator(device=device)
     gen.manual_seed(int(state[0]) << 32 | int(state[1]))
     return gen
+
+
+class SourceLoadError(CheckpointError):
+    """A model the config names cannot be used (unreadable, corrupt, NaN weights).
+
+    Unlike a candidate that fails to build, this fails every candidate that uses the
+    model, so a run stops on it rather than scoring those candidates 0.
+    """
 
 
 class SourceMap(Mapping[str, Tensors]):
@@ -79,7 +87,10 @@ class SourceMap(Mapping[str, Tensors]):
         if name is None:
             raise KeyError(ref)
         if name not in self._cache:
-            self._cache[name] = self._load(self._paths[name])
+            try:
+                self._cache[name] = self._load(self._paths[name])
+            except CheckpointError as exc:
+                raise SourceLoadError(f"models.{name}: {exc}") from exc
         return self._cache[name]
 
     def __iter__(self) -> Iterator[str]:

@@ -59,6 +59,8 @@ class WorkResult:
         build_seconds: Of which building the model.
         worker: Id of the worker (``host:pid`` or actor id).
         error: ``None``, or the reason the candidate failed (it then scores 0 everywhere).
+        fatal: The failure is the run's, not the candidate's (a source model named in
+            the config cannot be loaded); the run stops with ``error``.
     """
 
     index: int
@@ -67,6 +69,7 @@ class WorkResult:
     build_seconds: float
     worker: str
     error: str | None = None
+    fatal: bool = False
 
 
 @dataclass(frozen=True)

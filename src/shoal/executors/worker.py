@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from shoal.errors import TaskError
-from shoal.executors.build import SourceMap, build_candidate
+from shoal.executors.build import SourceLoadError, SourceMap, build_candidate
 from shoal.executors.loaders import load_resident
 from shoal.executors.store import ModelStore, distinct_tensors, open_store
 from shoal.executors.work import WorkerSpec, WorkItem, WorkResult
@@ -142,6 +142,7 @@ class Worker:
         names = item.tasks if item.tasks is not None else self.fitness_names
         start = time.perf_counter()
         built = start
+        fatal = False
         try:
             model = self.build(item.recipe, item.seed)
             built = time.perf_counter()
@@ -151,7 +152,8 @@ class Worker:
             error = None
         except Exception as exc:  # a bad candidate must not end the run; it is logged
             scores = {n: np.zeros(len(self.tasks[n])) for n in names if n in self.tasks}
-            error = f"{type(exc).__name__}: {exc}"
+            fatal = isinstance(exc, SourceLoadError)  # ... but a bad source model does
+            error = str(exc) if fatal else f"{type(exc).__name__}: {exc}"
             if os.environ.get("SHOAL_DEBUG"):
                 traceback.print_exc()
         end = time.perf_counter()
@@ -162,4 +164,5 @@ class Worker:
             build_seconds=(built if error is None else end) - start,
             worker=self.worker_id,
             error=error,
+            fatal=fatal,
         )

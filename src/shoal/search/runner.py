@@ -31,7 +31,14 @@ from typing import Any
 import numpy as np
 
 from shoal._atomic import replace_dir, temp_sibling, write_text_atomic
-from shoal.errors import OutputExistsError, RecipeError, ShoalError, StateError, TaskError
+from shoal.errors import (
+    CheckpointError,
+    OutputExistsError,
+    RecipeError,
+    ShoalError,
+    StateError,
+    TaskError,
+)
 from shoal.executors import (
     WorkerSpec,
     WorkItem,
@@ -275,6 +282,9 @@ def _one_batch(
         for i, r in enumerate(recipes)
     ]
     results = executor.evaluate(items)
+    fatal = next((r.error for r in results if r.fatal), None)
+    if fatal is not None:  # a model of the config is broken: stop before telling
+        raise CheckpointError(fatal)
     if start == 0 and results and all(r.error for r in results):
         raise TaskError(f"every candidate of the first batch failed; first: {results[0].error}")
     algo.tell(recipes, [r.scores for r in results])
