@@ -17,8 +17,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from shoal.errors import OutputExistsError
+
 __all__ = [
     "atomic_path",
+    "refuse_working_dir",
     "remove_stale_temp_siblings",
     "replace_dir",
     "temp_sibling",
@@ -55,12 +58,32 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.fsync(fh.fileno())
 
 
+def refuse_working_dir(out: Path) -> None:
+    """Refuse ``out`` as a folder to replace when it is, or holds, the working directory.
+
+    Replacing it would delete the folder the user stands in (``shoal merge r.yaml .
+    --overwrite``).
+
+    Raises:
+        OutputExistsError: If ``out`` is the working directory or one of its parents.
+    """
+    where, cwd = Path(os.path.abspath(out)), Path.cwd()
+    if where == cwd or where in cwd.parents:
+        raise OutputExistsError(
+            f"{out}: is the working directory or holds it; name a new folder for the output"
+        )
+
+
 def replace_dir(tmp: Path, out: Path) -> None:
     """Rename the finished folder ``tmp`` onto ``out``, replacing an existing ``out``.
 
     The old ``out`` is moved aside first and deleted last; if the second rename
     fails it is put back, so ``out`` is always either the old or the new folder.
+
+    Raises:
+        OutputExistsError: If ``out`` is the working directory or holds it.
     """
+    refuse_working_dir(out)
     if not out.exists():
         os.rename(tmp, out)
         return

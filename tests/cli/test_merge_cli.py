@@ -356,3 +356,33 @@ def test_sigterm_unwinds_and_leaves_nothing(tmp_path: Path) -> None:
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "aborted"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("recipe", "needle"),
+    [
+        ("merge_method: passthrough\nslices: []\n", "slices"),
+        ('merge_method: linear\nmodels:\n  - model: ""\n', "models[0].model"),
+        ('merge_method: linear\nbase_model: ""\nmodels:\n  - model: a\n', "base_model"),
+    ],
+)
+def test_empty_lists_and_names_are_one_line(cli, recipe: str, needle: str) -> None:
+    code, _, err, out = cli(recipe)
+    assert code == 2
+    _one_error_line(err, "recipe.yaml", needle)
+    _nothing_left(out)
+
+
+def test_working_directory_is_never_the_output(models, tmp_path: Path, shoal_cli) -> None:
+    """``.`` or ``o/..`` as output would replace the folder the user stands in."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("precious")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(_ties(models))
+    for target in (".", "o/..", str(tmp_path)):
+        code, _, err = shoal_cli(["merge", str(recipe), target, "--overwrite"], cwd=work)
+        assert code == 2, err
+        _one_error_line(err, "working directory")
+    assert sorted(p.name for p in work.iterdir()) == ["keep.txt"]  # no stray o/ either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "recipe.yaml", "work"]

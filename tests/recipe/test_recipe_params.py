@@ -33,6 +33,10 @@ def test_position_follows_mergekit() -> None:
     assert position("lm_head.weight", None, 4) == 1.0
     assert is_pre_tensor("embeddings.word_embeddings.weight")
     assert not is_pre_tensor("pooler.dense.weight")
+    # GPT-NeoX: embed_in is the input embedding, embed_out the output head
+    assert is_pre_tensor("gpt_neox.embed_in.weight")
+    assert not is_pre_tensor("embed_out.weight")
+    assert position("embed_out.weight", None, 4) == 1.0
 
 
 def test_filters_first_match_wins_and_default() -> None:

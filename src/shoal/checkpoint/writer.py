@@ -30,7 +30,12 @@ from typing import BinaryIO
 
 import torch
 
-from shoal._atomic import remove_stale_temp_siblings, replace_dir, temp_sibling
+from shoal._atomic import (
+    refuse_working_dir,
+    remove_stale_temp_siblings,
+    replace_dir,
+    temp_sibling,
+)
 from shoal.checkpoint.st_format import build_header, dtype_name
 from shoal.errors import CheckpointError, OutputExistsError
 
@@ -83,7 +88,7 @@ class ShardedWriter:
         max_shard_bytes: int = 2 * 1024**3,
         overwrite: bool = False,
     ) -> None:
-        self.out_dir = Path(out_dir)
+        self.out_dir = Path(os.path.abspath(out_dir))  # "o/.." and "." have a name
         self.max_shard_bytes = int(max_shard_bytes)
         self.overwrite = overwrite
         if self.max_shard_bytes <= 0:
@@ -106,6 +111,7 @@ class ShardedWriter:
     # -- lifecycle -------------------------------------------------------------------
 
     def _check_out_dir(self) -> None:
+        refuse_working_dir(self.out_dir)
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise OutputExistsError(f"{self.out_dir}: exists and is not a directory")
         if self.out_dir.exists() and not self.overwrite:

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from shoal._atomic import refuse_working_dir
 from shoal._devices import resolve_device
 from shoal.checkpoint import ShardedWriter, copy_model_files, parse_size, with_num_layers
 from shoal.errors import OutputExistsError
@@ -109,6 +110,7 @@ def merge(
     resolve_device(device)
     recipe = load_recipe(recipe)
     out = Path(out_dir)
+    refuse_working_dir(out)  # before anything is read: --overwrite would delete it
     max_bytes = parse_size(out_shard_size)
     sources, opened = open_sources(recipe)
     try:

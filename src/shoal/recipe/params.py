@@ -11,8 +11,8 @@ A value in a recipe is one of (METHODS.md §1, "any parameter may be given per l
 
 The layer position follows mergekit: within a slice of ``n`` layers, layer ``i`` sits at
 ``i / (n - 1)`` (``1`` when ``n == 1``); tensors outside the blocks use ``t = 0`` when
-they are input embeddings (names with ``embed``, ``wte``, ``wpe``) and ``t = 1``
-otherwise (final norm, head, pooler).
+they are input embeddings (names with ``embed`` but not ``embed_out``, ``wte``, ``wpe``)
+and ``t = 1`` otherwise (final norm, head, pooler).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from shoal.recipe.methods import MethodSpec, ParamSpec
 
 Scalar = float | bool | str
 
-_PRE_PATTERN = re.compile(r"(embed|(^|\.)wte\.|(^|\.)wpe\.)")
+# GPT-NeoX calls its output head ``embed_out``: a head, not an input embedding
+_PRE_PATTERN = re.compile(r"(embed(?!_out)|(^|\.)wte\.|(^|\.)wpe\.)")
 
 _RESCALE_BOOL = {True: "l1", False: "none"}
 

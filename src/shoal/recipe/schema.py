@@ -28,7 +28,7 @@ class _Strict(BaseModel):
 class ModelEntry(_Strict):
     """One entry of ``models:``."""
 
-    model: str = Field(description="path of a local checkpoint (directory or file)")
+    model: str = Field(min_length=1, description="path of a local checkpoint (directory or file)")
     parameters: dict[str, Any] | None = Field(
         default=None, description="per-model parameters (weight, density, ...)"
     )
@@ -37,7 +37,7 @@ class ModelEntry(_Strict):
 class SliceSource(_Strict):
     """One source of a slice: a layer range of one model."""
 
-    model: str = Field(description="path of a local checkpoint")
+    model: str = Field(min_length=1, description="path of a local checkpoint")
     layer_range: tuple[int, int] = Field(description="[start, end) of the layers taken")
     parameters: dict[str, Any] | None = Field(default=None, description="per-source parameters")
 
@@ -54,8 +54,12 @@ class Recipe(_Strict):
 
     merge_method: str = Field(description="a name from shoal.recipe.METHODS")
     models: list[ModelEntry] | None = Field(default=None, description="models merged whole")
-    slices: list[Slice] | None = Field(default=None, description="output slices (layer ranges)")
-    base_model: str | None = Field(default=None, description="common ancestor / t=0 model")
+    slices: list[Slice] | None = Field(
+        default=None, min_length=1, description="output slices (layer ranges)"
+    )
+    base_model: str | None = Field(
+        default=None, min_length=1, description="common ancestor / t=0 model"
+    )
     parameters: dict[str, Any] | None = Field(default=None, description="global parameters")
     dtype: str | None = Field(default=None, description="dtype of the output tensors")
     out_dtype: str | None = Field(default=None, description="output dtype (overrides dtype)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -26,7 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from shoal._atomic import remove_stale_temp_siblings, replace_dir, temp_sibling
+from shoal._atomic import (
+    refuse_working_dir,
+    remove_stale_temp_siblings,
+    replace_dir,
+    temp_sibling,
+)
 from shoal._devices import resolve_device
 from shoal.errors import OutputExistsError
 from shoal.testbed.sizes import TestbedSize, get_size
@@ -85,6 +91,7 @@ def _save_model(model: Any, tokenizer: Any, path: Path) -> None:
 
 def prepare_target(out_dir: Path, overwrite: bool) -> None:
     """Refuse an existing ``out_dir`` unless ``overwrite``; create its parent."""
+    refuse_working_dir(out_dir)
     if out_dir.exists() and not overwrite:
         raise OutputExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +130,7 @@ def build_testbed(
         OutputExistsError: If ``out_dir`` exists and ``overwrite`` is false.
         TaskError: If the size is unknown or a generator runs out of questions.
     """
-    out = Path(out_dir)
+    out = Path(os.path.abspath(out_dir))  # "." and "o/.." have a name
     preset = get_size(size) if isinstance(size, str) else size
     resolve_device(device)
     prepare_target(out, overwrite)
