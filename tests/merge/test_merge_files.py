@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
 
+from shoal.errors import RecipeError
 from shoal.merge import merge
 from shoal.recipe import load_recipe
 
@@ -77,3 +79,62 @@ def test_relative_paths_resolve_next_to_the_recipe(tmp_path: Path, monkeypatch) 
     monkeypatch.chdir(tmp_path.parent)  # not where the models are
     out = merge(recipe, tmp_path / "out", progress=False)
     assert (out / "model.safetensors").is_file()
+
+
+def test_tokenizer_files_come_from_one_model_only(tmp_path: Path) -> None:
+    """A sentencepiece source beside a base with tokenizer.json: a mix loads the base's."""
+    base, a = _model(tmp_path, "base", 0), _model(tmp_path, "a", 1)
+    (base / "tokenizer.json").write_text("{}")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        (a / name).unlink()
+    (a / "tokenizer.model").write_text("sentencepiece of a")
+    text = f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
+    out = merge(text + f"tokenizer_source: {a}\n", tmp_path / "out", progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "shoal_recipe.yaml",
+        "tokenizer.model",
+    ]
+    assert json.loads((out / "config.json").read_text())["who"] == "base"
+
+
+def test_a_tokenizer_source_without_a_tokenizer_is_refused(tmp_path: Path) -> None:
+    base, a = _model(tmp_path, "base", 0), _model(tmp_path, "a", 1)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        (a / name).unlink()
+    text = f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
+    with pytest.raises(RecipeError, match=r"^tokenizer_source: .*holds no tokenizer files"):
+        merge(text + f"tokenizer_source: {a}\n", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_stored_recipe_rebuilds_a_merge_made_with_command_options(tmp_path: Path) -> None:
+    """--dtype goes into the stored recipe; the seed DARE drew with is in its first line."""
+    from safetensors.torch import load_file
+
+    base, a, b = (_model(tmp_path, n, i) for i, n in enumerate(("base", "a", "b")))
+    text = (
+        f"merge_method: dare_ties\nbase_model: {base}\nmodels:\n"
+        f"  - {{model: {a}, parameters: {{weight: 0.7, density: 0.4}}}}\n"
+        f"  - {{model: {b}, parameters: {{weight: 0.5, density: 0.6}}}}\n"
+    )
+    first = merge(text, tmp_path / "first", seed=7, dtype="bf16", progress=False)
+    stored = first / "shoal_recipe.yaml"
+    assert stored.read_text().splitlines()[0] == (
+        "# rebuild: shoal merge shoal_recipe.yaml OUT --seed 7"
+    )
+    assert load_recipe(stored).out_dtype == "bfloat16"
+    again = merge(stored, tmp_path / "again", seed=7, progress=False)
+    one, two = load_file(first / "model.safetensors"), load_file(again / "model.safetensors")
+    assert one.keys() == two.keys()
+    for name in one:
+        assert one[name].dtype == torch.bfloat16
+        assert torch.equal(one[name], two[name]), name
+    other = load_file(
+        merge(stored, tmp_path / "other", seed=8, progress=False) / "model.safetensors"
+    )
+    assert not torch.equal(
+        other["model.layers.0.mlp.up_proj.weight"], one["model.layers.0.mlp.up_proj.weight"]
+    )

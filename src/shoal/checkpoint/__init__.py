@@ -8,7 +8,8 @@ The lowest part of shoal; it knows nothing of merging or search.
   Shapes and dtypes come from headers; data is read one tensor at a time.
 * :class:`ShardedWriter`: streams tensors into (sharded) safetensors in a temporary
   sibling directory and renames it into place only when everything is written.
-* :func:`copy_model_files`: config (with updates), generation config, tokenizer.
+* :func:`copy_model_files`: config (with updates), generation config, tokenizer;
+  :func:`copy_config_files` and :func:`copy_tokenizer_files` for one of the two.
 * :func:`layer_index`, :func:`rename_layer`, :func:`num_layers`,
   :func:`with_num_layers`: tensor name ↔ transformer block, block count in a config.
 * :func:`parse_size`, :func:`check_finite`: small helpers.
@@ -19,7 +20,7 @@ message names the file and, where one is at fault, the tensor.
 
 from __future__ import annotations
 
-from shoal.checkpoint.files import copy_model_files
+from shoal.checkpoint.files import copy_config_files, copy_model_files, copy_tokenizer_files
 from shoal.checkpoint.finite import check_finite
 from shoal.checkpoint.layers import layer_index, num_layers, rename_layer, with_num_layers
 from shoal.checkpoint.reader import CheckpointReader, open_checkpoint
@@ -32,7 +33,9 @@ __all__ = [
     "ShardedWriter",
     "TensorInfo",
     "check_finite",
+    "copy_config_files",
     "copy_model_files",
+    "copy_tokenizer_files",
     "layer_index",
     "num_layers",
     "open_checkpoint",

@@ -11,16 +11,17 @@ from shoal.errors import CheckpointError
 if TYPE_CHECKING:
     from shoal.checkpoint.writer import ShardedWriter
 
-# exact names, then glob patterns (tokenizer models, vocabularies, chat templates)
-MODEL_FILES = (
-    "generation_config.json",
+# what a model's folder holds besides its weights: its configuration ...
+CONFIG_FILES = ("generation_config.json",)
+# ... and its tokenizer: exact names, then glob patterns (models, vocabularies, templates)
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
     "merges.txt",
 )
-MODEL_FILE_GLOBS = ("vocab.*", "*.model", "chat_template*")
+TOKENIZER_GLOBS = ("vocab.*", "*.model", "chat_template*")
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -55,6 +56,22 @@ def copy_model_files(
     Raises:
         CheckpointError: ``config.json`` is not a valid JSON object, or a copy fails.
     """
+    return copy_config_files(src_dir, writer, config_updates=config_updates) + (
+        copy_tokenizer_files(src_dir, writer)
+    )
+
+
+def copy_config_files(
+    src_dir: str | Path, writer: ShardedWriter, *, config_updates: dict[str, Any] | None = None
+) -> list[str]:
+    """Copy ``config.json`` (with ``config_updates``) and the generation config of a model.
+
+    Returns:
+        The relative paths written, in order (none for a file path).
+
+    Raises:
+        CheckpointError: ``config.json`` is not a valid JSON object, or a copy fails.
+    """
     src = Path(src_dir)
     if not src.is_dir():
         return []
@@ -65,10 +82,27 @@ def copy_model_files(
         config.update(config_updates or {})
         writer.write_text("config.json", json.dumps(config, indent=2) + "\n")
         written.append("config.json")
-    names = [n for n in MODEL_FILES if (src / n).is_file()]
-    for pattern in MODEL_FILE_GLOBS:
-        names += sorted(p.name for p in src.glob(pattern) if p.is_file() and p.name not in names)
-    for name in names:
+    return written + _copy_present(src, writer, CONFIG_FILES, ())
+
+
+def copy_tokenizer_files(src_dir: str | Path, writer: ShardedWriter) -> list[str]:
+    """Copy every tokenizer file of a model (vocabularies, merges, chat templates).
+
+    Returns:
+        The relative paths written, in order; empty when the model has no tokenizer.
+    """
+    src = Path(src_dir)
+    if not src.is_dir():
+        return []
+    return _copy_present(src, writer, TOKENIZER_FILES, TOKENIZER_GLOBS)
+
+
+def _copy_present(
+    src: Path, writer: ShardedWriter, names: tuple[str, ...], patterns: tuple[str, ...]
+) -> list[str]:
+    found = [n for n in names if (src / n).is_file()]
+    for pattern in patterns:
+        found += sorted(p.name for p in src.glob(pattern) if p.is_file() and p.name not in found)
+    for name in found:
         writer.copy_file(src / name, name)
-        written.append(name)
-    return written
+    return found

@@ -32,7 +32,7 @@ def model_card(recipe: Recipe, *, seed: int, num_tensors: int, version: str) -> 
         f"## Source models\n\n{sources}\n\n"
         "## Recipe\n\n"
         "The same recipe is stored as `shoal_recipe.yaml`; "
-        "`shoal merge shoal_recipe.yaml OUT`, run where this merge ran (model paths are "
-        "as the recipe wrote them), rebuilds the model.\n\n"
+        f"`shoal merge shoal_recipe.yaml OUT --seed {seed}`, run where this merge ran (model "
+        "paths are as the recipe wrote them), rebuilds the model.\n\n"
         f"```yaml\n{recipe.to_yaml()}```\n"
     )

@@ -9,8 +9,14 @@ from typing import Any
 
 from shoal._atomic import refuse_working_dir
 from shoal._devices import resolve_device
-from shoal.checkpoint import ShardedWriter, copy_model_files, parse_size, with_num_layers
-from shoal.errors import OutputExistsError
+from shoal.checkpoint import (
+    ShardedWriter,
+    copy_config_files,
+    copy_tokenizer_files,
+    parse_size,
+    with_num_layers,
+)
+from shoal.errors import OutputExistsError, RecipeError
 from shoal.merge.card import model_card
 from shoal.merge.execute import iter_merged
 from shoal.merge.plan import MergePlan, build_plan
@@ -117,6 +123,8 @@ def merge(
         _refuse_source_as_output(out, recipe, sources)
         plan = build_plan(recipe, sources, dtype=dtype)
         out_dtype = dtype or recipe.output_dtype()
+        if dtype:  # the stored recipe rebuilds the model without the command's options
+            recipe = recipe.model_copy(update={"out_dtype": canonical_dtype(dtype) or dtype})
         ref_dir = _model_dir(plan.reference, recipe, sources)
         tok = recipe.tokenizer_source
         tok_ref = recipe.base_model if tok in (None, "base") else tok
@@ -136,14 +144,20 @@ def merge(
             ):
                 writer.add(name, tensor)
             if ref_dir is not None:
-                copy_model_files(ref_dir, writer, config_updates=updates)
-            if tok_dir is not None and tok_dir != ref_dir:
-                copy_model_files(tok_dir, writer)  # tokenizer files replace the reference's
-            if config is not None:  # the reference's config, whatever tok_dir held
+                copy_config_files(ref_dir, writer, config_updates=updates)
+            # every tokenizer file from one model: a mix of two would load as neither
+            copied = copy_tokenizer_files(tok_dir, writer) if tok_dir is not None else []
+            if tok is not None and not copied:
+                where = tok_dir or resolve_model_path(str(tok_ref), recipe)
+                raise RecipeError(f"tokenizer_source: {tok!r} ({where}) holds no tokenizer files")
+            if config is not None:  # as parsed and updated (also for a reference given as a file)
                 writer.write_text("config.json", json.dumps(updates or config, indent=2) + "\n")
             if recipe.chat_template not in (None, "auto"):
                 writer.write_text("chat_template.jinja", str(recipe.chat_template))
-            writer.write_text("shoal_recipe.yaml", recipe.to_yaml())
+            writer.write_text(
+                "shoal_recipe.yaml",
+                f"# rebuild: shoal merge shoal_recipe.yaml OUT --seed {seed}\n" + recipe.to_yaml(),
+            )
             writer.write_text(
                 "README.md",
                 model_card(recipe, seed=seed, num_tensors=len(plan.tensors), version=__version__),
