@@ -138,3 +138,56 @@ def test_stored_recipe_rebuilds_a_merge_made_with_command_options(tmp_path: Path
     assert not torch.equal(
         other["model.layers.0.mlp.up_proj.weight"], one["model.layers.0.mlp.up_proj.weight"]
     )
+
+
+def _real_tokenizer(model_dir: Path, template: str | None = None) -> None:
+    """A word-level tokenizer saved as transformers saves one (with a chat template)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "hi", "there"])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    if template is not None:
+        tok.chat_template = template
+    for stale in model_dir.glob("*token*"):
+        stale.unlink()
+    tok.save_pretrained(model_dir)
+
+
+def test_builtin_chat_template_is_what_the_tokenizer_renders(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    base, a = _model(tmp_path, "base", 0), _model(tmp_path, "a", 1)
+    _real_tokenizer(base, "{{ 'base template' }}")
+    text = f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
+    out = merge(text + "chat_template: chatml\n", tmp_path / "out", progress=False)
+    chat = [{"role": "user", "content": "hi"}]
+    rendered = AutoTokenizer.from_pretrained(out).apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=True
+    )
+    assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_auto_chat_template_takes_the_one_most_models_carry(tmp_path: Path) -> None:
+    base, a, b = (_model(tmp_path, n, i) for i, n in enumerate(("base", "a", "b")))
+    _real_tokenizer(base, "{{ 'one' }}")
+    _real_tokenizer(a, "{{ 'two' }}")
+    (b / "chat_template.jinja").write_text("{{ 'two' }}")
+    text = f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}]\n"
+    out = merge(text + "chat_template: auto\n", tmp_path / "out", progress=False)
+    assert (out / "chat_template.jinja").read_text() == "{{ 'two' }}"
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [("chatmll", "neither a known name"), ("'{% for m in %}'", "not a valid Jinja template")],
+)
+def test_unknown_chat_template_is_refused(tmp_path: Path, value: str, needle: str) -> None:
+    base, a = _model(tmp_path, "base", 0), _model(tmp_path, "a", 1)
+    text = f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
+    with pytest.raises(RecipeError, match=rf"^recipe: chat_template: .*{needle}"):
+        load_recipe(text + f"chat_template: {value}\n")

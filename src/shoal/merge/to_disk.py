@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from shoal.merge.execute import iter_merged
 from shoal.merge.plan import MergePlan, build_plan
 from shoal.merge.sources import TensorSource, close_all, open_sources, resolve_model_path
 from shoal.recipe import Recipe, canonical_dtype, load_recipe
+from shoal.recipe.chat_templates import BUILTIN_CHAT_TEMPLATES
 
 
 def _model_dir(ref: str, recipe: Recipe, sources: Mapping[str, TensorSource]) -> Path | None:
@@ -29,6 +31,34 @@ def _model_dir(ref: str, recipe: Recipe, sources: Mapping[str, TensorSource]) ->
     if not isinstance(path, Path):
         path = resolve_model_path(ref, recipe)
     return path if path.is_dir() else None
+
+
+def _model_chat_template(model_dir: Path) -> str | None:
+    """The chat template a model's tokenizer carries, if any."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    try:
+        config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
+
+
+def _chat_template(recipe: Recipe, sources: Mapping[str, TensorSource]) -> str | None:
+    """The template ``chat_template`` asks for: a built-in's text, the Jinja given, or for
+    ``auto`` the one most of the recipe's models carry (the first of them on a tie)."""
+    value = recipe.chat_template
+    if value is None:
+        return None
+    if value != "auto":
+        return BUILTIN_CHAT_TEMPLATES.get(value, value)
+    dirs = (_model_dir(ref, recipe, sources) for ref in recipe.model_refs())
+    found = [t for d in dirs if d is not None and (t := _model_chat_template(d)) is not None]
+    return Counter(found).most_common(1)[0][0] if found else None
 
 
 def _refuse_source_as_output(
@@ -152,8 +182,9 @@ def merge(
                 raise RecipeError(f"tokenizer_source: {tok!r} ({where}) holds no tokenizer files")
             if config is not None:  # as parsed and updated (also for a reference given as a file)
                 writer.write_text("config.json", json.dumps(updates or config, indent=2) + "\n")
-            if recipe.chat_template not in (None, "auto"):
-                writer.write_text("chat_template.jinja", str(recipe.chat_template))
+            template = _chat_template(recipe, sources)
+            if template is not None:  # transformers prefers it to tokenizer_config's
+                writer.write_text("chat_template.jinja", template)
             writer.write_text(
                 "shoal_recipe.yaml",
                 f"# rebuild: shoal merge shoal_recipe.yaml OUT --seed {seed}\n" + recipe.to_yaml(),

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from shoal.errors import RecipeError
+from shoal.recipe.chat_templates import check_chat_template
 from shoal.recipe.methods import METHODS, MethodSpec
 from shoal.recipe.params import check_parameters
 from shoal.recipe.schema import Recipe, Slice, SliceSource, canonical_dtype
@@ -150,6 +151,8 @@ def _check_structure(recipe: Recipe, method: MethodSpec) -> None:
         raise RecipeError(f"tokenizer_source: {tok!r} is neither 'base' nor a model of the recipe")
     if tok == "base" and recipe.base_model is None:
         raise RecipeError("tokenizer_source: 'base' needs a base_model")
+    if recipe.chat_template is not None:
+        check_chat_template(recipe.chat_template)
     if recipe.models is not None:
         _check_counts(
             method,
