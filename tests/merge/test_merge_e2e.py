@@ -264,3 +264,21 @@ def test_splitpoint_matches_flat_reference(llama: dict) -> None:
     for name in a:
         torch.testing.assert_close(only_a[name], a[name])
         torch.testing.assert_close(only_b[name], b[name])
+
+
+def test_model_stock_filter_wise_reaches_the_operator(llama: dict) -> None:
+    """mergekit's ``filter_wise`` option: one angle per row, as the operator computes it."""
+    from shoal.ops import model_stock
+
+    p = llama
+    text = (
+        f"merge_method: model_stock\nbase_model: {p['base']}\n"
+        f"models: [{{model: {p['a']}}}, {{model: {p['b']}}}]\n"
+    )
+    per_row = merge_state_dicts(text + "parameters: {filter_wise: true}\n")
+    whole = merge_state_dicts(text)
+    base, a, b = state_dict(p["base"]), state_dict(p["a"]), state_dict(p["b"])
+    name = "model.layers.0.mlp.up_proj.weight"
+    expected = model_stock(base[name], [a[name], b[name]], filter_wise=True)
+    torch.testing.assert_close(per_row[name], expected)
+    assert not torch.allclose(per_row[name], whole[name])

@@ -95,7 +95,7 @@ def apply_method(
     if method == "slerp":
         return slerp(base, tensors[0], float(p["t"]), dot_threshold=MERGEKIT_DOT_THRESHOLD)
     if method == "model_stock":
-        return model_stock(base, tensors)
+        return model_stock(base, tensors, filter_wise=bool(p["filter_wise"]))
     weights = _per_input(tp, "weight")
     lam = float(p["lambda"])
     normalize = bool(p["normalize"])

@@ -206,7 +206,15 @@ METHODS: dict[str, MethodSpec] = {
             True,
             2,
             None,
-            (),
+            (
+                ParamSpec(
+                    "filter_wise",
+                    "bool",
+                    False,
+                    False,
+                    help="one angle per row (output filter) instead of one per tensor",
+                ),
+            ),
         ),
         MethodSpec(
             "passthrough",
