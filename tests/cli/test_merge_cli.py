@@ -126,6 +126,17 @@ def test_shape_mismatch(cli, models, tmp_path: Path) -> None:
     _nothing_left(out)
 
 
+@pytest.mark.parametrize("where", ["b", "base"])
+def test_integer_tensor_among_floats(cli, models, tmp_path: Path, where: str) -> None:
+    """An int tensor would be merged as zeros (or ignored, if the base's); refused instead."""
+    ints = torch.zeros(6, 4, dtype=torch.int64)
+    odd = _model(tmp_path / "models", "ints", 3, model__layers__0__mlp__up_proj__weight=ints)
+    code, _, err, out = cli(_ties(models, **{where: str(odd)}))
+    assert code == 2
+    _one_error_line(err, "model.layers.0.mlp.up_proj.weight", "int64", "float32")
+    _nothing_left(out)
+
+
 def test_truncated_safetensors(cli, models) -> None:
     f = models["b"] / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-50])

@@ -169,16 +169,27 @@ class _Planner:
         return ref if path == ref or Path(path) == Path(ref) else f"{ref} ({path})"
 
     def _check_input(
-        self, ref: str, name: str, out_name: str, want: tuple[int, ...], want_from: str
+        self,
+        ref: str,
+        name: str,
+        out_name: str,
+        want: tuple[tuple[int, ...], torch.dtype],
+        want_from: str,
     ) -> None:
         src = self.sources[ref]
         if name not in src:
             raise MergeError(f"tensor {name!r} missing from model {self._where(ref)}")
-        shape = tuple(src.shape(name))
-        if shape != want:
+        shape, dtype = tuple(src.shape(name)), src.dtype(name)
+        if shape != want[0]:
             raise MergeError(
                 f"tensor {out_name!r}: shape {list(shape)} in model {ref} differs from "
-                f"{list(want)} in model {want_from}"
+                f"{list(want[0])} in model {want_from}"
+            )
+        # float16 merges with float32 (computed in float32); a float with an int does not
+        if dtype.is_floating_point != want[1].is_floating_point:
+            raise MergeError(
+                f"tensor {out_name!r}: dtype {str(dtype).removeprefix('torch.')} in model "
+                f"{ref}, {str(want[1]).removeprefix('torch.')} in model {want_from}"
             )
 
     def _params(self, scopes: _Scope, name: str, t: float, per_model: bool) -> dict[str, Scalar]:
@@ -209,9 +220,9 @@ class _Planner:
         if lead[1] not in lead_src:
             raise MergeError(f"tensor {lead[1]!r} missing from model {self._where(lead[0])}")
         shape = tuple(lead_src.shape(lead[1]))
-        for ref, name, _ in members:
-            self._check_input(ref, name, out_name, shape, lead[0])
         src_dtype = lead_src.dtype(lead[1])
+        for ref, name, _ in members:
+            self._check_input(ref, name, out_name, (shape, src_dtype), lead[0])
         floating = src_dtype.is_floating_point
         dtype = self.out_dtype if (self.out_dtype is not None and floating) else src_dtype
         inputs = [
