@@ -364,7 +364,10 @@ def test_sigterm_unwinds_and_leaves_nothing(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130, err
+    # 130, as a shell reports it: CPython sometimes ends an interrupted run by killing
+    # itself with SIGINT (it does when a KeyboardInterrupt crossed one of its C entry
+    # points), which a shell also shows as 128 + 2; the cleanup has run either way
+    assert proc.returncode in (130, -signal.SIGINT), err
     assert err.strip().splitlines()[-1] == "aborted"
     assert list(tmp_path.iterdir()) == []
 
