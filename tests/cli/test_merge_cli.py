@@ -270,6 +270,8 @@ def test_real_process_exit_code(models, tmp_path: Path) -> None:
         (["merge", "r.yaml", "out", "--seed", "abc"], "--seed"),
         (["merge"], "recipe"),
         (["mrge"], "mrge"),
+        (["merge", "r.yaml", "out", "--out-shard-size", "abc"], "'--out-shard-size'"),
+        (["merge", "r.yaml", "out", "--dtype", "float33"], "'--dtype'"),
     ],
 )
 def test_usage_mistakes_are_one_line(args, needle, shoal_cli) -> None:

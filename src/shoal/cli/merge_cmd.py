@@ -60,6 +60,27 @@ def _format_bytes(n: int) -> str:
     return f"{size:.2f} TB"  # pragma: no cover
 
 
+def _check_size(value: str) -> str:
+    """``--out-shard-size``: refused as the option's own error, before any work."""
+    from shoal.checkpoint import parse_size
+    from shoal.errors import ShoalError
+
+    try:
+        parse_size(value)
+    except ShoalError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+def _check_dtype(value: str | None) -> str | None:
+    """``--dtype``: one of the dtypes a merge can write."""
+    from shoal.recipe import canonical_dtype
+
+    if value is not None and canonical_dtype(value) is None:
+        raise typer.BadParameter(f"{value!r} is not float32, float16 or bfloat16")
+    return value
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``merge`` and ``inspect`` commands to ``app``."""
 
@@ -71,13 +92,17 @@ def register(app: typer.Typer) -> None:
         out_dir: Path = typer.Argument(..., help="Directory to create.", show_default=False),
         device: str = typer.Option("cpu", "--device", help="Where to compute: cpu, cuda, cuda:1."),
         out_shard_size: str = typer.Option(
-            "2GB", "--out-shard-size", help="Largest output shard, e.g. 500MB, 2GB."
+            "2GB",
+            "--out-shard-size",
+            help="Largest output shard, e.g. 500MB, 2GB.",
+            callback=_check_size,
         ),
         dtype: str | None = typer.Option(
             None,
             "--dtype",
             help="Output dtype: float32, float16, bfloat16 (default: the recipe's, else the "
             "sources').",
+            callback=_check_dtype,
         ),
         seed: int = typer.Option(
             0, "--seed", help="Seed of the random drops of the dare_* methods."
