@@ -44,10 +44,9 @@ def test_runner_and_fast_path_build_the_same_archive(tmp_path, chromosomes) -> N
     )
 
 
-def test_runner_from_two_expert_files(tmp_path) -> None:
-    paths = write_image_experts(tmp_path / "experts")
-    assert sorted(paths) == ["expert-0-4", "expert-5-9"]
-    config = {
+def _two_expert_config(paths: dict[str, Path], evaluations: int) -> dict:
+    """M2N2 over two image experts; the fitness task has no ``name`` (a python task)."""
+    return {
         "models": {k: str(v) for k, v in paths.items()},
         "loader": {"type": "callable", "target": "shoal.testbed.images:digits_mlp"},
         "tasks": {
@@ -60,12 +59,32 @@ def test_runner_from_two_expert_files(tmp_path) -> None:
             ]
         },
         "algorithm": {"name": "m2n2", "archive_size": 4},
-        "budget": {"evaluations": 12},
+        "budget": {"evaluations": evaluations},
         "executor": {"type": "serial"},
         "progress": False,
     }
-    evolve(config, tmp_path / "run")
+
+
+def test_runner_from_two_expert_files(tmp_path) -> None:
+    paths = write_image_experts(tmp_path / "experts")
+    assert sorted(paths) == ["expert-0-4", "expert-5-9"]
+    evolve(_two_expert_config(paths, 12), tmp_path / "run")
     fast = run_image_m2n2(
         evaluations=12, experts=True, options={"seed": 0, "archive_size": 4}, record_every=12
     )
     assert _archive_refs(tmp_path / "run") == fast.runner.algo.refs
+
+
+def test_an_unnamed_task_gets_one_name_on_every_executor(tmp_path) -> None:
+    """Workers in other processes name a task as the serial one does (M2N2 needs the name)."""
+    from shoal.search.run_folder import RunFolder
+
+    paths = write_image_experts(tmp_path / "experts")
+    config = _two_expert_config(paths, 8)
+    evolve(config, tmp_path / "serial")
+    evolve(config, tmp_path / "process", executor="process")
+
+    def events(run: Path) -> list[tuple]:
+        return [(e["recipe"], e["seed"], e["means"]) for e in RunFolder(run).events.read()]
+
+    assert events(tmp_path / "process") == events(tmp_path / "serial")

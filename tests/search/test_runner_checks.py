@@ -18,7 +18,7 @@ import toy_problem as tp
 import yaml
 from safetensors.torch import save_file
 
-from shoal.errors import CheckpointError, MergeError, RecipeError, TaskError
+from shoal.errors import CheckpointError, MergeError, OutputExistsError, RecipeError, TaskError
 from shoal.executors.worker import Worker
 from shoal.search.run_folder import RunFolder
 from shoal.search.runner import evolve
@@ -272,3 +272,22 @@ def test_a_source_broken_before_a_resume_stops_it_and_the_fixed_one_ends_as_one_
     Path(sources["one"]).write_bytes(good)
     evolve(None, tmp_path / "run", resume=True)
     assert tp.run_events(tmp_path / "run") == tp.run_events(tmp_path / "whole")
+
+
+def test_a_folder_holding_what_a_run_writes_or_an_empty_name_is_not_a_run_dir(tmp_path):
+    """A run replaces best/ and report/ whole: a user's folder of that name would go."""
+    sources = tp.write_sources(tmp_path / "src")
+    mine = tmp_path / "project" / "best" / "notes.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("mine")
+    with pytest.raises(OutputExistsError, match="holds best but no run"):
+        evolve(tp.toy_config(sources), tmp_path / "project")
+    assert mine.read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "project").iterdir()) == ["best"]
+    with pytest.raises(RecipeError, match="run_dir: empty"):
+        evolve(tp.toy_config(sources), "")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(OutputExistsError, match="afile: exists and is not a folder"):
+        evolve(tp.toy_config(sources), tmp_path / "afile" / "sub")
+    (tmp_path / "empty").mkdir()  # an empty folder is fine
+    assert evolve(tp.toy_config(sources), tmp_path / "empty").status == "completed"

@@ -169,27 +169,14 @@ def build_context(
     stage: str | None = None,
 ) -> SearchContext:
     """The context of one stage: models, layer counts, tensor sizes, seed, tasks."""
-    names: list[str] = []
-    for i, spec in enumerate(config.tasks.fitness):
-        names.append(str(spec.get("name") or _default_task_name(spec, i)))
     sizes = dict(task_sizes or {})
-    if sizes:
-        names = list(sizes)
     return SearchContext(
         models=dict(models),
         base_model=config.base_model,
         num_layers={k: _layers(Path(v)) for k, v in models.items()},
         tensors=_tensors(config, models),
         seed=seed,
-        task_names=tuple(names),
+        task_names=tuple(sizes),
         task_sizes=sizes,
         extra={"stage": stage} if stage else {},
     )
-
-
-def _default_task_name(spec: dict[str, Any], i: int) -> str:
-    if spec.get("type") == "testbed":
-        return f"{spec.get('skill')}/{spec.get('split', 'train')}"
-    if spec.get("type") == "jsonl":
-        return Path(str(spec.get("path"))).stem
-    return f"task{i}"

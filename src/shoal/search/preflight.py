@@ -33,11 +33,15 @@ if TYPE_CHECKING:
 __all__ = ["check_run"]
 
 
-def check_run(config: RunConfig) -> None:
+def check_run(config: RunConfig) -> dict[str, int]:
     """Check everything a run needs that no evaluation is needed for.
 
     Later stages, whose models include earlier stages' results, get their algorithm name
     and options checked; the first stage's algorithm is constructed.
+
+    Returns:
+        Fitness task name -> number of examples, in config order, as every executor's
+        workers will build them (the algorithms are made with these names and sizes).
 
     Raises:
         ShoalError: The first problem, naming the config key and the file at fault.
@@ -61,6 +65,7 @@ def check_run(config: RunConfig) -> None:
         label=stage or str(block["name"]),
         where=algorithm_key(config, 0),
     )
+    return sizes
 
 
 def _check_task_specs(config: RunConfig) -> None:

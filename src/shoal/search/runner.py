@@ -162,6 +162,7 @@ class _Stage:
     label: str
     ray_init: dict[str, Any] | None = None
     key: str = "algorithm"  # config key of the algorithm block, for messages
+    task_sizes: dict[str, int] = field(default_factory=dict)  # fitness tasks, from the checks
 
 
 def _worker_spec(st: _Stage, store: dict[str, Any]) -> WorkerSpec:
@@ -216,8 +217,7 @@ def _run_stage(st: _Stage) -> RunResult:
         ray_init=st.ray_init,
     ) as executor:
         local: Worker | None = getattr(executor, "worker", None)
-        task_sizes = _task_sizes(local, spec)
-        algo = _make_algorithm(st, task_sizes)
+        algo = _make_algorithm(st, st.task_sizes)
         if saved is not None:
             if saved.get("format_version") != STATE_FORMAT:
                 raise StateError(f"{folder.state}: unknown format_version")
@@ -253,12 +253,6 @@ def _run_stage(st: _Stage) -> RunResult:
     return RunResult(
         folder.root, "completed", reason or "", algo.evaluations, wall, algo.best, summary
     )
-
-
-def _task_sizes(local: Worker | None, spec: WorkerSpec) -> dict[str, int]:
-    if local is not None:
-        return {n: len(local.tasks[n]) for n in local.fitness_names}
-    return {}
 
 
 def _one_batch(
@@ -384,7 +378,8 @@ def _finish(
 
 def _prepare_folder(
     folder: RunFolder, config: Any, overrides: Sequence[str], resume: bool
-) -> RunConfig:
+) -> tuple[RunConfig, dict[str, int]]:
+    """The run's config (given, or saved when resuming), checked; with the task sizes."""
     if resume:
         if not folder.config.is_file():
             raise StateError(
@@ -404,21 +399,27 @@ def _prepare_folder(
                     f"({', '.join(changed)} differ); resume without CONFIG/--set, "
                     "or start a new --run-dir"
                 )
-        _check(saved, str(folder.config))  # models or task files may have moved since
-        return saved
-    if folder.root.exists() and not folder.root.is_dir():
-        raise OutputExistsError(f"{folder.root}: exists and is not a folder")
+        # models or task files may have moved since
+        return saved, _check(saved, str(folder.config))
+    blocker = next((p for p in (folder.root, *folder.root.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise OutputExistsError(f"{blocker}: exists and is not a folder (--run-dir)")
     if folder.config.exists() or folder.state.exists():
         raise OutputExistsError(
             f"{folder.root}: already holds a run; pass --resume to continue it "
             "or pick another --run-dir"
         )
+    taken = [n for n in folder.own_names() if (folder.root / n).exists()]
+    if taken:  # a run replaces best/ and report/ whole: what the user keeps there would go
+        raise OutputExistsError(
+            f"{folder.root}: holds {', '.join(taken)} but no run; pick another --run-dir"
+        )
     if config is None:
         raise RecipeError("no config given")
     cfg = _given_config(config, overrides)
-    _check(cfg, _source_name(config))  # before anything is written
+    sizes = _check(cfg, _source_name(config))  # before anything is written
     write_text_atomic(folder.config, cfg.to_yaml())
-    return cfg
+    return cfg, sizes
 
 
 def _given_config(config: Any, overrides: Sequence[str]) -> RunConfig:
@@ -435,10 +436,10 @@ def _source_name(config: Any) -> str:
     return str(Path(config)) if isinstance(config, str | Path) else "config"
 
 
-def _check(cfg: RunConfig, source: str) -> None:
+def _check(cfg: RunConfig, source: str) -> dict[str, int]:
     """:func:`check_run`, its errors prefixed with the config file (``runs.yaml: ...``)."""
     try:
-        check_run(cfg)
+        return check_run(cfg)
     except ShoalError as exc:
         raise prefix_error(exc, source) from None
 
@@ -513,15 +514,22 @@ def evolve(
             MergeError, TaskError, StateError, OutputExistsError), naming the config file
             and key.
     """
+    if not str(run_dir).strip():  # Path("") would be the working directory
+        raise RecipeError("run_dir: empty; name the run's folder (--run-dir)")
     folder = RunFolder(run_dir)
     with _undo_unless_saved(folder):
-        cfg = _prepare_folder(folder, config, overrides, resume)
+        cfg, sizes = _prepare_folder(folder, config, overrides, resume)
         show = cfg.progress if progress is None else progress
-        return _run_stages(folder, cfg, executor or cfg.executor.type, show, ray_init)
+        return _run_stages(folder, cfg, sizes, executor or cfg.executor.type, show, ray_init)
 
 
 def _run_stages(
-    folder: RunFolder, cfg: RunConfig, kind: str, show: bool, ray_init: dict[str, Any] | None
+    folder: RunFolder,
+    cfg: RunConfig,
+    sizes: dict[str, int],
+    kind: str,
+    show: bool,
+    ray_init: dict[str, Any] | None,
 ) -> RunResult:
     models = dict(cfg.models)
     stage_results: list[RunResult] = []
@@ -557,6 +565,7 @@ def _run_stages(
                 name or str(block["name"]),
                 ray_init,
                 algorithm_key(cfg, i),
+                sizes,
             )
             result = _run_stage(stage)
         stage_results.append(result)
