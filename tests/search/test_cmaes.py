@@ -150,3 +150,17 @@ def test_genome_algorithm_failed_scores_are_worst() -> None:
     assert algo.best.recipe != recipes[0]
     with pytest.raises(StateError):
         algo.tell(recipes, scores)
+
+
+def test_tied_generations_do_not_end_the_search_early() -> None:
+    """Exact-match fitness on few items ties often; that is no convergence (pycma's tolfun)."""
+    es = CMAES([0.5] * 4, 1 / 6, seed=0, bounds=(0, 1))
+    for _ in range(5):
+        xs = es.ask()
+        es.tell(xs, [0.25] * len(xs))
+        assert es.stop() == []
+    stops = []
+    for _ in range(16):  # but a long flat stretch does end it (tolflatfitness), as the run
+        es.tell(es.ask(), [0.25] * es.popsize)  # loop asks after every generation
+        stops.append(es.stop())
+    assert stops[-2] == [] and stops[-1] == ["tolflatfitness"]  # after 20 + 1 generations

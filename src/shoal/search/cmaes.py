@@ -94,7 +94,11 @@ class CMAES:
             "verb_disp": 0,
             "verb_log": 0,
             "verb_filenameprefix": "",
-            "tolflatfitness": 20,  # accuracies are often tied early on
+            # accuracies on a few dozen items are often tied: pycma would call a generation
+            # of equal values converged (tolfun) and end the run before its budget
+            "tolflatfitness": 20,
+            "tolfun": 0,
+            "tolfunhist": 0,
         }
         if bounds is not None:
             opts["bounds"] = [_bound(b) for b in bounds]
