@@ -34,6 +34,9 @@ def no_evaluation(monkeypatch) -> None:
     monkeypatch.setattr(Worker, "evaluate", boom)
 
 
+_PS = {"base_model": "zero"}  # PS merges task vectors from a base
+
+
 @pytest.mark.parametrize(
     ("change", "sets", "needle"),
     [
@@ -42,6 +45,20 @@ def no_evaluation(monkeypatch) -> None:
         ({}, ["algorithm.population=0"], "algorithm.population: Input should be greater"),
         ({}, ["tasks.fitness.0.target=nowhere:f"], "tasks.fitness[0]"),
         ({}, ["executor.device=gpu"], "executor.device: 'gpu' is not a torch device"),
+        ({}, ["stages=[]"], "stages: List should have at least 1 item"),
+        ({}, ["loader.target=json:dumps"], "loader.target 'json:dumps': dumps() missing"),
+        (_PS | {"algorithm": {"name": "ps", "x0": 5}}, [], "x0 5.0 lies outside weight_range"),
+        (
+            _PS | {"algorithm": {"name": "ps", "weight_range": [1, 0]}},
+            [],
+            "weight_range [1.0, 0.0]: the lower bound must be below",
+        ),
+        (
+            _PS | {"algorithm": {"name": "ps", "cma_options": {"bogus": 1}}},
+            [],
+            "algorithm: cma_options: unknown pycma option(s) bogus",
+        ),
+        ({"algorithm": {"name": "m2n2", "seed": -5}}, [], "algorithm.seed: Input should be"),
     ],
 )
 def test_bad_config_leaves_no_folder_and_the_fixed_one_runs_in_it(

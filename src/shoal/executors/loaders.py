@@ -88,7 +88,10 @@ def load_resident(
         tokenizer = hf_tokenizer(path)
     elif kind == "callable":
         fn = import_callable(str(loader.get("target")), "loader.target", RecipeError)
-        out = fn(**dict(loader.get("options") or {}))
+        try:
+            out = fn(**dict(loader.get("options") or {}))
+        except TypeError as exc:  # options that do not fit, or no factory at all
+            raise RecipeError(f"loader.target {loader.get('target')!r}: {exc}") from None
         model, tokenizer = out if isinstance(out, tuple) else (out, None)
         if not isinstance(model, torch.nn.Module):
             raise RecipeError(f"loader.target {loader.get('target')!r} returned no nn.Module")

@@ -104,6 +104,9 @@ class CMAES:
             opts["bounds"] = [_bound(b) for b in bounds]
         if stds is not None:
             opts["CMA_stds"] = [float(s) for s in stds]
+        unknown = sorted(set(options or {}) - set(cma.CMAOptions()))
+        if unknown:
+            raise ValueError(f"cma_options: unknown pycma option(s) {', '.join(unknown)}")
         opts.update(options or {})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -129,7 +129,9 @@ class RunConfig(_Strict):
         default=None, description="Algorithm block: `name` plus that algorithm's options."
     )
     stages: list[StageConfig] | None = Field(
-        default=None, description="Several algorithm blocks run in turn (instead of `algorithm`)."
+        default=None,
+        min_length=1,
+        description="Several algorithm blocks run in turn (instead of `algorithm`).",
     )
     budget: Budget = Field(default_factory=lambda: Budget(), description="Stop criteria.")
     executor: ExecutorConfig = Field(

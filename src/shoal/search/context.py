@@ -104,6 +104,8 @@ def make_algorithm(
         if where == "algorithm" or not text.startswith("algorithm."):
             raise
         raise RecipeError(where + text[len("algorithm") :]) from None
+    except (ValueError, TypeError) as exc:  # options that pass their types, not the method
+        raise RecipeError(f"{where}: {' '.join(str(exc).split())}") from None
 
 
 def _layers(path: Path) -> int | None:

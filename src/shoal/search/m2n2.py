@@ -129,7 +129,7 @@ class M2N2Options(AlgorithmOptions):
     tasks: list[str] | None = Field(
         None, description="fitness tasks whose per-example scores form S (None: all, by name)"
     )
-    seed: int = Field(0, description="root seed of the algorithm's random choices")
+    seed: int = Field(0, ge=0, description="root seed of the algorithm's random choices")
 
     @property
     def chromosome_filters(self) -> list[str]:

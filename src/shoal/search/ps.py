@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shoal.errors import RecipeError
 from shoal.search.base import AlgorithmOptions, SearchContext, register, validate_options
@@ -64,6 +64,16 @@ class PSOptions(AlgorithmOptions):
     )
     dtype: str | None = Field(None, description="recipe dtype (default: the merge's default)")
     cma_options: dict[str, Any] = Field(default_factory=dict, description="further pycma options")
+
+    @model_validator(mode="after")
+    def _x0_inside_the_ranges(self) -> PSOptions:
+        for key in ("weight_range", "density_range"):
+            lo, hi = getattr(self, key)
+            if not lo < hi:
+                raise ValueError(f"{key} [{lo}, {hi}]: the lower bound must be below the upper")
+            if not lo <= self.x0 <= hi:
+                raise ValueError(f"x0 {self.x0} lies outside {key} [{lo}, {hi}]")
+        return self
 
 
 @register
