@@ -308,3 +308,20 @@ def test_a_folder_holding_what_a_run_writes_or_an_empty_name_is_not_a_run_dir(tm
         evolve(tp.toy_config(sources), tmp_path / "afile" / "sub")
     (tmp_path / "empty").mkdir()  # an empty folder is fine
     assert evolve(tp.toy_config(sources), tmp_path / "empty").status == "completed"
+
+
+@pytest.mark.usefixtures("no_evaluation")
+def test_unknown_models_and_tasks_of_any_stage_are_named_before_the_search(tmp_path):
+    """A later stage may name an earlier stage's result, nothing else the config lacks."""
+    sources = tp.write_sources(tmp_path / "src")
+    stages = [
+        {"name": "a", "algorithm": {"name": "toy-random"}},
+        {"name": "b", "algorithm": {"name": "ps", "models": ["a", "one", "nope"]}},
+    ]
+    cfg = tp.toy_config(sources, algorithm=None, stages=stages, base_model="zero")
+    with pytest.raises(RecipeError, match=r"stages\[1\]\.algorithm\.models: unknown model 'nope'"):
+        evolve(cfg, tmp_path / "run")
+    cfg = tp.toy_config(sources, algorithm={"name": "m2n2", "tasks": ["nope"]})
+    with pytest.raises(RecipeError, match=r"algorithm\.tasks: unknown task 'nope' \(known: toy\)"):
+        evolve(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

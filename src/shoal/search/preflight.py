@@ -12,7 +12,7 @@ later stages' models, which earlier stages make.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from shoal._devices import resolve_device
@@ -53,7 +53,7 @@ def check_run(config: RunConfig) -> dict[str, int]:
     shapes = _read_headers(paths)
     sizes = _build_tasks(config, _resident_tokenizer(config))
     # after the loader and tasks: modules they import may register algorithms, as in a run
-    if _check_algorithm_blocks(config):
+    if _check_algorithm_blocks(config, list(sizes)):
         _check_same_shapes(shapes, paths)
     stage, block, _ = config.algorithm_blocks()[0]
     make_algorithm(
@@ -116,14 +116,28 @@ def _model_refs(recipe: Mapping[str, Any], where: str) -> dict[str, str]:
     return {k: str(v) for k, v in refs.items() if v is not None}
 
 
-def _check_algorithm_blocks(config: RunConfig) -> bool:
-    """Check each block's name and options; True if any algorithm merges tensor-wise."""
+def _check_algorithm_blocks(config: RunConfig, task_names: Sequence[str]) -> bool:
+    """Check each block's name and options; True if any algorithm merges tensor-wise.
+
+    A block's ``models`` must name models of the config or earlier stages (whose results
+    join the models under the stage's name), its ``tasks`` fitness tasks: a later stage
+    would otherwise fail only once the earlier ones have spent their budget.
+    """
     tensorwise = False
-    for i, (_, block, _) in enumerate(config.algorithm_blocks()):
+    known = list(config.models)
+    for i, (stage, block, _) in enumerate(config.algorithm_blocks()):
         where = algorithm_key(config, i)
         cls = algorithm_class(str(block["name"]), where)
         validate_options(cls.Options, {k: v for k, v in block.items() if k != "name"}, where)
         tensorwise = tensorwise or cls.tensorwise
+        for key, names in (("models", known), ("tasks", task_names)):
+            unknown = [n for n in block.get(key) or [] if n not in names]
+            if unknown:
+                raise RecipeError(
+                    f"{where}.{key}: unknown {key[:-1]} {unknown[0]!r} (known: {', '.join(names)})"
+                )
+        if stage is not None:
+            known.append(stage)
     return tensorwise
 
 
