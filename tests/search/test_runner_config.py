@@ -153,3 +153,20 @@ def test_loader_model_path_resolves_against_the_config(tmp_path: Path):
     for name in ("zero", "nowhere"):
         cfg = load_config(_cfg(loader={**loader, "model": name}), root=tmp_path)
         assert cfg.loader.model == name
+
+
+def test_relative_root_is_relative_to_the_config_file_and_saved_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "models").mkdir()
+    path = tmp_path / "cfgs" / "run.yaml"
+    path.write_text(yaml.safe_dump({**_cfg(), "root": "..", "models": {"a": "models/a"}}))
+    monkeypatch.chdir(tmp_path / "models")  # neither the config's folder nor the root
+    cfg = load_config(path)
+    assert cfg.root == str(tmp_path.resolve())
+    assert cfg.models == {"a": str(tmp_path.resolve() / "models" / "a")}
+    again = tmp_path / "saved.yaml"
+    again.write_text(cfg.to_yaml())
+    monkeypatch.chdir("/")
+    assert load_config(again).models == cfg.models  # the saved config resumes anywhere

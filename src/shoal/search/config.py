@@ -264,7 +264,8 @@ def load_config(
         source: A YAML file path or an already parsed mapping.
         overrides: ``key.path=value`` strings (``--set``), values parsed as YAML scalars.
         root: Directory for relative paths; default the file's directory (or the CWD for a
-            mapping). A ``root`` key in the config wins.
+            mapping). A ``root`` key in the config wins; a relative one is taken
+            relative to that directory.
 
     Raises:
         RecipeError: Unreadable YAML, unknown key, bad value; the message names the file and
@@ -284,7 +285,11 @@ def load_config(
     if not isinstance(data, dict):
         raise RecipeError(f"{name}: expected a mapping at the top level")
     apply_overrides(data, overrides)
-    data.setdefault("root", str(default_root.resolve()))
+    # a relative root is relative to the config file, and stored absolute so that the
+    # saved config resumes from any working directory
+    given_root = data.get("root")
+    root_path = default_root if given_root in (None, "") else Path(str(given_root)).expanduser()
+    data["root"] = str((default_root / root_path).resolve())
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
