@@ -8,10 +8,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import toy_problem as tp
+import yaml
 from safetensors.torch import load_file
 
 from shoal.errors import OutputExistsError, StateError
+from shoal.merge import merge
 from shoal.search.run_folder import RunFolder
 from shoal.search.runner import evolve
 
@@ -47,7 +50,14 @@ def test_run_writes_folder_and_scores_match_the_formula(tmp_path, sources):
     # best/ is a loadable checkpoint holding the best candidate's x
     x = load_file(str(tmp_path / "run" / "best" / "model.safetensors"))["x"]
     assert float(x[0]) == pytest.approx(_weight_of_one(best["recipe"]), abs=1e-6)
-    assert (tmp_path / "run" / "best" / "shoal_recipe.yaml").is_file()
+    # best/shoal_recipe.yaml is a recipe shoal merge rebuilds best/ from, from anywhere
+    stored = tmp_path / "run" / "best" / "shoal_recipe.yaml"
+    seed = summary["best"]["seed"]
+    assert stored.read_text().startswith(
+        f"# rebuild: shoal merge shoal_recipe.yaml OUT --seed {seed}\n"
+    )
+    rebuilt = merge(stored, tmp_path / "rebuilt", seed=seed, progress=False)
+    assert torch.equal(load_file(str(rebuilt / "model.safetensors"))["x"], x)
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["runner"]["evaluations"] == 12 and state["algorithm"]["evaluations"] == 12
 
@@ -159,3 +169,25 @@ def test_bad_baseline_recipe_fails_before_the_search(tmp_path, sources):
     bad = {"merge_method": "lineer", "models": [{"model": "zero"}]}
     with pytest.raises(RecipeError, match=r"baselines\.bad"):
         evolve(tp.toy_config(sources, baselines={"bad": bad}), tmp_path / "run2")
+
+
+def test_stored_recipe_names_paths_and_says_what_merge_cannot_rebuild() -> None:
+    from shoal.search.export import stored_recipe
+
+    models = {"base": "/m/base", "a": "/m/a", "ps": "/run/stages/ps/best"}
+    recipe = {
+        "merge_method": "dare_ties",
+        "base_model": "base",
+        "models": [{"model": "a", "parameters": {"weight": 0.5}}, {"model": "ps"}],
+    }
+    text = stored_recipe(recipe, 11, models)
+    assert text.splitlines()[0] == "# rebuild: shoal merge shoal_recipe.yaml OUT --seed 11"
+    body = yaml.safe_load(text)
+    assert body["base_model"] == "/m/base"
+    assert [m["model"] for m in body["models"]] == ["/m/a", "/run/stages/ps/best"]
+    assert recipe["base_model"] == "base"  # the run's own recipe is left as it was
+    child = {"merge_method": "splitpoint", "models": [{"model": "store:ab12"}, {"model": "a"}]}
+    assert "rebuilt only by the run" in stored_recipe(child, 3, models)
+    path = {"merge_method": "layer_path", "models": [{"model": "a"}], "parameters": {}}
+    text = stored_recipe(path, 0, models)
+    assert "shoal.load_model" in text and yaml.safe_load(text)["models"] == [{"model": "a"}]

@@ -5,12 +5,16 @@ so the exported weights are exactly the ones scored) and written to a temporary 
 directory renamed into place: a Hugging Face directory (``save_pretrained`` + tokenizer) for
 transformers models, H4b's layer-path exporter for ``layer_path`` recipes, and
 ``model.safetensors`` of the state dict for any other torch module. ``shoal_recipe.yaml``
-beside the weights records the recipe and seed.
+beside the weights is the recipe with the run's model names replaced by their paths, its
+first line the ``shoal merge`` command (with the candidate's seed) that rebuilds the model.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,40 @@ from safetensors.torch import save_file
 
 from shoal._atomic import replace_dir, temp_sibling
 
-__all__ = ["export_model"]
+__all__ = ["export_model", "stored_recipe"]
+
+
+def stored_recipe(recipe: dict[str, Any], seed: int | None, models: Mapping[str, str]) -> str:
+    """``shoal_recipe.yaml`` of a run's best: a recipe ``shoal merge`` reads on its own.
+
+    Model names become the paths the run used; the first line is the command that
+    rebuilds the model with the candidate's seed (DARE's drops depend on it). A layer
+    path keeps its names (its ``path`` refers to them; ``shoal.load_model`` loads the
+    folder), and a parent from the run's model store (``store:<key>``) can only be
+    rebuilt by the run, which the file says.
+    """
+    out = copy.deepcopy(recipe)
+    lines = [f"# rebuild: shoal merge shoal_recipe.yaml OUT --seed {seed or 0}"]
+    if out.get("merge_method") == "layer_path":
+        lines = ["# a layer path: load this folder with shoal.load_model (not shoal merge)"]
+        lines += [f"#   {name}: {path}" for name, path in models.items()]
+    else:
+
+        def path(ref: Any) -> Any:
+            return models.get(ref, ref) if isinstance(ref, str) else ref
+
+        if "base_model" in out:
+            out["base_model"] = path(out["base_model"])
+        for entry in out.get("models") or []:
+            entry["model"] = path(entry.get("model"))
+        for piece in out.get("slices") or []:
+            for source in piece.get("sources") or []:
+                source["model"] = path(source.get("model"))
+        if out.get("tokenizer_source") not in (None, "base"):
+            out["tokenizer_source"] = path(out["tokenizer_source"])
+    if "store:" in json.dumps(out):
+        lines.append("# store:<key> names a model of the run's store, rebuilt only by the run")
+    return "\n".join(lines) + "\n" + yaml.safe_dump(out, sort_keys=False)
 
 
 def export_model(
@@ -30,6 +67,7 @@ def export_model(
     *,
     tokenizer: Any = None,
     seed: int | None = None,
+    models: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``model`` (built from ``recipe``) to ``out_dir`` atomically.
 
@@ -39,6 +77,7 @@ def export_model(
         out_dir: Target directory (replaced if present).
         tokenizer: Saved beside a transformers model when given.
         seed: The candidate seed (recorded).
+        models: The run's model names -> paths, written into the stored recipe.
 
     Returns:
         ``out_dir``.
@@ -66,8 +105,7 @@ def export_model(
                 for k, v in model.state_dict().items()
             }
             save_file(state, str(tmp / "model.safetensors"))
-        meta = {"recipe": recipe, "seed": seed}
-        (tmp / "shoal_recipe.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+        (tmp / "shoal_recipe.yaml").write_text(stored_recipe(recipe, seed, models or {}))
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -353,7 +353,9 @@ def _finish(
         else:
             build_recipe = recipe
         model = worker.build(build_recipe, seed)
-        export_model(model, recipe, folder.best, tokenizer=worker.tokenizer, seed=seed)
+        export_model(
+            model, recipe, folder.best, tokenizer=worker.tokenizer, seed=seed, models=st.models
+        )
         scores = worker.score(model, worker.task_names(include_extra=True))
         summary["best"] = {
             "evaluation": best.evaluation,
