@@ -160,7 +160,33 @@ def test_missing_model_and_shape_mismatch_are_named_before_any_evaluation(tmp_pa
     shapes = r"models\.(one|zero): tensor 'x' has shape \[\d\] in \S+, but \[\d\] in models\."
     with pytest.raises(MergeError, match=shapes):
         evolve(tp.toy_config(wide), tmp_path / "run")
+    save_file({"x": torch.zeros(1), "y": torch.zeros(1)}, str(tmp_path / "more.safetensors"))
+    more = {**sources, "one": str(tmp_path / "more.safetensors")}
+    gap = r"models\.zero: tensor 'y' missing from \S+zero\.safetensors \(it is in models\.one\)"
+    with pytest.raises(MergeError, match=gap):
+        evolve(tp.toy_config(more), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.usefixtures("no_evaluation")
+@pytest.mark.parametrize(("tie", "refused"), [(None, False), (True, False), (False, True)])
+def test_a_head_left_out_is_a_gap_only_when_untied(tmp_path, tie, refused):
+    """save_pretrained writes a tied head once; an untied one must be there."""
+    sources = tp.write_sources(tmp_path / "src")
+    folder = tmp_path / "headless"
+    folder.mkdir()
+    save_file({"x": torch.zeros(1)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(
+        json.dumps({} if tie is None else {"tie_word_embeddings": tie})
+    )
+    save_file({"x": torch.ones(1), "lm_head.weight": torch.ones(1)}, sources["one"])
+    cfg = tp.toy_config({**sources, "zero": str(folder)})
+    if refused:
+        with pytest.raises(MergeError, match=r"models\.zero: tensor 'lm_head\.weight' missing"):
+            evolve(cfg, tmp_path / "run")
+    else:  # the checks pass; the fixture then stops the run at its first evaluation
+        with pytest.raises(AssertionError, match="a candidate was evaluated"):
+            evolve(cfg, tmp_path / "run")
 
 
 @pytest.mark.usefixtures("no_evaluation")

@@ -12,7 +12,9 @@ later stages' models, which earlier stages make.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shoal._devices import resolve_device
@@ -54,7 +56,7 @@ def check_run(config: RunConfig) -> dict[str, int]:
     sizes = _build_tasks(config, _resident_tokenizer(config))
     # after the loader and tasks: modules they import may register algorithms, as in a run
     if _check_algorithm_blocks(config, list(sizes)):
-        _check_same_shapes(shapes, paths)
+        _check_same_tensors(shapes, paths)
     stage, block, _ = config.algorithm_blocks()[0]
     make_algorithm(
         config,
@@ -162,10 +164,15 @@ def _read_headers(paths: Mapping[str, str]) -> dict[str, dict[str, tuple[int, ..
     return shapes
 
 
-def _check_same_shapes(
+def _check_same_tensors(
     shapes: Mapping[str, Mapping[str, tuple[int, ...]]], paths: Mapping[str, str]
 ) -> None:
-    """A tensor name has one shape in every model (tensor-wise merges need that)."""
+    """Every model has the same tensors, each of one shape (tensor-wise merges need that).
+
+    An output head a model leaves out is no gap when its weights may be tied to the
+    embeddings (``save_pretrained`` writes a tied tensor once): only a config that says
+    ``tie_word_embeddings: false`` makes its absence an error here.
+    """
     first: dict[str, tuple[tuple[int, ...], str]] = {}  # tensor -> (shape, key)
     for key, tensors in shapes.items():
         for tensor, shape in tensors.items():
@@ -175,6 +182,28 @@ def _check_same_shapes(
                     f"{key}: tensor {tensor!r} has shape {list(shape)} in {paths[key]}, "
                     f"but {list(seen)} in {other}"
                 )
+    for key, tensors in shapes.items():
+        if not key.startswith("models."):
+            continue  # baselines are scored, not merged
+        for tensor, (_, other) in first.items():
+            if tensor not in tensors and not (_is_head(tensor) and _may_tie(paths[key])):
+                raise MergeError(
+                    f"{key}: tensor {tensor!r} missing from {paths[key]} (it is in {other})"
+                )
+
+
+def _is_head(tensor: str) -> bool:
+    parts = tensor.split(".")
+    return len(parts) >= 2 and parts[-2] in ("lm_head", "embed_out", "output")
+
+
+def _may_tie(path: str) -> bool:
+    """Whether a model's output head may share the embeddings' tensor."""
+    config = Path(path) / "config.json"
+    try:
+        return json.loads(config.read_text()).get("tie_word_embeddings") is not False
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def _resident_tokenizer(config: RunConfig) -> Any:
