@@ -97,3 +97,19 @@ def test_a_leftover_file_goes_too(tmp_path: Path) -> None:
     stale.write_bytes(b"partial")
     remove_stale_temp_siblings(path)
     assert not stale.exists()
+
+
+def test_the_working_directory_is_refused_through_a_symlinked_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shoal._atomic import refuse_working_dir
+    from shoal.errors import OutputExistsError
+
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    monkeypatch.chdir(tmp_path / "real" / "sub")
+    for out in (tmp_path / "link" / "sub", tmp_path / "real", Path(".")):
+        with pytest.raises(OutputExistsError, match="working directory"):
+            refuse_working_dir(out)
+    refuse_working_dir(tmp_path / "link" / "other")  # a sibling is fine
+    refuse_working_dir(tmp_path / "link")  # the link itself is only renamed aside

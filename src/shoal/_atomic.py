@@ -67,7 +67,11 @@ def refuse_working_dir(out: Path) -> None:
     Raises:
         OutputExistsError: If ``out`` is the working directory or one of its parents.
     """
-    where, cwd = Path(os.path.abspath(out)), Path.cwd()
+    where = Path(os.path.abspath(out))
+    # the working directory comes with symlinks resolved; so must the output's parent
+    # (a final symlink is only renamed aside, which leaves what it points to alone)
+    where = Path(os.path.realpath(where.parent)) / where.name
+    cwd = Path.cwd()
     if where == cwd or where in cwd.parents:
         raise OutputExistsError(
             f"{out}: is the working directory or holds it; name a new folder for the output"

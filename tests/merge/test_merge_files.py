@@ -100,7 +100,13 @@ def test_tokenizer_files_come_from_one_model_only(tmp_path: Path) -> None:
     assert json.loads((out / "config.json").read_text())["who"] == "base"
 
 
-def test_a_tokenizer_source_without_a_tokenizer_is_refused(tmp_path: Path) -> None:
+def test_a_tokenizer_source_without_a_tokenizer_is_refused(tmp_path: Path, monkeypatch) -> None:
+    import shoal.merge.to_disk as to_disk
+
+    def no_merging(*args, **kwargs):
+        raise AssertionError("merged before the tokenizer source was checked")
+
+    monkeypatch.setattr(to_disk, "iter_merged", no_merging)
     base, a = _model(tmp_path, "base", 0), _model(tmp_path, "a", 1)
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         (a / name).unlink()
@@ -180,6 +186,15 @@ def test_auto_chat_template_takes_the_one_most_models_carry(tmp_path: Path) -> N
     text = f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}]\n"
     out = merge(text + "chat_template: auto\n", tmp_path / "out", progress=False)
     assert (out / "chat_template.jinja").read_text() == "{{ 'two' }}"
+
+
+def test_chat_templates_transformers_renders_are_accepted() -> None:
+    from shoal.recipe.chat_templates import check_chat_template
+
+    loop = "{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}{% endfor %}"
+    tagged = "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}"
+    check_chat_template(loop)  # loopcontrols, as transformers compiles templates
+    check_chat_template(tagged)  # transformers' own {% generation %} tag
 
 
 @pytest.mark.parametrize(

@@ -164,3 +164,11 @@ def test_tied_generations_do_not_end_the_search_early() -> None:
         es.tell(es.ask(), [0.25] * es.popsize)  # loop asks after every generation
         stops.append(es.stop())
     assert stops[-2] == [] and stops[-1] == ["tolflatfitness"]  # after 20 + 1 generations
+
+
+def test_cma_options_take_pycma_spellings_and_refuse_unknown_keys() -> None:
+    """pycma reads any case and unique prefixes of its option names."""
+    es = CMAES([0.5, 0.5], 0.2, seed=0, options={"cma_diagonal": True, "MaxIter": 3})
+    assert es._es.opts["CMA_diagonal"] is True and es._es.opts["maxiter"] == 3
+    with pytest.raises(ValueError, match=r"unknown pycma option\(s\) bogus"):
+        CMAES([0.5, 0.5], 0.2, seed=0, options={"bogus": 1})

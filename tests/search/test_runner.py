@@ -187,7 +187,13 @@ def test_stored_recipe_names_paths_and_says_what_merge_cannot_rebuild() -> None:
     assert [m["model"] for m in body["models"]] == ["/m/a", "/run/stages/ps/best"]
     assert recipe["base_model"] == "base"  # the run's own recipe is left as it was
     child = {"merge_method": "splitpoint", "models": [{"model": "store:ab12"}, {"model": "a"}]}
-    assert "rebuilt only by the run" in stored_recipe(child, 3, models)
+    assert stored_recipe(child, 3, models).startswith("# shoal merge cannot rebuild this: a parent")
+    mutated = {"merge_method": "splitpoint", "models": [{"model": "a"}], "mutation": {"std": 0.1}}
+    assert stored_recipe(mutated, 3, models).startswith("# shoal merge cannot rebuild this: it is")
+    drawn = {"merge_method": "random_init", "parameters": {"std": 0.01}}
+    assert stored_recipe(drawn, 3, models).startswith("# shoal merge cannot rebuild this: it is")
+    source = stored_recipe({"model": "a"}, 3, models)
+    assert source.startswith("# the best is a source model itself: /m/a")
     path = {"merge_method": "layer_path", "models": [{"model": "a"}], "parameters": {}}
     text = stored_recipe(path, 0, models)
     assert "shoal.load_model" in text and yaml.safe_load(text)["models"] == [{"model": "a"}]

@@ -351,3 +351,12 @@ def test_unknown_models_and_tasks_of_any_stage_are_named_before_the_search(tmp_p
     with pytest.raises(RecipeError, match=r"algorithm\.tasks: unknown task 'nope' \(known: toy\)"):
         evolve(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_run_dir_on_the_command_line_is_refused(shoal_cli, tmp_path):
+    """Typer reads an empty path as "."; the run would scatter its files here."""
+    sources = tp.write_sources(tmp_path / "src")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tp.toy_config(sources)))
+    code, _, err = shoal_cli(["evolve", "cfg.yaml", "--run-dir", ""], tmp_path)
+    assert code == 2 and "run_dir: empty" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml", "src"]

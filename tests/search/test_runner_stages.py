@@ -40,3 +40,21 @@ def test_two_stages_second_sees_first_best(tmp_path):
     # resuming a finished multi-stage run changes nothing
     again = evolve(None, tmp_path / "run", resume=True)
     assert again.summary["evaluations"] == 16
+
+
+def test_a_later_stage_names_an_earlier_result_by_its_absolute_path(tmp_path, monkeypatch):
+    """best/shoal_recipe.yaml must rebuild from anywhere, also with --run-dir relative."""
+    import yaml
+
+    sources = tp.write_sources(tmp_path / "src")
+    stages = [
+        {"name": "a", "algorithm": {"name": "toy-random"}, "budget": {"evaluations": 4}},
+        {"name": "b", "algorithm": {"name": "ps", "models": ["a", "one"], "popsize": 2}},
+    ]
+    cfg = tp.toy_config(sources, algorithm=None, stages=stages, base_model="zero")
+    cfg["budget"] = {"evaluations": 2}
+    monkeypatch.chdir(tmp_path)
+    evolve(cfg, "runs/x")
+    stored = yaml.safe_load((tmp_path / "runs/x/stages/b/best/shoal_recipe.yaml").read_text())
+    paths = [m["model"] for m in stored["models"]]
+    assert paths == [str(tmp_path / "runs/x/stages/a/best"), sources["one"]]

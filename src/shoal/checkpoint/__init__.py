@@ -20,7 +20,12 @@ message names the file and, where one is at fault, the tensor.
 
 from __future__ import annotations
 
-from shoal.checkpoint.files import copy_config_files, copy_model_files, copy_tokenizer_files
+from shoal.checkpoint.files import (
+    copy_config_files,
+    copy_model_files,
+    copy_tokenizer_files,
+    tokenizer_files,
+)
 from shoal.checkpoint.finite import check_finite
 from shoal.checkpoint.layers import layer_index, num_layers, rename_layer, with_num_layers
 from shoal.checkpoint.reader import CheckpointReader, open_checkpoint
@@ -43,5 +48,6 @@ __all__ = [
     "read_header",
     "rename_layer",
     "shard_name",
+    "tokenizer_files",
     "with_num_layers",
 ]

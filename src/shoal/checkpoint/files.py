@@ -82,27 +82,32 @@ def copy_config_files(
         config.update(config_updates or {})
         writer.write_text("config.json", json.dumps(config, indent=2) + "\n")
         written.append("config.json")
-    return written + _copy_present(src, writer, CONFIG_FILES, ())
+    return written + _copy(src, writer, _present(src, CONFIG_FILES, ()))
+
+
+def tokenizer_files(src_dir: str | Path) -> list[str]:
+    """The tokenizer files of a model folder (vocabularies, merges, chat templates)."""
+    src = Path(src_dir)
+    return _present(src, TOKENIZER_FILES, TOKENIZER_GLOBS) if src.is_dir() else []
 
 
 def copy_tokenizer_files(src_dir: str | Path, writer: ShardedWriter) -> list[str]:
-    """Copy every tokenizer file of a model (vocabularies, merges, chat templates).
+    """Copy every tokenizer file of a model.
 
     Returns:
         The relative paths written, in order; empty when the model has no tokenizer.
     """
-    src = Path(src_dir)
-    if not src.is_dir():
-        return []
-    return _copy_present(src, writer, TOKENIZER_FILES, TOKENIZER_GLOBS)
+    return _copy(Path(src_dir), writer, tokenizer_files(src_dir))
 
 
-def _copy_present(
-    src: Path, writer: ShardedWriter, names: tuple[str, ...], patterns: tuple[str, ...]
-) -> list[str]:
+def _present(src: Path, names: tuple[str, ...], patterns: tuple[str, ...]) -> list[str]:
     found = [n for n in names if (src / n).is_file()]
     for pattern in patterns:
         found += sorted(p.name for p in src.glob(pattern) if p.is_file() and p.name not in found)
-    for name in found:
-        writer.copy_file(src / name, name)
     return found
+
+
+def _copy(src: Path, writer: ShardedWriter, names: list[str]) -> list[str]:
+    for name in names:
+        writer.copy_file(src / name, name)
+    return names

@@ -46,7 +46,8 @@ def register(app: typer.Typer) -> None:
     @app.command("evolve", help=_EVOLVE_HELP)
     def evolve_cmd(
         config: Path = typer.Argument(None, help="Run config (YAML); not needed with --resume."),
-        run_dir: Path = typer.Option(..., "--run-dir", help="Run folder to write."),
+        # a string, not a Path: typer would read an empty --run-dir as "." (this folder)
+        run_dir: str = typer.Option(..., "--run-dir", help="Run folder to write."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir."),
         executor: str = typer.Option(
             None, "--executor", help="serial, process or ray (overrides executor.type)."

@@ -15,6 +15,7 @@ from shoal.checkpoint import (
     copy_config_files,
     copy_tokenizer_files,
     parse_size,
+    tokenizer_files,
     with_num_layers,
 )
 from shoal.errors import OutputExistsError, RecipeError
@@ -159,6 +160,9 @@ def merge(
         tok = recipe.tokenizer_source
         tok_ref = recipe.base_model if tok in (None, "base") else tok
         tok_dir = _model_dir(tok_ref, recipe, sources) if tok_ref else ref_dir
+        if tok is not None and (tok_dir is None or not tokenizer_files(tok_dir)):
+            where = tok_dir or resolve_model_path(str(tok_ref), recipe)
+            raise RecipeError(f"tokenizer_source: {tok!r} ({where}) holds no tokenizer files")
         config = sources[plan.reference].config
         updates = _config_updates(plan, config, canonical_dtype(out_dtype) if out_dtype else None)
         with ShardedWriter(
@@ -175,11 +179,8 @@ def merge(
                 writer.add(name, tensor)
             if ref_dir is not None:
                 copy_config_files(ref_dir, writer, config_updates=updates)
-            # every tokenizer file from one model: a mix of two would load as neither
-            copied = copy_tokenizer_files(tok_dir, writer) if tok_dir is not None else []
-            if tok is not None and not copied:
-                where = tok_dir or resolve_model_path(str(tok_ref), recipe)
-                raise RecipeError(f"tokenizer_source: {tok!r} ({where}) holds no tokenizer files")
+            if tok_dir is not None:  # every file from one model: a mix would load as neither
+                copy_tokenizer_files(tok_dir, writer)
             if config is not None:  # as parsed and updated (also for a reference given as a file)
                 writer.write_text("config.json", json.dumps(updates or config, indent=2) + "\n")
             template = _chat_template(recipe, sources)

@@ -65,8 +65,20 @@ def check_chat_template(value: str) -> None:
     import jinja2  # a dependency of torch
 
     try:
-        jinja2.Environment().parse(value)
+        _compile(value)
     except jinja2.TemplateSyntaxError as exc:
         raise RecipeError(
             f"chat_template: not a valid Jinja template (line {exc.lineno}: {exc.message})"
         ) from None
+
+
+def _compile(template: str) -> None:
+    """Compile ``template`` as transformers will render it (its extensions and tags)."""
+    try:  # a private helper: where a transformers release lacks it, plain Jinja with loops
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:
+        import jinja2
+
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    else:
+        _compile_jinja_template(template)

@@ -104,10 +104,11 @@ class CMAES:
             opts["bounds"] = [_bound(b) for b in bounds]
         if stds is not None:
             opts["CMA_stds"] = [float(s) for s in stds]
-        unknown = sorted(set(options or {}) - set(cma.CMAOptions()))
+        known = cma.CMAOptions()  # pycma takes any case and unique prefixes of its keys
+        unknown = sorted(k for k in options or {} if known.corrected_key(k) is None)
         if unknown:
             raise ValueError(f"cma_options: unknown pycma option(s) {', '.join(unknown)}")
-        opts.update(options or {})
+        opts.update({known.corrected_key(k): v for k, v in (options or {}).items()})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self._es = cma.CMAEvolutionStrategy(x0.tolist(), float(sigma0), opts)

@@ -31,33 +31,47 @@ def stored_recipe(recipe: dict[str, Any], seed: int | None, models: Mapping[str,
     """``shoal_recipe.yaml`` of a run's best: a recipe ``shoal merge`` reads on its own.
 
     Model names become the paths the run used; the first line is the command that
-    rebuilds the model with the candidate's seed (DARE's drops depend on it). A layer
-    path keeps its names (its ``path`` refers to them; ``shoal.load_model`` loads the
-    folder), and a parent from the run's model store (``store:<key>``) can only be
-    rebuilt by the run, which the file says.
+    rebuilds the model with the candidate's seed (DARE's drops depend on it). What
+    ``shoal merge`` cannot build says so in its first line instead: a source model
+    itself, a layer path (``shoal.load_model`` loads the folder; its ``path`` keeps the
+    names, listed below the line), a parent from the run's store (``store:<key>``),
+    a random draw or a mutated child (M2N2).
     """
+    from shoal.recipe import METHODS
+
+    def path(ref: Any) -> Any:
+        return models.get(ref, ref) if isinstance(ref, str) else ref
+
     out = copy.deepcopy(recipe)
-    lines = [f"# rebuild: shoal merge shoal_recipe.yaml OUT --seed {seed or 0}"]
-    if out.get("merge_method") == "layer_path":
+    method = out.get("merge_method")
+    if method == "layer_path":
         lines = ["# a layer path: load this folder with shoal.load_model (not shoal merge)"]
-        lines += [f"#   {name}: {path}" for name, path in models.items()]
-    else:
-
-        def path(ref: Any) -> Any:
-            return models.get(ref, ref) if isinstance(ref, str) else ref
-
-        if "base_model" in out:
-            out["base_model"] = path(out["base_model"])
-        for entry in out.get("models") or []:
-            entry["model"] = path(entry.get("model"))
-        for piece in out.get("slices") or []:
-            for source in piece.get("sources") or []:
-                source["model"] = path(source.get("model"))
-        if out.get("tokenizer_source") not in (None, "base"):
-            out["tokenizer_source"] = path(out["tokenizer_source"])
+        lines += [f"#   {name}: {where}" for name, where in models.items()]
+        return "\n".join(lines) + "\n" + yaml.safe_dump(out, sort_keys=False)
+    if method is None and "model" in out:
+        out["model"] = path(out["model"])
+        return f"# the best is a source model itself: {out['model']}\n" + yaml.safe_dump(out)
+    if "base_model" in out:
+        out["base_model"] = path(out["base_model"])
+    for entry in out.get("models") or []:
+        entry["model"] = path(entry.get("model"))
+    for piece in out.get("slices") or []:
+        for source in piece.get("sources") or []:
+            source["model"] = path(source.get("model"))
+    if out.get("tokenizer_source") not in (None, "base"):
+        out["tokenizer_source"] = path(out["tokenizer_source"])
     if "store:" in json.dumps(out):
-        lines.append("# store:<key> names a model of the run's store, rebuilt only by the run")
-    return "\n".join(lines) + "\n" + yaml.safe_dump(out, sort_keys=False)
+        why = "a parent (store:<key>) is a model of the run's store"
+    elif method not in METHODS or "mutation" in out:
+        why = "it is a random draw or a mutated child"
+    else:
+        why = ""
+    first = (
+        f"# shoal merge cannot rebuild this: {why}; the run built it (seed {seed or 0})"
+        if why
+        else f"# rebuild: shoal merge shoal_recipe.yaml OUT --seed {seed or 0}"
+    )
+    return first + "\n" + yaml.safe_dump(out, sort_keys=False)
 
 
 def export_model(

@@ -133,7 +133,10 @@ def _check_algorithm_blocks(config: RunConfig, task_names: Sequence[str]) -> boo
         validate_options(cls.Options, {k: v for k, v in block.items() if k != "name"}, where)
         tensorwise = tensorwise or cls.tensorwise
         for key, names in (("models", known), ("tasks", task_names)):
-            unknown = [n for n in block.get(key) or [] if n not in names]
+            given = block.get(key)
+            if not isinstance(given, list) or not all(isinstance(n, str) for n in given):
+                continue  # an option of that name meaning something else
+            unknown = [n for n in given if n not in names]
             if unknown:
                 raise RecipeError(
                     f"{where}.{key}: unknown {key[:-1]} {unknown[0]!r} (known: {', '.join(names)})"

@@ -574,7 +574,7 @@ def _run_stages(
         if result.status != "completed":
             return result
         if name is not None:
-            models[name] = str(sfolder.best)
+            models[name] = os.path.abspath(sfolder.best)  # recipes name it from anywhere
     assert result is not None
     if cfg.stages is not None:
         result.summary = _multi_stage_summary(folder, stage_results)
