@@ -14,6 +14,7 @@ from shoal.testbed.skills import (
     format_prompt,
     make_splits,
     split_seed,
+    terse_example,
 )
 
 SIZES = {"train": 300, "validation": 40, "test": 40}
@@ -105,3 +106,24 @@ def test_scorer_on_hand_made_answers(
 def test_scorer_pickles() -> None:
     scorer = pickle.loads(pickle.dumps(SkillScorer("gcd", partial=True)))
     assert scorer("16", {"answer": "6"}) == pytest.approx(0.5)
+
+
+def test_terse_form_asks_the_same_question_in_a_few_tokens() -> None:
+    """The base's pretraining form: same operands, same answer, a short prompt."""
+    for skill in SKILLS:
+        (ex,) = draw_examples(skill, 1, 7)
+        short = terse_example(skill, ex)
+        assert short["answer"] == ex["answer"] and short["question"] == ex["question"]
+        assert short["prompt"].startswith("Q: ") and short["prompt"].endswith("\nA:")
+        assert len(short["prompt"]) < len(ex["prompt"]) / 2
+        meta = ex["metadata"]
+        body = short["prompt"][3:-3]
+        if skill == "chain_sum":  # the expression, whose value is the answer
+            a, op, b = body.split()
+            assert str(int(a) + int(b) if op == "+" else int(a) - int(b)) == ex["answer"]
+        elif skill == "spell_backward":
+            assert body == f"rev {meta['word']}" and ex["answer"] == meta["word"][::-1]
+        else:
+            assert body == "gcd " + " ".join(map(str, meta["numbers"]))
+    with pytest.raises(TaskError, match="no terse form"):
+        terse_example("sudoku", {"metadata": {}})

@@ -36,7 +36,7 @@ from shoal._atomic import (
 from shoal._devices import resolve_device
 from shoal.errors import OutputExistsError
 from shoal.testbed.sizes import TestbedSize, get_size
-from shoal.testbed.skills import SKILLS, SPLITS, make_splits
+from shoal.testbed.skills import SKILLS, SPLITS, make_splits, terse_example
 from shoal.testbed.tokenizer import train_tokenizer
 from shoal.testbed.train import encode_examples, make_model, train_steps
 
@@ -187,7 +187,11 @@ def _build_into(
 
     t0 = time.perf_counter()
     base = make_model(size, tokenizer, _generator(seed, 0)).to(device or "cpu")
-    mix = [row for s in skills for row in encoded[s]]
+    if size.terse_base:  # the skills in short prompts; experts learn the full ones
+        terse = [terse_example(s, e) for s in skills for e in splits[s]["train"]]
+        mix = encode_examples(tokenizer, terse)
+    else:
+        mix = [row for s in skills for row in encoded[s]]
     base_losses = train_steps(
         base,
         mix,
@@ -216,6 +220,7 @@ def _build_into(
             generator=_generator(seed, 2, index),
             on_step=reporter(expert_name(skill), size.expert_steps),
             device=device,
+            lr=size.expert_lr,
         )
         _save_model(expert, tokenizer, root / expert_name(skill))
         timings[expert_name(skill)] = time.perf_counter() - t0

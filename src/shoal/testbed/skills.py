@@ -25,6 +25,7 @@ __all__ = [
     "format_prompt",
     "make_splits",
     "split_seed",
+    "terse_example",
 ]
 
 SPLITS = ("train", "validation", "test")
@@ -64,6 +65,26 @@ SKILLS: dict[str, SkillSpec] = {
 def format_prompt(question: str) -> str:
     """The prompt a model sees for ``question``: ``"Q: <question>\\nA:"``."""
     return f"Q: {question}\nA:"
+
+
+def terse_example(skill: str, example: dict[str, Any]) -> dict[str, Any]:
+    """``example`` with a short prompt instead of the generator's sentence.
+
+    ``"Q: 66 + 69\\nA:"``, ``"Q: rev graff\\nA:"``, ``"Q: gcd 33 21\\nA:"``: the form
+    a base model learns the skills in, so that an expert only has to learn the
+    sentence a user asks in (as instruction tuning maps requests onto what
+    pretraining taught) -- a small edit, which merges (docs/testbed.md).
+    """
+    meta = example["metadata"]
+    if skill == "chain_sum":
+        question = str(meta["expression"])
+    elif skill == "spell_backward":
+        question = f"rev {meta['word']}"
+    elif skill == "gcd":
+        question = "gcd " + " ".join(str(n) for n in meta["numbers"])
+    else:
+        raise TaskError(f"no terse form for skill {skill!r}")
+    return dict(example, prompt=format_prompt(question))
 
 
 def split_seed(seed: int, skill: str, split: str) -> int:

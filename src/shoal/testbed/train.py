@@ -107,6 +107,7 @@ def train_steps(
     generator: torch.Generator,
     on_step: Callable[[int, float], None] | None = None,
     device: str | torch.device | None = None,
+    lr: float | None = None,
 ) -> list[float]:
     """Train ``model`` in place for ``steps`` AdamW steps on ``data``.
 
@@ -122,6 +123,7 @@ def train_steps(
         on_step: Called as ``on_step(step, loss)`` after each step.
         device: Where the batches go (the model must already be there);
             ``None`` means CPU. The batch order is drawn on the CPU either way.
+        lr: Peak learning rate (default: ``size.lr``).
 
     Returns:
         The loss of every step.
@@ -134,7 +136,8 @@ def train_steps(
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": size.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    opt = torch.optim.AdamW(groups, lr=size.lr, betas=(0.9, 0.95))
+    peak = size.lr if lr is None else lr
+    opt = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.95))
     warmup = max(1, int(size.warmup_frac * steps))
     losses: list[float] = []
     order = torch.randperm(len(data), generator=generator).tolist()
@@ -147,7 +150,7 @@ def train_steps(
         rows = [data[i] for i in order[cursor : cursor + size.batch_size]]
         cursor += size.batch_size
         for group in opt.param_groups:
-            group["lr"] = size.lr * _lr_factor(step, steps, warmup)
+            group["lr"] = peak * _lr_factor(step, steps, warmup)
         batch = {k: v.to(device or "cpu") for k, v in _batch(rows, pad_id).items()}
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
