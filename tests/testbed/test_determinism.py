@@ -49,3 +49,18 @@ def test_same_seed_same_tensors(tmp_path: Path) -> None:
     assert a["data_sha256"] != c["data_sha256"]
     tok_a = (Path(a["_root"]) / "base" / "tokenizer.json").read_text()
     assert tok_a == (Path(b["_root"]) / "base" / "tokenizer.json").read_text()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_terse_base_and_expert_lr_change_the_models_and_stay_deterministic(tmp_path: Path) -> None:
+    """small's recipe (base on the terse form, gentler experts) on the micro preset."""
+    terse = dataclasses.replace(MICRO, terse_base=True, expert_lr=1e-4)
+    builds = {
+        key: json.loads(
+            (build_testbed(tmp_path / key, size, 5, threads=1) / "testbed.json").read_text()
+        )["models"]
+        for key, size in (("a", terse), ("b", terse), ("plain", MICRO))
+    }
+    for name in builds["a"]:
+        assert builds["a"][name]["sha256"] == builds["b"][name]["sha256"]
+        assert builds["a"][name]["sha256"] != builds["plain"][name]["sha256"]
