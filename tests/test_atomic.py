@@ -113,3 +113,8 @@ def test_the_working_directory_is_refused_through_a_symlinked_parent(
             refuse_working_dir(out)
     refuse_working_dir(tmp_path / "link" / "other")  # a sibling is fine
     refuse_working_dir(tmp_path / "link")  # the link itself is only renamed aside
+    # ".." after a symlink leaves from where the link points, as the filesystem goes
+    (tmp_path / "real" / "x").mkdir()
+    (tmp_path / "hop").symlink_to(tmp_path / "real" / "x", target_is_directory=True)
+    with pytest.raises(OutputExistsError, match="working directory"):
+        refuse_working_dir(tmp_path / "hop" / ".." / "sub")

@@ -67,10 +67,15 @@ def refuse_working_dir(out: Path) -> None:
     Raises:
         OutputExistsError: If ``out`` is the working directory or one of its parents.
     """
-    where = Path(os.path.abspath(out))
     # the working directory comes with symlinks resolved; so must the output's parent
-    # (a final symlink is only renamed aside, which leaves what it points to alone)
-    where = Path(os.path.realpath(where.parent)) / where.name
+    # (a final symlink is only renamed aside, which leaves what it points to alone),
+    # resolved before any ".." is applied, as the filesystem does
+    joined = os.path.join(os.getcwd(), out)
+    head, name = os.path.split(joined)
+    if name in ("", ".", ".."):
+        where = Path(os.path.realpath(joined))
+    else:
+        where = Path(os.path.realpath(head)) / name
     cwd = Path.cwd()
     if where == cwd or where in cwd.parents:
         raise OutputExistsError(

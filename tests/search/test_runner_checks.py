@@ -160,12 +160,26 @@ def test_missing_model_and_shape_mismatch_are_named_before_any_evaluation(tmp_pa
     shapes = r"models\.(one|zero): tensor 'x' has shape \[\d\] in \S+, but \[\d\] in models\."
     with pytest.raises(MergeError, match=shapes):
         evolve(tp.toy_config(wide), tmp_path / "run")
-    save_file({"x": torch.zeros(1), "y": torch.zeros(1)}, str(tmp_path / "more.safetensors"))
-    more = {**sources, "one": str(tmp_path / "more.safetensors")}
-    gap = r"models\.zero: tensor 'y' missing from \S+zero\.safetensors \(it is in models\.one\)"
+    # the reference (the first model, "one" once the mapping is loaded) has a weight
+    # another lacks
+    save_file({"x": torch.ones(1), "y.weight": torch.zeros(1)}, str(tmp_path / "m.safetensors"))
+    more = {"one": str(tmp_path / "m.safetensors"), "zero": sources["zero"]}
+    gap = r"models\.zero: tensor 'y\.weight' missing from \S+zero\.safetensors"
     with pytest.raises(MergeError, match=gap):
         evolve(tp.toy_config(more), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.usefixtures("no_evaluation")
+def test_extra_tensors_of_other_models_or_baselines_are_no_gap(tmp_path):
+    """A saved buffer (inv_freq) or a baseline's own tensors: the worker leaves them out."""
+    sources = tp.write_sources(tmp_path / "src")
+    extra = {"x": torch.ones(1), "rotary_emb.inv_freq": torch.ones(2), "z.weight": torch.ones(1)}
+    save_file(extra, sources["zero"])  # not the reference
+    save_file({"x": torch.zeros(1), "w.weight": torch.ones(3)}, str(tmp_path / "wide.safetensors"))
+    cfg = tp.toy_config(sources, baselines={"wide": {"model": str(tmp_path / "wide.safetensors")}})
+    with pytest.raises(AssertionError, match="a candidate was evaluated"):  # checks passed
+        evolve(cfg, tmp_path / "run")
 
 
 @pytest.mark.usefixtures("no_evaluation")
@@ -360,3 +374,11 @@ def test_an_empty_run_dir_on_the_command_line_is_refused(shoal_cli, tmp_path):
     code, _, err = shoal_cli(["evolve", "cfg.yaml", "--run-dir", ""], tmp_path)
     assert code == 2 and "run_dir: empty" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml", "src"]
+
+
+@pytest.mark.usefixtures("no_evaluation")
+def test_an_option_named_models_of_another_meaning_is_not_taken_for_model_names(tmp_path):
+    sources = tp.write_sources(tmp_path / "src")
+    cfg = tp.toy_config(sources, algorithm={"name": "toy-random", "models": 3})
+    with pytest.raises(AssertionError, match="a candidate was evaluated"):  # checks passed
+        evolve(cfg, tmp_path / "run")

@@ -124,6 +124,7 @@ class ToyOptions(AlgorithmOptions):
     """Options of the toy random search."""
 
     population: int = Field(4, ge=1)
+    models: int | None = Field(None, description="unused; a name PS gives another meaning")
 
 
 def linear_recipe(t: float) -> dict[str, Any]:

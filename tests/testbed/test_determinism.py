@@ -59,8 +59,15 @@ def test_terse_base_and_expert_lr_change_the_models_and_stay_deterministic(tmp_p
         key: json.loads(
             (build_testbed(tmp_path / key, size, 5, threads=1) / "testbed.json").read_text()
         )["models"]
-        for key, size in (("a", terse), ("b", terse), ("plain", MICRO))
+        for key, size in (
+            ("a", terse),
+            ("b", terse),
+            ("plain", MICRO),
+            ("lr", dataclasses.replace(MICRO, terse_base=True)),
+        )
     }
     for name in builds["a"]:
         assert builds["a"][name]["sha256"] == builds["b"][name]["sha256"]
         assert builds["a"][name]["sha256"] != builds["plain"][name]["sha256"]
+        # expert_lr moves the experts only
+        assert (builds["a"][name]["sha256"] == builds["lr"][name]["sha256"]) == (name == "base")

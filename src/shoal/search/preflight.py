@@ -56,7 +56,9 @@ def check_run(config: RunConfig) -> dict[str, int]:
     sizes = _build_tasks(config, _resident_tokenizer(config))
     # after the loader and tasks: modules they import may register algorithms, as in a run
     if _check_algorithm_blocks(config, list(sizes)):
-        _check_same_tensors(shapes, paths)
+        first = config.base_model or next(iter(config.models), None)
+        if first is not None:  # a run from scratch merges models it draws itself
+            _check_same_tensors(shapes, paths, f"models.{first}")
     stage, block, _ = config.algorithm_blocks()[0]
     make_algorithm(
         config,
@@ -168,13 +170,18 @@ def _read_headers(paths: Mapping[str, str]) -> dict[str, dict[str, tuple[int, ..
 
 
 def _check_same_tensors(
-    shapes: Mapping[str, Mapping[str, tuple[int, ...]]], paths: Mapping[str, str]
+    shapes: Mapping[str, Mapping[str, tuple[int, ...]]],
+    paths: Mapping[str, str],
+    reference: str,
 ) -> None:
-    """Every model has the same tensors, each of one shape (tensor-wise merges need that).
+    """Each tensor has one shape in every model; every model has the reference's weights.
 
-    An output head a model leaves out is no gap when its weights may be tied to the
-    embeddings (``save_pretrained`` writes a tied tensor once): only a config that says
-    ``tie_word_embeddings: false`` makes its absence an error here.
+    Tensor-wise merges need both. Only ``*.weight`` tensors of the reference model (the
+    base, else the first) are required: buffers (``inv_freq``, GPT-2's ``attn.bias``
+    mask) come and go with how a checkpoint was saved, and a tensor only another model
+    or a baseline has is left out by the worker. An output head a model leaves out is no
+    gap when its weights may be tied to the embeddings (``save_pretrained`` writes a
+    tied tensor once): only ``tie_word_embeddings: false`` makes its absence an error.
     """
     first: dict[str, tuple[tuple[int, ...], str]] = {}  # tensor -> (shape, key)
     for key, tensors in shapes.items():
@@ -185,13 +192,14 @@ def _check_same_tensors(
                     f"{key}: tensor {tensor!r} has shape {list(shape)} in {paths[key]}, "
                     f"but {list(seen)} in {other}"
                 )
+    required = [t for t in shapes[reference] if t.endswith(".weight")]
     for key, tensors in shapes.items():
         if not key.startswith("models."):
             continue  # baselines are scored, not merged
-        for tensor, (_, other) in first.items():
+        for tensor in required:
             if tensor not in tensors and not (_is_head(tensor) and _may_tie(paths[key])):
                 raise MergeError(
-                    f"{key}: tensor {tensor!r} missing from {paths[key]} (it is in {other})"
+                    f"{key}: tensor {tensor!r} missing from {paths[key]} (it is in {reference})"
                 )
 
 
