@@ -11,7 +11,7 @@ import pytest
 import torch
 import toy_problem as tp
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from shoal.errors import OutputExistsError, StateError
 from shoal.merge import merge
@@ -197,3 +197,13 @@ def test_stored_recipe_names_paths_and_says_what_merge_cannot_rebuild() -> None:
     path = {"merge_method": "layer_path", "models": [{"model": "a"}], "parameters": {}}
     text = stored_recipe(path, 0, models)
     assert "shoal.load_model" in text and yaml.safe_load(text)["models"] == [{"model": "a"}]
+
+
+def test_a_baseline_may_name_a_model_by_its_path(tmp_path, sources):
+    """A checkpoint outside models: is scored as a baseline, as the checks allow."""
+    save_file({"x": torch.tensor([0.25])}, str(tmp_path / "quarter.safetensors"))
+    baselines = {"quarter": {"model": str(tmp_path / "quarter.safetensors")}}
+    evolve(tp.toy_config(sources, baselines=baselines), tmp_path / "run")
+    scored = json.loads((tmp_path / "run" / "summary.json").read_text())["baselines"]
+    expected = np.mean(np.clip(1 - np.abs(0.25 - tp.CENTRES), 0, 1))
+    assert scored["quarter"]["test"]["toy-test"] == pytest.approx(expected, abs=1e-6)

@@ -66,6 +66,11 @@ class SourceMap(Mapping[str, Tensors]):
         self._load = load
         self._cache: dict[str, Tensors] = {}
 
+    def add(self, name: str, path: str) -> None:
+        """Let ``name`` refer to the checkpoint at ``path`` (a model named by its path)."""
+        self._paths[name] = path
+        self._by_path[path] = name
+
     def _name(self, ref: str) -> str | None:
         if ref in self._paths:
             return ref

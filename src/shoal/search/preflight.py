@@ -32,7 +32,7 @@ from shoal.search.context import (
 if TYPE_CHECKING:
     from shoal.search.config import RunConfig
 
-__all__ = ["check_run"]
+__all__ = ["check_run", "model_refs"]
 
 
 def check_run(config: RunConfig) -> dict[str, int]:
@@ -101,7 +101,7 @@ def _check_baselines(config: RunConfig) -> dict[str, str]:
                 load_recipe(recipe)
             except RecipeError as exc:
                 raise prefix_error(exc, where) from None
-        for key, ref in _model_refs(recipe, where).items():
+        for key, ref in model_refs(recipe, where).items():
             if ref in known:
                 continue
             if not config.resolve(ref).exists():
@@ -111,7 +111,7 @@ def _check_baselines(config: RunConfig) -> dict[str, str]:
     return paths
 
 
-def _model_refs(recipe: Mapping[str, Any], where: str) -> dict[str, str]:
+def model_refs(recipe: Mapping[str, Any], where: str = "") -> dict[str, str]:
     """Config key -> model reference, for every model a recipe names."""
     refs = {f"{where}.{k}": recipe.get(k) for k in ("model", "base_model")}
     for j, m in enumerate(recipe.get("models") or []):

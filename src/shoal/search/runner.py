@@ -52,7 +52,7 @@ from shoal.search.base import Algorithm, Best, store_key, store_ref
 from shoal.search.config import Budget, RunConfig, load_config
 from shoal.search.context import algorithm_key, make_algorithm, prefix_error
 from shoal.search.export import export_model
-from shoal.search.preflight import check_run
+from shoal.search.preflight import check_run, model_refs
 from shoal.search.progress import RunProgress
 from shoal.search.run_folder import RunFolder
 
@@ -370,6 +370,9 @@ def _finish(
             extra = st.config.baselines if isinstance(st.config.baselines, dict) else {}
             named = {name: {"model": name} for name in st.models} | extra
             for name, baseline in named.items():
+                for ref in model_refs(baseline).values():  # a model named by its path
+                    if ref not in worker.sources:
+                        worker.sources.add(ref, str(st.config.resolve(ref)))
                 m = worker.build(baseline, 0)
                 s = worker.score(m, worker.task_names(include_extra=True))
                 summary["baselines"][name] = _split_means(worker, s, spec)
