@@ -5,6 +5,19 @@ from __future__ import annotations
 from shoal.recipe import METHODS, Recipe
 
 
+def rebuild_command(seed: int) -> str:
+    """The command that rebuilds a merge from its stored ``shoal_recipe.yaml``.
+
+    The seed is part of it because DARE's random drops depend on it.
+    """
+    return f"shoal merge shoal_recipe.yaml OUT --seed {seed}"
+
+
+def rebuild_line(seed: int) -> str:
+    """First line of a stored ``shoal_recipe.yaml``: :func:`rebuild_command` as a comment."""
+    return f"# rebuild: {rebuild_command(seed)}"
+
+
 def model_card(recipe: Recipe, *, seed: int, num_tensors: int, version: str) -> str:
     """Markdown describing how the model was made: method, sources, recipe, shoal version.
 
@@ -32,7 +45,7 @@ def model_card(recipe: Recipe, *, seed: int, num_tensors: int, version: str) -> 
         f"## Source models\n\n{sources}\n\n"
         "## Recipe\n\n"
         "The same recipe is stored as `shoal_recipe.yaml`; "
-        f"`shoal merge shoal_recipe.yaml OUT --seed {seed}`, run where this merge ran (model "
+        f"`{rebuild_command(seed)}`, run where this merge ran (model "
         "paths are as the recipe wrote them), rebuilds the model.\n\n"
         f"```yaml\n{recipe.to_yaml()}```\n"
     )

@@ -19,7 +19,7 @@ from shoal.checkpoint import (
     with_num_layers,
 )
 from shoal.errors import OutputExistsError, RecipeError
-from shoal.merge.card import model_card
+from shoal.merge.card import model_card, rebuild_line
 from shoal.merge.execute import iter_merged
 from shoal.merge.plan import MergePlan, build_plan
 from shoal.merge.sources import TensorSource, close_all, open_sources, resolve_model_path
@@ -188,7 +188,7 @@ def merge(
                 writer.write_text("chat_template.jinja", template)
             writer.write_text(
                 "shoal_recipe.yaml",
-                f"# rebuild: shoal merge shoal_recipe.yaml OUT --seed {seed}\n" + recipe.to_yaml(),
+                rebuild_line(seed) + "\n" + recipe.to_yaml(),
             )
             writer.write_text(
                 "README.md",

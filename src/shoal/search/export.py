@@ -37,6 +37,7 @@ def stored_recipe(recipe: dict[str, Any], seed: int | None, models: Mapping[str,
     names, listed below the line), a parent from the run's store (``store:<key>``),
     a random draw or a mutated child (M2N2).
     """
+    from shoal.merge.card import rebuild_line
     from shoal.recipe import METHODS
 
     def path(ref: Any) -> Any:
@@ -69,7 +70,7 @@ def stored_recipe(recipe: dict[str, Any], seed: int | None, models: Mapping[str,
     first = (
         f"# shoal merge cannot rebuild this: {why}; the run built it (seed {seed or 0})"
         if why
-        else f"# rebuild: shoal merge shoal_recipe.yaml OUT --seed {seed or 0}"
+        else rebuild_line(seed or 0)
     )
     return first + "\n" + yaml.safe_dump(out, sort_keys=False)
 
