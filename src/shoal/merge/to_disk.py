@@ -179,10 +179,10 @@ def merge(
                 writer.add(name, tensor)
             if ref_dir is not None:
                 copy_config_files(ref_dir, writer, config_updates=updates)
+            elif config is not None:  # a reference given as a file: its config as parsed
+                writer.write_text("config.json", json.dumps(updates, indent=2) + "\n")
             if tok_dir is not None:  # every file from one model: a mix would load as neither
                 copy_tokenizer_files(tok_dir, writer)
-            if config is not None:  # as parsed and updated (also for a reference given as a file)
-                writer.write_text("config.json", json.dumps(updates or config, indent=2) + "\n")
             template = _chat_template(recipe, sources)
             if template is not None:  # transformers prefers it to tokenizer_config's
                 writer.write_text("chat_template.jinja", template)
