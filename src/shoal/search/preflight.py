@@ -12,7 +12,6 @@ later stages' models, which earlier stages make.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -210,10 +209,12 @@ def _is_head(tensor: str) -> bool:
 
 def _may_tie(path: str) -> bool:
     """Whether a model's output head may share the embeddings' tensor."""
+    from shoal.checkpoint.files import read_config
+
     config = Path(path) / "config.json"
     try:
-        return json.loads(config.read_text()).get("tie_word_embeddings") is not False
-    except (OSError, ValueError, AttributeError):
+        return read_config(config).get("tie_word_embeddings") is not False
+    except CheckpointError:  # no config (a plain file) or an unreadable one: no verdict
         return True
 
 
