@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -165,16 +166,22 @@ class CheckpointReader(Closing):
             return self._pt_loaded[f]
         try:
             obj = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as exc:
+            raise _not_plain_tensors(f) from exc
         except RuntimeError as exc:
             if "mmap" not in str(exc).lower() and "zip" not in str(exc).lower():
-                raise CheckpointError(f"{f}: cannot load ({exc})") from exc
+                raise CheckpointError(f"{f}: cannot load ({_first_line(exc)})") from exc
             # legacy (non-zip) torch.save format cannot be memory-mapped
             try:
                 obj = torch.load(f, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as exc2:
+                raise _not_plain_tensors(f) from exc2
             except Exception as exc2:
-                raise CheckpointError(f"{f}: cannot load ({exc2})") from exc2
+                raise CheckpointError(f"{f}: cannot load ({_first_line(exc2)})") from exc2
         except Exception as exc:
-            raise CheckpointError(f"{f}: cannot load as a weights-only state dict ({exc})") from exc
+            raise CheckpointError(
+                f"{f}: cannot load as a weights-only state dict ({_first_line(exc)})"
+            ) from exc
         if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
             inner = obj.get("state_dict", obj.get("model"))
             obj = inner if isinstance(inner, dict) else obj
@@ -277,3 +284,21 @@ class CheckpointReader(Closing):
 
     def __repr__(self) -> str:
         return f"CheckpointReader({str(self.path)!r}, {len(self)} tensors)"
+
+
+def _not_plain_tensors(f: Path) -> CheckpointError:
+    """The refusal of a pickle that holds more than tensors.
+
+    torch's own text advises ``weights_only=False``, which would run the file's code;
+    shoal never does, so it says what is safe instead.
+    """
+    return CheckpointError(
+        f"{f}: not plain tensors (the pickle holds Python objects, which shoal never "
+        "runs); convert it to safetensors"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's text (library errors run to many lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -8,11 +8,13 @@ exit code 2.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
+import warnings
 from importlib import import_module
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 import typer
 
@@ -42,13 +44,39 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """A warning is one ``warning:`` line on stderr (Python's own shows file and source)."""
+    typer.echo(f"warning: {message}", err=True)
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """Library warnings (torch, transformers, ray…) stay off the screen unless ``--verbose``;
+    shoal's own warnings (a recipe key that has no effect) are always shown."""
+    warnings.showwarning = _show_warning
+    warnings.simplefilter("default" if verbose else "ignore")
+    warnings.filterwarnings("default", module=r"shoal(\.|$)")
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 @app.callback()
 def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Show the warnings of the libraries shoal uses."
+    ),
 ) -> None:
     """shoal: merge recipes, evolutionary model merging, M2N2, CycleQD, Transformer²."""
+    _quiet_libraries(verbose)
 
 
 for _name in _COMMAND_MODULES:

@@ -45,7 +45,8 @@ def model_card(recipe: Recipe, *, seed: int, num_tensors: int, version: str) -> 
         f"## Source models\n\n{sources}\n\n"
         "## Recipe\n\n"
         "The same recipe is stored as `shoal_recipe.yaml`; "
-        f"`{rebuild_command(seed)}`, run where this merge ran (model "
-        "paths are as the recipe wrote them), rebuilds the model.\n\n"
+        f"`{rebuild_command(seed)}` rebuilds the model from any directory (the "
+        "stored copy names every model by its absolute path) while the models stay "
+        "where they were.\n\n"
         f"```yaml\n{recipe.to_yaml()}```\n"
     )

@@ -1,9 +1,9 @@
 """Run a merge plan one tensor at a time.
 
-Each output tensor is computed from lazily read inputs, checked for NaN/Inf (unless
-allowed), and yielded; memory stays at the inputs and output of one tensor. Every
-tensor gets its own ``torch.Generator`` seeded from ``(seed, sha256(tensor name))``,
-so results do not depend on order or threads.
+Each output tensor is computed from lazily read inputs, checked for NaN/Inf before and
+after the cast to its output dtype (unless allowed), and yielded; memory stays at the
+inputs and output of one tensor. Every tensor gets its own ``torch.Generator`` seeded
+from ``(seed, sha256(tensor name))``, so results do not depend on order or threads.
 """
 
 from __future__ import annotations
@@ -142,7 +142,22 @@ def merged_tensor(
         out = apply_method(plan.method, tp, base, tensors, generator, split)
     except MergeError as exc:  # an operator knows the numbers, not the tensor
         raise MergeError(f"tensor {tp.name!r}: {exc}") from None
-    return out.to(tp.dtype)
+    out = out.to(tp.dtype)
+    if not allow_nonfinite and not _surely_finite(out):
+        _refuse_nonfinite_output(out, tp)
+    return out
+
+
+def _refuse_nonfinite_output(out: torch.Tensor, tp: TensorPlan) -> None:
+    """The writer checks what it writes as the reader checks what it reads: finite inputs
+    can still give inf (a large weight, or a value beyond float16's 65504 after the cast)."""
+    try:
+        check_finite(out, name=tp.name, source="merged output")
+    except CheckpointError as exc:
+        dtype = str(tp.dtype).removeprefix("torch.")
+        raise MergeError(
+            f"{exc} as {dtype}; nothing was written (pass --allow-nonfinite to write it anyway)"
+        ) from None
 
 
 def iter_merged(
@@ -161,11 +176,12 @@ def iter_merged(
         sources: the plan's model references → sources.
         device: where to compute (``"cpu"``, ``"cuda"``).
         seed: run seed (DARE's random drops).
-        allow_nonfinite: skip the NaN/Inf check of the inputs.
+        allow_nonfinite: skip the NaN/Inf checks of the inputs and outputs.
         progress: show a rich progress bar on stderr.
 
     Raises:
         CheckpointError: an input holds NaN/Inf (unless allowed) or cannot be read.
+        MergeError: an output tensor holds NaN/Inf (unless allowed).
     """
     splits: dict[str, SplitContext] = {}
     if plan.method == "splitpoint":

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from shoal._atomic import refuse_working_dir
 from shoal._devices import resolve_device
 from shoal.checkpoint import (
@@ -23,7 +25,7 @@ from shoal.merge.card import model_card, rebuild_line
 from shoal.merge.execute import iter_merged
 from shoal.merge.plan import MergePlan, build_plan
 from shoal.merge.sources import TensorSource, close_all, open_sources, resolve_model_path
-from shoal.recipe import Recipe, canonical_dtype, load_recipe
+from shoal.recipe import Recipe, canonical_dtype, load_recipe, rename_models
 from shoal.recipe.chat_templates import BUILTIN_CHAT_TEMPLATES
 
 
@@ -82,6 +84,31 @@ def _refuse_source_as_output(
             raise OutputExistsError(
                 f"{out}: holds the recipe's model {ref!r} ({path}); write the merge elsewhere"
             )
+
+
+def _stored_recipe(recipe: Recipe, sources: Mapping[str, TensorSource], seed: int) -> str:
+    """``shoal_recipe.yaml``: the recipe with every model path made absolute, so that its
+    rebuild line works from any working directory (as a run's ``best/`` does)."""
+    paths = {}
+    for ref in recipe.model_refs():
+        path = getattr(sources.get(ref), "path", None)
+        if isinstance(path, Path):
+            paths[ref] = str(path.resolve())
+    data = rename_models(recipe.to_dict(), paths)
+    return (
+        rebuild_line(seed) + "\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+    )
+
+
+def _one_dtype(plan: MergePlan) -> str | None:
+    """The output dtype when the recipe names none but the reference mixes float dtypes.
+
+    A checkpoint with bf16 and fp32 tensors would come out mixed while its config.json
+    names one dtype. It is written in float32, which holds every value of the others
+    exactly, and config.json says so. ``None`` when the floating tensors share one dtype.
+    """
+    found = {tp.dtype for tp in plan.tensors if tp.dtype.is_floating_point}
+    return "float32" if len(found) > 1 else None
 
 
 def _config_updates(
@@ -153,7 +180,10 @@ def merge(
     try:
         _refuse_source_as_output(out, recipe, sources)
         plan = build_plan(recipe, sources, dtype=dtype)
-        out_dtype = dtype or recipe.output_dtype()
+        mixed = _one_dtype(plan) if dtype is None and recipe.output_dtype() is None else None
+        if mixed:
+            plan = build_plan(recipe, sources, dtype=mixed)
+        out_dtype = dtype or recipe.output_dtype() or mixed
         if dtype:  # the stored recipe rebuilds the model without the command's options
             recipe = recipe.model_copy(update={"out_dtype": canonical_dtype(dtype) or dtype})
         ref_dir = _model_dir(plan.reference, recipe, sources)
@@ -186,10 +216,7 @@ def merge(
             template = _chat_template(recipe, sources)
             if template is not None:  # transformers prefers it to tokenizer_config's
                 writer.write_text("chat_template.jinja", template)
-            writer.write_text(
-                "shoal_recipe.yaml",
-                rebuild_line(seed) + "\n" + recipe.to_yaml(),
-            )
+            writer.write_text("shoal_recipe.yaml", _stored_recipe(recipe, sources, seed))
             writer.write_text(
                 "README.md",
                 model_card(recipe, seed=seed, num_tensors=len(plan.tensors), version=__version__),

@@ -40,6 +40,7 @@ _LAZY = {
     "method_spec": "shoal.recipe.methods",
     "parse_yaml": "shoal.recipe.load",
     "position": "shoal.recipe.params",
+    "rename_models": "shoal.recipe.schema",
     "resolve": "shoal.recipe.params",
 }
 
@@ -60,6 +61,7 @@ __all__ = [
     "method_spec",
     "parse_yaml",
     "position",
+    "rename_models",
     "resolve",
 ]
 
@@ -74,6 +76,7 @@ if TYPE_CHECKING:  # pragma: no cover
         Slice,
         SliceSource,
         canonical_dtype,
+        rename_models,
     )
 
 

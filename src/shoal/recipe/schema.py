@@ -9,8 +9,10 @@ Parameter values are checked against the method in :mod:`shoal.recipe.params`.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,30 @@ class Recipe(_Strict):
     def output_dtype(self) -> str | None:
         """``out_dtype`` if set, else ``dtype``, else ``None`` (keep the source dtype)."""
         return self.out_dtype or self.dtype
+
+
+def rename_models(data: dict[str, Any], rename: Mapping[str, str]) -> dict[str, Any]:
+    """A copy of a recipe's plain data with every model string in ``rename`` replaced.
+
+    Works on data as :meth:`Recipe.to_dict` gives it (or a run's candidate recipe, which
+    may hold more keys): ``base_model``, ``models[].model``, ``slices[].sources[].model``
+    and a ``tokenizer_source`` other than ``base``.
+    """
+
+    def new(ref: Any) -> Any:
+        return rename.get(ref, ref) if isinstance(ref, str) else ref
+
+    out = copy.deepcopy(data)
+    if "base_model" in out:
+        out["base_model"] = new(out["base_model"])
+    for entry in out.get("models") or []:
+        entry["model"] = new(entry.get("model"))
+    for piece in out.get("slices") or []:
+        for source in piece.get("sources") or []:
+            source["model"] = new(source.get("model"))
+    if out.get("tokenizer_source") not in (None, "base"):
+        out["tokenizer_source"] = new(out["tokenizer_source"])
+    return out
 
 
 def canonical_dtype(name: str) -> str | None:

@@ -38,7 +38,7 @@ def stored_recipe(recipe: dict[str, Any], seed: int | None, models: Mapping[str,
     a random draw or a mutated child (M2N2).
     """
     from shoal.merge.card import rebuild_line
-    from shoal.recipe import METHODS
+    from shoal.recipe import METHODS, rename_models
 
     def path(ref: Any) -> Any:
         return models.get(ref, ref) if isinstance(ref, str) else ref
@@ -52,15 +52,7 @@ def stored_recipe(recipe: dict[str, Any], seed: int | None, models: Mapping[str,
     if method is None and "model" in out:
         out["model"] = path(out["model"])
         return f"# the best is a source model itself: {out['model']}\n" + yaml.safe_dump(out)
-    if "base_model" in out:
-        out["base_model"] = path(out["base_model"])
-    for entry in out.get("models") or []:
-        entry["model"] = path(entry.get("model"))
-    for piece in out.get("slices") or []:
-        for source in piece.get("sources") or []:
-            source["model"] = path(source.get("model"))
-    if out.get("tokenizer_source") not in (None, "base"):
-        out["tokenizer_source"] = path(out["tokenizer_source"])
+    out = rename_models(out, models)
     if "store:" in json.dumps(out):
         why = "a parent (store:<key>) is a model of the run's store"
     elif method not in METHODS or "mutation" in out:
