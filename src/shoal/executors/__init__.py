@@ -49,6 +49,7 @@ def make_executor(
     max_retries: int = 2,
     gpus_per_worker: float = 0.0,
     ray_init: dict[str, Any] | None = None,
+    connect_timeout: float = 30.0,
 ) -> Executor:
     """Build an executor by name (``serial``, ``process``, ``ray``).
 
@@ -61,6 +62,7 @@ def make_executor(
         max_retries: Resubmissions of an item whose worker died.
         gpus_per_worker: Ray GPUs per actor.
         ray_init: Extra ``ray.init`` keyword arguments for a local instance.
+        connect_timeout: Seconds a Ray ``address`` has to answer.
     """
     if kind == "serial":
         from shoal.executors.serial import SerialExecutor
@@ -80,6 +82,7 @@ def make_executor(
             max_retries=max_retries,
             num_gpus=gpus_per_worker,
             init_kwargs=ray_init,
+            connect_timeout=connect_timeout,
         )
     from shoal.errors import RecipeError
 

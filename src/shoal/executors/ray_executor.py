@@ -10,6 +10,7 @@ Requires the ``distributed`` extra.
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,35 @@ from shoal.executors.work import WorkerSpec, WorkItem, WorkResult
 from shoal.executors.worker import Worker
 
 __all__ = ["RayExecutor"]
+
+
+def check_reachable(address: str, timeout: float) -> None:
+    """Refuse a cluster address that does not accept a connection within ``timeout`` s.
+
+    ``ray.init(address=...)`` retries an unreachable address for many minutes; one TCP
+    connection with a timeout tells the user at once. ``auto`` / ``local`` (Ray finds the
+    address itself) pass unchecked.
+
+    Raises:
+        ShoalError: naming the address and why it cannot be reached.
+    """
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if address in ("auto", "local") or not sep or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except TimeoutError:
+        raise ShoalError(
+            f"executor.address: {address} did not answer within {timeout:g} s "
+            "(executor.connect_timeout); is the Ray head running there?"
+        ) from None
+    except OSError as exc:
+        raise ShoalError(
+            f"executor.address: cannot reach {address} ({exc.strerror or exc}); "
+            "is the Ray head running there?"
+        ) from None
 
 
 class _ActorWorker:
@@ -43,6 +73,10 @@ class RayExecutor(Executor):
         num_cpus: CPUs per actor.
         num_gpus: GPUs per actor.
         init_kwargs: Extra keyword arguments for ``ray.init`` (local instance only).
+        connect_timeout: Seconds to wait for ``address`` to answer before giving up.
+
+    Raises:
+        ShoalError: Ray is not installed, or ``address`` does not answer in time.
     """
 
     kind = "ray"
@@ -56,6 +90,7 @@ class RayExecutor(Executor):
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
         init_kwargs: dict[str, Any] | None = None,
+        connect_timeout: float = 30.0,
     ) -> None:
         try:
             import ray
@@ -69,6 +104,7 @@ class RayExecutor(Executor):
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
             kwargs.update(init_kwargs or {})
             if address is not None:
+                check_reachable(address, connect_timeout)
                 ray.init(address=address, **{k: v for k, v in kwargs.items() if k != "num_cpus"})
             else:
                 ray.init(**kwargs)

@@ -97,6 +97,9 @@ class ExecutorConfig(_Strict):
         default=None,
         description="ray: cluster address for ray.init(address=...); None starts a local one.",
     )
+    connect_timeout: float = Field(
+        default=30.0, gt=0, description="ray: seconds the cluster address has to answer."
+    )
     device: str = Field(default="cpu", description="Torch device of the resident model.")
     max_retries: int = Field(
         default=2, ge=0, description="Times a work item is retried after a crash."

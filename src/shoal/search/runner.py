@@ -215,6 +215,7 @@ def _run_stage(st: _Stage) -> RunResult:
         max_retries=cfg.executor.max_retries,
         gpus_per_worker=cfg.executor.gpus_per_worker,
         ray_init=st.ray_init,
+        connect_timeout=cfg.executor.connect_timeout,
     ) as executor:
         local: Worker | None = getattr(executor, "worker", None)
         algo = _make_algorithm(st, st.task_sizes)
