@@ -6,21 +6,31 @@ a rename within one folder is atomic on POSIX filesystems. A process killed outr
 cannot clean up, so a later write to the same output removes siblings whose process
 has ended (:func:`remove_stale_temp_siblings`). The naming lives here, once, so that
 the cleanup recognises every writer's leftovers.
+
+A writer that must be alone on an output (a run folder, a merge's output) holds an OS
+lock on a lock file (:func:`hold_lock`); the kernel drops it with the process, so a
+kill never leaves a stale lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import glob
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from shoal.errors import OutputExistsError
+from shoal.errors import OutputExistsError, ShoalError
 
 __all__ = [
     "atomic_path",
+    "hold_lock",
+    "process_alive",
     "refuse_working_dir",
     "remove_stale_temp_siblings",
     "replace_dir",
@@ -50,12 +60,81 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a synced temporary sibling."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Write ``text`` (UTF-8) to ``path`` through a synced temporary sibling.
+
+    Raises:
+        OSError: The write failed (full or read-only disk); it names ``path``, not the
+            temporary sibling, and ``path`` is left as it was.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+
+
+def _lock_holder(fd: int) -> str:
+    """The pid the holder of a lock wrote into it (it may not have written it yet)."""
+    for _ in range(20):
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if text.isdigit():
+            return f"process {text}"
+        time.sleep(0.01)
+    return "another process"
+
+
+@contextmanager
+def hold_lock(
+    lock: Path,
+    what: str,
+    *,
+    error: type[ShoalError] = OutputExistsError,
+    remove: bool = False,
+) -> Iterator[None]:
+    """Hold an exclusive OS lock (``flock``) on the file ``lock`` for the block.
+
+    The lock file holds the holder's pid. The kernel releases the lock when the process
+    ends, however it ends, so a lock is never stale; the file itself may stay.
+
+    Args:
+        lock: The lock file (created if missing; its folder must exist).
+        what: How a refusal names the locked thing (``runs/x``), first on its line.
+        error: The error a refusal raises.
+        remove: Delete the lock file on release (when it lies outside the output).
+
+    Raises:
+        ShoalError: (``error``) Another process holds the lock; the message names its pid.
+    """
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise error(f"{what}: in use by {holder} (lock {lock}); wait for it to end") from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a file its last holder removed after we opened it
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield
+    finally:
+        if remove:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+        os.close(fd)
 
 
 def refuse_working_dir(out: Path) -> None:
@@ -111,7 +190,8 @@ def replace_dir(tmp: Path, out: Path) -> None:
         old.unlink(missing_ok=True)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (``os.kill(pid, 0)``)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -122,17 +202,24 @@ def _process_alive(pid: int) -> bool:
 
 
 def remove_stale_temp_siblings(path: Path) -> None:
-    """Delete ``.<name>.tmp-<pid>`` siblings of ``path`` left by ended processes.
+    """Delete ``.<name>.tmp-<pid>`` and ``.<name>.old-<pid>`` siblings of ``path`` left
+    by ended processes.
 
-    This process's own pid counts as ended: a sibling under it is the leftover of an
-    earlier process that had the same pid, since a write removes its own when done.
-    The pid is the only evidence, so on a filesystem shared between hosts a live
-    writer on another host would look ended.
+    An ``old`` sibling is the previous ``path`` that :func:`replace_dir` moved aside; a
+    kill between its two renames leaves no ``path`` at all, and then the ``old`` sibling
+    is put back instead of deleted. This process's own pid counts as ended: a sibling
+    under it is the leftover of an earlier process that had the same pid, since a write
+    removes its own when done. The pid is the only evidence, so on a filesystem shared
+    between hosts a live writer on another host would look ended.
     """
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _process_alive(int(pid))):
-            if stale.is_dir() and not stale.is_symlink():
+    for tag in ("old", "tmp"):
+        for stale in sorted(path.parent.glob(f".{glob.escape(path.name)}.{tag}-*")):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or (int(pid) != os.getpid() and process_alive(int(pid))):
+                continue
+            if tag == "old" and not os.path.lexists(path):
+                os.rename(stale, path)
+            elif stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
             else:
                 stale.unlink(missing_ok=True)

@@ -6,12 +6,48 @@ Command bodies import the library inside, so registering them costs nothing at
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 
 __all__ = ["register"]
+
+# what a full, read-only or failing disk raises; any other OSError is a bug
+_DISK_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EIO,
+    errno.EFBIG,
+}
+
+
+@contextmanager
+def _disk_errors(run_dir: str | Path, after: str | Callable[[], str]) -> Iterator[None]:
+    """A write that the disk refuses ends in one line (path, errno; what next), exit 2.
+
+    ``after`` says (or returns, once the error happened) what the user can do once the
+    disk is fixed.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _DISK_ERRNOS:
+            raise
+        where = exc.filename if exc.filename is not None else run_dir
+        code = errno.errorcode.get(exc.errno, str(exc.errno))
+        reason = exc.strerror or os.strerror(exc.errno)
+        hint = after if isinstance(after, str) else after()
+        typer.echo(f"error: {where}: {reason} ({code}); {hint}", err=True)
+        raise typer.Exit(2) from None
+
 
 _EVOLVE_HELP = """Search for a model by evolution, as CONFIG says; write the run folder.
 
@@ -65,14 +101,22 @@ def register(app: typer.Typer) -> None:
             raise RecipeError(f"--executor: unknown executor {executor!r} (serial, process, ray)")
         if config is None and not resume:
             raise RecipeError("give a CONFIG file (or --resume an existing --run-dir)")
-        result = evolve(
-            config,
-            run_dir,
-            resume=resume,
-            overrides=overrides,
-            executor=executor,
-            progress=False if no_progress else None,
-        )
+        from shoal.search.run_folder import RunFolder
+
+        def next_step() -> str:
+            if RunFolder(run_dir).has_state():
+                return f"free the disk, then: shoal evolve --resume --run-dir {run_dir}"
+            return "nothing of the run was saved; free the disk and rerun the command"
+
+        with _disk_errors(run_dir, next_step):
+            result = evolve(
+                config,
+                run_dir,
+                resume=resume,
+                overrides=overrides,
+                executor=executor,
+                progress=False if no_progress else None,
+            )
         if result.status != "completed":
             typer.echo(
                 f"stopped ({result.stop_reason}); continue with: shoal evolve --resume "
@@ -81,7 +125,8 @@ def register(app: typer.Typer) -> None:
             # SystemExit, not typer.Exit: the entry point reads a returned 130 as a
             # Ctrl-C that aborted a command, and would add "aborted" to this orderly stop
             sys.exit(130)
-        report = write_report(run_dir)
+        with _disk_errors(run_dir, f"the run is complete; redraw with: shoal report {run_dir}"):
+            report = write_report(run_dir)
         best = result.summary.get("best") or {}
         evaluations = result.summary.get("evaluations", result.evaluations)
         wall = float(result.summary.get("wall_seconds", result.wall_seconds))
@@ -108,5 +153,6 @@ def register(app: typer.Typer) -> None:
         """(Re)draw the plots and summary.md of a run folder into RUN_DIR/report/."""
         from shoal.report import write_report
 
-        out = write_report(run_dir)
+        with _disk_errors(run_dir, f"free the disk, then: shoal report {run_dir}"):
+            out = write_report(run_dir)
         typer.echo(f"report: {out / 'summary.md'}")

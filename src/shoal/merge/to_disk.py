@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from shoal._atomic import refuse_working_dir
+from shoal._atomic import hold_lock, refuse_working_dir
 from shoal._devices import resolve_device
 from shoal.checkpoint import (
     ShardedWriter,
@@ -163,8 +164,9 @@ def merge(
         ``out_dir`` as a :class:`~pathlib.Path`.
 
     Raises:
-        ShoalError: a user-caused problem (recipe, checkpoint, merge, output exists);
-            nothing is left at ``out_dir`` in that case.
+        ShoalError: a user-caused problem (recipe, checkpoint, merge, output exists,
+            another merge writing ``out_dir`` now: it holds ``.<name>.lock`` beside
+            ``out_dir``); nothing is left at ``out_dir`` in that case.
 
     Example:
         >>> merge("recipe.yaml", "out/merged", dtype="bfloat16")  # doctest: +SKIP
@@ -195,9 +197,16 @@ def merge(
             raise RecipeError(f"tokenizer_source: {tok!r} ({where}) holds no tokenizer files")
         config = sources[plan.reference].config
         updates = _config_updates(plan, config, canonical_dtype(out_dtype) if out_dtype else None)
-        with ShardedWriter(
-            out, plan=plan.writer_plan(), max_shard_bytes=max_bytes, overwrite=overwrite
-        ) as writer:
+        # one writer per output: a second merge to it (--overwrite or not) is refused
+        target = Path(os.path.abspath(out))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = target.with_name(f".{target.name}.lock")
+        with (
+            hold_lock(lock, str(out), remove=True),
+            ShardedWriter(
+                out, plan=plan.writer_plan(), max_shard_bytes=max_bytes, overwrite=overwrite
+            ) as writer,
+        ):
             for name, tensor in iter_merged(
                 plan,
                 sources,

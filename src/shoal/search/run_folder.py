@@ -3,7 +3,8 @@
 ``config.yaml`` (resolved config), ``state.json`` (algorithm state + runner counters after
 the last completed batch), ``events.jsonl`` (one line per evaluated candidate),
 ``store/``, ``best/``, ``summary.json``, ``report/``. A multi-stage run keeps one such
-folder per stage under ``stages/<name>/`` and a top-level summary.
+folder per stage under ``stages/<name>/`` and a top-level summary. ``.lock`` is the lock
+file a writer holds (its pid inside); readers take no lock.
 
 Reading is forgiving only where a kill leaves a mark: a torn last line of ``events.jsonl``
 is left out. Any other file that does not parse is a :class:`StateError` naming it.
@@ -16,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from shoal._atomic import write_text_atomic
+from shoal._atomic import remove_stale_temp_siblings, write_text_atomic
 from shoal.errors import StateError
 
 __all__ = ["EventLog", "RunFolder"]
@@ -96,6 +97,11 @@ class RunFolder:
         return self.root / "config.yaml"
 
     @property
+    def lock(self) -> Path:
+        """The lock file a writer of the run holds (:func:`shoal._atomic.hold_lock`)."""
+        return self.root / ".lock"
+
+    @property
     def state(self) -> Path:
         return self.root / "state.json"
 
@@ -151,6 +157,24 @@ class RunFolder:
     def has_state(self) -> bool:
         """Whether any batch of the run (of any stage) was saved."""
         return self.state.is_file() or any((self.root / "stages").glob("*/state.json"))
+
+    def has_evaluations(self) -> bool:
+        """Whether the run saved a batch or logged an evaluation (of any stage)."""
+        logs = [self.events.path, *(self.root / "stages").glob("*/events.jsonl")]
+        return self.has_state() or any(p.is_file() and p.stat().st_size > 0 for p in logs)
+
+    def unstarted_names(self) -> tuple[str, ...]:
+        """What a run killed before its first evaluation may leave, besides the lock."""
+        return (self.config.name, self.events.path.name, self.store.name, "stages")
+
+    def remove_leftovers(self) -> None:
+        """Delete temporary siblings (``.state.json.tmp-<pid>``, ``.best.old-<pid>``, ...)
+        of the run's files whose writer has ended; for the holder of :attr:`lock`."""
+        stages = self.root / "stages"
+        folders = [self, *(RunFolder(p) for p in sorted(stages.glob("*")) if p.is_dir())]
+        for folder in folders:
+            for name in folder.own_names():
+                remove_stale_temp_siblings(folder.root / name)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -30,7 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from shoal._atomic import replace_dir, temp_sibling, write_text_atomic
+from shoal._atomic import (
+    hold_lock,
+    replace_dir,
+    temp_sibling,
+    write_text_atomic,
+)
 from shoal.errors import (
     CheckpointError,
     OutputExistsError,
@@ -407,15 +412,15 @@ def _prepare_folder(
                 )
         # models or task files may have moved since
         return saved, _check(saved, str(folder.config))
-    blocker = next((p for p in (folder.root, *folder.root.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise OutputExistsError(f"{blocker}: exists and is not a folder (--run-dir)")
-    if folder.config.exists() or folder.state.exists():
+    unstarted = folder.config.exists() and not folder.has_evaluations()
+    if not unstarted and (folder.config.exists() or folder.state.exists()):
         raise OutputExistsError(
             f"{folder.root}: already holds a run; pass --resume to continue it "
             "or pick another --run-dir"
         )
-    taken = [n for n in folder.own_names() if (folder.root / n).exists()]
+    # a run killed before its first evaluation is no run: a fresh start replaces it
+    leftovers = folder.unstarted_names() if unstarted else ()
+    taken = [n for n in folder.own_names() if n not in leftovers and (folder.root / n).exists()]
     if taken:  # a run replaces best/ and report/ whole: what the user keeps there would go
         raise OutputExistsError(
             f"{folder.root}: holds {', '.join(taken)} but no run; pick another --run-dir"
@@ -424,6 +429,12 @@ def _prepare_folder(
         raise RecipeError("no config given")
     cfg = _given_config(config, overrides)
     sizes = _check(cfg, _source_name(config))  # before anything is written
+    for name in leftovers:
+        path = folder.root / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     write_text_atomic(folder.config, cfg.to_yaml())
     return cfg, sizes
 
@@ -451,22 +462,45 @@ def _check(cfg: RunConfig, source: str) -> dict[str, int]:
 
 
 @contextmanager
-def _undo_unless_saved(folder: RunFolder) -> Iterator[None]:
-    """On any error before a batch of the run is saved, remove what this call created.
+def _locked_run(folder: RunFolder, resume: bool) -> Iterator[None]:
+    """Hold the run folder's lock; on an error before a batch is saved, undo this call.
 
-    Only the run's own files go (config, events, store, ... and their temporary
-    siblings), and then the folder and the parents this call made, if left empty; a file
-    someone else put there stays. The user can fix the config and run the same command
-    again. Once a batch is saved, the folder is kept: it resumes.
+    The lock (``.lock`` in the folder, holding the pid) is taken before anything else is
+    written, so a second writer (a new run or ``--resume``) is refused in one line. Then
+    the leftovers of killed writers are removed (:meth:`RunFolder.remove_leftovers`).
+
+    On any error before a batch of the run is saved, only the run's own files this call
+    created go (config, events, store, ... their temporary siblings, the lock file), and
+    then the folder and the parents this call made, if left empty; a file someone else put
+    there stays. The user can fix the config and run the same command again. Once a batch
+    is saved, the folder is kept: it resumes.
+
+    Raises:
+        StateError: Another process holds the run folder (its pid named), or
+            ``resume`` finds no folder.
+        OutputExistsError: The run folder, or a parent, is a file.
     """
     root = Path(os.path.abspath(folder.root))
+    blocker = next((p for p in (root, *root.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise OutputExistsError(f"{blocker}: exists and is not a folder (--run-dir)")
+    if resume and not root.is_dir():
+        raise StateError(f"{folder.config}: nothing to resume (no config.yaml in the run folder)")
     made = [p for p in (root, *root.parents) if not p.exists()]  # innermost first
     before = set(root.iterdir()) if root.is_dir() else set()
     try:
-        yield
+        root.mkdir(parents=True, exist_ok=True)
+        with hold_lock(folder.lock, str(folder.root), error=StateError):
+            try:
+                folder.remove_leftovers()
+                yield
+            except BaseException:
+                if not folder.has_state():
+                    _remove_new(root, (*folder.own_names(), folder.lock.name), before, made)
+                raise
     except BaseException:
         if not folder.has_state():
-            _remove_new(root, folder.own_names(), before, made)
+            _remove_new(root, (), set(), made)  # only the folders, if empty
         raise
 
 
@@ -523,7 +557,7 @@ def evolve(
     if not str(run_dir).strip():  # Path("") would be the working directory
         raise RecipeError("run_dir: empty; name the run's folder (--run-dir)")
     folder = RunFolder(run_dir)
-    with _undo_unless_saved(folder):
+    with _locked_run(folder, resume):
         cfg, sizes = _prepare_folder(folder, config, overrides, resume)
         show = cfg.progress if progress is None else progress
         return _run_stages(folder, cfg, sizes, executor or cfg.executor.type, show, ray_init)
