@@ -30,13 +30,21 @@ class EventLog:
         self.path = path
 
     def append(self, events: list[dict[str, Any]]) -> None:
-        """Append events (one JSON line each) and flush them to disk."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as fh:
-            for e in events:
-                fh.write(json.dumps(e, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        """Append events (one JSON line each) and flush them to disk.
+
+        Raises:
+            OSError: The disk refused the write (naming the file); a torn last line is
+                left out on resume.
+        """
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as fh:
+                for e in events:
+                    fh.write(json.dumps(e, sort_keys=True) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(self.path)) from exc
 
     def read(self) -> list[dict[str, Any]]:
         """Every complete event line (a torn last line is ignored).
