@@ -73,6 +73,8 @@ Run folder: config.yaml, state.json, events.jsonl, store/, best/, summary.json,
 report/. Ctrl-C stops after the batch in flight (resumable); twice aborts. Models,
 tasks and algorithm are checked before anything is written; an error before the
 first batch is saved leaves the run folder as it was, so fix CONFIG and rerun.
+One writer per run folder: a second evolve or --resume on it is refused (it names
+the pid holding RUN_DIR/.lock).
 """
 
 
