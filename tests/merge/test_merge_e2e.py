@@ -125,7 +125,7 @@ models:
     n_layers = 2
     for name in base:
         idx = next((int(p) for p in name.split(".") if p.isdigit()), None)
-        t = (0.0 if "embed" in name else 1.0) if idx is None else idx / (n_layers - 1)
+        t = 0.0 if idx is None else idx / (n_layers - 1)  # non-layer tensors: t = 0
         if "mlp" in name:
             w = interpolate([0.2, 1.0], t)
         elif "self_attn" in name:
@@ -145,10 +145,31 @@ models:
     torch.testing.assert_close(
         merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"]
     )
-    torch.testing.assert_close(
-        merged["lm_head.weight"],
-        base["lm_head.weight"] + 0.9 * (a["lm_head.weight"] - base["lm_head.weight"]),
-    )
+    # the head, after the layers, is read at t = 0 too (weight 0.0): the base's
+    torch.testing.assert_close(merged["lm_head.weight"], base["lm_head.weight"])
+
+
+def test_gradient_on_non_layer_tensors_is_read_at_t0(llama: dict) -> None:
+    """mergekit reads every tensor outside the layers at t = 0, the head and norm too."""
+    a_p, b_p = llama["a"], llama["b"]
+    text = f"""
+merge_method: linear
+dtype: float32
+models:
+  - model: {a_p}
+    parameters: {{weight: 1.0}}
+  - model: {b_p}
+    parameters: {{weight: [0, 1]}}
+"""
+    merged = merge_state_dicts(text)
+    a, b = state_dict(a_p), state_dict(b_p)
+    # t = 0: weights 1 and 0, so the first model's tensors exactly
+    for name in ("lm_head.weight", "model.norm.weight", "model.embed_tokens.weight"):
+        assert torch.equal(merged[name], a[name]), name
+    # layers as before: layer 0 at t = 0 (weights 1, 0), layer 1 at t = 1 (1, 1 → halves)
+    name0, name1 = "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(merged[name0], a[name0])
+    torch.testing.assert_close(merged[name1], (a[name1] + b[name1]) / 2)
 
 
 def test_passthrough_slices_stack_layers(llama: dict, tmp_path: Path) -> None:

@@ -29,14 +29,15 @@ def test_position_follows_mergekit() -> None:
     assert position("x", 0, 1) == 1.0  # one layer: t = 1 as mergekit
     assert position("model.embed_tokens.weight", None, 4) == 0.0
     assert position("transformer.wte.weight", None, 4) == 0.0
-    assert position("model.norm.weight", None, 4) == 1.0
-    assert position("lm_head.weight", None, 4) == 1.0
+    # every non-layer tensor sits at t = 0, also after the blocks (mergekit's planner)
+    assert position("model.norm.weight", None, 4) == 0.0
+    assert position("lm_head.weight", None, 4) == 0.0
     assert is_pre_tensor("embeddings.word_embeddings.weight")
     assert not is_pre_tensor("pooler.dense.weight")
     # GPT-NeoX: embed_in is the input embedding, embed_out the output head
     assert is_pre_tensor("gpt_neox.embed_in.weight")
     assert not is_pre_tensor("embed_out.weight")
-    assert position("embed_out.weight", None, 4) == 1.0
+    assert position("embed_out.weight", None, 4) == 0.0
 
 
 def test_filters_first_match_wins_and_default() -> None:
@@ -53,10 +54,10 @@ def test_filters_first_match_wins_and_default() -> None:
 
 
 def test_resolve_gradient_per_layer() -> None:
-    # 2 layers: layer 0 at t=0 → 1.0, layer 1 at t=1 → 0.1; head at t=1
+    # 2 layers: layer 0 at t=0 → 1.0, layer 1 at t=1 → 0.1; head at t=0 (as mergekit)
     assert resolve([1.0, 0.7, 0.1], "model.layers.0.x", 0, 2) == 1.0
     assert resolve([1.0, 0.7, 0.1], "model.layers.1.x", 1, 2) == pytest.approx(0.1)
     assert resolve([1.0, 0.7, 0.1], "model.embed_tokens.weight", None, 2) == 1.0
-    assert resolve([1.0, 0.7, 0.1], "lm_head.weight", None, 2) == pytest.approx(0.1)
+    assert resolve([1.0, 0.7, 0.1], "lm_head.weight", None, 2) == 1.0
     assert resolve(True, "x", None, None) is True
     assert resolve("l1", "x", None, None) == "l1"

@@ -388,7 +388,8 @@ def _plan_slices(planner: _Planner, recipe: Recipe, ref: str) -> tuple[int, list
             out_layer += 1
     last = len(slices) - 1
     for name in post:
-        planner.add(name, members(last, lambda s, n=name: n), slices[last].parameters, 1.0)
+        # t = 0 like every non-layer tensor: mergekit's planner reads them all at t = 0
+        planner.add(name, members(last, lambda s, n=name: n), slices[last].parameters, 0.0)
     return out_layer, layer_sources
 
 

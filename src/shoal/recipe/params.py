@@ -10,9 +10,9 @@ A value in a recipe is one of (METHODS.md §1, "any parameter may be given per l
   gives the value; when none matches, the next wider scope is asked.
 
 The layer position follows mergekit: within a slice of ``n`` layers, layer ``i`` sits at
-``i / (n - 1)`` (``1`` when ``n == 1``); tensors outside the blocks use ``t = 0`` when
-they are input embeddings (names with ``embed`` but not ``embed_out``, ``wte``, ``wpe``)
-and ``t = 1`` otherwise (final norm, head, pooler).
+``i / (n - 1)`` (``1`` when ``n == 1``); every tensor outside the blocks (embeddings,
+final norm, head, pooler) uses ``t = 0``, as mergekit's planner reads them all at
+``t = 0``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,11 @@ _RESCALE_BOOL = {True: "l1", False: "none"}
 
 
 def is_pre_tensor(tensor_name: str) -> bool:
-    """Whether a non-layer tensor comes before the blocks (input embeddings)."""
+    """Whether a non-layer tensor comes before the blocks (input embeddings).
+
+    This decides the output layout and which slice a tensor comes from, not its
+    gradient position (every non-layer tensor has ``t = 0``).
+    """
     return bool(_PRE_PATTERN.search(tensor_name))
 
 
@@ -41,16 +45,16 @@ def position(tensor_name: str, layer_index: int | None, num_layers: int | None) 
     """Layer position ``t ∈ [0, 1]`` used to evaluate gradients.
 
     Args:
-        tensor_name: the tensor's name (decides embeddings vs. head for non-layer tensors).
+        tensor_name: the tensor's name (unused: kept so callers need not change).
         layer_index: index of the layer inside its slice, ``None`` outside the blocks.
         num_layers: number of layers in the slice.
 
     Returns:
         ``layer / (num_layers - 1)`` for block tensors (``1.0`` for one layer),
-        ``0.0`` for input embeddings, ``1.0`` for other non-layer tensors.
+        ``0.0`` for every non-layer tensor (embeddings, final norm, head), as mergekit.
     """
     if layer_index is None or num_layers is None:
-        return 0.0 if is_pre_tensor(tensor_name) else 1.0
+        return 0.0
     if num_layers <= 1:
         return 1.0
     return layer_index / (num_layers - 1)
