@@ -10,6 +10,7 @@ from merge_helpers import build_family, llama_config, state_dict
 
 from shoal.merge import merge
 from shoal.recipe import load_recipe
+from shoal.recipe.schema import rename_models
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples" / "merge").glob("*.yaml"))
 NAMES = ("base", "expert-chain_sum", "expert-spell_backward", "expert-gcd")
@@ -36,4 +37,8 @@ def test_example_runs(
     out = merge(recipe, tmp_path / "out", progress=False)
     tensors = state_dict(out)
     assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
-    assert load_recipe(out / "shoal_recipe.yaml") == recipe
+    # the stored copy names each model by its absolute path, so it rebuilds from anywhere
+    absolute = {ref: str(Path(ref).resolve()) for ref in recipe.model_refs()}
+    assert load_recipe(out / "shoal_recipe.yaml") == load_recipe(
+        rename_models(recipe.to_dict(), absolute)
+    )
