@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from shoal._yaml import NumberLoader
 from shoal.errors import RecipeError
 from shoal.recipe.chat_templates import check_chat_template
 from shoal.recipe.methods import METHODS, MethodSpec
@@ -80,7 +81,7 @@ def _read_source(source: str | Path | Mapping[str, Any]) -> tuple[Any, Path | No
     return parse_yaml(text, label), (path.resolve().parent if path else None), label
 
 
-class _StrictLoader(yaml.SafeLoader):
+class _StrictLoader(NumberLoader):  # YAML 1.2 numbers: 1e-3 is a float
     """PyYAML's safe loader, refusing a key given twice in one mapping.
 
     YAML says keys are unique, but PyYAML silently keeps the last one, so a recipe
