@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from shoal._yaml import safe_dump, safe_load
 from shoal.errors import RecipeError
 from shoal.recipe.load import parse_yaml
 
@@ -200,7 +201,7 @@ class RunConfig(_Strict):
 
     def to_yaml(self) -> str:
         """The config as YAML (defaults filled in)."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return safe_dump(self.model_dump(mode="json"), sort_keys=False)  # '1e5' stays quoted
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -208,7 +209,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise RecipeError(f"--set {item!r}: expected key=value, e.g. budget.evaluations=100")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_load(raw) if raw.strip() else None  # 1e-3 is a number, as in files
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
