@@ -5,13 +5,21 @@ real cluster, whose nodes must reach the model paths and the run's store directo
 are handed to idle actors as they free up; an actor that dies (``RayActorError``) is
 replaced by a new one and its item resubmitted, at most ``max_retries`` times per item.
 Requires the ``distributed`` extra.
+
+``ray.init`` puts its own SIGTERM handler in place of the CLI's (and Ray's C++ core one
+that prints a stack dump); the executor puts the previous one back, so SIGTERM unwinds
+like Ctrl-C: :meth:`RayExecutor.close` shuts down the local instance it started and the
+CLI exits with 130. A SIGKILL leaves no chance to: Ray's agents then linger for about a
+minute and a half (docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from shoal.errors import ShoalError
@@ -50,6 +58,50 @@ def check_reachable(address: str, timeout: float) -> None:
             f"executor.address: cannot reach {address} ({exc.strerror or exc}); "
             "is the Ray head running there?"
         ) from None
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """Put back the SIGTERM handler that ``ray.init`` replaces.
+
+    Ray's Python handler exits with status 15 and its C++ one prints a stack dump; the
+    CLI's raises ``KeyboardInterrupt``, which runs :meth:`RayExecutor.close` on the way
+    out. ``signal.signal`` installs the handler at the OS level again, over both.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if before is not None:  # None: not set from Python, nothing to put back
+            signal.signal(signal.SIGTERM, before)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Note SIGINT and SIGTERM during the block and raise the first one after it.
+
+    A mask would not do: a signal may land on one of Ray's threads, and Python runs its
+    handler in the main thread all the same.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    before = {
+        signum: signal.signal(signum, lambda signum, frame: got.append(signum))
+        for signum in (signal.SIGINT, signal.SIGTERM)
+        if signal.getsignal(signum) is not None  # None: not Python's to replace
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+        if got:
+            signal.raise_signal(got[0])
 
 
 class _ActorWorker:
@@ -105,9 +157,13 @@ class RayExecutor(Executor):
             kwargs.update(init_kwargs or {})
             if address is not None:
                 check_reachable(address, connect_timeout)
-                ray.init(address=address, **{k: v for k, v in kwargs.items() if k != "num_cpus"})
-            else:
-                ray.init(**kwargs)
+            with _keep_sigterm_handler():
+                if address is not None:
+                    ray.init(
+                        address=address, **{k: v for k, v in kwargs.items() if k != "num_cpus"}
+                    )
+                else:
+                    ray.init(**kwargs)
             self._owns_ray = True
         self.spec = spec
         self.max_retries = max_retries
@@ -160,4 +216,5 @@ class RayExecutor(Executor):
                 self._ray.kill(actor)
         self.actors = []
         if self._owns_ray:
-            self._ray.shutdown()
+            with _signals_deferred():  # a second Ctrl-C or SIGTERM must not cut it short
+                self._ray.shutdown()
