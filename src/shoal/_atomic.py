@@ -76,6 +76,17 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
+# what a read-only, full or refusing disk raises on creating a file
+_DISK_ERRNOS = {
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EIO,
+}
+
+
 def _lock_holder(fd: int) -> str:
     """The pid the holder of a lock wrote into it (it may not have written it yet)."""
     for _ in range(20):
@@ -107,9 +118,17 @@ def hold_lock(
 
     Raises:
         ShoalError: (``error``) Another process holds the lock; the message names its pid.
+            (``ShoalError``) The disk refuses the lock file (read-only, full).
     """
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:  # a read-only or full disk: one line, as for the output
+            if exc.errno not in _DISK_ERRNOS:
+                raise
+            raise ShoalError(
+                f"{what}: cannot create the lock {lock} ({exc.strerror or os.strerror(exc.errno)})"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
