@@ -80,3 +80,35 @@ def test_kth_smallest_with_nonfinite_entries_matches_kthvalue(bad: float) -> Non
     for rank in (1, v.numel() // 2, v.numel()):
         got, want = kth_smallest(v, rank), torch.kthvalue(v, rank).values
         assert torch.equal(got, want) or (got.isnan() and want.isnan())
+
+
+def test_ties_at_the_cut_keep_the_head_of_torchs_default_sort() -> None:
+    """Many entries share the magnitude at the cut (a task vector on a grid): exactly k
+    are kept, every entry above the cut is among them, and the tied ones kept are the
+    first in torch's default descending sort of the magnitudes (mergekit's argsort)."""
+    from shoal.ops.masks import ties_at_cut
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randint(-5, 6, (97, 61), generator=gen).float() * 2**-7
+    mag = x.abs().reshape(-1)
+    k = int(0.3 * x.numel())
+    assert ties_at_cut(mag, k)
+    mask = magnitude_mask(x, 0.3).reshape(-1)
+    assert int(mask.sum()) == k
+    threshold = mag[mask].min()
+    assert bool(mask[mag > threshold].all()) and not bool(mask[mag < threshold].any())
+    head = torch.argsort(mag, descending=True)[:k]
+    expected = torch.zeros_like(mask)
+    expected[head] = True
+    assert torch.equal(mask, expected)
+    # the stable (index-order) choice would keep other entries: the rule matters here
+    stable = torch.zeros_like(mask)
+    stable[torch.sort(mag, descending=True, stable=True).indices[:k]] = True
+    assert not torch.equal(mask, stable)
+
+
+def test_magnitude_mask_keeps_at_least_one_entry_for_a_positive_density() -> None:
+    """mergekit keeps max(1, int(density · n)) entries; density 0 keeps none."""
+    x = torch.tensor([0.1, -0.5, 0.2, 0.05])
+    assert magnitude_mask(x, 0.1).tolist() == [False, True, False, False]
+    assert not bool(magnitude_mask(x, 0.0).any())

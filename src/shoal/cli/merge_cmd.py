@@ -112,6 +112,12 @@ def register(app: typer.Typer) -> None:
             False, "--allow-nonfinite", help="Merge inputs that hold NaN/Inf instead of refusing."
         ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+        float32_compute: bool = typer.Option(
+            False,
+            "--float32-compute",
+            help="Compute in float32 whatever the recipe's dtype says (by default dtype is "
+            "the compute dtype, as in mergekit; out_dtype the output's).",
+        ),
     ) -> None:
         from shoal.merge import merge
 
@@ -126,6 +132,7 @@ def register(app: typer.Typer) -> None:
             overwrite=overwrite,
             allow_nonfinite=allow_nonfinite,
             progress=not quiet,
+            float32_compute=float32_compute,
         )
         if not quiet:
             size = sum(f.stat().st_size for f in out.glob("*.safetensors"))

@@ -1,7 +1,11 @@
 """One output tensor from its input tensors: the recipe method → :mod:`shoal.ops` call.
 
-The operators compute in float32; the caller casts to the output dtype. ``lambda``
-scales the merged task vector (mergekit's global ``lambda``): θ = θ_base + λ·(θ_op − θ_base).
+The compute dtype is the plan's (mergekit's meaning of a recipe's ``dtype``): the
+task-vector methods (task arithmetic, TIES, DARE, breadcrumbs) run every step in it, as
+mergekit's do; linear, SLERP, Model Stock and splitpoint compute in float32 and round
+to it (mergekit's linear and SLERP do the same). The caller casts to the output dtype.
+``lambda`` scales the merged task vector (mergekit's global ``lambda``) before the base
+is added: θ = θ_base + λ·merged delta.
 """
 
 from __future__ import annotations
@@ -45,13 +49,6 @@ def _per_input(tp: TensorPlan, key: str) -> list[float]:
     return [float(cast(float, i.params[key])) for i in tp.inputs]
 
 
-def _scale_delta(base: torch.Tensor, merged: torch.Tensor, lam: float) -> torch.Tensor:
-    if lam == 1.0:
-        return merged
-    base32 = base.to(torch.float32)
-    return base32 + lam * (merged - base32)
-
-
 def apply_method(
     method: str,
     tp: TensorPlan,
@@ -71,13 +68,32 @@ def apply_method(
         split: position in the flat vector (splitpoint).
 
     Returns:
-        The merged tensor in float32 (passthrough keeps the input dtype).
+        The merged tensor in the plan's compute dtype (a non-float copy keeps its dtype).
     """
-    p: dict[str, Any] = dict(tp.params)
+    cd = tp.compute_dtype
     if tp.copy:
         src = base if base is not None else tensors[0]
+        if not src.is_floating_point():
+            return src
         scale = float(tp.inputs[0].params.get("scale", 1.0)) if tp.inputs else 1.0
+        src = src.to(cd)
         return src if scale == 1.0 else src * scale
+    # mergekit casts every input to its compute dtype as it loads it
+    base = None if base is None else base.to(cd)
+    tensors = [t.to(cd) for t in tensors]
+    return _merged(method, tp, base, tensors, generator, split).to(cd)
+
+
+def _merged(
+    method: str,
+    tp: TensorPlan,
+    base: torch.Tensor | None,
+    tensors: Sequence[torch.Tensor],
+    generator: torch.Generator,
+    split: SplitContext | None,
+) -> torch.Tensor:
+    p: dict[str, Any] = dict(tp.params)
+    cd = tp.compute_dtype
     if method == "linear":
         return linear(tensors, _per_input(tp, "weight"), normalize=bool(p["normalize"]))
     assert base is not None or method == "splitpoint"
@@ -100,14 +116,21 @@ def apply_method(
     lam = float(p["lambda"])
     normalize = bool(p["normalize"])
     if method == "task_arithmetic":
-        return task_arithmetic(base, tensors, weights, lam=lam, normalize=normalize)
+        return task_arithmetic(base, tensors, weights, lam=lam, normalize=normalize, dtype=cd)
     densities = _per_input(tp, "density")
     if method == "ties":
-        merged = ties(
-            base, tensors, weights, densities, normalize=normalize, majority=p["majority"]
+        return ties(
+            base,
+            tensors,
+            weights,
+            densities,
+            normalize=normalize,
+            majority=p["majority"],
+            lam=lam,
+            dtype=cd,
         )
-    elif method in ("dare_ties", "dare_linear"):
-        merged = dare(
+    if method in ("dare_ties", "dare_linear"):
+        return dare(
             base,
             tensors,
             weights,
@@ -116,9 +139,11 @@ def apply_method(
             consensus="ties" if method == "dare_ties" else "none",
             rescale=p["rescale"],
             normalize=normalize,
+            lam=lam,
+            dtype=cd,
         )
-    elif method in ("breadcrumbs", "breadcrumbs_ties"):
-        merged = breadcrumbs(
+    if method in ("breadcrumbs", "breadcrumbs_ties"):
+        return breadcrumbs(
             base,
             tensors,
             weights,
@@ -126,7 +151,8 @@ def apply_method(
             _per_input(tp, "gamma"),
             consensus="ties" if method == "breadcrumbs_ties" else "none",
             normalize=normalize,
+            lam=lam,
+            dtype=cd,
         )
-    else:  # pragma: no cover - the registry and this table are tested together
-        raise AssertionError(f"no implementation for merge method {method!r}")
-    return _scale_delta(base, merged, lam)
+    # pragma: no cover - the registry and this table are tested together
+    raise AssertionError(f"no implementation for merge method {method!r}")

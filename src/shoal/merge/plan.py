@@ -72,6 +72,8 @@ class TensorPlan:
         copy: copy the base / first input unchanged (non-float tensors, passthrough).
         group: splitpoint only: the chromosome, i.e. the index of the ``split`` filter
             entry that applies to this tensor (0 when ``split`` is not a filter list).
+        compute_dtype: the dtype the merge computes in (mergekit's meaning of the
+            recipe's ``dtype``; else the inputs' dtype; float32 when asked for).
     """
 
     name: str
@@ -82,6 +84,7 @@ class TensorPlan:
     params: Mapping[str, Scalar]
     copy: bool = False
     group: int = 0
+    compute_dtype: torch.dtype = torch.float32
 
     def all_inputs(self) -> tuple[TensorInput, ...]:
         """Base (if any) followed by the other inputs."""
@@ -153,10 +156,12 @@ class _Planner:
         recipe: Recipe,
         sources: Mapping[str, TensorSource],
         out_dtype: torch.dtype | None,
+        compute_dtype: torch.dtype | None,
     ) -> None:
         self.recipe = recipe
         self.sources = sources
         self.out_dtype = out_dtype
+        self.compute_dtype = compute_dtype
         spec = METHODS[recipe.merge_method]
         self.spec: MethodSpec = spec
         self.tensors: list[TensorPlan] = []
@@ -225,6 +230,11 @@ class _Planner:
             self._check_input(ref, name, out_name, (shape, src_dtype), lead[0])
         floating = src_dtype.is_floating_point
         dtype = self.out_dtype if (self.out_dtype is not None and floating) else src_dtype
+        compute = self.compute_dtype
+        if compute is None:  # mergekit without dtype: the inputs' own (promoted) dtype
+            compute = src_dtype
+            for ref, name, _ in members:
+                compute = torch.promote_types(compute, self.sources[ref].dtype(name))
         inputs = [
             TensorInput(ref, name, self._params(_Scope(p, slice_params, glob), out_name, t, True))
             for ref, name, p in members
@@ -244,7 +254,9 @@ class _Planner:
             _filter_entry(slice_params, glob, "split", out_name) if spec.name == "splitpoint" else 0
         )
         self.tensors.append(
-            TensorPlan(out_name, shape, dtype, base, tuple(others), method_params, copy, group)
+            TensorPlan(
+                out_name, shape, dtype, base, tuple(others), method_params, copy, group, compute
+            )
         )
 
 
@@ -394,14 +406,24 @@ def _plan_slices(planner: _Planner, recipe: Recipe, ref: str) -> tuple[int, list
 
 
 def build_plan(
-    recipe: Recipe, sources: Mapping[str, TensorSource], *, dtype: str | None = None
+    recipe: Recipe,
+    sources: Mapping[str, TensorSource],
+    *,
+    dtype: str | None = None,
+    float32_compute: bool = False,
 ) -> MergePlan:
     """Plan a merge from the sources' metadata (no tensor data is read).
+
+    The compute dtype follows mergekit: the recipe's ``dtype``, else the inputs' dtype
+    (promoted when they differ). The output dtype is ``dtype`` here, else the recipe's
+    ``out_dtype``, else its ``dtype``, else the inputs'.
 
     Args:
         recipe: a validated recipe.
         sources: a source per model reference (see :func:`~shoal.merge.sources.open_sources`).
         dtype: output dtype overriding the recipe's ``out_dtype`` / ``dtype``.
+        float32_compute: compute in float32 whatever the recipe's ``dtype`` (a departure
+            from mergekit: low-precision recipes then give slightly different tensors).
 
     Returns:
         The plan.
@@ -412,7 +434,8 @@ def build_plan(
         RecipeError: a required parameter has no value for some tensor.
     """
     out_dtype = torch_dtype(dtype or recipe.output_dtype())
-    planner = _Planner(recipe, sources, out_dtype)
+    compute = torch.float32 if float32_compute else torch_dtype(recipe.dtype)
+    planner = _Planner(recipe, sources, out_dtype, compute)
     ref = _reference(recipe)
     if recipe.models is not None:
         _plan_models(planner, recipe, ref)

@@ -87,7 +87,9 @@ def _refuse_source_as_output(
             )
 
 
-def _stored_recipe(recipe: Recipe, sources: Mapping[str, TensorSource], seed: int) -> str:
+def _stored_recipe(
+    recipe: Recipe, sources: Mapping[str, TensorSource], seed: int, float32_compute: bool = False
+) -> str:
     """``shoal_recipe.yaml``: the recipe with every model path made absolute, so that its
     rebuild line works from any working directory (as a run's ``best/`` does)."""
     paths = {}
@@ -97,7 +99,9 @@ def _stored_recipe(recipe: Recipe, sources: Mapping[str, TensorSource], seed: in
             paths[ref] = str(path.resolve())
     data = rename_models(recipe.to_dict(), paths)
     return (
-        rebuild_line(seed) + "\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+        rebuild_line(seed, float32_compute=float32_compute)
+        + "\n"
+        + yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
     )
 
 
@@ -105,8 +109,9 @@ def _one_dtype(plan: MergePlan) -> str | None:
     """The output dtype when the recipe names none but the reference mixes float dtypes.
 
     A checkpoint with bf16 and fp32 tensors would come out mixed while its config.json
-    names one dtype. It is written in float32, which holds every value of the others
-    exactly, and config.json says so. ``None`` when the floating tensors share one dtype.
+    names one dtype. It is computed and written in float32, which holds every value of
+    the others exactly, and config.json says so. ``None`` when the floating tensors share
+    one dtype.
     """
     found = {tp.dtype for tp in plan.tensors if tp.dtype.is_floating_point}
     return "float32" if len(found) > 1 else None
@@ -139,6 +144,7 @@ def merge(
     overwrite: bool = False,
     allow_nonfinite: bool = False,
     progress: bool = True,
+    float32_compute: bool = False,
 ) -> Path:
     """Execute a recipe and write the merged model as a Hugging Face checkpoint.
 
@@ -159,6 +165,8 @@ def merge(
         overwrite: replace ``out_dir`` if it exists.
         allow_nonfinite: merge inputs that hold NaN/Inf instead of refusing.
         progress: show a progress bar.
+        float32_compute: compute in float32 whatever the recipe's ``dtype`` says (by
+            default ``dtype`` is the compute dtype, as in mergekit).
 
     Returns:
         ``out_dir`` as a :class:`~pathlib.Path`.
@@ -181,10 +189,10 @@ def merge(
     sources, opened = open_sources(recipe)
     try:
         _refuse_source_as_output(out, recipe, sources)
-        plan = build_plan(recipe, sources, dtype=dtype)
+        plan = build_plan(recipe, sources, dtype=dtype, float32_compute=float32_compute)
         mixed = _one_dtype(plan) if dtype is None and recipe.output_dtype() is None else None
-        if mixed:
-            plan = build_plan(recipe, sources, dtype=mixed)
+        if mixed:  # shoal's rule, not mergekit's (it writes the mix): float32 throughout
+            plan = build_plan(recipe, sources, dtype=mixed, float32_compute=True)
         out_dtype = dtype or recipe.output_dtype() or mixed
         if dtype:  # the stored recipe rebuilds the model without the command's options
             recipe = recipe.model_copy(update={"out_dtype": canonical_dtype(dtype) or dtype})
@@ -225,10 +233,18 @@ def merge(
             template = _chat_template(recipe, sources)
             if template is not None:  # transformers prefers it to tokenizer_config's
                 writer.write_text("chat_template.jinja", template)
-            writer.write_text("shoal_recipe.yaml", _stored_recipe(recipe, sources, seed))
+            writer.write_text(
+                "shoal_recipe.yaml", _stored_recipe(recipe, sources, seed, float32_compute)
+            )
             writer.write_text(
                 "README.md",
-                model_card(recipe, seed=seed, num_tensors=len(plan.tensors), version=__version__),
+                model_card(
+                    recipe,
+                    seed=seed,
+                    num_tensors=len(plan.tensors),
+                    version=__version__,
+                    float32_compute=float32_compute,
+                ),
             )
     finally:
         close_all(opened)

@@ -1,4 +1,9 @@
-"""Shared helpers of the merge operators: fp32 upcast and input checks."""
+"""Shared helpers of the merge operators: the cast to the compute dtype and input checks.
+
+Operators compute in float32 unless told otherwise; the task-vector operators (task
+arithmetic, TIES, DARE, breadcrumbs) take a ``dtype`` so that a recipe's ``dtype:
+bfloat16`` computes in bfloat16 as mergekit does.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +22,11 @@ def f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32)
 
 
-def stack_f32(tensors: Sequence[torch.Tensor], what: str = "models") -> torch.Tensor:
-    """Stack same-shaped tensors into one float32 tensor of shape ``(K, *shape)``."""
+def stack_f32(
+    tensors: Sequence[torch.Tensor], what: str = "models", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Stack same-shaped tensors into one tensor of shape ``(K, *shape)`` in ``dtype``
+    (float32 unless given)."""
     if len(tensors) == 0:
         raise MergeError(f"no {what} to merge")
     shape = tensors[0].shape
@@ -27,16 +35,16 @@ def stack_f32(tensors: Sequence[torch.Tensor], what: str = "models") -> torch.Te
             raise MergeError(
                 f"shape mismatch between {what}: #0 is {list(shape)}, #{i} is {list(t.shape)}"
             )
-    return torch.stack([f32(t) for t in tensors])
+    return torch.stack([t.to(dtype) for t in tensors])
 
 
 def check_base(base: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
-    """``base`` as float32, checked to have the shape of the models."""
+    """``base`` in the dtype of ``stacked``, checked to have the shape of the models."""
     if base.shape != stacked.shape[1:]:
         raise MergeError(
             f"shape mismatch: base is {list(base.shape)}, models are {list(stacked.shape[1:])}"
         )
-    return f32(base)
+    return base.to(stacked.dtype)
 
 
 def per_model(values: Sequence[float], k: int, what: str) -> list[float]:
@@ -52,24 +60,29 @@ def checked_sparse_inputs(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float],
     densities: Sequence[float],
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float]]:
-    """Inputs of a sparsifying merge (TIES, DARE, breadcrumbs), upcast and checked.
+    """Inputs of a sparsifying merge (TIES, DARE, breadcrumbs), cast and checked.
 
     Returns:
-        ``(x, b, w, d)``: the models stacked as float32 ``(K, *shape)``, the base as
-        float32, and one weight and one density per model.
+        ``(x, b, w, d)``: the models stacked in ``dtype`` ``(K, *shape)``, the base in
+        ``dtype``, and one weight and one density per model.
     """
-    x = stack_f32(tensors)
+    x = stack_f32(tensors, dtype=dtype)
     b = check_base(base, x)
     k = x.shape[0]
     return x, b, per_model(weights, k, "weights"), per_model(densities, k, "densities")
 
 
 def weight_column(
-    weights: Sequence[float], ndim: int, device: torch.device | str | None = None
+    weights: Sequence[float],
+    ndim: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Weights shaped ``(K, 1, ..., 1)`` to broadcast against ``(K, *shape)`` on ``device``."""
-    return torch.tensor(weights, dtype=torch.float32, device=device).reshape(-1, *([1] * ndim))
+    """Weights shaped ``(K, 1, ..., 1)`` to broadcast against ``(K, *shape)`` on ``device``,
+    rounded to ``dtype`` (the compute dtype: mergekit rounds them to it too)."""
+    return torch.tensor(weights, dtype=dtype, device=device).reshape(-1, *([1] * ndim))
 
 
 def safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from shoal.ops._common import checked_sparse_inputs, per_model
 from shoal.ops.consensus import Consensus, combine
-from shoal.ops.masks import magnitudes, top_magnitudes
+from shoal.ops.masks import magnitudes, sorted_head, ties_at_cut, top_magnitudes
 
 
 def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -31,7 +31,15 @@ def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch
         return torch.ones_like(delta, dtype=torch.bool)
     n_keep = int(max(density, 0.0) * n)
     n_top = min(int(max(gamma, 0.0) * n), n - n_keep)
-    mag = magnitudes(delta)  # once for both masks; they nest, so XOR is the band
+    mag = magnitudes(delta)  # once for both cuts
+    if ties_at_cut(mag, n_top) or ties_at_cut(mag, n_top + n_keep):
+        # tied entries straddle a cut: keep the ones mergekit keeps, positions
+        # n_bot .. n_bot + n_keep - 1 of torch's default ascending sort
+        n_bot = n - n_top - n_keep
+        band = sorted_head(mag, n_bot + n_keep, descending=False)
+        band ^= sorted_head(mag, n_bot, descending=False)
+        return band.reshape(delta.shape)
+    # without ties at the cuts the two top sets nest, so their XOR is the band
     return (top_magnitudes(mag, n_top + n_keep) ^ top_magnitudes(mag, n_top)).reshape(delta.shape)
 
 
@@ -44,6 +52,8 @@ def breadcrumbs(
     *,
     consensus: Consensus = "none",
     normalize: bool = False,
+    lam: float = 1.0,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Breadcrumbs merge: band-pass each task vector, then add them to the base.
 
@@ -59,14 +69,19 @@ def breadcrumbs(
         gammas: K fractions of largest-magnitude entries to drop.
         consensus: ``"none"`` or ``"ties"``.
         normalize: divide by the (agreeing) weights.
+        lam: scale λ of the merged task vector.
+        dtype: the compute dtype (float32 unless given).
 
     Returns:
-        float32 tensor of the common shape.
+        tensor of the common shape in ``dtype``.
     """
-    x, b, w, d = checked_sparse_inputs(base, tensors, weights, densities)
+    x, b, w, d = checked_sparse_inputs(base, tensors, weights, densities, dtype)
     k = x.shape[0]
     g = per_model(gammas, k, "gammas")
     deltas = x.sub_(b)  # x is a fresh stack: it becomes the task vectors, band-passed in place
     for i in range(k):
         deltas[i].mul_(breadcrumbs_mask(deltas[i], d[i], g[i]))  # faster than masked_fill_
-    return combine(deltas, w, consensus=consensus, normalize=normalize).add_(b)
+    merged = combine(deltas, w, consensus=consensus, normalize=normalize)
+    if lam != 1.0:
+        merged.mul_(lam)
+    return merged.add_(b)

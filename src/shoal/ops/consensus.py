@@ -73,7 +73,7 @@ def _combine(
     normalize: bool,
     majority: Majority,
 ) -> torch.Tensor:
-    w = weight_column(list(weights), deltas.ndim - 1, deltas.device)
+    w = weight_column(list(weights), deltas.ndim - 1, deltas.device, deltas.dtype)
     weighted = w * deltas
     if consensus == "none":
         merged = weighted.sum(0)

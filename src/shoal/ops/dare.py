@@ -11,11 +11,14 @@ from typing import Literal
 import torch
 
 from shoal.errors import MergeError
-from shoal.ops._common import ZERO_GUARD, checked_sparse_inputs
+from shoal.ops._common import checked_sparse_inputs
 from shoal.ops.consensus import Consensus, combine
 from shoal.ops.masks import bernoulli_mask
 
 Rescale = Literal["inverse_density", "l1", "none"]
+
+# norms below this leave the kept entries unscaled (mergekit's guard of its L1 rescale)
+L1_GUARD = 1e-7
 
 
 def dare_sparsify(
@@ -41,13 +44,17 @@ def _sparsify_(
         return delta
     if density <= 0.0:
         return delta.zero_()
+    if delta.dtype == torch.float16 and delta.device.type == "cpu":
+        # mergekit draws and rescales float16 task vectors on the CPU in float32
+        return delta.copy_(_sparsify_(delta.float(), density, generator, rescale))
     full_norm = delta.abs().sum() if rescale == "l1" else None
     delta.mul_(bernoulli_mask(delta.shape, density, generator).to(delta.device))
     if rescale == "inverse_density":
         return delta.div_(density)
     if full_norm is not None:
         kept_norm = delta.abs().sum()
-        if float(kept_norm) >= ZERO_GUARD:
+        # mergekit leaves the kept entries unscaled when either norm is below 1e-7
+        if float(kept_norm) >= L1_GUARD and float(full_norm) >= L1_GUARD:
             delta.mul_(full_norm / kept_norm)
     return delta
 
@@ -62,6 +69,8 @@ def dare(
     consensus: Consensus = "none",
     rescale: Rescale = "inverse_density",
     normalize: bool = False,
+    lam: float = 1.0,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """DARE merge of K fine-tuned tensors onto their base.
 
@@ -80,12 +89,17 @@ def dare(
         consensus: ``"none"`` (dare_linear) or ``"ties"`` (dare_ties).
         rescale: ``"inverse_density"`` (paper), ``"l1"`` (mergekit) or ``"none"``.
         normalize: divide by the (agreeing) weights.
+        lam: scale λ of the merged task vector.
+        dtype: the compute dtype (float32 unless given).
 
     Returns:
-        float32 tensor of the common shape.
+        tensor of the common shape in ``dtype``.
     """
-    x, b, w, d = checked_sparse_inputs(base, tensors, weights, densities)
+    x, b, w, d = checked_sparse_inputs(base, tensors, weights, densities, dtype)
     deltas = x.sub_(b)  # x is a fresh stack: it becomes the task vectors, sparsified in turn
     for i in range(deltas.shape[0]):
         _sparsify_(deltas[i], d[i], generator, rescale)
-    return combine(deltas, w, consensus=consensus, normalize=normalize).add_(b)
+    merged = combine(deltas, w, consensus=consensus, normalize=normalize)
+    if lam != 1.0:
+        merged.mul_(lam)
+    return merged.add_(b)

@@ -13,9 +13,13 @@ import torch
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of exactly ``k`` entries of ``x`` with the largest ``|x|``.
 
-    The threshold comes from ``kthvalue`` (selection, not a full sort). Entries tied
-    at the threshold are taken in flattened index order, so masks for growing ``k``
-    are nested: ``topk_mask(x, j) ⊆ topk_mask(x, k)`` for ``j ≤ k``.
+    The threshold comes from ``kthvalue`` (selection, not a full sort). When more
+    entries share the magnitude at the cut than places are left, the ones kept are the
+    first among them in the order of torch's default (unstable) descending sort of the
+    float32 magnitudes — the entries mergekit keeps, whose magnitude mask is the head of
+    that sort. For tensors of at most 16 entries that order is the flattened index
+    order; for larger ones it follows the sort algorithm, so with ties masks for
+    growing ``k`` need not be nested.
 
     Args:
         x: any tensor.
@@ -47,10 +51,33 @@ def top_magnitudes(mag: torch.Tensor, k: int) -> torch.Tensor:
     # the k-th largest is the (n - k + 1)-th smallest
     threshold = kth_smallest(mag, n - k + 1)
     above = mag > threshold
+    at_cut = mag == threshold
     missing = k - int(above.sum())
-    tied = (mag == threshold).nonzero().reshape(-1)[:missing]
-    above[tied] = True
-    return above
+    if int(at_cut.sum()) == missing:  # no choice among tied entries
+        return above.logical_or_(at_cut)
+    return sorted_head(mag, k)
+
+
+def sorted_head(mag: torch.Tensor, k: int, *, descending: bool = True) -> torch.Tensor:
+    """Flat mask of the first ``k`` entries of torch's default sort of ``mag``.
+
+    The tie rule of :func:`top_magnitudes` (and, ascending, of breadcrumbs' band):
+    the order torch's unstable ``sort`` gives on the CPU, which is the order
+    mergekit's ``argsort`` of the same float32 magnitudes gives.
+    """
+    order = torch.sort(mag.cpu(), descending=descending, stable=False).indices[:k]
+    mask = torch.zeros(mag.numel(), dtype=torch.bool)
+    mask[order] = True
+    return mask.to(mag.device)
+
+
+def ties_at_cut(mag: torch.Tensor, k: int) -> bool:
+    """Whether choosing the ``k`` largest of ``mag`` means choosing among tied entries."""
+    n = mag.numel()
+    if k <= 0 or k >= n:
+        return False
+    threshold = kth_smallest(mag, n - k + 1)
+    return int((mag > threshold).sum()) + int((mag == threshold).sum()) != k
 
 
 # below this many entries torch.kthvalue alone is as fast as narrowing first
@@ -92,7 +119,8 @@ def kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the top ``density`` fraction of entries by magnitude.
 
-    The count kept is ``int(density * numel)`` (rounded down, as mergekit does).
+    The count kept is ``int(density * numel)`` (rounded down), but at least one entry
+    for any positive density (mergekit 0.1.5 does both); density ≤ 0 keeps nothing.
 
     Args:
         delta: a task vector (any shape).
@@ -103,7 +131,9 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     """
     if density >= 1.0:
         return torch.ones_like(delta, dtype=torch.bool)
-    return topk_mask(delta, int(max(density, 0.0) * delta.numel()))
+    if density <= 0.0 or delta.numel() == 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    return topk_mask(delta, max(1, int(density * delta.numel())))
 
 
 def bernoulli_mask(

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 
 from shoal.errors import MergeError
-from shoal.ops._common import ZERO_GUARD, check_base, per_model, stack_f32, weight_column
+from shoal.ops._common import ZERO_GUARD, check_base, per_model, stack_f32
+from shoal.ops.consensus import combine
 
 
 def task_arithmetic(
@@ -17,6 +18,7 @@ def task_arithmetic(
     *,
     lam: float = 1.0,
     normalize: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Add weighted task vectors to the base.
 
@@ -30,17 +32,20 @@ def task_arithmetic(
         lam: global scale λ.
         normalize: divide by the sum of the weights.
 
+        dtype: the compute dtype (float32 unless given): task vectors, weights, their
+            sum and the division all run in it, as in mergekit.
+
     Returns:
-        float32 tensor of the common shape.
+        tensor of the common shape in ``dtype``.
     """
-    x = stack_f32(tensors)
+    x = stack_f32(tensors, dtype=dtype)
     b = check_base(base, x)
     w = per_model(weights, x.shape[0], "weights")
-    delta = (weight_column(w, b.ndim, b.device) * (x - b)).sum(0)
-    if normalize:
-        if abs(sum(w)) < ZERO_GUARD:
-            raise MergeError(
-                f"task_arithmetic: weights {w} sum to zero, cannot normalize (set normalize: false)"
-            )
-        delta = delta / sum(w)
-    return b + lam * delta
+    if normalize and abs(sum(w)) < ZERO_GUARD:
+        raise MergeError(
+            f"task_arithmetic: weights {w} sum to zero, cannot normalize (set normalize: false)"
+        )
+    delta = combine(x.sub_(b), w, consensus="none", normalize=normalize)
+    if lam != 1.0:
+        delta.mul_(lam)
+    return delta.add_(b)

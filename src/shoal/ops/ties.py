@@ -19,6 +19,8 @@ def ties(
     *,
     normalize: bool = True,
     majority: Majority = "sum",
+    lam: float = 1.0,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """TIES merge of K fine-tuned tensors onto their base.
 
@@ -27,7 +29,10 @@ def ties(
     3. disjoint merge: Σ over models with sign(w_k τ̂_k) = s of w_k τ̂_k, divided by
        the sum of those models' weights when ``normalize`` (mergekit's convention;
        the weights, not their absolute values);
-    4. θ = θ_base + merged delta.
+    4. θ = θ_base + λ · merged delta.
+
+    Every step runs in ``dtype`` (float32 unless given; mergekit computes in its recipe's
+    ``dtype``): the task vectors, the weights, the sums and the division.
 
     Args:
         base: the common ancestor's tensor.
@@ -36,13 +41,17 @@ def ties(
         densities: K fractions of each task vector to keep.
         normalize: divide by the agreeing weights.
         majority: sign election rule, ``"sum"`` or ``"count"``.
+        lam: scale λ of the merged task vector.
+        dtype: the compute dtype.
 
     Returns:
-        float32 tensor of the common shape.
+        tensor of the common shape in ``dtype``.
     """
-    x, b, w, d = checked_sparse_inputs(base, tensors, weights, densities)
+    x, b, w, d = checked_sparse_inputs(base, tensors, weights, densities, dtype)
     deltas = x.sub_(b)  # x is a fresh stack: it becomes the task vectors, trimmed in place
     for i in range(deltas.shape[0]):
         deltas[i].mul_(magnitude_mask(deltas[i], d[i]))  # faster than masked_fill_ on CPU
     merged = combine(deltas, w, consensus="ties", normalize=normalize, majority=majority)
+    if lam != 1.0:
+        merged.mul_(lam)
     return merged.add_(b)
