@@ -402,3 +402,54 @@ def test_working_directory_is_never_the_output(models, tmp_path: Path, shoal_cli
         _one_error_line(err, "working directory")
     assert sorted(p.name for p in work.iterdir()) == ["keep.txt"]  # no stray o/ either
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "recipe.yaml", "work"]
+
+
+def _slerp_with_weights(m: dict[str, Path]) -> str:
+    """A recipe that runs under mergekit: slerp ignores the per-model weights."""
+    return (
+        f"merge_method: slerp\nbase_model: {m['base']}\nparameters: {{t: 0.3}}\nmodels:\n"
+        f"  - model: {m['base']}\n    parameters: {{weight: 1.0}}\n"
+        f"  - model: {m['a']}\n    parameters: {{weight: 0.5}}\n"
+    )
+
+
+def test_a_key_mergekit_ignores_is_a_warning_line(cli, models) -> None:
+    code, _, err, out = cli(_slerp_with_weights(models), "-q")
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [
+        "warning: models[0].parameters.weight: weight has no effect for slerp "
+        "(ignored, as mergekit does)",
+        "warning: models[1].parameters.weight: weight has no effect for slerp "
+        "(ignored, as mergekit does)",
+    ]
+    # the merge is the one without the weights: slerp of base and a at t = 0.3
+    plain = cli(
+        _slerp_with_weights(models)
+        .replace("parameters: {weight: 1.0}", "parameters: {}")
+        .replace("parameters: {weight: 0.5}", "parameters: {}"),
+        "-q",
+        out=out.parent / "plain",
+    )
+    assert plain[0] == 0
+    got, want = (
+        load_file(str(out / "model.safetensors")),
+        load_file(str(out.parent / "plain" / "model.safetensors")),
+    )
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_strict_refuses_a_key_without_effect(cli, models) -> None:
+    code, _, err, out = cli(_slerp_with_weights(models), "--strict")
+    assert code == 2
+    _one_error_line(err, "recipe.yaml", "models[0].parameters.weight", "no effect", "--strict")
+    _nothing_left(out)
+
+
+def test_a_misspelt_key_stays_an_error(cli, models) -> None:
+    code, _, err, out = cli(
+        _ties(models).replace("density: 0.5}\n  - model", "densty: 0.5}\n  - model", 1)
+    )
+    assert code == 2
+    _one_error_line(err, "models[0].parameters.densty", "unknown parameter")
+    _nothing_left(out)

@@ -118,6 +118,12 @@ def register(app: typer.Typer) -> None:
             help="Compute in float32 whatever the recipe's dtype says (by default dtype is "
             "the compute dtype, as in mergekit; out_dtype the output's).",
         ),
+        strict: bool = typer.Option(
+            False,
+            "--strict",
+            help="Refuse recipe keys that have no effect (mergekit ignores them; by default "
+            "each is a warning line).",
+        ),
     ) -> None:
         from shoal.merge import merge
 
@@ -133,6 +139,7 @@ def register(app: typer.Typer) -> None:
             allow_nonfinite=allow_nonfinite,
             progress=not quiet,
             float32_compute=float32_compute,
+            strict=strict,
         )
         if not quiet:
             size = sum(f.stat().st_size for f in out.glob("*.safetensors"))

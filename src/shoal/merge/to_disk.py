@@ -145,6 +145,7 @@ def merge(
     allow_nonfinite: bool = False,
     progress: bool = True,
     float32_compute: bool = False,
+    strict: bool = False,
 ) -> Path:
     """Execute a recipe and write the merged model as a Hugging Face checkpoint.
 
@@ -167,6 +168,7 @@ def merge(
         progress: show a progress bar.
         float32_compute: compute in float32 whatever the recipe's ``dtype`` says (by
             default ``dtype`` is the compute dtype, as in mergekit).
+        strict: refuse recipe keys that have no effect (by default a warning line each).
 
     Returns:
         ``out_dir`` as a :class:`~pathlib.Path`.
@@ -182,7 +184,7 @@ def merge(
     from shoal import __version__
 
     resolve_device(device)
-    recipe = load_recipe(recipe)
+    recipe = load_recipe(recipe, strict=strict)
     out = Path(out_dir)
     refuse_working_dir(out)  # before anything is read: --overwrite would delete it
     max_bytes = parse_size(out_shard_size)

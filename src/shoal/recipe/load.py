@@ -211,7 +211,7 @@ def _check_required(recipe: Recipe, method: MethodSpec) -> None:
             raise RecipeError(f"parameters.{spec.name}: required by {method.name}")
 
 
-def _validated(recipe: Recipe) -> Recipe:
+def _validated(recipe: Recipe, strict: bool = False) -> Recipe:
     """Check the recipe against its method; return it with normalised parameter values."""
     method = METHODS.get(recipe.merge_method)
     if method is None:
@@ -220,7 +220,9 @@ def _validated(recipe: Recipe) -> Recipe:
         )
     _check_structure(recipe, method)
     update: dict[str, Any] = {
-        "parameters": check_parameters(recipe.parameters, method, "parameters", per_model=False)
+        "parameters": check_parameters(
+            recipe.parameters, method, "parameters", per_model=False, strict=strict
+        )
         or None
     }
     if recipe.models is not None:
@@ -228,7 +230,11 @@ def _validated(recipe: Recipe) -> Recipe:
             m.model_copy(
                 update={
                     "parameters": check_parameters(
-                        m.parameters, method, f"models[{i}].parameters", per_model=True
+                        m.parameters,
+                        method,
+                        f"models[{i}].parameters",
+                        per_model=True,
+                        strict=strict,
                     )
                     or None
                 }
@@ -246,6 +252,7 @@ def _validated(recipe: Recipe) -> Recipe:
                             method,
                             f"slices[{i}].sources[{j}].parameters",
                             per_model=True,
+                            strict=strict,
                         )
                         or None
                     }
@@ -253,7 +260,7 @@ def _validated(recipe: Recipe) -> Recipe:
                 for j, s in enumerate(sl.sources)
             ]
             params = check_parameters(
-                sl.parameters, method, f"slices[{i}].parameters", per_model=False
+                sl.parameters, method, f"slices[{i}].parameters", per_model=False, strict=strict
             )
             slices.append(sl.model_copy(update={"sources": sources, "parameters": params or None}))
         update["slices"] = slices
@@ -266,12 +273,14 @@ def _validated(recipe: Recipe) -> Recipe:
     return out
 
 
-def load_recipe(source: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
+def load_recipe(source: str | Path | Mapping[str, Any] | Recipe, *, strict: bool = False) -> Recipe:
     """Read and validate a recipe.
 
     Args:
         source: a path to a YAML file, YAML text, a mapping, or a :class:`Recipe`
             (validated again).
+        strict: refuse a parameter that has no effect for the method (mergekit ignores
+            it; by default it is a one-line :class:`~shoal.recipe.params.NoEffectWarning`).
 
     Returns:
         The validated recipe with normalised parameter values; relative model paths are
@@ -290,7 +299,7 @@ def load_recipe(source: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
         raise RecipeError(f"{label}: a recipe is a mapping of keys (merge_method, models, ...)")
     try:
         recipe = Recipe.model_validate(data)
-        recipe = _validated(recipe)
+        recipe = _validated(recipe, strict)
     except ValidationError as exc:
         raise RecipeError(f"{label}: {_pydantic_message(exc)}") from None
     except RecipeError as exc:

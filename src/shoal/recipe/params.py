@@ -18,11 +18,12 @@ final norm, head, pooler) uses ``t = 0``, as mergekit's planner reads them all a
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from shoal.errors import RecipeError
-from shoal.recipe.methods import MethodSpec, ParamSpec
+from shoal.recipe.methods import METHODS, MethodSpec, ParamSpec
 
 Scalar = float | bool | str
 
@@ -184,8 +185,26 @@ def _check_setting(spec: ParamSpec, method: str, value: Any, where: str) -> Any:
     return _check_scalar(spec, method, value, where)
 
 
+class NoEffectWarning(UserWarning):
+    """A recipe key that mergekit accepts and ignores for this method (shoal too)."""
+
+
+def _no_effect(key: str, method: MethodSpec, where: str, strict: bool) -> None:
+    """A parameter of another method given to ``method``: mergekit ignores it, so the
+    recipe runs there; here it is one warning line, or an error under ``strict``."""
+    message = f"{where}.{key}: {key} has no effect for {method.name} (ignored, as mergekit does)"
+    if strict:
+        raise RecipeError(f"{message}; refused by --strict")
+    warnings.warn(message, NoEffectWarning, stacklevel=2)
+
+
 def check_parameters(
-    params: Mapping[str, Any] | None, method: MethodSpec, where: str, *, per_model: bool
+    params: Mapping[str, Any] | None,
+    method: MethodSpec,
+    where: str,
+    *,
+    per_model: bool,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Validate the ``parameters`` mapping of one scope against ``method``.
 
@@ -194,9 +213,12 @@ def check_parameters(
         method: the recipe's merge method.
         where: location for messages, e.g. ``models[1].parameters``.
         per_model: the scope is a model / slice source (only per-model parameters allowed).
+        strict: a parameter another method knows but this one does not (a ``weight`` on
+            ``slerp``) is an error; otherwise it is a :class:`NoEffectWarning` and dropped.
 
     Returns:
-        The parameters with values normalised (numbers as float, ``rescale: true`` as ``l1``).
+        The parameters with values normalised (numbers as float, ``rescale: true`` as ``l1``),
+        without the ones that have no effect.
 
     Raises:
         RecipeError: naming the key and its location.
@@ -208,6 +230,9 @@ def check_parameters(
     out: dict[str, Any] = {}
     for key, value in params.items():
         spec = method.param(str(key))
+        if spec is None and any(m.param(str(key)) for m in METHODS.values()):
+            _no_effect(str(key), method, where, strict)
+            continue
         if spec is None:
             known = ", ".join(method.param_names) or "none"
             raise RecipeError(
