@@ -246,3 +246,43 @@ save_file({k: t.to(dtype=__import__("torch").uint8) for k, t in out.items()}, "m
     # the case this is about: ties do straddle the cut in the grid tensors
     mag = deltas["grid"].abs().reshape(-1)
     assert ties_at_cut(mag, int(0.3 * mag.numel()))
+
+
+def test_dare_masks_have_mergekits_distribution(forty: dict[str, Path], tmp_path: Path) -> None:
+    """DARE masks cannot be bit-equal (mergekit draws from torch's global generator, shoal
+    from one generator per tensor); they are the same distribution: over the 40-layer
+    model the kept fraction, and per tensor the rescaled task vector's L1 norm, agree
+    with mergekit's within 0.5 %."""
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(
+        f"""
+models:
+  - model: {forty["a"]}
+    parameters: {{weight: 1.0, density: 0.3}}
+merge_method: dare_linear
+base_model: {forty["base"]}
+"""
+    )
+    ours = state_dict(merge(recipe, tmp_path / "shoal", progress=False, seed=0))
+    theirs = state_dict(run_mergekit(recipe, tmp_path / "mergekit", "--random-seed", "0"))
+    base = state_dict(forty["base"])
+    kept = {"shoal": 0, "mergekit": 0}
+    total = 0
+    worst_l1 = 0.0
+    for name in base:
+        ours_delta = ours[name].double() - base[name].double()
+        theirs_delta = theirs[name].double() - base[name].double()
+        kept["shoal"] += int((ours_delta != 0).sum())
+        kept["mergekit"] += int((theirs_delta != 0).sum())
+        total += base[name].numel()
+        l1_ours, l1_theirs = float(ours_delta.abs().sum()), float(theirs_delta.abs().sum())
+        worst_l1 = max(worst_l1, abs(l1_ours - l1_theirs) / l1_theirs)
+        assert not torch.equal(ours[name], theirs[name])  # different draws
+    fraction = {k: v / total for k, v in kept.items()}
+    assert abs(fraction["shoal"] - 0.3) < 0.005 and abs(fraction["mergekit"] - 0.3) < 0.005
+    assert abs(fraction["shoal"] - fraction["mergekit"]) / fraction["mergekit"] < 0.005
+    assert worst_l1 < 0.005
+    print(
+        f"DARE kept fraction shoal {fraction['shoal']:.5f} mergekit {fraction['mergekit']:.5f}; "
+        f"worst per-tensor L1 difference {worst_l1:.2e}"
+    )
