@@ -1,39 +1,41 @@
-"""`shoal demo` end to end on a short budget, and the run folder it writes."""
+"""`shoal demo`: an ordinary evolve run of the digits example, end to end on a short budget."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from shoal.cli.main import app
-from shoal.errors import OutputExistsError
-from shoal.search.m2n2_digits import run_image_m2n2, write_run_folder
+from shoal.cli.demo_cmd import DEMO_CONFIG
 from shoal.testbed.images import accuracy, build_mlp, load_digits_data
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "m2n2-digits-scratch.yaml"
 
-def test_demo_cli_writes_run_folder(tmp_path) -> None:
+
+def _demo(shoal_cli, run_dir: Path, evaluations: int, *extra: str) -> tuple[int, str, str]:
+    args = ["demo", "--evaluations", str(evaluations), "--run-dir", str(run_dir), "--no-progress"]
+    return shoal_cli([*args, *extra])
+
+
+def test_the_demo_is_the_digits_example() -> None:
+    """`shoal evolve examples/m2n2-digits-scratch.yaml` reproduces the demo."""
+    example = yaml.safe_load(EXAMPLE.read_text())
+    assert example == DEMO_CONFIG
+
+
+def test_demo_writes_a_run_folder_that_report_reads(shoal_cli, tmp_path) -> None:
     run_dir = tmp_path / "demo"
-    res = CliRunner().invoke(
-        app, ["demo", "--evaluations", "200", "--run-dir", str(run_dir), "--no-progress"]
-    )
-    assert res.exit_code == 0, res.output
-    assert str(run_dir) in res.output
-    for rel in (
-        "config.yaml",
-        "state.json",
-        "store.safetensors",
-        "history.jsonl",
-        "best/model.safetensors",
-        "best/config.json",
-        "report/accuracy.png",
-        "report/diversity.png",
-    ):
+    code, out, err = _demo(shoal_cli, run_dir, 200)
+    assert code == 0, err
+    assert f"best: {run_dir / 'best'}" in out
+    for rel in ("config.yaml", "state.json", "events.jsonl", "best/model.safetensors"):
         assert (run_dir / rel).is_file(), rel
+    assert (run_dir / "report" / "fitness.png").is_file()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["evaluations"] == 200
     # the saved best model reproduces the reported test accuracy
@@ -41,32 +43,43 @@ def test_demo_cli_writes_run_folder(tmp_path) -> None:
     model.load_state_dict(load_file(str(run_dir / "best/model.safetensors")))
     data = load_digits_data()
     acc = accuracy(model, data.x_test, data.y_test)
-    assert acc == pytest.approx(summary["best"]["test_accuracy"])
+    assert acc == pytest.approx(summary["best"]["scores"]["test"]["digits-test"])
+    assert f"test accuracy of the best-training member: {acc:.3f}" in out
     assert acc > 0.15  # beats chance (0.1) already
-    # a second demo replaces its own earlier run folder; nothing else is left beside it
-    res = CliRunner().invoke(
-        app, ["demo", "--evaluations", "100", "--run-dir", str(run_dir), "--no-progress"]
-    )
-    assert res.exit_code == 0, res.output
+    code, out, err = shoal_cli(["report", str(run_dir)])
+    assert code == 0, err
+    # a second demo replaces its own finished run; nothing else is left beside it
+    code, _, err = _demo(shoal_cli, run_dir, 100)
+    assert code == 0, err
     assert json.loads((run_dir / "summary.json").read_text())["evaluations"] == 100
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
 
 
-def test_run_folder_refuses_foreign_directory(tmp_path) -> None:
+def test_demo_refuses_a_folder_that_is_not_a_demo_run(shoal_cli, tmp_path) -> None:
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "precious.txt").write_text("keep")
-    run = run_image_m2n2(evaluations=40, options={"archive_size": 4}, record_every=20)
-    with pytest.raises(OutputExistsError, match="mine exists"):
-        write_run_folder(run, foreign)
+    code, _, err = _demo(shoal_cli, foreign, 100)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "is not a demo run" in err
     assert (foreign / "precious.txt").read_text() == "keep"
 
 
-def test_experts_run_beats_both_experts_quickly() -> None:
-    run = run_image_m2n2(evaluations=400, experts=True, options={"seed": 0}, record_every=400)
-    data = load_digits_data()
-    from shoal.testbed.images import train_experts
+def test_an_interrupted_demo_is_continued(shoal_cli, tmp_path) -> None:
+    from shoal.search.runner import evolve
 
-    best_expert = max(accuracy(m, data.x_test, data.y_test) for m in train_experts(data).values())
-    assert run.summary["best"]["test_accuracy"] > best_expert + 0.1
-    assert run.summary["options"]["init"] == "seeds"
+    run_dir = tmp_path / "demo"
+    whole = tmp_path / "whole"
+    config = {**DEMO_CONFIG, "budget": {"evaluations": 120}, "progress": False}
+    evolve(config, whole)
+    # a demo run killed after its checkpoint at 60 evaluations
+    evolve({**config, "budget": {"evaluations": 60}}, run_dir)
+    (run_dir / "summary.json").unlink()
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg["budget"] = {"evaluations": 120}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, err = _demo(shoal_cli, run_dir, 120)
+    assert code == 0, err
+    lines = (run_dir / "events.jsonl").read_text().splitlines()
+    want = (whole / "events.jsonl").read_text().splitlines()
+    assert [json.loads(x)["recipe"] for x in lines] == [json.loads(x)["recipe"] for x in want]

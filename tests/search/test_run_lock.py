@@ -187,7 +187,9 @@ def test_full_disk_during_the_run_is_one_line_and_resumable(
 ) -> None:
     _config(tmp_path)
     _full_disk_on_call(monkeypatch, 2)  # after a first batch was saved
-    code, _, err = _evolve(shoal_cli, tmp_path, "cfg.yaml", "--set", "batch_size=2")
+    code, _, err = _evolve(
+        shoal_cli, tmp_path, "cfg.yaml", "--set", "batch_size=2", "--set", "checkpoint_seconds=0"
+    )
     assert code == 2 and err.count("\n") == 1, err
     assert "state.json" in err and "ENOSPC" in err and "--resume" in err
     monkeypatch.undo()

@@ -93,6 +93,7 @@ class _Killed(BaseException):
 @pytest.mark.parametrize("keeper", [False, True])
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path, sources, monkeypatch, keeper):
     cfg = tp.toy_config(sources, budget={"evaluations": 20})
+    cfg["checkpoint_seconds"] = 0  # a checkpoint after every batch
     if keeper:  # exercises the model store across the kill
         cfg["algorithm"] = {"name": "toy-keeper", "population": 4}
     evolve(cfg, tmp_path / "full")

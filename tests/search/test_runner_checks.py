@@ -307,6 +307,7 @@ def test_a_source_broken_before_a_resume_stops_it_and_the_fixed_one_ends_as_one_
     """Scoring candidates 0 for a broken source would steer the search; it stops instead."""
     sources = tp.write_sources(tmp_path / "src")
     cfg = tp.toy_config(sources, budget={"evaluations": 12})
+    cfg["checkpoint_seconds"] = 0  # a checkpoint after every batch
     evolve(cfg, tmp_path / "whole")
     original = RunFolder.write_state
     calls = {"n": 0}

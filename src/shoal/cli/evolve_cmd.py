@@ -12,10 +12,11 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import typer
 
-__all__ = ["register"]
+__all__ = ["register", "run_and_report"]
 
 # what a full, read-only or failing disk raises; any other OSError is a bug
 _DISK_ERRNOS = {
@@ -96,57 +97,19 @@ def register(app: typer.Typer) -> None:
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     ) -> None:
         from shoal.errors import RecipeError
-        from shoal.report import write_report
-        from shoal.search.runner import evolve
 
         if executor is not None and executor not in ("serial", "process", "ray"):
             raise RecipeError(f"--executor: unknown executor {executor!r} (serial, process, ray)")
         if config is None and not resume:
             raise RecipeError("give a CONFIG file (or --resume an existing --run-dir)")
-        from shoal.search.run_folder import RunFolder
-
-        def next_step() -> str:
-            if RunFolder(run_dir).has_state():
-                return f"free the disk, then: shoal evolve --resume --run-dir {run_dir}"
-            return "nothing of the run was saved; free the disk and rerun the command"
-
-        with _disk_errors(run_dir, next_step):
-            result = evolve(
-                config,
-                run_dir,
-                resume=resume,
-                overrides=overrides,
-                executor=executor,
-                progress=False if no_progress else None,
-            )
-        if result.status != "completed":
-            typer.echo(
-                f"stopped ({result.stop_reason}); continue with: shoal evolve --resume "
-                f"--run-dir {run_dir}"
-            )
-            # SystemExit, not typer.Exit: the entry point reads a returned 130 as a
-            # Ctrl-C that aborted a command, and would add "aborted" to this orderly stop
-            sys.exit(130)
-        with _disk_errors(run_dir, f"the run is complete; redraw with: shoal report {run_dir}"):
-            report = write_report(run_dir)
-        best = result.summary.get("best") or {}
-        evaluations = result.summary.get("evaluations", result.evaluations)
-        wall = float(result.summary.get("wall_seconds", result.wall_seconds))
-        typer.echo(f"{evaluations} evaluations, {wall:.1f} s; stopped: {result.stop_reason}")
-        failed = int(result.summary.get("failed_candidates", 0))
-        if failed:
-            typer.echo(
-                f"warning: {failed} candidates failed and scored 0 (first: "
-                f"{result.summary.get('first_failure')}); see events.jsonl",
-                err=True,
-            )
-        if best:
-            scores = best.get("scores", {})
-            parts = [
-                f"{split} {vals.get('mean', float('nan')):.4f}" for split, vals in scores.items()
-            ]
-            typer.echo(f"best: {best.get('path')} ({', '.join(parts)})")
-        typer.echo(f"report: {report / 'summary.md'}")
+        run_and_report(
+            config,
+            run_dir,
+            resume=resume,
+            overrides=overrides,
+            executor=executor,
+            progress=False if no_progress else None,
+        )
 
     @app.command("report")
     def report_cmd(
@@ -158,3 +121,65 @@ def register(app: typer.Typer) -> None:
         with _disk_errors(run_dir, f"free the disk, then: shoal report {run_dir}"):
             out = write_report(run_dir)
         typer.echo(f"report: {out / 'summary.md'}")
+
+
+def run_and_report(
+    config: Path | dict[str, Any] | None,
+    run_dir: str,
+    *,
+    resume: bool = False,
+    overrides: list[str] | None = None,
+    executor: str | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Run :func:`~shoal.search.runner.evolve`, draw the report, print where things are.
+
+    Returns the run's summary. An interrupted run prints its ``--resume`` line and exits
+    130; a full disk is one line, exit 2.
+    """
+    from shoal.report import write_report
+    from shoal.search.run_folder import RunFolder
+    from shoal.search.runner import evolve
+
+    def next_step() -> str:
+        if RunFolder(run_dir).has_state():
+            return f"free the disk, then: shoal evolve --resume --run-dir {run_dir}"
+        return "nothing of the run was saved; free the disk and rerun the command"
+
+    with _disk_errors(run_dir, next_step):
+        result = evolve(
+            config,
+            run_dir,
+            resume=resume,
+            overrides=overrides or (),
+            executor=executor,
+            progress=progress,
+        )
+    if result.status != "completed":
+        typer.echo(
+            f"stopped ({result.stop_reason}); continue with: shoal evolve --resume "
+            f"--run-dir {run_dir}"
+        )
+        # SystemExit, not typer.Exit: the entry point reads a returned 130 as a
+        # Ctrl-C that aborted a command, and would add "aborted" to this orderly stop
+        sys.exit(130)
+    with _disk_errors(run_dir, f"the run is complete; redraw with: shoal report {run_dir}"):
+        report = write_report(run_dir)
+    best = result.summary.get("best") or {}
+    evaluations = result.summary.get("evaluations", result.evaluations)
+    wall = float(result.summary.get("wall_seconds", result.wall_seconds))
+    rate = f" ({evaluations / wall:.0f}/s)" if wall > 0 else ""
+    typer.echo(f"{evaluations} evaluations, {wall:.1f} s{rate}; stopped: {result.stop_reason}")
+    failed = int(result.summary.get("failed_candidates", 0))
+    if failed:
+        typer.echo(
+            f"warning: {failed} candidates failed and scored 0 (first: "
+            f"{result.summary.get('first_failure')}); see events.jsonl",
+            err=True,
+        )
+    if best:
+        scores = best.get("scores", {})
+        parts = [f"{split} {vals.get('mean', float('nan')):.4f}" for split, vals in scores.items()]
+        typer.echo(f"best: {best.get('path')} ({', '.join(parts)})")
+    typer.echo(f"report: {report / 'summary.md'}")
+    return result.summary

@@ -2,7 +2,11 @@
 
 M2N2's children become parents, so a worker saves a built child under the key of its
 recipe and later recipes name it. The runner calls :meth:`ModelStore.retain` after each
-batch with the keys the algorithm still needs; everything else is dropped.
+batch with the keys the algorithm still needs (what is held only in memory and not named
+goes at once); at each checkpoint it calls :meth:`ModelStore.flush` (the retained models
+made durable), writes the state, then :meth:`ModelStore.prune` (files the state no longer
+names are deleted). Between checkpoints the files of the last saved state stay, so a
+killed run resumes from it.
 
 - :class:`MemoryStore` keeps tensors in memory (serial executor) and, given a directory,
   writes the retained entries there at each checkpoint so a killed run can resume.
@@ -119,8 +123,17 @@ class ModelStore(abc.ABC):
         return isinstance(key, str) and strip_prefix(key) in self.keys()
 
     def retain(self, keys: Iterable[str]) -> None:
-        """Mark ``keys`` as still needed; :meth:`prune` drops the others."""
+        """Mark ``keys`` as still needed; :meth:`prune` drops the others' files.
+
+        No later recipe names a model that is not retained, so what is held only in
+        memory may go at once; a file stays until :meth:`prune`, since the last saved
+        state may still name it.
+        """
         self._retained = {strip_prefix(k) for k in keys}
+        self._release()
+
+    def _release(self) -> None:  # noqa: B027 - optional hook
+        """Drop in-memory entries that :meth:`retain` did not name."""
 
     def flush(self) -> None:  # noqa: B027 - optional hook
         """Make the retained entries durable (before the run state refers to them)."""
@@ -156,6 +169,9 @@ class MemoryStore(ModelStore):
     def keys(self) -> set[str]:
         return set(self._data)
 
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and strip_prefix(key) in self._data
+
     def flush(self) -> None:
         if self.directory is None:
             return
@@ -166,12 +182,14 @@ class MemoryStore(ModelStore):
             if not path.exists():
                 _save_atomic(path, self._data[key])
 
+    def _release(self) -> None:
+        if self._retained is not None:
+            for key in [k for k in self._data if k not in self._retained]:
+                del self._data[key]
+
     def prune(self) -> None:
         if self._retained is None:
             return
-        for key in list(self._data):
-            if key not in self._retained:
-                del self._data[key]
         if self.directory is not None and self.directory.is_dir():
             for f in self.directory.glob("*.safetensors"):
                 if f.stem not in self._retained:
@@ -219,8 +237,10 @@ class DirStore(ModelStore):
         for f in self.directory.glob("*.safetensors"):
             if f.stem not in self._retained:
                 f.unlink(missing_ok=True)
-        for key in list(self._cache):
-            if key not in self._retained:
+
+    def _release(self) -> None:
+        if self._retained is not None:
+            for key in [k for k in self._cache if k not in self._retained]:
                 del self._cache[key]
 
 

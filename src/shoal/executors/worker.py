@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from shoal.errors import TaskError
+from shoal.errors import MergeError, TaskError
 from shoal.executors.build import SourceLoadError, SourceMap, build_candidate
+from shoal.executors.flat import FlatModel
 from shoal.executors.loaders import load_resident
 from shoal.executors.store import ModelStore, distinct_tensors, open_store
 from shoal.executors.work import WorkerSpec, WorkItem, WorkResult
@@ -97,6 +98,7 @@ class Worker:
         self.fitness_names = tuple(self.tasks)
         self._extra_built = False
         self._hf: dict[str, Any] = {}
+        self.flat = FlatModel.of(self.model)  # None: the model is too big or not plain
 
     def task_names(self, include_extra: bool = False) -> tuple[str, ...]:
         """Names of the fitness tasks (and the extra/test ones if asked)."""
@@ -121,8 +123,25 @@ class Worker:
         return {n: self._hf[n] for n in names}
 
     def build(self, recipe: dict[str, Any], seed: int) -> torch.nn.Module:
-        """Build ``recipe`` (in place where possible) and return the model to score."""
+        """Build ``recipe`` (in place where possible) and return the model to score.
+
+        A small model builds the recipes M2N2 asks for as one flat vector
+        (:mod:`shoal.executors.flat`, the same tensors); everything else goes through
+        :func:`~shoal.executors.build.build_candidate`.
+        """
+        if self.flat is not None and FlatModel.handles(recipe):
+            self.flat.load(self.flat.build(recipe, seed, self._vector))
+            return self.model
         return build_candidate(self.model, recipe, self.sources, seed, hf_models=self._hf_models)
+
+    def _vector(self, ref: str) -> torch.Tensor:
+        """The flat vector of a source or stored model (for the flat build)."""
+        assert self.flat is not None
+        try:
+            tensors = self.sources[ref]
+        except KeyError:
+            raise MergeError(f"recipe names unknown model {ref!r}") from None
+        return self.flat.vector(tensors, ref)
 
     @torch.inference_mode()
     def score(self, model: torch.nn.Module, names: tuple[str, ...]) -> dict[str, np.ndarray]:

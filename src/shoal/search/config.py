@@ -157,6 +157,15 @@ class RunConfig(_Strict):
         ),
     )
     progress: bool = Field(default=True, description="Show a rich progress bar.")
+    checkpoint_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description=(
+            "Seconds between checkpoints (events, store and state made durable); 0: "
+            "after every batch. A killed run replays the batches since the last "
+            "checkpoint on --resume, to the same result."
+        ),
+    )
     root: str | None = Field(
         default=None,
         description="Directory relative paths resolve against (default: config's dir).",

@@ -64,6 +64,8 @@ from shoal.search.run_folder import RunFolder
 __all__ = ["RunResult", "evolve"]
 
 STATE_FORMAT = 1
+#: config keys a resumed run may change: they do not change its results
+_FREE_ON_RESUME = ("executor", "checkpoint_seconds")
 
 
 @dataclass
@@ -115,7 +117,12 @@ def _sigint(flag: _Interrupt) -> Iterator[None]:
 
 
 def _stop_reason(
-    algo: Algorithm, budget: Budget, evaluations: int, wall: float, flag: _Interrupt
+    algo: Algorithm,
+    budget: Budget,
+    evaluations: int,
+    wall: float,
+    flag: _Interrupt,
+    best: Best | None,
 ) -> str | None:
     if flag.requested:
         return "interrupted"
@@ -123,7 +130,6 @@ def _stop_reason(
         return f"evaluation budget ({budget.evaluations}) reached"
     if budget.seconds is not None and evaluations > 0 and wall >= budget.seconds:
         return f"wall-time budget ({budget.seconds:g} s) reached"
-    best = algo.best
     if budget.target is not None and best is not None and best.fitness >= budget.target:
         return f"target fitness {budget.target:g} reached"
     reasons = algo.stop()
@@ -229,29 +235,26 @@ def _run_stage(st: _Stage) -> RunResult:
                 raise StateError(f"{folder.state}: unknown format_version")
             algo.load_state_dict(saved["algorithm"])
             counters.update(saved["runner"])
-        events = folder.events
-        events.truncate(int(counters["evaluations"]))
+        folder.events.truncate(int(counters["evaluations"]))
         progress = RunProgress(st.label, st.budget, enabled=st.progress)
-        progress.start(int(counters["evaluations"]), algo.best)
+        best = algo.best  # computed once a batch: M2N2's scans its whole archive
+        progress.start(int(counters["evaluations"]), best)
         t0 = time.monotonic() - float(counters["wall_seconds"])
+        checkpoint = _Checkpoint(folder, algo, store, counters, cfg.checkpoint_seconds)
         reason = None
         with _sigint(flag), progress:
             while True:
+                done = int(counters["evaluations"])
                 wall = time.monotonic() - t0
-                reason = _stop_reason(algo, st.budget, int(counters["evaluations"]), wall, flag)
+                reason = _stop_reason(algo, st.budget, done, wall, flag, best)
                 if reason is not None:
                     break
-                _one_batch(st, algo, executor, store, counters, events)
+                events, best = _one_batch(st, algo, executor, store, counters)
+                checkpoint.pending += events
                 counters["wall_seconds"] = time.monotonic() - t0
-                folder.write_state(
-                    {
-                        "format_version": STATE_FORMAT,
-                        "algorithm": algo.state_dict(),
-                        "runner": counters,
-                    }
-                )
-                store.prune()
-                progress.update(int(counters["evaluations"]), algo.best)
+                checkpoint.maybe()
+                progress.update(int(counters["evaluations"]), best)
+            checkpoint.save()
         wall = float(counters["wall_seconds"])
         if reason == "interrupted":
             return RunResult(folder.root, "interrupted", reason, algo.evaluations, wall, algo.best)
@@ -261,14 +264,61 @@ def _run_stage(st: _Stage) -> RunResult:
     )
 
 
+class _Checkpoint:
+    """Makes the run durable: events, the retained store entries, then the state.
+
+    Every ``seconds`` (0: after every batch) and when the loop ends. Work items are
+    seeded, so a run killed between checkpoints replays the batches since the last one
+    on ``--resume`` and ends exactly as an uninterrupted run: the state is written last,
+    and events beyond the count it holds are cut on resume.
+    """
+
+    def __init__(
+        self,
+        folder: RunFolder,
+        algo: Algorithm,
+        store: Any,
+        counters: dict[str, Any],
+        seconds: float,
+    ) -> None:
+        self.folder, self.algo, self.store, self.counters = folder, algo, store, counters
+        self.seconds = seconds
+        self.pending: list[dict[str, Any]] = []  # event lines since the last checkpoint
+        self.saved_at = time.monotonic()
+        self.saved = int(counters["evaluations"])
+
+    def maybe(self) -> None:
+        """Save if ``seconds`` have passed since the last checkpoint."""
+        if time.monotonic() - self.saved_at >= self.seconds:
+            self.save()
+
+    def save(self) -> None:
+        """Flush events and store, write the state, then drop store files it no longer names."""
+        if int(self.counters["evaluations"]) == self.saved and not self.pending:
+            return
+        self.folder.events.append(self.pending)
+        self.pending = []
+        self.store.flush()
+        self.folder.write_state(
+            {
+                "format_version": STATE_FORMAT,
+                "algorithm": self.algo.state_dict(),
+                "runner": self.counters,
+            }
+        )
+        self.store.prune()
+        self.saved_at = time.monotonic()
+        self.saved = int(self.counters["evaluations"])
+
+
 def _one_batch(
     st: _Stage,
     algo: Algorithm,
     executor: Any,
     store: Any,
     counters: dict[str, Any],
-    events: Any,
-) -> None:
+) -> tuple[list[dict[str, Any]], Best | None]:
+    """Ask, evaluate, tell one batch; returns its event lines (not yet written), the best."""
     gen, start = int(counters["generation"]), int(counters["evaluations"])
     recipes = algo.ask(st.config.batch_size)
     keep = type(algo).keep_models
@@ -288,7 +338,6 @@ def _one_batch(
     if start == 0 and results and all(r.error for r in results):
         raise TaskError(f"every candidate of the first batch failed; first: {results[0].error}")
     algo.tell(recipes, [r.scores for r in results])
-    events.append([_event(it, res, gen) for it, res in zip(items, results, strict=True)])
     counters["generation"] = gen + 1
     counters["evaluations"] = start + len(items)
     best = algo.best
@@ -301,7 +350,7 @@ def _one_batch(
         if best is not None:
             refs.add(store_key(best.recipe))
         store.retain(refs)
-        store.flush()
+    return [_event(it, res, gen) for it, res in zip(items, results, strict=True)], best
 
 
 def _final_worker(local: Worker | None, spec: WorkerSpec) -> Worker:
@@ -403,7 +452,7 @@ def _prepare_folder(
             # --set alone is checked against the saved config itself
             given = _given_config(folder.config if config is None else config, overrides)
             now, before = given.model_dump(mode="json"), saved.model_dump(mode="json")
-            changed = sorted(k for k in now if k != "executor" and now[k] != before.get(k))
+            changed = sorted(k for k in now if k not in _FREE_ON_RESUME and now[k] != before.get(k))
             if changed:
                 raise StateError(
                     f"{folder.config}: the run being resumed has another config "

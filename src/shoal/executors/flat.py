@@ -1,0 +1,220 @@
+"""The flat-vector build of small models: a worker's fast path, chosen automatically.
+
+For a model of a few ten-thousand parameters (the digits MLP of M2N2's image
+experiment) the general build (:func:`~shoal.executors.build.build_candidate`: a
+pydantic recipe, a merge plan, a split-point pre-pass over every tensor) costs more
+than scoring the candidate. When every tensor of the resident model is a float32
+parameter and there are at most :data:`MAX_PARAMETERS` of them, the worker sees the
+model as one 1-D vector (its ``state_dict`` order, the order every source and stored
+model is kept in) and builds the recipes M2N2 asks for directly on vectors:
+
+- ``{"model": ref}``: the reference's vector;
+- ``random_init``: N(0, std²) drawn tensor by tensor from ``generator_for(seed, 1)``;
+- ``splitpoint``: :func:`~shoal.ops.splitpoint.splitpoint_flat` per chromosome;
+- a top-level ``mutation: σ``: N(0, σ²) drawn tensor by tensor from ``generator_for(seed, 2)``.
+
+These are the general build's semantics and random streams (the tests compare both
+paths tensor for tensor), so a run is the same whichever path built it. Any other recipe
+(PS's merges, DFS's layer paths) goes the general way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from shoal.executors.build import generator_for
+from shoal.ops.splitpoint import splitpoint_flat
+
+__all__ = ["MAX_PARAMETERS", "FlatModel"]
+
+#: largest model (parameters) built as a flat vector; a bigger one takes the general path,
+#: whose per-tensor streaming keeps memory at one tensor beyond the model
+MAX_PARAMETERS = 50_000_000
+
+_FLAT_METHODS = (None, "random_init", "splitpoint")
+_SPLIT_KEYS = {"split", "ratio", "angle"}
+
+
+class FlatModel:
+    """A module seen as one flat float32 vector, in ``state_dict`` order.
+
+    Build one with :meth:`of`, which says whether the module qualifies.
+
+    Args:
+        module: The resident model; :meth:`load` overwrites its parameters in place.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.params = list(module.state_dict(keep_vars=True).items())
+        self.names = [n for n, _ in self.params]
+        self.shapes = [p.shape for _, p in self.params]
+        self.numels = [p.numel() for _, p in self.params]
+        self.n = sum(self.numels)
+        self._offsets = np.cumsum([0, *self.numels])
+        self._chromosomes: dict[tuple[str, ...], list[torch.Tensor | None]] = {}
+
+    @classmethod
+    def of(cls, module: nn.Module) -> FlatModel | None:
+        """A flat view of ``module`` if it qualifies, else ``None``.
+
+        It qualifies when its state dict is its parameters (no buffers, no tied names),
+        all float32 on the CPU, at most :data:`MAX_PARAMETERS` in all.
+        """
+        state = module.state_dict(keep_vars=True)
+        params = dict(module.named_parameters(remove_duplicate=False))
+        if not state or list(state) != list(params):
+            return None
+        if len({p.data_ptr() for p in params.values()}) != len(params):
+            return None  # tied weights: one tensor under two names
+        if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params.values()):
+            return None
+        if sum(p.numel() for p in params.values()) > MAX_PARAMETERS:
+            return None
+        return cls(module)
+
+    @staticmethod
+    def handles(recipe: Mapping[str, Any]) -> bool:
+        """Whether :meth:`build` knows ``recipe`` (otherwise use the general build)."""
+        method = recipe.get("merge_method")
+        if method not in _FLAT_METHODS:
+            return False
+        if method is None:
+            return set(recipe) <= {"model", "mutation"} and "model" in recipe
+        params = recipe.get("parameters") or {}
+        if method == "random_init":
+            return set(params) <= {"std", "seed", "member"}
+        models = recipe.get("models")
+        if not isinstance(models, list) or len(models) != 2 or set(params) - _SPLIT_KEYS:
+            return False
+        if set(recipe) - {"merge_method", "models", "parameters", "mutation"}:
+            return False
+        split, ratio = params.get("split"), params.get("ratio")
+        if isinstance(split, list) or isinstance(ratio, list):
+            if not all(isinstance(e, dict) for e in [*_as_list(split), *_as_list(ratio)]):
+                return False
+            # per-chromosome lists: the same filters, the last one the default entry
+            return (
+                isinstance(split, list)
+                and isinstance(ratio, list)
+                and bool(split)
+                and _filters(split) == _filters(ratio)
+                and _filters(split)[-1] == ""
+            )
+        return isinstance(split, int | float) and isinstance(ratio, int | float)
+
+    def vector(self, tensors: Mapping[str, torch.Tensor], ref: str) -> torch.Tensor:
+        """A source's or stored model's tensors as one vector in the module's order."""
+        from shoal.errors import MergeError
+
+        try:
+            parts = [tensors[name] for name in self.names]
+        except KeyError as exc:
+            raise MergeError(f"model {ref!r} lacks tensor {exc.args[0]!r}") from None
+        for name, part, shape in zip(self.names, parts, self.shapes, strict=True):
+            if part.shape != shape:
+                raise MergeError(
+                    f"model {ref!r}: tensor {name!r} shape {list(part.shape)} differs from "
+                    f"the model's {list(shape)}"
+                )
+        return torch.cat([p.reshape(-1).float() for p in parts])
+
+    def load(self, vec: torch.Tensor) -> None:
+        """Copy a flat vector into the resident module, in place."""
+        with torch.no_grad():
+            for (_, p), part in zip(self.params, torch.split(vec, self.numels), strict=True):
+                p.copy_(part.view(p.shape))
+
+    def normal(self, std: float, seed: int, stream: int) -> torch.Tensor:
+        """N(0, std²) for every tensor, drawn tensor by tensor as the general build draws it."""
+        gen = generator_for(seed, stream)
+        draws = [torch.randn(s, generator=gen, dtype=torch.float32) for s in self.shapes]
+        return torch.cat([d.reshape(-1) * std for d in draws])
+
+    def build(
+        self,
+        recipe: Mapping[str, Any],
+        seed: int,
+        vector_of: Callable[[str], torch.Tensor],
+    ) -> torch.Tensor:
+        """The flat vector ``recipe`` describes, for the candidate seed ``seed``.
+
+        Args:
+            recipe: A recipe :meth:`handles`.
+            seed: The work item's seed.
+            vector_of: Model reference -> its flat vector.
+        """
+        method = recipe.get("merge_method")
+        params = recipe.get("parameters") or {}
+        if method is None:
+            vec = vector_of(str(recipe["model"])).clone()
+        elif method == "random_init":
+            # a seed inside the recipe makes the init part of its content (store keys)
+            vec = self.normal(float(params.get("std", 0.01)), int(params.get("seed", seed)), 1)
+        else:
+            vec = self._splitpoint(recipe, params, vector_of)
+        sigma = float(recipe.get("mutation", 0.0) or 0.0)
+        if sigma > 0:
+            vec += self.normal(sigma, seed, 2)
+        return vec
+
+    def _splitpoint(
+        self,
+        recipe: Mapping[str, Any],
+        params: Mapping[str, Any],
+        vector_of: Callable[[str], torch.Tensor],
+    ) -> torch.Tensor:
+        a = vector_of(str(recipe["models"][0]["model"]))
+        b = vector_of(str(recipe["models"][1]["model"]))
+        angle = params.get("angle", "segment")
+        splits, ratios = _values(params["split"]), _values(params["ratio"])
+        filters = _filters(params["split"])
+        chromosomes = self._chromosome_index(filters)
+        if chromosomes == [None]:
+            return splitpoint_flat(a, b, round(splits[0] * self.n), ratios[0], angle)
+        child = torch.empty_like(a)
+        for c, ix in enumerate(chromosomes):
+            assert ix is not None
+            k = round(splits[c] * ix.numel())
+            child[ix] = splitpoint_flat(a[ix], b[ix], k, ratios[c], angle)
+        return child
+
+    def _chromosome_index(self, filters: tuple[str, ...]) -> list[torch.Tensor | None]:
+        """Index tensors of each chromosome: a tensor belongs to the first filter it contains."""
+        if filters not in self._chromosomes:
+            if len(filters) <= 1:
+                self._chromosomes[filters] = [None]
+            else:
+                from shoal.errors import MergeError
+
+                groups: list[list[int]] = [[] for _ in filters]
+                for i, name in enumerate(self.names):
+                    c = next((k for k, f in enumerate(filters) if f in name), None)
+                    if c is None:
+                        raise MergeError(f"tensor {name!r} matches no chromosome of {filters}")
+                    groups[c].extend(range(int(self._offsets[i]), int(self._offsets[i + 1])))
+                self._chromosomes[filters] = [torch.as_tensor(g, dtype=torch.long) for g in groups]
+        return self._chromosomes[filters]
+
+
+def _values(value: Any) -> list[float]:
+    """A scalar or a per-chromosome ``{filter, value}`` list → floats in chromosome order."""
+    if isinstance(value, list):
+        return [float(e["value"]) for e in value]
+    return [float(value)]
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _filters(value: Any) -> tuple[str, ...]:
+    """The chromosome filters of a ``{filter, value}`` list (the last entry, unfiltered, is '')."""
+    if not isinstance(value, list):
+        return ()
+    return tuple(str(e.get("filter", "")) for e in value)

@@ -1,0 +1,166 @@
+"""The flat-vector build of small models: children by hand, and equal to the general build."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from shoal.errors import MergeError
+from shoal.executors import flat as flat_module
+from shoal.executors.build import SourceMap, build_candidate, generator_for
+from shoal.executors.flat import FlatModel
+from shoal.testbed.images import build_mlp
+
+A = torch.tensor([1.0, 0.0, 2.0, 0.0])
+B = torch.tensor([0.0, 1.0, 1.0, 2.0])
+
+
+def _np_slerp(a: np.ndarray, b: np.ndarray, t: float, cos: float) -> np.ndarray:
+    om = math.acos(cos)
+    return (math.sin((1 - t) * om) * a + math.sin(t * om) * b) / math.sin(om)
+
+
+def _tiny() -> FlatModel:
+    flat = FlatModel.of(nn.Linear(1, 2))  # weight (2, 1) then bias (2,): n = 4
+    assert flat is not None
+    return flat
+
+
+def _child(split, ratio, angle: str = "segment", seed: int = 0, **extra) -> torch.Tensor:
+    recipe = {
+        "merge_method": "splitpoint",
+        "models": [{"model": "a"}, {"model": "b"}],
+        "parameters": {"split": split, "ratio": ratio, "angle": angle},
+        **extra,
+    }
+    assert FlatModel.handles(recipe)
+    return _tiny().build(recipe, seed, {"a": A, "b": B}.__getitem__)
+
+
+def test_splitpoint_segment_angle_by_hand() -> None:
+    child = _child(0.5, 0.25)
+    a, b = A.numpy().astype(float), B.numpy().astype(float)
+    # first half: [1,0] vs [0,1], 90°, t = 0.25; second half: [2,0] vs [1,2], t = 0.75
+    first = [math.cos(math.pi / 8), math.sin(math.pi / 8)]
+    second = _np_slerp(a[2:], b[2:], 0.75, (2 * 1) / (2 * math.sqrt(5)))
+    np.testing.assert_allclose(child.numpy(), [*first, *second], rtol=1e-6)
+
+
+def test_splitpoint_global_angle_and_extremes() -> None:
+    a, b = A.numpy().astype(float), B.numpy().astype(float)
+    cos = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    child = _child(0.25, 0.6, "global")
+    want = np.concatenate([_np_slerp(a, b, 0.6, cos)[:1], _np_slerp(a, b, 0.4, cos)[1:]])
+    np.testing.assert_allclose(child.numpy(), want, rtol=1e-6)
+    # split 1: everything before, t = ratio, so ratio 0 gives A; split 0: t = 1 - ratio → B
+    np.testing.assert_allclose(_child(1.0, 0.0, "global").numpy(), a, atol=1e-7)
+    np.testing.assert_allclose(_child(0.0, 0.0, "global").numpy(), b, atol=1e-6)
+
+
+def test_mutation_is_the_candidates_seeded_gaussian() -> None:
+    plain = _child(0.5, 0.3)
+    mutated = _child(0.5, 0.3, seed=9, mutation=0.5)
+    gen = generator_for(9, 2)  # stream 2 of the candidate seed, tensor by tensor
+    noise = torch.cat([torch.randn(2, 1, generator=gen).reshape(-1), torch.randn(2, generator=gen)])
+    torch.testing.assert_close(mutated - plain, noise * 0.5)
+
+
+def test_chromosomes_split_separately() -> None:
+    params = {
+        "split": [{"filter": "weight", "value": 0.0}, {"value": 1.0}],
+        "ratio": [{"filter": "weight", "value": 0.0}, {"value": 0.0}],
+        "angle": "segment",
+    }
+    child = _child(params["split"], params["ratio"])
+    # weight: split 0, all "after" with t = 1 → B's weight; bias: split 1, t = 0 → A's bias
+    np.testing.assert_allclose(child.numpy(), [0.0, 1.0, 2.0, 0.0], atol=1e-6)
+
+
+def test_random_init_is_the_documented_draw() -> None:
+    v = _tiny().build({"merge_method": "random_init", "parameters": {"std": 0.01}}, 4, {}.get)
+    gen = generator_for(4, 1)
+    want = torch.cat([torch.randn(2, 1, generator=gen).reshape(-1), torch.randn(2, generator=gen)])
+    torch.testing.assert_close(v, want * 0.01)
+
+
+def test_only_plain_small_float32_models_qualify(monkeypatch) -> None:
+    assert FlatModel.of(nn.Linear(3, 2)) is not None
+    assert FlatModel.of(nn.BatchNorm1d(3)) is None  # buffers in the state dict
+    assert FlatModel.of(nn.Linear(3, 2).double()) is None
+    tied = nn.Sequential(nn.Embedding(4, 3), nn.Linear(3, 4, bias=False))
+    tied[1].weight = tied[0].weight
+    assert FlatModel.of(tied) is None  # one tensor under two names
+    monkeypatch.setattr(flat_module, "MAX_PARAMETERS", 7)
+    assert FlatModel.of(nn.Linear(3, 2)) is None  # 8 parameters
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        {"model": "b"},
+        {"model": "a", "mutation": 0.02},
+        {"merge_method": "random_init", "parameters": {"std": 0.05, "member": 3}},
+        {"merge_method": "random_init", "parameters": {"std": 0.05, "seed": 11}, "mutation": 0.1},
+        {
+            "merge_method": "splitpoint",
+            "models": [{"model": "a"}, {"model": "b"}],
+            "parameters": {"split": 0.37, "ratio": 0.81, "angle": "segment"},
+            "mutation": 0.01,
+        },
+        {
+            "merge_method": "splitpoint",
+            "models": [{"model": "b"}, {"model": "a"}],
+            "parameters": {"split": 0.6, "ratio": 0.2, "angle": "global"},
+        },
+        {
+            "merge_method": "splitpoint",
+            "models": [{"model": "a"}, {"model": "b"}],
+            "parameters": {
+                "split": [{"filter": "0.", "value": 0.3}, {"value": 0.9}],
+                "ratio": [{"filter": "0.", "value": 0.7}, {"value": 0.4}],
+                "angle": "segment",
+            },
+        },
+    ],
+    ids=["model", "model+mutation", "init", "init+seed+mutation", "split", "global", "chromo"],
+)
+def test_flat_build_equals_the_general_build(recipe) -> None:
+    """Both builds give the same tensors bit for bit: a run is the same on either path."""
+    sources = {
+        name: {k: v.detach().clone() for k, v in build_mlp(seed=s).state_dict().items()}
+        for name, s in (("a", 1), ("b", 2))
+    }
+    general = build_mlp()
+    source_map = SourceMap({"a": "a", "b": "b"}, None, sources.__getitem__)
+    build_candidate(general, recipe, source_map, seed=1234)
+    fast = build_mlp()
+    flat = FlatModel.of(fast)
+    assert flat is not None and FlatModel.handles(recipe)
+    flat.load(flat.build(recipe, 1234, lambda ref: flat.vector(sources[ref], ref)))
+    for (name, want), got in zip(
+        general.state_dict().items(), fast.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+
+
+def test_other_recipes_take_the_general_path() -> None:
+    assert not FlatModel.handles({"merge_method": "linear", "models": [{"model": "a"}]})
+    assert not FlatModel.handles({"merge_method": "layer_path", "models": []})
+    odd = {"split": [{"filter": "0.", "value": 0.3}], "ratio": [{"value": 0.1}]}
+    two = [{"model": "a"}, {"model": "b"}]
+    # filters that differ, or no default entry: the general build says what is wrong
+    assert not FlatModel.handles({"merge_method": "splitpoint", "models": two, "parameters": odd})
+    extra = {"split": 0.5, "ratio": 0.5, "t": 0.3}
+    assert not FlatModel.handles({"merge_method": "splitpoint", "models": two, "parameters": extra})
+
+
+def test_a_source_that_does_not_fit_is_named() -> None:
+    flat = _tiny()
+    with pytest.raises(MergeError, match="'src' lacks tensor 'bias'"):
+        flat.vector({"weight": torch.zeros(2, 1)}, "src")
+    with pytest.raises(MergeError, match="'src': tensor 'bias' shape"):
+        flat.vector({"weight": torch.zeros(2, 1), "bias": torch.zeros(3)}, "src")
