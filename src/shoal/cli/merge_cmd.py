@@ -124,6 +124,12 @@ def register(app: typer.Typer) -> None:
             help="Refuse recipe keys that have no effect (mergekit ignores them; by default "
             "each is a warning line).",
         ),
+        keep_intermediates: bool = typer.Option(
+            False,
+            "--keep-intermediates",
+            help="Multi-stage recipe: keep the stages' outputs in .OUT_DIR.stages beside "
+            "OUT_DIR (reused on a rerun while their recipes do not change).",
+        ),
     ) -> None:
         from shoal.merge import merge
 
@@ -140,6 +146,7 @@ def register(app: typer.Typer) -> None:
             progress=not quiet,
             float32_compute=float32_compute,
             strict=strict,
+            keep_intermediates=keep_intermediates,
         )
         if not quiet:
             size = sum(f.stat().st_size for f in out.glob("*.safetensors"))

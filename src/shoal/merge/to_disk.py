@@ -146,6 +146,7 @@ def merge(
     progress: bool = True,
     float32_compute: bool = False,
     strict: bool = False,
+    keep_intermediates: bool = False,
 ) -> Path:
     """Execute a recipe and write the merged model as a Hugging Face checkpoint.
 
@@ -169,6 +170,8 @@ def merge(
         float32_compute: compute in float32 whatever the recipe's ``dtype`` says (by
             default ``dtype`` is the compute dtype, as in mergekit).
         strict: refuse recipe keys that have no effect (by default a warning line each).
+        keep_intermediates: a multi-stage recipe (several YAML documents with ``name:``)
+            keeps its work folder ``.<out name>.stages`` beside ``out_dir``.
 
     Returns:
         ``out_dir`` as a :class:`~pathlib.Path`.
@@ -184,6 +187,26 @@ def merge(
     from shoal import __version__
 
     resolve_device(device)
+    if isinstance(recipe, str | Path):
+        from shoal.merge.multi import merge_stages, read_stages
+
+        stages = read_stages(recipe)
+        if stages is not None:
+            return merge_stages(
+                recipe,
+                stages,
+                out_dir,
+                keep_intermediates=keep_intermediates,
+                device=device,
+                out_shard_size=out_shard_size,
+                dtype=dtype,
+                seed=seed,
+                overwrite=overwrite,
+                allow_nonfinite=allow_nonfinite,
+                progress=progress,
+                float32_compute=float32_compute,
+                strict=strict,
+            )
     recipe = load_recipe(recipe, strict=strict)
     out = Path(out_dir)
     refuse_working_dir(out)  # before anything is read: --overwrite would delete it
