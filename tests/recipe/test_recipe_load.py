@@ -266,3 +266,12 @@ def test_parse_yaml_refuses_repeated_keys_and_keeps_merge_keys() -> None:
         parse_yaml("{[a]: 1}", "f.yaml")
     with pytest.raises(RecipeError, match=r"^f\.yaml:2:\d+: not valid YAML: "):
         parse_yaml("a: [1\nb: 2\n", "f.yaml")
+
+
+@pytest.mark.parametrize("method", ["nuslerp", "della", "sce", "karcher", "multislerp"])
+def test_mergekit_methods_shoal_lacks_are_refused_by_name(method: str) -> None:
+    from shoal.errors import RecipeError
+
+    text = f"merge_method: {method}\nbase_model: ./base\nmodels:\n  - model: ./a\n  - model: ./b\n"
+    with pytest.raises(RecipeError, match=f"merge_method: unknown method '{method}'"):
+        load_recipe(text)
