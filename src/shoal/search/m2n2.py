@@ -9,8 +9,8 @@ least fit member.
 This module is a pure state machine over the archive's score matrix S (P × N):
 :meth:`M2N2.ask` returns mergekit-style recipes, :meth:`M2N2.tell` takes their
 per-example scores. The maths (:func:`resource_fitness`, :func:`attraction`,
-:func:`select_parents`, :func:`drop_index`) are plain numpy functions shared by
-every execution path (the generic runner and :mod:`shoal.search.m2n2_flat`).
+:func:`select_parents`, :func:`drop_index`) are plain numpy functions, tested on
+their own.
 
 Recipes (see ``docs/m2n2.md``; the executors build them, ``shoal.executors.build``)::
 
@@ -486,11 +486,9 @@ class M2N2(Algorithm):
             recipe=self.recipes[i],
             fitness=float(means[i]),
             evaluation=self.births[i],
-            extra={
-                "ref": self.refs[i],
-                "coverage": coverage(self.scores),
-                "entropy": mean_entropy(self.scores),
-            },
+            # the run loop asks for the best after every batch: nothing costly here
+            # (coverage and mean_entropy of the archive are functions of self.scores)
+            extra={"ref": self.refs[i]},
         )
 
     def references(self) -> set[str]:
