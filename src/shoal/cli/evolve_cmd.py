@@ -68,14 +68,17 @@ test tasks, the algorithm (or `stages:`), a budget, the executor and a seed.
 
 \b
     shoal evolve ps.yaml --run-dir runs/ps --set budget.evaluations=50
-    shoal evolve ps.yaml --run-dir runs/ps --resume     # after Ctrl-C or a kill
+    shoal evolve ps.yaml --run-dir runs/ps --resume    # after Ctrl-C, a kill
 
-Run folder: config.yaml, state.json, events.jsonl, store/, best/, summary.json,
-report/. Ctrl-C stops after the batch in flight (resumable); twice aborts. Models,
-tasks and algorithm are checked before anything is written; an error before the
-first batch is saved leaves the run folder as it was, so fix CONFIG and rerun.
-One writer per run folder: a second evolve or --resume on it is refused (it names
-the pid holding RUN_DIR/.lock).
+Run folder: config.yaml, state.json, events.jsonl, store/, best/,
+summary.json, report/. The run is saved every checkpoint_seconds (default
+10; 0: every batch); after a kill, --resume replays the work since then and
+ends as an unbroken run would. Ctrl-C stops after the batch in flight
+(saved, resumable); twice aborts. Models, tasks and algorithm are checked
+before anything is written; an error before the first batch is saved leaves
+the run folder as it was, so fix CONFIG and rerun. One writer per run
+folder: a second evolve or --resume on it is refused (it names the pid
+holding RUN_DIR/.lock).
 """
 
 
