@@ -36,6 +36,8 @@ def _model(root: Path, name: str, seed: int) -> Path:
 
 def test_tokenizer_source_config_and_card(tmp_path: Path) -> None:
     base, a, b = (_model(tmp_path, n, i) for i, n in enumerate(("base", "a", "b")))
+    for i, path in enumerate((base, a, b)):  # one vocabulary, told apart by model_max_length
+        _real_tokenizer(path, words=8, max_length=100 + i)
     text = (
         f"merge_method: task_arithmetic\nbase_model: {base}\n"
         f"models: [{{model: {a}}}, {{model: {b}}}]\n"
@@ -44,8 +46,9 @@ def test_tokenizer_source_config_and_card(tmp_path: Path) -> None:
     out = merge(text, tmp_path / "out", seed=5, progress=False)
     config = json.loads((out / "config.json").read_text())
     assert config["who"] == "base" and config["torch_dtype"] == "bfloat16"
-    assert json.loads((out / "tokenizer_config.json").read_text())["who"] == "a"
-    assert json.loads((out / "special_tokens_map.json").read_text())["who"] == "a"
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 101
+    assert (out / "tokenizer.json").read_bytes() == (a / "tokenizer.json").read_bytes()
+    assert config["vocab_size"] == 8
     assert (out / "chat_template.jinja").read_text() == "{{ messages }}"
     stored = load_recipe(out / "shoal_recipe.yaml")
     assert stored == load_recipe(text)
@@ -82,12 +85,11 @@ def test_relative_paths_resolve_next_to_the_recipe(tmp_path: Path, monkeypatch) 
 
 
 def test_tokenizer_files_come_from_one_model_only(tmp_path: Path) -> None:
-    """A sentencepiece source beside a base with tokenizer.json: a mix loads the base's."""
+    """A base with one more tokenizer file than the source: the output has the source's."""
     base, a = _model(tmp_path, "base", 0), _model(tmp_path, "a", 1)
-    (base / "tokenizer.json").write_text("{}")
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        (a / name).unlink()
-    (a / "tokenizer.model").write_text("sentencepiece of a")
+    _real_tokenizer(base, words=8)
+    (base / "vocab.txt").write_text("a file only the base has\n")
+    _real_tokenizer(a, words=8)
     text = f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
     out = merge(text + f"tokenizer_source: {a}\n", tmp_path / "out", progress=False)
     assert sorted(p.name for p in out.iterdir()) == [
@@ -95,7 +97,8 @@ def test_tokenizer_files_come_from_one_model_only(tmp_path: Path) -> None:
         "config.json",
         "model.safetensors",
         "shoal_recipe.yaml",
-        "tokenizer.model",
+        "tokenizer.json",
+        "tokenizer_config.json",
     ]
     assert json.loads((out / "config.json").read_text())["who"] == "base"
 
@@ -146,16 +149,24 @@ def test_stored_recipe_rebuilds_a_merge_made_with_command_options(tmp_path: Path
     )
 
 
-def _real_tokenizer(model_dir: Path, template: str | None = None) -> None:
-    """A word-level tokenizer saved as transformers saves one (with a chat template)."""
+def _real_tokenizer(
+    model_dir: Path, template: str | None = None, words: int = 5, max_length: int = 512
+) -> None:
+    """A word-level tokenizer of ``words`` tokens saved as transformers saves one (with a
+    chat template)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "hi", "there"])}
+    names = ["<unk>", "<s>", "</s>", "hi", "there"] + [f"w{i}" for i in range(words - 5)]
+    vocab = {w: i for i, w in enumerate(names)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+        tokenizer_object=core,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=max_length,
     )
     if template is not None:
         tok.chat_template = template

@@ -61,6 +61,30 @@ def _read(
     return tensor
 
 
+def read_inputs(
+    tp: TensorPlan,
+    sources: Mapping[str, TensorSource],
+    device: str | torch.device,
+    allow_nonfinite: bool,
+) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """The base tensor (or ``None``) and the other inputs of one output tensor.
+
+    For an embedding / head tensor with an output vocabulary, each is cast to the compute
+    dtype and its rows realigned to the output tokens (:mod:`shoal.merge.vocab`).
+    """
+    base = _read(sources, tp.base.model, tp.base.name, device, allow_nonfinite) if tp.base else None
+    tensors = [_read(sources, i.model, i.name, device, allow_nonfinite) for i in tp.inputs]
+    if tp.vocab is None:
+        return base, tensors
+    members = [(i.model, t.to(tp.compute_dtype)) for i, t in zip(tp.inputs, tensors, strict=True)]
+    if tp.base is not None and base is not None:
+        members.insert(0, (tp.base.model, base.to(tp.compute_dtype)))
+    realigned = tp.vocab.realign(tp.name, members)
+    if tp.base is not None:
+        return realigned[0], realigned[1:]
+    return None, realigned
+
+
 def _split_contexts(
     plan: MergePlan,
     sources: Mapping[str, TensorSource],
@@ -102,9 +126,8 @@ def _chromosome_contexts(
     offset = 0
     for tp in members:
         offsets[tp.name] = offset
-        a_in, b_in = tp.inputs
-        a = _read(sources, a_in.model, a_in.name, device, allow_nonfinite).reshape(-1).double()
-        b = _read(sources, b_in.model, b_in.name, device, allow_nonfinite).reshape(-1).double()
+        _, (a, b) = read_inputs(tp, sources, device, allow_nonfinite)
+        a, b = a.reshape(-1).double(), b.reshape(-1).double()
         local = max(0, min(split_at - offset, a.numel()))
         for part, sl in ((0, slice(0, local)), (1, slice(local, None))):
             x, y = a[sl], b[sl]
@@ -134,8 +157,7 @@ def merged_tensor(
     split: SplitContext | None = None,
 ) -> torch.Tensor:
     """Compute one output tensor of ``plan``, cast to its output dtype."""
-    base = _read(sources, tp.base.model, tp.base.name, device, allow_nonfinite) if tp.base else None
-    tensors = [_read(sources, i.model, i.name, device, allow_nonfinite) for i in tp.inputs]
+    base, tensors = read_inputs(tp, sources, device, allow_nonfinite)
     generator = torch.Generator(device=device)
     generator.manual_seed(tensor_seed(seed, tp.name))
     try:

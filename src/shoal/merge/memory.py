@@ -17,6 +17,7 @@ from shoal.errors import MergeError
 from shoal.merge.execute import iter_merged
 from shoal.merge.plan import build_plan
 from shoal.merge.sources import close_all, open_sources
+from shoal.merge.vocab import recipe_vocabulary
 from shoal.recipe import Recipe, load_recipe
 
 RecipeLike = Recipe | str | Path | Mapping[str, Any]
@@ -44,7 +45,9 @@ def merge_state_dicts(
         allow_nonfinite: accept NaN/Inf in the inputs.
 
     Returns:
-        ``{name: tensor}`` in output order.
+        ``{name: tensor}`` in output order. With a tokenizer source, the embedding and
+        head tensors have one row per output token, as :func:`merge` writes them (the
+        tokenizers are read from the models' directories).
 
     Example:
         >>> sd = merge_state_dicts(recipe, {"a": model_a.state_dict(), "b": sd_b})  # doctest: +SKIP
@@ -52,7 +55,7 @@ def merge_state_dicts(
     recipe = load_recipe(recipe)
     srcs, opened = open_sources(recipe, sources)
     try:
-        plan = build_plan(recipe, srcs, dtype=dtype)
+        plan = build_plan(recipe, srcs, dtype=dtype, vocab=recipe_vocabulary(recipe, srcs))
         return dict(
             iter_merged(plan, srcs, device=device, seed=seed, allow_nonfinite=allow_nonfinite)
         )
@@ -84,6 +87,9 @@ def merge_into(
     Raises:
         MergeError: a merged tensor has no counterpart in ``target`` or another shape;
             checked for all tensors before anything is written.
+
+    The target's shapes are fixed, so a tokenizer source does not realign vocabularies
+    here: models with different vocabularies end in the shape error.
     """
     recipe = load_recipe(recipe)
     if device is None:

@@ -16,13 +16,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shoal.checkpoint import layer_index, num_layers, rename_layer
 from shoal.errors import MergeError, RecipeError
 from shoal.merge.sources import TensorSource
+from shoal.merge.vocab import is_vocab_tensor
 from shoal.recipe import (
     METHODS,
     MethodSpec,
@@ -33,6 +34,9 @@ from shoal.recipe import (
     position,
 )
 from shoal.recipe.params import Scalar, filter_entry, is_filter_list
+
+if TYPE_CHECKING:
+    from shoal.merge.vocab import OutputVocabulary
 
 _DTYPES = {
     "float32": torch.float32,
@@ -74,6 +78,8 @@ class TensorPlan:
             entry that applies to this tensor (0 when ``split`` is not a filter list).
         compute_dtype: the dtype the merge computes in (mergekit's meaning of the
             recipe's ``dtype``; else the inputs' dtype; float32 when asked for).
+        vocab: for an embedding / head tensor of a recipe with a tokenizer source, the
+            output vocabulary its inputs' rows are realigned to before the merge.
     """
 
     name: str
@@ -85,6 +91,7 @@ class TensorPlan:
     copy: bool = False
     group: int = 0
     compute_dtype: torch.dtype = torch.float32
+    vocab: OutputVocabulary | None = field(default=None, compare=False, hash=False, repr=False)
 
     def all_inputs(self) -> tuple[TensorInput, ...]:
         """Base (if any) followed by the other inputs."""
@@ -101,6 +108,7 @@ class MergePlan:
         reference: the model whose config and non-layer tensor names are used.
         num_layers: blocks in the output when the recipe stacks slices, else ``None``.
         layer_sources: for each output block, the source block it comes from (slices).
+        vocab: the output vocabulary when the recipe names a tokenizer source.
     """
 
     method: str
@@ -108,6 +116,7 @@ class MergePlan:
     reference: str
     num_layers: int | None = None
     layer_sources: list[int] | None = None
+    vocab: OutputVocabulary | None = None
 
     def writer_plan(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """``{name: (shape, dtype)}`` for :class:`~shoal.checkpoint.ShardedWriter`."""
@@ -157,7 +166,9 @@ class _Planner:
         sources: Mapping[str, TensorSource],
         out_dtype: torch.dtype | None,
         compute_dtype: torch.dtype | None,
+        vocab: OutputVocabulary | None = None,
     ) -> None:
+        self.vocab = vocab
         self.recipe = recipe
         self.sources = sources
         self.out_dtype = out_dtype
@@ -180,15 +191,23 @@ class _Planner:
         out_name: str,
         want: tuple[tuple[int, ...], torch.dtype],
         want_from: str,
+        rows_free: bool = False,
     ) -> None:
         src = self.sources[ref]
         if name not in src:
             raise MergeError(f"tensor {name!r} missing from model {self._where(ref)}")
         shape, dtype = tuple(src.shape(name)), src.dtype(name)
-        if shape != want[0]:
+        same = shape[1:] == want[0][1:] and len(shape) > 0 if rows_free else shape == want[0]
+        if not same:
+            hint = ""
+            if not rows_free and is_vocab_tensor(out_name) and shape[1:] == want[0][1:]:
+                hint = (
+                    " (the vocabularies differ: tokenizer_source: base or a model's path "
+                    "realigns them)"
+                )
             raise MergeError(
                 f"tensor {out_name!r}: shape {list(shape)} in model {ref} differs from "
-                f"{list(want[0])} in model {want_from}"
+                f"{list(want[0])} in model {want_from}{hint}"
             )
         # float16 merges with float32 (computed in float32); a float with an int does not
         if dtype.is_floating_point != want[1].is_floating_point:
@@ -226,8 +245,12 @@ class _Planner:
             raise MergeError(f"tensor {lead[1]!r} missing from model {self._where(lead[0])}")
         shape = tuple(lead_src.shape(lead[1]))
         src_dtype = lead_src.dtype(lead[1])
+        vocab = self.vocab if self.vocab is not None and is_vocab_tensor(out_name) else None
+        vocab = vocab if src_dtype.is_floating_point and len(shape) > 0 else None
         for ref, name, _ in members:
-            self._check_input(ref, name, out_name, (shape, src_dtype), lead[0])
+            self._check_input(ref, name, out_name, (shape, src_dtype), lead[0], vocab is not None)
+        if vocab is not None:  # one row per output token
+            shape = (vocab.rows, *shape[1:])
         floating = src_dtype.is_floating_point
         dtype = self.out_dtype if (self.out_dtype is not None and floating) else src_dtype
         compute = self.compute_dtype
@@ -255,7 +278,16 @@ class _Planner:
         )
         self.tensors.append(
             TensorPlan(
-                out_name, shape, dtype, base, tuple(others), method_params, copy, group, compute
+                out_name,
+                shape,
+                dtype,
+                base,
+                tuple(others),
+                method_params,
+                copy,
+                group,
+                compute,
+                vocab,
             )
         )
 
@@ -411,6 +443,7 @@ def build_plan(
     *,
     dtype: str | None = None,
     float32_compute: bool = False,
+    vocab: OutputVocabulary | None = None,
 ) -> MergePlan:
     """Plan a merge from the sources' metadata (no tensor data is read).
 
@@ -424,6 +457,9 @@ def build_plan(
         dtype: output dtype overriding the recipe's ``out_dtype`` / ``dtype``.
         float32_compute: compute in float32 whatever the recipe's ``dtype`` (a departure
             from mergekit: low-precision recipes then give slightly different tensors).
+        vocab: the output vocabulary (:func:`~shoal.merge.vocab.build_vocabulary`); the
+            embedding and head tensors then get one row per output token, each model's
+            rows realigned to it as the tensor is merged.
 
     Returns:
         The plan.
@@ -435,10 +471,10 @@ def build_plan(
     """
     out_dtype = torch_dtype(dtype or recipe.output_dtype())
     compute = torch.float32 if float32_compute else torch_dtype(recipe.dtype)
-    planner = _Planner(recipe, sources, out_dtype, compute)
+    planner = _Planner(recipe, sources, out_dtype, compute, vocab)
     ref = _reference(recipe)
     if recipe.models is not None:
         _plan_models(planner, recipe, ref)
-        return MergePlan(recipe.merge_method, planner.tensors, ref)
+        return MergePlan(recipe.merge_method, planner.tensors, ref, vocab=vocab)
     n_out, layer_sources = _plan_slices(planner, recipe, ref)
-    return MergePlan(recipe.merge_method, planner.tensors, ref, n_out, layer_sources)
+    return MergePlan(recipe.merge_method, planner.tensors, ref, n_out, layer_sources, vocab)

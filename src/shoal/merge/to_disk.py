@@ -26,6 +26,7 @@ from shoal.merge.card import model_card, rebuild_line
 from shoal.merge.execute import iter_merged
 from shoal.merge.plan import MergePlan, build_plan
 from shoal.merge.sources import TensorSource, close_all, open_sources, resolve_model_path
+from shoal.merge.vocab import recipe_vocabulary
 from shoal.recipe import Recipe, canonical_dtype, load_recipe, rename_models
 from shoal.recipe.chat_templates import BUILTIN_CHAT_TEMPLATES
 
@@ -105,6 +106,15 @@ def _stored_recipe(
     )
 
 
+def _write_tokenizer(tokenizer: Any, writer: ShardedWriter) -> None:
+    """Save a tokenizer with transformers and put its files into the output."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        copy_tokenizer_files(tmp, writer)
+
+
 def _one_dtype(plan: MergePlan) -> str | None:
     """The output dtype when the recipe names none but the reference mixes float dtypes.
 
@@ -123,6 +133,11 @@ def _config_updates(
     if config is None:
         return {}
     updated = dict(config)
+    if plan.vocab is not None:  # one row per output token (padded), as the tensors hold
+        if isinstance(updated.get("text_config"), dict) and "vocab_size" not in updated:
+            updated["text_config"] = {**updated["text_config"], "vocab_size": plan.vocab.rows}
+        else:
+            updated["vocab_size"] = plan.vocab.rows
     if plan.num_layers is not None:
         updated = with_num_layers(updated, plan.num_layers, layer_sources=plan.layer_sources)
     if out_dtype is not None:
@@ -214,20 +229,26 @@ def merge(
     sources, opened = open_sources(recipe)
     try:
         _refuse_source_as_output(out, recipe, sources)
-        plan = build_plan(recipe, sources, dtype=dtype, float32_compute=float32_compute)
+        tok = recipe.vocabulary_source()
+        tok_ref = recipe.base_model if tok in (None, "base") else tok
+        if tok is not None:  # before the tokenizers are read: a clear line for no files
+            tok_dir = _model_dir(str(tok_ref), recipe, sources)
+            if tok_dir is None or not tokenizer_files(tok_dir):
+                where = tok_dir or resolve_model_path(str(tok_ref), recipe)
+                key = "tokenizer.source" if recipe.tokenizer is not None else "tokenizer_source"
+                raise RecipeError(f"{key}: {tok!r} ({where}) holds no tokenizer files")
+        vocab = recipe_vocabulary(recipe, sources)
+        plan = build_plan(
+            recipe, sources, dtype=dtype, float32_compute=float32_compute, vocab=vocab
+        )
         mixed = _one_dtype(plan) if dtype is None and recipe.output_dtype() is None else None
         if mixed:  # shoal's rule, not mergekit's (it writes the mix): float32 throughout
-            plan = build_plan(recipe, sources, dtype=mixed, float32_compute=True)
+            plan = build_plan(recipe, sources, dtype=mixed, float32_compute=True, vocab=vocab)
         out_dtype = dtype or recipe.output_dtype() or mixed
         if dtype:  # the stored recipe rebuilds the model without the command's options
             recipe = recipe.model_copy(update={"out_dtype": canonical_dtype(dtype) or dtype})
         ref_dir = _model_dir(plan.reference, recipe, sources)
-        tok = recipe.tokenizer_source
-        tok_ref = recipe.base_model if tok in (None, "base") else tok
         tok_dir = _model_dir(tok_ref, recipe, sources) if tok_ref else ref_dir
-        if tok is not None and (tok_dir is None or not tokenizer_files(tok_dir)):
-            where = tok_dir or resolve_model_path(str(tok_ref), recipe)
-            raise RecipeError(f"tokenizer_source: {tok!r} ({where}) holds no tokenizer files")
         config = sources[plan.reference].config
         updates = _config_updates(plan, config, canonical_dtype(out_dtype) if out_dtype else None)
         # one writer per output: a second merge to it (--overwrite or not) is refused
@@ -253,7 +274,9 @@ def merge(
                 copy_config_files(ref_dir, writer, config_updates=updates)
             elif config is not None:  # a reference given as a file: its config as parsed
                 writer.write_text("config.json", json.dumps(updates, indent=2) + "\n")
-            if tok_dir is not None:  # every file from one model: a mix would load as neither
+            if vocab is not None and vocab.added:  # the source's tokenizer + the new tokens
+                _write_tokenizer(vocab.tokenizer, writer)
+            elif tok_dir is not None:  # every file from one model: a mix would load as neither
                 copy_tokenizer_files(tok_dir, writer)
             template = _chat_template(recipe, sources)
             if template is not None:  # transformers prefers it to tokenizer_config's

@@ -31,12 +31,14 @@ def _loc_text(loc: tuple[int | str, ...]) -> str:
 
 def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel]:
     """The schema class that holds the last key of ``loc``."""
-    from shoal.recipe.schema import ModelEntry
+    from shoal.recipe.schema import ModelEntry, TokenEntry, TokenizerBlock
 
     nested: dict[str, type[BaseModel]] = {
         "models": ModelEntry,
         "slices": Slice,
         "sources": SliceSource,
+        "tokenizer": TokenizerBlock,
+        "tokens": TokenEntry,
     }
     current: type[BaseModel] = Recipe
     for part in loc[:-1]:
@@ -133,25 +135,7 @@ def _check_structure(recipe: Recipe, method: MethodSpec) -> None:
         value = getattr(recipe, key)
         if value is not None and canonical_dtype(value) is None:
             raise RecipeError(f"{key}: unknown dtype {value!r} (use float32, float16, bfloat16)")
-    tok = recipe.tokenizer_source
-    if tok is not None and (tok == "union" or tok.startswith("model:")):
-        raise RecipeError(
-            f"tokenizer_source: {tok!r} is not supported (vocabulary merging); "
-            "use 'base' or the path of one of the models"
-        )
-    if (
-        tok is not None
-        and tok != "base"
-        and recipe.base_model is None
-        and tok
-        not in (
-            [m.model for m in recipe.models or []]
-            + [s.model for sl in recipe.slices or [] for s in sl.sources]
-        )
-    ):
-        raise RecipeError(f"tokenizer_source: {tok!r} is neither 'base' nor a model of the recipe")
-    if tok == "base" and recipe.base_model is None:
-        raise RecipeError("tokenizer_source: 'base' needs a base_model")
+    _check_tokenizer(recipe)
     if recipe.chat_template is not None:
         check_chat_template(recipe.chat_template)
     if recipe.models is not None:
@@ -164,6 +148,76 @@ def _check_structure(recipe: Recipe, method: MethodSpec) -> None:
         )
     for i, sl in enumerate(recipe.slices or []):
         _check_slice(method, sl, recipe.base_model, i)
+
+
+def _recipe_models(recipe: Recipe) -> list[str]:
+    refs = [recipe.base_model] if recipe.base_model else []
+    refs += [m.model for m in recipe.models or []]
+    refs += [s.model for sl in recipe.slices or [] for s in sl.sources]
+    return refs
+
+
+def _check_tokenizer(recipe: Recipe) -> None:
+    """``tokenizer_source`` / the ``tokenizer:`` block: what shoal supports of them."""
+    block = recipe.tokenizer
+    if block is not None and recipe.tokenizer_source is not None:
+        raise RecipeError("tokenizer: give either tokenizer_source or tokenizer:, not both")
+    key = "tokenizer.source" if block is not None else "tokenizer_source"
+    tok = recipe.vocabulary_source()
+    if block is not None and tok is None:
+        raise RecipeError(
+            f"{key}: required; without it mergekit builds a 'union' vocabulary, which shoal "
+            "does not support yet (use 'base' or the path of one of the models)"
+        )
+    if tok is not None and (tok == "union" or tok.startswith("model:")):
+        raise RecipeError(
+            f"{key}: {tok!r} is not supported yet (vocabulary merging); "
+            "use 'base' or the path of one of the models"
+        )
+    models = _recipe_models(recipe)
+    if tok is not None and tok != "base" and recipe.base_model is None and tok not in models:
+        raise RecipeError(f"{key}: {tok!r} is neither 'base' nor a model of the recipe")
+    if tok == "base" and recipe.base_model is None:
+        raise RecipeError(f"{key}: 'base' needs a base_model")
+    for token, entry in ((block.tokens or {}) if block else {}).items():
+        _check_token_entry(f"tokenizer.tokens.{token}", entry.source, entry.force, models)
+
+
+def _check_token_entry(where: str, source: Any, force: bool, models: list[str]) -> None:
+    if source is None:
+        if force:
+            raise RecipeError(f"{where}.force: needs a source (a model, zero or model_token)")
+        return
+    if isinstance(source, str):
+        if source != "zero" and source not in models:
+            raise RecipeError(
+                f"{where}.source: {source!r} is not a model of the recipe "
+                "(a model path, zero, {kind: zero} or {kind: model_token, ...})"
+            )
+        return
+    kind = source.get("kind")
+    allowed = {"zero": {"kind"}, "model_token": {"kind", "model", "token", "token_id"}}
+    if kind not in allowed:
+        raise RecipeError(f"{where}.source.kind: {kind!r} is not zero or model_token")
+    extra = sorted(set(source) - allowed[kind])
+    if extra:
+        known = ", ".join(sorted(allowed[kind]))
+        raise RecipeError(f"{where}.source.{extra[0]}: unknown key (known: {known})")
+    if kind == "model_token":
+        if source.get("model") not in models:
+            raise RecipeError(
+                f"{where}.source.model: {source.get('model')!r} is not a model of the recipe"
+            )
+        given = [k for k in ("token", "token_id") if source.get(k) is not None]
+        if len(given) != 1:
+            raise RecipeError(f"{where}.source: give exactly one of token or token_id")
+        value = source[given[0]]
+        if given[0] == "token" and not isinstance(value, str):
+            raise RecipeError(f"{where}.source.token: a token string, got {value!r}")
+        if given[0] == "token_id" and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 0
+        ):
+            raise RecipeError(f"{where}.source.token_id: a token id >= 0, got {value!r}")
 
 
 def _check_counts(

@@ -3,7 +3,8 @@
 Either ``models:`` (each ``model`` with optional ``parameters``) or ``slices:`` (each
 with ``sources`` of ``model`` + ``layer_range`` + optional ``parameters``), plus
 ``merge_method``, ``base_model``, global ``parameters``, ``dtype``, ``out_dtype``,
-``tokenizer_source`` and ``chat_template``. Unknown keys are errors everywhere.
+``tokenizer_source`` or the ``tokenizer:`` block, and ``chat_template``. Unknown keys
+are errors everywhere.
 Parameter values are checked against the method in :mod:`shoal.recipe.params`.
 """
 
@@ -51,6 +52,34 @@ class Slice(_Strict):
     parameters: dict[str, Any] | None = Field(default=None, description="slice parameters")
 
 
+class TokenEntry(_Strict):
+    """One entry of ``tokenizer.tokens``: where the rows of one output token come from.
+
+    ``source`` is a model of the recipe, ``{kind: zero}`` (``zero`` for short), or
+    ``{kind: model_token, model: M, token: T}`` / ``token_id: N`` (row ``T``/``N`` of
+    model ``M``'s own vocabulary), as in mergekit. Checked in :mod:`shoal.recipe.load`.
+    """
+
+    source: str | dict[str, Any] | None = Field(
+        default=None, description="a model path, zero, or {kind: model_token, ...}"
+    )
+    force: bool = Field(default=False, description="use source even for models that have the token")
+
+
+class TokenizerBlock(_Strict):
+    """mergekit's ``tokenizer:`` block: output vocabulary and per-token rows."""
+
+    source: str | None = Field(
+        default=None, description="'base' or a model path (mergekit's default 'union' is refused)"
+    )
+    tokens: dict[str, TokenEntry] | None = Field(
+        default=None, description="token → where its embedding rows come from (added if new)"
+    )
+    pad_to_multiple_of: int | None = Field(
+        default=None, ge=1, description="pad the vocabulary rows to a multiple of this"
+    )
+
+
 class Recipe(_Strict):
     """How to build one model from existing ones (see ``docs/merging.md``)."""
 
@@ -67,6 +96,9 @@ class Recipe(_Strict):
     out_dtype: str | None = Field(default=None, description="output dtype (overrides dtype)")
     tokenizer_source: str | None = Field(
         default=None, description="'base' or a model path: where tokenizer files come from"
+    )
+    tokenizer: TokenizerBlock | None = Field(
+        default=None, description="output vocabulary: source, tokens, pad_to_multiple_of"
     )
     chat_template: str | None = Field(default=None, description="chat template for the output")
 
@@ -109,12 +141,20 @@ class Recipe(_Strict):
         candidates = [self.base_model] if self.base_model else []
         candidates += [m.model for m in self.models or []]
         candidates += [s.model for sl in self.slices or [] for s in sl.sources]
-        if self.tokenizer_source not in (None, "base"):
-            candidates.append(str(self.tokenizer_source))
+        tok = self.vocabulary_source()
+        if tok not in (None, "base"):
+            candidates.append(str(tok))
         for ref in candidates:
             if ref and ref not in refs:
                 refs.append(ref)
         return refs
+
+    def vocabulary_source(self) -> str | None:
+        """Where the output vocabulary comes from: ``tokenizer_source`` or
+        ``tokenizer.source`` (``None`` when the recipe names neither)."""
+        if self.tokenizer is not None:
+            return self.tokenizer.source
+        return self.tokenizer_source
 
     def output_dtype(self) -> str | None:
         """``out_dtype`` if set, else ``dtype``, else ``None`` (keep the source dtype)."""
@@ -126,7 +166,8 @@ def rename_models(data: dict[str, Any], rename: Mapping[str, str]) -> dict[str, 
 
     Works on data as :meth:`Recipe.to_dict` gives it (or a run's candidate recipe, which
     may hold more keys): ``base_model``, ``models[].model``, ``slices[].sources[].model``
-    and a ``tokenizer_source`` other than ``base``.
+    a ``tokenizer_source`` or ``tokenizer.source`` other than ``base``, and the models
+    ``tokenizer.tokens`` entries take rows from.
     """
 
     def new(ref: Any) -> Any:
@@ -142,6 +183,18 @@ def rename_models(data: dict[str, Any], rename: Mapping[str, str]) -> dict[str, 
             source["model"] = new(source.get("model"))
     if out.get("tokenizer_source") not in (None, "base"):
         out["tokenizer_source"] = new(out["tokenizer_source"])
+    block = out.get("tokenizer")
+    if isinstance(block, dict):
+        if block.get("source") not in (None, "base"):
+            block["source"] = new(block["source"])
+        for entry in (block.get("tokens") or {}).values():
+            if not isinstance(entry, dict):
+                continue
+            source = entry.get("source")
+            if isinstance(source, dict) and "model" in source:
+                source["model"] = new(source["model"])
+            elif source != "zero":
+                entry["source"] = new(source)
     return out
 
 
