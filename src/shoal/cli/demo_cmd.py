@@ -53,15 +53,16 @@ DEMO_CONFIG: dict[str, Any] = {
 
 _HELP = """Evolve a digits classifier from random weights with M2N2 — no gradients.
 
-An archive of 20 MLPs (64-256-10) starts from N(0, 0.01²); each step merges two
-members with a split-point SLERP, adds a little noise and keeps the archive's
-fittest under resource competition (METHODS.md §3). This is `shoal evolve` on
-examples/m2n2-digits-scratch.yaml: it runs on the CPU (about a minute for the
-published 50,000 evaluations on 2 cores), writes a run folder (best/,
-summary.json, events.jsonl, report/) and prints where it is.
+An archive of 20 MLPs (64-256-10) starts from N(0, 0.01²); each step
+merges two members with a split-point SLERP, adds a little noise and keeps
+the archive's fittest under resource competition (METHODS.md §3). This is
+`shoal evolve` of examples/m2n2-digits-scratch.yaml: it runs on the CPU
+(about a minute for the published 50,000 evaluations on a quiet 2-core
+machine), writes a run folder (best/, summary.json, events.jsonl, report/)
+and prints where it is.
 
-A finished demo folder is replaced by the next demo; one that was interrupted
-is continued (same --evaluations and --seed) or replaced (others). Any other
+A finished demo folder is replaced by the next demo; an interrupted one is
+continued (same --evaluations and --seed) or replaced (others). Any other
 folder is refused.
 
 \b
