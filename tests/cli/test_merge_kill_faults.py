@@ -120,8 +120,9 @@ def test_file_size_limit_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    # it names the output's temporary sibling (.out.tmp-PID), which it removed
-    assert str(out.parent) in lines[0] and os.strerror(errno.EFBIG) in lines[0]
+    # it names the output, not its temporary sibling (.out.tmp-PID, removed), and the errno
+    assert f"error: {out}: " in lines[0] and ".tmp-" not in lines[0]
+    assert os.strerror(errno.EFBIG) in lines[0] and "EFBIG" in lines[0]
     assert not out.exists() and _leftovers(out) == []
 
 

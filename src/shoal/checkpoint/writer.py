@@ -121,7 +121,7 @@ class ShardedWriter:
 
     def __enter__(self) -> ShardedWriter:
         self._check_out_dir()
-        with self._cleanup_on_failure(f"{self.tmp_dir}: cannot create"):
+        with self._cleanup_on_failure(f"{self.out_dir}: cannot create"):
             remove_stale_temp_siblings(self.out_dir)  # also a leftover under our own pid
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
             self.tmp_dir.mkdir()
@@ -151,7 +151,8 @@ class ShardedWriter:
             yield
         except OSError as exc:
             self._cleanup()
-            raise CheckpointError(f"{what} ({exc})") from exc
+            # strerror alone: the file named in str(exc) is the temporary sibling, gone now
+            raise CheckpointError(f"{what} ({_reason(exc)})") from exc
         except BaseException:
             self._cleanup()
             raise
@@ -222,7 +223,7 @@ class ShardedWriter:
                 self._add_streamed(name, shape, tensor.dtype, data)
         except OSError as exc:
             raise CheckpointError(
-                f"{self.out_dir}: writing tensor {name!r} failed ({exc.strerror or exc})"
+                f"{self.out_dir}: writing tensor {name!r} failed ({_reason(exc)})"
             ) from exc
         self._written.add(name)
 
@@ -281,7 +282,9 @@ class ShardedWriter:
         try:
             self._target(relpath).write_text(text, encoding="utf-8")
         except OSError as exc:
-            raise CheckpointError(f"{self.out_dir}: writing {relpath} failed ({exc})") from exc
+            raise CheckpointError(
+                f"{self.out_dir}: writing {relpath} failed ({_reason(exc)})"
+            ) from exc
 
     def copy_file(self, src: str | Path, relpath: str | Path) -> None:
         """Copy a file (e.g. ``tokenizer.json``) into the output directory."""
@@ -339,3 +342,12 @@ class ShardedWriter:
     def num_shards(self) -> int:
         """Number of shards so far (final once the plan is set or the block ended)."""
         return len(self._shards)
+
+
+def _reason(exc: OSError) -> str:
+    """What the system said, with its errno name (``File too large, EFBIG``)."""
+    import errno
+
+    code = errno.errorcode.get(exc.errno or 0)
+    text = exc.strerror or str(exc)
+    return f"{text}, {code}" if code else text
