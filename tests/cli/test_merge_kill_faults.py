@@ -126,15 +126,17 @@ def test_file_size_limit_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
     assert not out.exists() and _leftovers(out) == []
 
 
+@pytest.mark.parametrize("below", ["out", "new/folders/out"], ids=["in-it", "missing-parents"])
 def test_read_only_disk_is_one_line_and_leaves_nothing(
-    tmp_path: Path, shoal_cli, monkeypatch
+    tmp_path: Path, shoal_cli, monkeypatch, below: str
 ) -> None:
-    """Every create in the output's folder fails with EROFS, as on a read-only mount (the
-    tests run as root, whom file modes do not stop)."""
+    """Every create on the disk fails with EROFS, as on a read-only mount (the tests run
+    as root, whom file modes do not stop): in the output's folder, or in the first of its
+    parent folders that do not exist yet."""
     recipe = _recipe(tmp_path, rows=8)
     disk = tmp_path / "ro"
     disk.mkdir()
-    out = disk / "out"
+    out = disk / below
     real_open, real_mkdir = os.open, os.mkdir
 
     def refuse(path: object) -> None:

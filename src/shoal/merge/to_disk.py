@@ -253,7 +253,12 @@ def merge(
         updates = _config_updates(plan, config, canonical_dtype(out_dtype) if out_dtype else None)
         # one writer per output: a second merge to it (--overwrite or not) is refused
         target = Path(os.path.abspath(out))
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a read-only or full disk above the output: one line
+            reason = exc.strerror or os.strerror(exc.errno or 0)
+            where = f"{out}: cannot create its folder {target.parent}"
+            raise OutputExistsError(f"{where} ({reason})") from None
         lock = target.with_name(f".{target.name}.lock")
         with (
             hold_lock(lock, str(out), remove=True),
