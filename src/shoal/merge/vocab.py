@@ -118,18 +118,22 @@ class OutputVocabulary:
         for tid, rule in self.rules.items():
             ruled[tid] = True
             forced[tid] = rule.force
-        need = forced | ~present.all(0)
-        default = torch.zeros((self.size, *rest), dtype=dtype, device=device)
-        self._automatic(default, need & ~ruled, refs, tensors, index, present)
+        need = forced | ~present.all(0)  # tokens some model takes from elsewhere
+        need_ids = need.nonzero().squeeze(1)
+        sub_index = [i[need_ids] for i in index]
+        default = torch.zeros((len(need_ids), *rest), dtype=dtype, device=device)
+        self._automatic(default, ~ruled[need_ids], refs, tensors, sub_index, present[:, need_ids])
+        slot = {int(tid): k for k, tid in enumerate(need_ids.tolist())}
         for tid, rule in self.rules.items():
-            if bool(need[tid]):
-                default[tid] = self._ruled_row(name, tid, rule, refs, tensors, index)
+            if tid in slot:
+                default[slot[tid]] = self._ruled_row(name, tid, rule, refs, tensors, index)
         out = []
         for t, idx, has in zip(tensors, index, present, strict=True):
             new = torch.zeros((self.rows, *rest), dtype=dtype, device=device)
             keep = has & ~forced
             new[: self.size][keep] = t[idx[keep]]
-            new[: self.size][~keep] = default[~keep]
+            fill = ~keep[need_ids]  # every token a model does not keep is a needed one
+            new[need_ids[fill]] = default[fill]
             if self.rows > self.size:  # padding rows: the mean of the real ones, as mergekit
                 new[self.size :] = torch.mean(new[: self.size], dim=0)
             out.append(new)
@@ -144,7 +148,9 @@ class OutputVocabulary:
         index: list[torch.Tensor],
         present: torch.Tensor,
     ) -> None:
-        """Rows of tokens some models lack and no rule covers (mergekit's defaults)."""
+        """Rows of tokens some models lack and no rule covers (mergekit's defaults).
+
+        ``default``, ``todo``, ``index`` and ``present`` cover the needed tokens only."""
         count = present.sum(0)
         one = todo & (count == 1)
         many = todo & (count > 1)
