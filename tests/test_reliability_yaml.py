@@ -107,3 +107,18 @@ def test_merge_with_exponent_weights_equals_the_decimal_recipe(tmp_path: Path, s
     sb = load_file(str(b / "model.safetensors"))["model.norm.weight"]
     assert torch.equal(outs["exp"], outs["dec"])
     assert torch.allclose(outs["exp"], 0.5 * sa + 0.25 * sb)
+
+
+def test_a_stored_recipe_keeps_a_model_named_like_a_number(tmp_path: Path) -> None:
+    """shoal_recipe.yaml and a run's best recipe are written with the quoting dumper, so
+    a model folder named ``1e5`` reads back as that name, not as the number 100000.0."""
+    from shoal.recipe import Recipe
+
+    recipe = Recipe.model_validate(
+        {"merge_method": "linear", "models": [{"model": "1e5", "parameters": {"weight": 1.0}}]}
+    )
+    text = recipe.to_yaml()
+    assert safe_load(text)["models"][0]["model"] == "1e5"
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    assert load_recipe(path).models[0].model == "1e5"

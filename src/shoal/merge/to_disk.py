@@ -9,10 +9,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from shoal._atomic import hold_lock, refuse_working_dir
 from shoal._devices import resolve_device
+from shoal._yaml import safe_dump
 from shoal.checkpoint import (
     ShardedWriter,
     copy_config_files,
@@ -102,7 +101,7 @@ def _stored_recipe(
     return (
         rebuild_line(seed, float32_compute=float32_compute)
         + "\n"
-        + yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+        + safe_dump(data, sort_keys=False, default_flow_style=None)
     )
 
 

@@ -17,8 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from shoal._yaml import safe_dump
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
@@ -128,7 +129,7 @@ class Recipe(_Strict):
 
     def to_yaml(self) -> str:
         """The recipe as YAML, keys in schema order."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        return safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
     def content_hash(self) -> str:
         """sha256 of the canonical JSON of :meth:`to_dict` (sorted keys, no spaces)."""

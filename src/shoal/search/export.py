@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import save_file
 
 from shoal._atomic import replace_dir, temp_sibling
+from shoal._yaml import safe_dump
 
 __all__ = ["export_model", "stored_recipe"]
 
@@ -48,10 +48,10 @@ def stored_recipe(recipe: dict[str, Any], seed: int | None, models: Mapping[str,
     if method == "layer_path":
         lines = ["# a layer path: load this folder with shoal.load_model (not shoal merge)"]
         lines += [f"#   {name}: {where}" for name, where in models.items()]
-        return "\n".join(lines) + "\n" + yaml.safe_dump(out, sort_keys=False)
+        return "\n".join(lines) + "\n" + safe_dump(out, sort_keys=False)
     if method is None and "model" in out:
         out["model"] = path(out["model"])
-        return f"# the best is a source model itself: {out['model']}\n" + yaml.safe_dump(out)
+        return f"# the best is a source model itself: {out['model']}\n" + safe_dump(out)
     out = rename_models(out, models)
     if "store:" in json.dumps(out):
         why = "a parent (store:<key>) is a model of the run's store"
@@ -64,7 +64,7 @@ def stored_recipe(recipe: dict[str, Any], seed: int | None, models: Mapping[str,
         if why
         else rebuild_line(seed or 0)
     )
-    return first + "\n" + yaml.safe_dump(out, sort_keys=False)
+    return first + "\n" + safe_dump(out, sort_keys=False)
 
 
 def export_model(
