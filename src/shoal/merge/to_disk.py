@@ -233,9 +233,9 @@ def merge(
         if tok is not None:  # before the tokenizers are read: a clear line for no files
             tok_dir = _model_dir(str(tok_ref), recipe, sources)
             if tok_dir is None or not tokenizer_files(tok_dir):
-                where = tok_dir or resolve_model_path(str(tok_ref), recipe)
+                tok_at = tok_dir or resolve_model_path(str(tok_ref), recipe)
                 key = "tokenizer.source" if recipe.tokenizer is not None else "tokenizer_source"
-                raise RecipeError(f"{key}: {tok!r} ({where}) holds no tokenizer files")
+                raise RecipeError(f"{key}: {tok!r} ({tok_at}) holds no tokenizer files")
         vocab = recipe_vocabulary(recipe, sources)
         plan = build_plan(
             recipe, sources, dtype=dtype, float32_compute=float32_compute, vocab=vocab
