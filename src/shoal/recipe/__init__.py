@@ -3,7 +3,7 @@
 A recipe is a small, serialisable description of one model built from existing
 ones. shoal reads the YAML mergekit users already write (``models:`` or
 ``slices:``, ``merge_method``, ``base_model``, ``parameters`` at global, model and
-slice scope, ``dtype``/``out_dtype``, ``tokenizer_source``), validates it strictly
+slice scope, ``dtype``/``out_dtype``, ``tokenizer_source`` or ``tokenizer:``), validates it strictly
 (unknown keys, bad types and out-of-range values are :class:`~shoal.errors.RecipeError`
 naming the file and key), and hashes it canonically so a merged model can be named
 by content.
