@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -49,6 +50,16 @@ def test_write_report_draws_pngs_and_summary(tmp_path):
     assert [e["step"] for e in run.events] == list(range(12))
     # zero and one score 0.5 on the toy task: 1 - mean |c - 0| = 1 - mean |c - 1| = 0.5
     assert "| zero | 0.5000 |" in md
+    # the best beside the strongest baseline of this run, on each split's mean
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for split in ("fitness", "test"):
+        means = {n: v[split]["mean"] for n, v in summary["baselines"].items()}
+        top = max(means, key=lambda n: means[n])
+        mine = summary["best"]["scores"][split]["mean"]
+        assert (
+            f"- {split} mean: best {mine:.4f}, strongest baseline {top} {means[top]:.4f} "
+            f"({mine - means[top]:+.4f};" in md
+        )
     # redrawing replaces the folder
     write_report(tmp_path / "run")
     assert not list(tmp_path.glob("run/.report*"))

@@ -69,6 +69,7 @@ def register(app: typer.Typer) -> None:
                 device=device,
             )
         console.print(f"testbed written to {path}")
+        print(fingerprint_line(path))
         if report:
             _report(path, "test", device)
 
@@ -82,6 +83,27 @@ def register(app: typer.Typer) -> None:
         _report(testbed_dir, split, device)
 
     app.add_typer(sub)
+
+
+def fingerprint_line(path: Path) -> str:
+    """One line: the weights' fingerprint, each expert's own-skill test score, the kernels."""
+    import json
+
+    meta = json.loads((path / "testbed.json").read_text())
+    fp = meta.get("fingerprint", {})
+    own = fp.get("own_skill_test") or {}
+    scores = ", ".join(f"{skill} {value:.1f}" for skill, value in own.items())
+    kernels = meta.get("kernels", {})
+    line = (
+        f"fingerprint {fp.get('weights', '?')}"
+        + (f"   own-skill test exact match (%): {scores}" if scores else "")
+        + f"   (seed {meta.get('seed')}, {meta.get('threads')} threads, "
+        + f"kernels {kernels.get('aten_cpu_capability', '?')}"
+        + f"/MKL_CBWR={kernels.get('mkl_cbwr')})"
+    )
+    if meta.get("device", "cpu") == "cpu" and kernels.get("aten_cpu_capability") != "AVX2":
+        line += "\n  this host ran other kernels than AVX2: its weights differ from AVX2 builds'"
+    return line
 
 
 def _report(path: Path, split: str, device: str | None) -> None:

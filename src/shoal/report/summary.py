@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from shoal.report.data import RunData
 
 __all__ = ["summary_markdown"]
@@ -23,6 +25,26 @@ def _table(rows: dict[str, dict[str, dict[str, float]]]) -> list[str]:
         for name, v in rows.items()
     ]
     return [head, sep, *body]
+
+
+def _against_baselines(best: dict[str, dict[str, float]], baselines: dict[str, Any]) -> list[str]:
+    """Per split: the best's mean beside the strongest baseline's, scored in this run."""
+    lines = []
+    for split in ("fitness", "test"):
+        mine = (best.get(split) or {}).get("mean")
+        theirs = {
+            name: v[split]["mean"]
+            for name, v in baselines.items()
+            if "mean" in (v.get(split) or {})
+        }
+        if mine is None or not theirs:
+            continue
+        top = max(theirs, key=lambda name: theirs[name])
+        lines.append(
+            f"- {split} mean: best {mine:.4f}, strongest baseline {top} {theirs[top]:.4f} "
+            f"({mine - theirs[top]:+.4f}; every baseline scored in this run)"
+        )
+    return lines
 
 
 def summary_markdown(data: RunData) -> str:
@@ -51,5 +73,8 @@ def summary_markdown(data: RunData) -> str:
         rows = {"best": best.get("scores", {})}
         rows.update(s.get("baselines") or {})
         lines += ["", *_table(rows)]
+        against = _against_baselines(best.get("scores", {}), s.get("baselines") or {})
+        if against:
+            lines += ["", *against]
     lines += ["", "![fitness](fitness.png)", "![tasks](tasks.png)", "![parameters](parameters.png)"]
     return "\n".join(lines) + "\n"
