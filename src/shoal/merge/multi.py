@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from shoal.errors import RecipeError
+from shoal.errors import RecipeError, ShoalError
 from shoal.recipe import Recipe, load_recipe, rename_models
 from shoal.recipe.load import _StrictLoader
 
@@ -147,6 +147,89 @@ def _stage_hash(recipe: Recipe, deps: list[str], options: Mapping[str, Any]) -> 
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _validated(
+    file: Path, stages: list[Stage], work: Path, strict: bool
+) -> tuple[list[Stage], dict[str, set[str]], list[Recipe]]:
+    """Stages in dependency order, what each uses, and each one's recipe (stage names
+    replaced by their folders in ``work``); every stage validated."""
+    ordered, uses = _order(file, stages)
+    paths = {s.name: str((work / s.name).resolve()) for s in ordered if s.name}
+    recipes: list[Recipe] = []
+    for s in ordered:
+        try:
+            recipe = load_recipe(rename_models(s.data, paths), strict=strict)
+        except RecipeError as exc:
+            raise RecipeError(f"{file}: stage {s.name or s.index + 1}: {_strip(exc)}") from None
+        recipes.append(recipe.with_source_dir(file.resolve().parent))
+    return ordered, uses, recipes
+
+
+def _named(path: Path, models: Mapping[str, str]) -> tuple[list[Stage] | None, Recipe | None]:
+    """A recipe file's stages, or its one recipe, with names of ``models`` made paths."""
+    stages = read_stages(path)
+    if stages is not None:
+        own = {s.name for s in stages if s.name}
+        rename = {k: v for k, v in models.items() if k not in own}  # a stage name wins
+        return [Stage(s.name, rename_models(s.data, rename), s.index) for s in stages], None
+    recipe = load_recipe(path)
+    renamed = rename_models(recipe.to_dict(), dict(models))
+    return None, load_recipe(renamed).with_source_dir(path.resolve().parent)
+
+
+def check_recipe_file(path: str | Path, models: Mapping[str, str]) -> None:
+    """Validate a recipe file (every stage of a multi-stage one) without merging.
+
+    Args:
+        path: The recipe file.
+        models: Names the recipes may use for models (name -> path); a name whose path
+            is empty (a model made later) is only checked to be known.
+
+    Raises:
+        RecipeError: Naming the file (and stage) and key.
+    """
+    from shoal.merge.sources import resolve_model_path
+
+    file = Path(path)
+    if not file.is_file():
+        raise RecipeError(f"{file}: recipe file not found")
+    later = {f"<{k}>" for k, v in models.items() if not v}  # made by an earlier step
+    stages, recipe = _named(file, {k: v or f"<{k}>" for k, v in models.items()})
+    work = file.parent / f".{file.name}.check"  # stage outputs' names only, never made
+    if stages is None:
+        assert recipe is not None
+        named: list[tuple[str, Recipe]] = [(f"{file}", recipe)]
+    else:
+        ordered, _, recipes = _validated(file, stages, work, strict=False)
+        named = [
+            (f"{file}: stage {s.name or s.index + 1}", r)
+            for s, r in zip(ordered, recipes, strict=True)
+        ]
+    made = {str((work / s.name).resolve()) for s in stages or [] if s.name}
+    for where, r in named:
+        for ref in r.model_refs():
+            if ref in later or ref in made:
+                continue
+            try:
+                resolve_model_path(ref, r)
+            except ShoalError as exc:
+                raise RecipeError(f"{where}: {exc}") from None
+
+
+def merge_recipe_file(
+    path: str | Path, out_dir: str | Path, models: Mapping[str, str], **options: Any
+) -> Path:
+    """``shoal merge`` of a recipe file (one stage or several) whose model names may be
+    the given names (``models``: name -> path) as well as paths; returns ``out_dir``."""
+    from shoal.merge.to_disk import merge
+
+    file = Path(path)
+    stages, recipe = _named(file, models)
+    if stages is not None:
+        return merge_stages(file, stages, out_dir, **options)
+    assert recipe is not None
+    return merge(recipe, out_dir, **options)
+
+
 def merge_stages(
     path: str | Path,
     stages: list[Stage],
@@ -174,16 +257,7 @@ def merge_stages(
     file = Path(path)
     out = Path(out_dir)
     work = out.parent / f".{out.name}.stages"
-    ordered, uses = _order(file, stages)
-    paths = {s.name: str((work / s.name).resolve()) for s in ordered if s.name}
-    strict = bool(options.get("strict", False))
-    recipes: list[Recipe] = []
-    for s in ordered:  # every stage validated before anything runs
-        try:
-            recipe = load_recipe(rename_models(s.data, paths), strict=strict)
-        except RecipeError as exc:
-            raise RecipeError(f"{file}: stage {s.name or s.index + 1}: {_strip(exc)}") from None
-        recipes.append(recipe.with_source_dir(file.resolve().parent))
+    ordered, uses, recipes = _validated(file, stages, work, bool(options.get("strict", False)))
     keyed = {k: v for k, v in options.items() if k in ("seed", "float32_compute", "dtype")}
     hashes: dict[str, str] = {}
     for s, recipe in zip(ordered, recipes, strict=True):

@@ -109,13 +109,35 @@ class ExecutorConfig(_Strict):
 
 
 class StageConfig(_Strict):
-    """One stage of a multi-stage run; its best becomes a model named after the stage."""
+    """One stage of a multi-stage run; its result becomes a model named after the stage.
+
+    A stage searches (``algorithm``) or is a fixed step (``merge``: a recipe file, one
+    document or several as mergekit-multi writes them, run as ``shoal merge`` does).
+    """
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Stage (and model) name.")
-    algorithm: dict[str, Any] = Field(..., description="Algorithm block: name + options.")
+    algorithm: dict[str, Any] | None = Field(
+        default=None, description="Algorithm block: name + options."
+    )
+    merge: str | None = Field(
+        default=None,
+        description=(
+            "A recipe file run as a fixed step (several YAML documents with `name:` are "
+            "mergekit-multi stages); relative to the config file. Its model names may be "
+            "models of the config or earlier stages."
+        ),
+    )
     budget: Budget | None = Field(
         default=None, description="Budget of this stage (default: run's)."
     )
+
+    @model_validator(mode="after")
+    def _search_or_merge(self) -> StageConfig:
+        if (self.algorithm is None) == (self.merge is None):
+            raise ValueError(f"stage {self.name!r}: give exactly one of `algorithm` or `merge`")
+        if self.merge is not None and self.budget is not None:
+            raise ValueError(f"stage {self.name!r}: a `merge` step has no budget")
+        return self
 
 
 class RunConfig(_Strict):
@@ -175,11 +197,9 @@ class RunConfig(_Strict):
     def _one_algorithm_source(self) -> RunConfig:
         if (self.algorithm is None) == (self.stages is None):
             raise ValueError("give exactly one of `algorithm` or `stages`")
-        blocks = (
-            [self.algorithm]
-            if self.algorithm is not None
-            else [s.algorithm for s in self.stages or []]
-        )
+        blocks = [b for _, _, b, _ in self.algorithm_blocks()]
+        if self.stages and self.stages[-1].algorithm is None:  # the run's best is searched
+            raise ValueError("stages: the last stage must search (an `algorithm`, not `merge`)")
         for block in blocks:
             if not isinstance(block.get("name"), str):
                 raise ValueError("an algorithm block needs `name` (e.g. name: m2n2)")
@@ -201,12 +221,16 @@ class RunConfig(_Strict):
             return p
         return Path(self.root) / p
 
-    def algorithm_blocks(self) -> list[tuple[str | None, dict[str, Any], Budget]]:
-        """``(stage name or None, algorithm block, budget)`` for every stage in order."""
+    def algorithm_blocks(self) -> list[tuple[int, str | None, dict[str, Any], Budget]]:
+        """``(stage index, stage name or None, algorithm block, budget)`` of every stage
+        that searches, in order (``merge`` steps left out; the index counts them)."""
         if self.stages is None:
-            assert self.algorithm is not None
-            return [(None, dict(self.algorithm), self.budget)]
-        return [(s.name, dict(s.algorithm), s.budget or self.budget) for s in self.stages]
+            return [(0, None, dict(self.algorithm or {}), self.budget)]
+        return [
+            (i, s.name, dict(s.algorithm), s.budget or self.budget)
+            for i, s in enumerate(self.stages)
+            if s.algorithm is not None
+        ]
 
     def to_yaml(self) -> str:
         """The config as YAML (defaults filled in)."""
@@ -309,6 +333,9 @@ def load_config(
         raise _format_error(exc, name) from None
     # model paths are made absolute once so the resolved config is self-contained
     config.models = {k: str(config.resolve(v)) for k, v in config.models.items()}
+    for stage in config.stages or []:
+        if stage.merge is not None:
+            stage.merge = str(config.resolve(stage.merge))
     model = config.loader.model
     if model is not None and model not in config.models and config.resolve(model).exists():
         config.loader.model = str(config.resolve(model))  # a path, not a name

@@ -58,7 +58,10 @@ def check_run(config: RunConfig) -> dict[str, int]:
         first = config.base_model or next(iter(config.models), None)
         if first is not None:  # a run from scratch merges models it draws itself
             _check_same_tensors(shapes, paths, f"models.{first}")
-    stage, block, _ = config.algorithm_blocks()[0]
+    _check_merge_steps(config)
+    index, stage, block, _ = config.algorithm_blocks()[0]
+    if index > 0:  # its models include a merge step's result, which does not exist yet
+        return sizes
     make_algorithm(
         config,
         block,
@@ -127,8 +130,9 @@ def _check_algorithm_blocks(config: RunConfig, task_names: Sequence[str]) -> boo
     would otherwise fail only once the earlier ones have spent their budget.
     """
     tensorwise = False
-    known = list(config.models)
-    for i, (stage, block, _) in enumerate(config.algorithm_blocks()):
+    stages = config.stages or []
+    for i, _, block, _ in config.algorithm_blocks():
+        known = [*config.models, *(s.name for s in stages[:i])]  # earlier stages' results
         where = algorithm_key(config, i)
         cls = algorithm_class(str(block["name"]), where)
         validate_options(cls.Options, {k: v for k, v in block.items() if k != "name"}, where)
@@ -142,9 +146,23 @@ def _check_algorithm_blocks(config: RunConfig, task_names: Sequence[str]) -> boo
                 raise RecipeError(
                     f"{where}.{key}: unknown {key[:-1]} {unknown[0]!r} (known: {', '.join(names)})"
                 )
-        if stage is not None:
-            known.append(stage)
     return tensorwise
+
+
+def _check_merge_steps(config: RunConfig) -> None:
+    """Every ``merge`` step's recipe file reads and validates (all of its stages), and the
+    models it names are paths, or models of the config or earlier stages."""
+    from shoal.merge.multi import check_recipe_file
+
+    for i, stage in enumerate(config.stages or []):
+        if stage.merge is None:
+            continue
+        earlier = {s.name for s in (config.stages or [])[:i]}
+        names = {**config.models, **dict.fromkeys(earlier, "")}
+        try:
+            check_recipe_file(stage.merge, names)
+        except ShoalError as exc:
+            raise prefix_error(exc, f"stages[{i}].merge") from None
 
 
 def _read_headers(paths: Mapping[str, str]) -> dict[str, dict[str, tuple[int, ...]]]:

@@ -623,13 +623,21 @@ def _run_stages(
     models = dict(cfg.models)
     stage_results: list[RunResult] = []
     result: RunResult | None = None
-    for i, (name, block, budget) in enumerate(cfg.algorithm_blocks()):
-        sfolder = folder if name is None else folder.stage(name)
+    searches = {i: (name, block, budget) for i, name, block, budget in cfg.algorithm_blocks()}
+    for i in range(len(cfg.stages or [None])):
         seed = (
             cfg.seed
-            if name is None
+            if cfg.stages is None
             else int(np.random.SeedSequence([cfg.seed, i]).generate_state(1)[0])
         )
+        if i not in searches:  # a fixed merge step
+            step = (cfg.stages or [])[i]
+            result = _merge_step(folder.stage(step.name), str(step.merge), models, seed, show)
+            stage_results.append(result)
+            models[step.name] = os.path.abspath(result.run_dir / "best")
+            continue
+        name, block, budget = searches[i]
+        sfolder = folder if name is None else folder.stage(name)
         done = sfolder.read_summary()
         if name is not None and done is not None and done.get("status") == "completed":
             result = RunResult(
@@ -666,6 +674,35 @@ def _run_stages(
     if cfg.stages is not None:
         result.summary = _multi_stage_summary(folder, stage_results)
     return result
+
+
+def _merge_step(
+    folder: RunFolder, recipe: str, models: dict[str, str], seed: int, progress: bool
+) -> RunResult:
+    """Run a ``merge`` stage (a recipe file, one stage or several) into ``folder/best``.
+
+    A completed step (its ``summary.json`` says so) is not run again; one killed midway
+    left no ``best/`` (merges write atomically) or one without a summary, and is redone.
+    """
+    from shoal.merge.multi import merge_recipe_file
+
+    done = folder.read_summary()
+    if done is None or done.get("status") != "completed":
+        t0 = time.monotonic()
+        merge_recipe_file(recipe, folder.best, models, seed=seed, overwrite=True, progress=progress)
+        done = {
+            "status": "completed",
+            "stage": folder.root.name,
+            "merge": recipe,
+            "seed": seed,
+            "evaluations": 0,
+            "wall_seconds": time.monotonic() - t0,
+            "best": {"path": str(folder.best)},
+        }
+        write_text_atomic(folder.summary, json.dumps(done, indent=2))
+    return RunResult(
+        folder.root, "completed", "fixed merge step", 0, float(done["wall_seconds"]), None, done
+    )
 
 
 def _multi_stage_summary(folder: RunFolder, results: list[RunResult]) -> dict[str, Any]:
