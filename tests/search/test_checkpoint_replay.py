@@ -101,9 +101,8 @@ def test_killed_at_random_moments_and_resumed_ends_as_the_whole_run(
     whole = json.loads((uninterrupted / "summary.json").read_text())["best"]
     cut = json.loads((run / "summary.json").read_text())["best"]
     assert (cut["recipe"], cut["scores"]) == (whole["recipe"], whole["scores"])
-    assert (run / "best" / "model.safetensors").read_bytes() == (
-        uninterrupted / "best" / "model.safetensors"
-    ).read_bytes()
+    for name in ("model.safetensors", "shoal_recipe.yaml"):  # the recipe's key order too
+        assert (run / "best" / name).read_bytes() == (uninterrupted / "best" / name).read_bytes()
     assert not [p.name for p in run.rglob(".*") if p.name != ".lock"]  # nothing left over
 
 
@@ -121,3 +120,37 @@ def test_ray_runs_the_same_search_as_serial(tmp_path, uninterrupted) -> None:
     cfg["budget"] = {"evaluations": 40}
     evolve(cfg, tmp_path / "ray", ray_init={"num_cpus": 2, "include_dashboard": False})
     assert _decisions(tmp_path / "ray") == _decisions(uninterrupted)[:40]
+
+
+def test_checkpoint_seconds_given_on_resume_is_used(tmp_path, monkeypatch) -> None:
+    from shoal.search import runner
+
+    used: list[float] = []
+    real = runner._Checkpoint.__init__
+
+    def spy(self, folder, algo, store, counters, seconds) -> None:  # type: ignore[no-untyped-def]
+        used.append(seconds)
+        real(self, folder, algo, store, counters, seconds)
+
+    monkeypatch.setattr(runner._Checkpoint, "__init__", spy)
+    run = tmp_path / "run"
+    config = yaml.safe_load(_config(tmp_path, "serial", 0).read_text())
+    evolve({**config, "budget": {"evaluations": 20}}, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["budget"] = {"evaluations": 40}  # a finished run continued with a larger budget
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "summary.json").unlink()
+    evolve(None, run, resume=True, overrides=["checkpoint_seconds=7.5"])
+    assert used == [0.0, 7.5]
+    assert yaml.safe_load((run / "config.yaml").read_text())["checkpoint_seconds"] == 0.0
+
+
+def test_the_state_keeps_the_key_order_of_recipes(tmp_path) -> None:
+    """A resumed run's best recipe comes from the state; written sorted, its
+    shoal_recipe.yaml would differ from an uninterrupted run's (mutation before models)."""
+    folder = RunFolder(tmp_path)
+    recipe = {"merge_method": "splitpoint", "parameters": {"split": 0.5}, "mutation": 0.01}
+    folder.write_state({"algorithm": {"recipes": [recipe]}})
+    saved = folder.read_state()
+    assert saved is not None
+    assert list(saved["algorithm"]["recipes"][0]) == ["merge_method", "parameters", "mutation"]

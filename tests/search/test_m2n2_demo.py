@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,27 @@ def test_an_interrupted_demo_is_continued(shoal_cli, tmp_path) -> None:
     lines = (run_dir / "events.jsonl").read_text().splitlines()
     want = (whole / "events.jsonl").read_text().splitlines()
     assert [json.loads(x)["recipe"] for x in lines] == [json.loads(x)["recipe"] for x in want]
+
+
+def test_demo_touches_only_a_folder_it_wrote_and_no_running_one(shoal_cli, tmp_path) -> None:
+    from shoal._atomic import hold_lock
+    from shoal.search.runner import evolve
+
+    demo = tmp_path / "demo"
+    assert _demo(shoal_cli, demo, 100)[0] == 0
+    (demo / "NOTES.txt").write_text("mine")  # a user's file in it: not the demo's to delete
+    code, _, err = _demo(shoal_cli, demo, 100)
+    assert code == 2 and "is not a demo run" in err
+    assert (demo / "NOTES.txt").read_text() == "mine"
+    (demo / "NOTES.txt").unlink()
+    with hold_lock(demo / ".lock", str(demo)):  # a demo still running there
+        code, _, err = _demo(shoal_cli, demo, 100)
+    assert code == 2 and f"in use by process {os.getpid()}" in err, err
+    assert (demo / "summary.json").is_file()  # untouched
+    # a run of the example with other options is the user's, not the demo's
+    other = tmp_path / "other"
+    cfg = {**DEMO_CONFIG, "budget": {"evaluations": 60}, "progress": False}
+    evolve({**cfg, "algorithm": {**cfg["algorithm"], "archive_size": 6}}, other)
+    code, _, err = _demo(shoal_cli, other, 100)
+    assert code == 2 and "is not a demo run" in err
+    assert json.loads((other / "summary.json").read_text())["evaluations"] == 60

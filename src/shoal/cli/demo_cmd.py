@@ -106,26 +106,44 @@ def register(app: typer.Typer) -> None:
 def _clear_previous(run_dir: Path, config: dict[str, Any]) -> bool:
     """Make room for the demo in ``run_dir``; True when an interrupted demo is to be resumed.
 
+    Only a folder the demo wrote is touched: its saved config is the demo's but for the
+    budget and the seed, and it holds nothing but a run's own files. Its lock is held
+    while it is checked and emptied, so a demo still running there is never disturbed.
+
     Raises:
         OutputExistsError: ``run_dir`` holds something that is not a demo run.
+        StateError: Another process is writing to ``run_dir`` (its pid named).
     """
-    from shoal.errors import OutputExistsError, ShoalError
+    from shoal._atomic import hold_lock
+    from shoal.errors import OutputExistsError, ShoalError, StateError
     from shoal.search.config import load_config
     from shoal.search.run_folder import RunFolder
 
     folder = RunFolder(run_dir)
-    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
-        return False
-    try:
-        saved = load_config(folder.config).model_dump(mode="json")
-        ours = load_config(config).model_dump(mode="json")
-    except ShoalError:
-        saved, ours = {}, {"loader": None}
-    if not saved or saved.get("loader") != ours["loader"] or saved.get("tasks") != ours["tasks"]:
-        raise OutputExistsError(f"{run_dir}: exists and is not a demo run; pick another --run-dir")
-    summary = folder.read_summary() or {}
-    same = all(saved.get(k) == ours.get(k) for k in ("budget", "seed", "algorithm"))
-    if summary.get("status") != "completed" and same and folder.has_state():
-        return True
-    shutil.rmtree(run_dir)
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return False  # evolve says what is wrong with a file or a path under one
+    refusal = OutputExistsError(f"{run_dir}: exists and is not a demo run; pick another --run-dir")
+    with hold_lock(folder.lock, str(run_dir), error=StateError):
+        folder.remove_leftovers()  # of killed writers
+        own = {*folder.own_names(), folder.lock.name}
+        if any(p.name not in own for p in run_dir.iterdir()):
+            raise refusal  # a file of the user's, or a writer's leftover
+        try:
+            saved = load_config(folder.config).model_dump(mode="json")
+            ours = load_config(config).model_dump(mode="json")
+        except ShoalError:
+            raise refusal from None
+        free = ("budget", "seed", "root", "progress", "checkpoint_seconds")
+        if any(saved.get(k) != v for k, v in ours.items() if k not in free):
+            raise refusal
+        summary = folder.read_summary() or {}
+        same = saved["budget"] == ours["budget"] and saved["seed"] == ours["seed"]
+        if summary.get("status") != "completed" and same and folder.has_state():
+            return True
+        for name in folder.own_names():  # the lock file stays: it is held
+            path = run_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
     return False

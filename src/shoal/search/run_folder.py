@@ -151,8 +151,13 @@ class RunFolder:
         return _read_json(self.state)
 
     def write_state(self, state: dict[str, Any]) -> None:
-        """Save the state atomically."""
-        write_text_atomic(self.state, json.dumps(state, sort_keys=True))
+        """Save the state atomically.
+
+        Keys keep their order: recipes in the state come back as they were asked, so a
+        resumed run writes its best's recipe (``shoal_recipe.yaml``, the summary) byte
+        for byte as an uninterrupted one.
+        """
+        write_text_atomic(self.state, json.dumps(state))
 
     def read_summary(self) -> dict[str, Any] | None:
         """The summary, or ``None``.

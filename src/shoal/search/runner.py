@@ -459,6 +459,8 @@ def _prepare_folder(
                     f"({', '.join(changed)} differ); resume without CONFIG/--set, "
                     "or start a new --run-dir"
                 )
+            # what may change is taken (for this session; config.yaml keeps the run's)
+            saved = saved.model_copy(update={k: getattr(given, k) for k in _FREE_ON_RESUME})
         # models or task files may have moved since
         return saved, _check(saved, str(folder.config))
     unstarted = folder.config.exists() and not folder.has_evaluations()
