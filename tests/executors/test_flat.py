@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from shoal.errors import MergeError
 from shoal.executors import flat as flat_module
 from shoal.executors.build import SourceMap, build_candidate, generator_for
 from shoal.executors.flat import FlatModel
+from shoal.executors.work import WorkerSpec
+from shoal.executors.worker import Worker
 from shoal.testbed.images import build_mlp
 
 A = torch.tensor([1.0, 0.0, 2.0, 0.0])
@@ -140,7 +142,9 @@ def test_flat_build_equals_the_general_build(recipe) -> None:
     fast = build_mlp()
     flat = FlatModel.of(fast)
     assert flat is not None and FlatModel.handles(recipe)
-    flat.load(flat.build(recipe, 1234, lambda ref: flat.vector(sources[ref], ref)))
+    vec = flat.build(recipe, 1234, lambda ref: flat.vector(sources[ref]))
+    assert vec is not None
+    flat.load(vec)
     for (name, want), got in zip(
         general.state_dict().items(), fast.state_dict().values(), strict=True
     ):
@@ -158,9 +162,117 @@ def test_other_recipes_take_the_general_path() -> None:
     assert not FlatModel.handles({"merge_method": "splitpoint", "models": two, "parameters": extra})
 
 
-def test_a_source_that_does_not_fit_is_named() -> None:
+def test_a_model_that_is_not_the_modules_float32_tensors_is_no_vector() -> None:
+    """The general build then merges it (rounding to its dtype) or says what does not fit."""
     flat = _tiny()
-    with pytest.raises(MergeError, match="'src' lacks tensor 'bias'"):
-        flat.vector({"weight": torch.zeros(2, 1)}, "src")
-    with pytest.raises(MergeError, match="'src': tensor 'bias' shape"):
-        flat.vector({"weight": torch.zeros(2, 1), "bias": torch.zeros(3)}, "src")
+    weight, bias = torch.zeros(2, 1), torch.zeros(2)
+    assert flat.vector({"weight": weight, "bias": bias}) is not None
+    assert flat.vector({"weight": weight}) is None  # a tensor missing
+    assert flat.vector({"weight": weight, "bias": torch.zeros(3)}) is None  # a shape
+    assert flat.vector({"weight": weight, "bias": bias, "extra": bias}) is None
+    assert flat.vector({"weight": weight.half(), "bias": bias.half()}) is None
+    recipe = {"merge_method": "splitpoint", "models": [{"model": "a"}, {"model": "b"}]}
+    recipe["parameters"] = {"split": 0.5, "ratio": 0.5}
+    assert _tiny().build(recipe, 0, {"a": A, "b": None}.__getitem__) is None
+
+
+TWO = [{"model": "a"}, {"model": "b"}]
+SPLIT = {"merge_method": "splitpoint", "models": TWO}
+
+
+def _chromo(*entries: dict) -> list[dict]:
+    return [dict(e) for e in entries]
+
+
+ODD_RECIPES = {
+    "filter-null": {
+        **SPLIT,
+        "parameters": {
+            "split": _chromo(
+                {"filter": "0.", "value": 0.3}, {"filter": None, "value": 0.5}, {"value": 0.9}
+            ),
+            "ratio": _chromo(
+                {"filter": "0.", "value": 0.3}, {"filter": None, "value": 0.5}, {"value": 0.9}
+            ),
+        },
+    },
+    "split-1.5": {**SPLIT, "parameters": {"split": 1.5, "ratio": 0.3}},
+    "ratio-negative": {**SPLIT, "parameters": {"split": 0.5, "ratio": -0.2}},
+    "split-true": {**SPLIT, "parameters": {"split": True, "ratio": 0.3}},
+    "split-nan": {**SPLIT, "parameters": {"split": float("nan"), "ratio": 0.3}},
+    "entry-key": {
+        **SPLIT,
+        "models": [{"model": "a", "foo": 1}, {"model": "b"}],
+        "parameters": {"split": 0.5, "ratio": 0.3},
+    },
+    "models-as-strings": {
+        **SPLIT,
+        "models": ["a", "b"],
+        "parameters": {"split": 0.5, "ratio": 0.3},
+    },
+    "angle": {**SPLIT, "parameters": {"split": 0.5, "ratio": 0.3, "angle": "sideways"}},
+    "unknown-model": {
+        **SPLIT,
+        "models": [{"model": "a"}, {"model": "zz"}],
+        "parameters": {"split": 0.5, "ratio": 0.3},
+    },
+    "half-sources": {
+        **SPLIT,
+        "models": [{"model": "a"}, {"model": "h"}],
+        "parameters": {"split": 0.5, "ratio": 0.3},
+    },
+    "extra-tensor": {"model": "x"},
+    "plain": {**SPLIT, "parameters": {"split": 0.4, "ratio": 0.7}, "mutation": 0.01},
+}
+
+
+def _worker(tmp_path: Path) -> Worker:
+    from safetensors.torch import save_file
+
+    paths = {}
+    for name, seed, extra in (
+        ("a", 1, {}),
+        ("b", 2, {}),
+        ("h", 3, {}),
+        ("x", 4, {"extra": torch.ones(2)}),
+    ):
+        tensors = {k: v.detach().clone() for k, v in build_mlp(seed=seed).state_dict().items()}
+        if name == "h":
+            tensors = {k: v.half() for k, v in tensors.items()}
+        paths[name] = str(tmp_path / f"{name}.safetensors")
+        save_file({**tensors, **extra}, paths[name])
+    spec = WorkerSpec(
+        loader={"type": "callable", "target": "shoal.testbed.images:digits_mlp"},
+        models=paths,
+        base_model=None,
+        tasks=[],
+    )
+    return Worker(spec)
+
+
+def _outcome(worker: Worker, recipe: dict) -> list[torch.Tensor] | str:
+    try:
+        model = worker.build(recipe, 77)
+    except Exception as exc:  # the general build's error is the expected outcome
+        return f"{type(exc).__name__}: {exc}"
+    return [t.clone() for t in model.state_dict().values()]
+
+
+@pytest.mark.parametrize("name", list(ODD_RECIPES))
+def test_a_worker_builds_every_recipe_as_the_general_build_does(
+    tmp_path, monkeypatch, name
+) -> None:
+    """Same tensors or the same error, whether the flat build is on or off (review finding:
+    odd recipes were built differently, or built where the general build refuses)."""
+    recipe = ODD_RECIPES[name]
+    flat_on = _outcome(_worker(tmp_path), recipe)
+    monkeypatch.setattr(flat_module, "MAX_PARAMETERS", 0)
+    general = _worker(tmp_path)
+    assert general.flat is None
+    want = _outcome(general, recipe)
+    if isinstance(want, str):
+        assert flat_on == want
+    else:
+        assert not isinstance(flat_on, str), flat_on
+        for got, expected in zip(flat_on, want, strict=True):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -20,6 +20,7 @@ paths tensor for tensor), so a run is the same whichever path built it. Any othe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,9 +36,6 @@ __all__ = ["MAX_PARAMETERS", "FlatModel"]
 #: largest model (parameters) built as a flat vector; a bigger one takes the general path,
 #: whose per-tensor streaming keeps memory at one tensor beyond the model
 MAX_PARAMETERS = 50_000_000
-
-_FLAT_METHODS = (None, "random_init", "splitpoint")
-_SPLIT_KEYS = {"split", "ratio", "angle"}
 
 
 class FlatModel:
@@ -80,49 +78,72 @@ class FlatModel:
 
     @staticmethod
     def handles(recipe: Mapping[str, Any]) -> bool:
-        """Whether :meth:`build` knows ``recipe`` (otherwise use the general build)."""
+        """Whether ``recipe`` has one of the plain shapes M2N2 asks for.
+
+        Anything else — other methods, extra keys, values out of range, even a recipe the
+        general build refuses — takes the general build and so gets its result or its
+        error message.
+        """
+        keys = set(recipe)
+        if "mutation" in keys and not _real(recipe["mutation"], 0.0, math.inf):
+            return False
         method = recipe.get("merge_method")
-        if method not in _FLAT_METHODS:
-            return False
         if method is None:
-            return set(recipe) <= {"model", "mutation"} and "model" in recipe
-        params = recipe.get("parameters") or {}
-        if method == "random_init":
-            return set(params) <= {"std", "seed", "member"}
-        models = recipe.get("models")
-        if not isinstance(models, list) or len(models) != 2 or set(params) - _SPLIT_KEYS:
+            return keys <= {"model", "mutation"} and isinstance(recipe.get("model"), str)
+        params = recipe.get("parameters", {})
+        if not isinstance(params, Mapping) or keys - {
+            "merge_method",
+            "parameters",
+            "mutation",
+            "models",
+        }:
             return False
-        if set(recipe) - {"merge_method", "models", "parameters", "mutation"}:
+        if method == "random_init":
+            seed = params.get("seed", 0)
+            return (
+                "models" not in keys
+                and set(params) <= {"std", "seed", "member"}
+                and _real(params.get("std", 0.01), 0.0, math.inf)
+                and isinstance(seed, int)
+                and not isinstance(seed, bool)
+                and seed >= 0
+            )
+        models = recipe.get("models")
+        if method != "splitpoint" or not isinstance(models, list) or len(models) != 2:
+            return False
+        if not all(isinstance(m, Mapping) and set(m) == {"model"} for m in models):
+            return False
+        if not all(isinstance(m["model"], str) for m in models):
+            return False
+        if set(params) - {"split", "ratio", "angle"}:
+            return False
+        if params.get("angle", "segment") not in ("segment", "global"):
             return False
         split, ratio = params.get("split"), params.get("ratio")
-        if isinstance(split, list) or isinstance(ratio, list):
-            if not all(isinstance(e, dict) for e in [*_as_list(split), *_as_list(ratio)]):
-                return False
-            # per-chromosome lists: the same filters, the last one the default entry
-            return (
-                isinstance(split, list)
-                and isinstance(ratio, list)
-                and bool(split)
-                and _filters(split) == _filters(ratio)
-                and _filters(split)[-1] == ""
-            )
-        return isinstance(split, int | float) and isinstance(ratio, int | float)
+        if _real(split, 0.0, 1.0) and _real(ratio, 0.0, 1.0):
+            return True
+        return (
+            _chromosome_list(split)
+            and _chromosome_list(ratio)
+            and _filters(split) == _filters(ratio)
+        )
 
-    def vector(self, tensors: Mapping[str, torch.Tensor], ref: str) -> torch.Tensor:
-        """A source's or stored model's tensors as one vector in the module's order."""
-        from shoal.errors import MergeError
+    def vector(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """A source's or stored model's tensors as one float32 vector in the module's order.
 
-        try:
-            parts = [tensors[name] for name in self.names]
-        except KeyError as exc:
-            raise MergeError(f"model {ref!r} lacks tensor {exc.args[0]!r}") from None
-        for name, part, shape in zip(self.names, parts, self.shapes, strict=True):
-            if part.shape != shape:
-                raise MergeError(
-                    f"model {ref!r}: tensor {name!r} shape {list(part.shape)} differs from "
-                    f"the model's {list(shape)}"
-                )
-        return torch.cat([p.reshape(-1).float() for p in parts])
+        ``None`` unless the tensors are exactly the module's, float32 and of its shapes:
+        the general build then merges them (rounding to their dtype as it does) or says
+        what does not fit.
+        """
+        if len(tensors) != len(self.names):
+            return None
+        parts = []
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            part = tensors.get(name)
+            if part is None or part.dtype != torch.float32 or part.shape != shape:
+                return None
+            parts.append(part.reshape(-1))
+        return torch.cat(parts)
 
     def load(self, vec: torch.Tensor) -> None:
         """Copy a flat vector into the resident module, in place."""
@@ -140,24 +161,32 @@ class FlatModel:
         self,
         recipe: Mapping[str, Any],
         seed: int,
-        vector_of: Callable[[str], torch.Tensor],
-    ) -> torch.Tensor:
+        vector_of: Callable[[str], torch.Tensor | None],
+    ) -> torch.Tensor | None:
         """The flat vector ``recipe`` describes, for the candidate seed ``seed``.
 
         Args:
             recipe: A recipe :meth:`handles`.
             seed: The work item's seed.
-            vector_of: Model reference -> its flat vector.
+            vector_of: Model reference -> its flat vector, or ``None`` (see :meth:`vector`).
+
+        Returns:
+            The vector, or ``None`` when a model it names is not one :meth:`vector` takes
+            (the general build then builds the recipe, or says why it cannot).
         """
         method = recipe.get("merge_method")
         params = recipe.get("parameters") or {}
+        vec: torch.Tensor | None
         if method is None:
-            vec = vector_of(str(recipe["model"])).clone()
+            vec = vector_of(str(recipe["model"]))
+            vec = None if vec is None else vec.clone()
         elif method == "random_init":
             # a seed inside the recipe makes the init part of its content (store keys)
             vec = self.normal(float(params.get("std", 0.01)), int(params.get("seed", seed)), 1)
         else:
             vec = self._splitpoint(recipe, params, vector_of)
+        if vec is None:
+            return None
         sigma = float(recipe.get("mutation", 0.0) or 0.0)
         if sigma > 0:
             vec += self.normal(sigma, seed, 2)
@@ -167,10 +196,12 @@ class FlatModel:
         self,
         recipe: Mapping[str, Any],
         params: Mapping[str, Any],
-        vector_of: Callable[[str], torch.Tensor],
-    ) -> torch.Tensor:
+        vector_of: Callable[[str], torch.Tensor | None],
+    ) -> torch.Tensor | None:
         a = vector_of(str(recipe["models"][0]["model"]))
         b = vector_of(str(recipe["models"][1]["model"]))
+        if a is None or b is None:
+            return None
         angle = params.get("angle", "segment")
         splits, ratios = _values(params["split"]), _values(params["ratio"])
         filters = _filters(params["split"])
@@ -209,8 +240,24 @@ def _values(value: Any) -> list[float]:
     return [float(value)]
 
 
-def _as_list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else [value]
+def _real(value: Any, low: float, high: float) -> bool:
+    """A real number (not a bool) in [low, high] (NaN is not)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return number and low <= value <= high
+
+
+def _chromosome_list(value: Any) -> bool:
+    """A per-chromosome list as M2N2 writes it: ``{filter: str, value}`` entries with
+    values in [0, 1], the last one without a filter (the rest of the tensors)."""
+    if not isinstance(value, list) or not value:
+        return False
+    if not all(isinstance(e, Mapping) and _real(e.get("value"), 0.0, 1.0) for e in value):
+        return False
+    *named, rest = value
+    return set(rest) == {"value"} and all(
+        set(e) == {"filter", "value"} and isinstance(e["filter"], str) and e["filter"]
+        for e in named
+    )
 
 
 def _filters(value: Any) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shoal.errors import MergeError, TaskError
+from shoal.errors import CheckpointError, TaskError
 from shoal.executors.build import SourceLoadError, SourceMap, build_candidate
 from shoal.executors.flat import FlatModel
 from shoal.executors.loaders import load_resident
@@ -130,18 +130,22 @@ class Worker:
         :func:`~shoal.executors.build.build_candidate`.
         """
         if self.flat is not None and FlatModel.handles(recipe):
-            self.flat.load(self.flat.build(recipe, seed, self._vector))
-            return self.model
+            vec = self.flat.build(recipe, seed, self._vector)
+            if vec is not None:
+                self.flat.load(vec)
+                return self.model
         return build_candidate(self.model, recipe, self.sources, seed, hf_models=self._hf_models)
 
-    def _vector(self, ref: str) -> torch.Tensor:
-        """The flat vector of a source or stored model (for the flat build)."""
+    def _vector(self, ref: str) -> torch.Tensor | None:
+        """The flat vector of a source or stored model, or ``None`` (general build)."""
         assert self.flat is not None
         try:
             tensors = self.sources[ref]
-        except KeyError:
-            raise MergeError(f"recipe names unknown model {ref!r}") from None
-        return self.flat.vector(tensors, ref)
+        except (KeyError, CheckpointError) as exc:
+            if isinstance(exc, SourceLoadError):
+                raise  # a broken model of the config stops the run, whichever build
+            return None  # unknown: the general build names it
+        return self.flat.vector(tensors)
 
     @torch.inference_mode()
     def score(self, model: torch.nn.Module, names: tuple[str, ...]) -> dict[str, np.ndarray]:
