@@ -108,3 +108,17 @@ def test_demo_touches_only_a_folder_it_wrote_and_no_running_one(shoal_cli, tmp_p
     code, _, err = _demo(shoal_cli, other, 100)
     assert code == 2 and "is not a demo run" in err
     assert json.loads((other / "summary.json").read_text())["evaluations"] == 60
+
+
+def test_a_demo_folder_of_the_old_layout_is_replaced(shoal_cli, tmp_path) -> None:
+    """`make demo` after an upgrade: the folder the demo wrote before 2026-12 (its own
+    layout, summary.json with kind m2n2-image) is the demo's to replace."""
+    old = tmp_path / "demo"
+    (old / "best").mkdir(parents=True)
+    for name in ("config.yaml", "state.json", "store.safetensors", "history.jsonl"):
+        (old / name).write_text("x")
+    (old / "summary.json").write_text(json.dumps({"kind": "m2n2-image", "evaluations": 9}))
+    code, _, err = _demo(shoal_cli, old, 100)
+    assert code == 0, err
+    assert json.loads((old / "summary.json").read_text())["evaluations"] == 100
+    assert not (old / "history.jsonl").exists()

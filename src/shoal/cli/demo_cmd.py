@@ -123,6 +123,9 @@ def _clear_previous(run_dir: Path, config: dict[str, Any]) -> bool:
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return False  # evolve says what is wrong with a file or a path under one
     refusal = OutputExistsError(f"{run_dir}: exists and is not a demo run; pick another --run-dir")
+    if _old_demo(run_dir):  # the demo's own folder from before it ran through evolve
+        shutil.rmtree(run_dir)
+        return False
     with hold_lock(folder.lock, str(run_dir), error=StateError):
         folder.remove_leftovers()  # of killed writers
         own = {*folder.own_names(), folder.lock.name}
@@ -147,3 +150,19 @@ def _clear_previous(run_dir: Path, config: dict[str, Any]) -> bool:
             else:
                 path.unlink(missing_ok=True)
     return False
+
+
+def _old_demo(run_dir: Path) -> bool:
+    """A folder written by ``shoal demo`` before 2026-12 (an in-memory driver, its own
+    layout: summary.json says ``kind: m2n2-image``) and nothing else."""
+    import json
+
+    layout = {"config.yaml", "state.json", "store.safetensors", "best", "history.jsonl"}
+    names = {p.name for p in run_dir.iterdir()}
+    if not names <= layout | {"summary.json", "report"}:
+        return False
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and summary.get("kind") == "m2n2-image"
