@@ -23,7 +23,9 @@ def register(app: typer.Typer) -> None:
         size: str = typer.Option("tiny", "--size", help="tiny (seconds) or small (minutes)."),
         seed: int = typer.Option(0, "--seed", help="Root seed: same seed, same tensors."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
-        threads: int = typer.Option(2, "--threads", help="torch threads while training."),
+        threads: int = typer.Option(
+            1, "--threads", help="torch threads while training (part of the build: keep 1)."
+        ),
         device: str | None = typer.Option(
             None, "--device", help="Train on cpu (default), cuda, ...; same data, same order."
         ),
