@@ -33,7 +33,7 @@ TENSORS = {
 TASKS = {"t1": 5, "t2": 3}
 
 #: options an algorithm needs beyond its defaults to run on the small context
-OPTIONS: dict[str, dict[str, Any]] = {}
+OPTIONS: dict[str, dict[str, Any]] = {"cycleqd": {"experts": {"t1": "a", "t2": "b"}}}
 
 
 def _context(seed: int = 3) -> SearchContext:

@@ -11,7 +11,10 @@ Recipes a worker understands:
 - ``{"merge_method": "random_init", "parameters": {"std": s}}``: every floating parameter
   drawn from N(0, s²) (M2N2 from scratch; METHODS.md §3);
 - any of these with a top-level ``mutation: sigma``: Gaussian noise N(0, sigma²) added to
-  every floating parameter after building (M2N2 step 4).
+  every floating parameter after building (M2N2 step 4);
+- any of these with a top-level ``svd_mutation: {expert, base, w_max, rank, seed}``: every
+  2-D parameter moved along the singular directions of the expert's task vector
+  (CycleQD, METHODS.md §1 and §4; :func:`apply_svd_mutation`).
 
 All randomness comes from the work item's seed.
 """
@@ -27,9 +30,17 @@ import torch
 from shoal.errors import CheckpointError, MergeError
 from shoal.executors.store import PREFIX, ModelStore
 
-__all__ = ["SourceLoadError", "SourceMap", "build_candidate", "generator_for"]
+__all__ = [
+    "SourceLoadError",
+    "SourceMap",
+    "apply_svd_mutation",
+    "build_candidate",
+    "generator_for",
+    "svd_factors",
+]
 
 Tensors = dict[str, torch.Tensor]
+SVDFactors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def generator_for(seed: int, stream: int, device: str | torch.device = "cpu") -> torch.Generator:
@@ -65,6 +76,8 @@ class SourceMap(Mapping[str, Tensors]):
         self._store = store
         self._load = load
         self._cache: dict[str, Tensors] = {}
+        #: (expert, base, rank) -> tensor name -> (U, σ, Vᵀ); see :func:`svd_factors`
+        self.svd_cache: dict[tuple[str, str, int | None], dict[str, SVDFactors]] = {}
 
     def add(self, name: str, path: str) -> None:
         """Let ``name`` refer to the checkpoint at ``path`` (a model named by its path)."""
@@ -157,6 +170,7 @@ def build_candidate(
     """
     body = dict(recipe)
     sigma = float(body.pop("mutation", 0.0) or 0.0)
+    svd_spec = body.pop("svd_mutation", None)
     method = body.get("merge_method")
     out = module
     if method is None and set(body) == {"model"}:
@@ -189,4 +203,79 @@ def build_candidate(
             for p in _float_params(out):
                 noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * sigma
                 p.add_(noise.to(device=p.device, dtype=p.dtype))
+    if svd_spec is not None:
+        if method == "layer_path":
+            raise MergeError("layer_path recipes cannot carry an svd_mutation")
+        apply_svd_mutation(out, svd_spec, sources, seed)
     return out
+
+
+def svd_factors(
+    sources: SourceMap, expert: str, base: str, rank: int | None = None
+) -> dict[str, SVDFactors]:
+    """Thin SVD of the task vector τ = θ_expert − θ_base of every 2-D tensor, in float32.
+
+    Computed once per (expert, base, rank) and kept in ``sources.svd_cache`` (the worker's
+    lifetime). ``rank`` keeps the top r singular triplets: U (m, r), σ (r,), Vᵀ (r, n),
+    4·(m + n + 1)·r bytes per matrix instead of 4·(m + n + 1)·min(m, n).
+    """
+    key = (expert, base, rank)
+    if key not in sources.svd_cache:
+        theta_e, theta_b = sources[expert], sources[base]
+        out: dict[str, SVDFactors] = {}
+        for name, t in theta_e.items():
+            if t.ndim != 2 or not t.is_floating_point() or name not in theta_b:
+                continue
+            tau = t.to(torch.float32) - theta_b[name].to(torch.float32)
+            u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+            if rank is not None:
+                u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+            out[name] = (u.contiguous(), s.contiguous(), vh.contiguous())
+        sources.svd_cache[key] = out
+    return sources.svd_cache[key]
+
+
+def apply_svd_mutation(
+    module: torch.nn.Module, spec: Mapping[str, Any], sources: SourceMap, seed: int
+) -> None:
+    """CycleQD's SVD mutation of a built model, in place (METHODS.md §1 ``svd_mutation``).
+
+    Every 2-D floating parameter θ with a factorised task vector gets
+    θ += U diag(w ⊙ σ) Vᵀ, w ~ U[0, w_max]^r, the w of all matrices drawn in the module's
+    parameter order from one generator (``spec["seed"]`` if given, else the work item's
+    seed). Other tensors are left as built.
+
+    Args:
+        module: The built model.
+        spec: ``{"expert": name, "base": name, "w_max": 0.1, "rank": r | None, "seed": s}``.
+        sources: Reference -> state dict (holds the SVD cache).
+        seed: The work item's seed.
+
+    Raises:
+        MergeError: A malformed spec or a model the sources lack.
+    """
+    from shoal.ops.svd_mutation import svd_mutation
+
+    if not isinstance(spec, Mapping) or not {"expert", "base"} <= set(spec):
+        raise MergeError("svd_mutation needs a mapping with 'expert' and 'base'")
+    unknown = set(spec) - {"expert", "base", "w_max", "rank", "seed"}
+    if unknown:
+        raise MergeError(f"svd_mutation: unknown key(s) {sorted(unknown)}")
+    for ref in (spec["expert"], spec["base"]):
+        if str(ref) not in sources:
+            raise MergeError(f"svd_mutation: unknown model {ref!r}")
+    rank = spec.get("rank")
+    factors = svd_factors(
+        sources, str(spec["expert"]), str(spec["base"]), None if rank is None else int(rank)
+    )
+    gen = generator_for(int(spec.get("seed", seed)), 3)
+    w_max = float(spec.get("w_max", 0.1))
+    seen: set[int] = set()
+    with torch.no_grad():
+        for name, p in module.state_dict(keep_vars=True).items():
+            if id(p) in seen or name not in factors or not p.is_floating_point():
+                continue
+            seen.add(id(p))
+            u, s, vh = (f.to(p.device) for f in factors[name])
+            mutated = svd_mutation(p.detach(), u, s, vh, gen, w_max=w_max)
+            p.copy_(mutated.to(dtype=p.dtype))

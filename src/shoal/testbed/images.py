@@ -216,11 +216,17 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(-1) == y).double().mean())
 
 
-def image_task(data: str = "digits", split: str = "train", name: str | None = None) -> Any:
+def image_task(
+    data: str = "digits",
+    split: str = "train",
+    name: str | None = None,
+    classes: Sequence[int] | None = None,
+) -> Any:
     """Task factory for configs (``type: python``, ``target: shoal.testbed.images:image_task``).
 
     Returns a :class:`~shoal.tasks.classification.ClassificationTask` named
-    ``<data>-<split>`` unless ``name`` is given.
+    ``<data>-<split>`` unless ``name`` is given. With ``classes`` only the images of those
+    classes are scored (a skill task, e.g. CycleQD's), named ``<data>-<split>-<first>-<last>``.
     """
     from shoal.tasks.classification import ClassificationTask
 
@@ -228,7 +234,14 @@ def image_task(data: str = "digits", split: str = "train", name: str | None = No
         raise TaskError(f"image_task: split must be 'train' or 'test', got {split!r}")
     ds = load_image_data(data)
     x, y = (ds.x_train, ds.y_train) if split == "train" else (ds.x_test, ds.y_test)
-    return ClassificationTask(name or f"{ds.name}-{split}", x, y)
+    default = f"{ds.name}-{split}"
+    if classes is not None:
+        mask = torch.isin(y, torch.as_tensor(list(classes)))
+        if not bool(mask.any()):
+            raise TaskError(f"image_task: no {split} images of classes {list(classes)}")
+        x, y = x[mask], y[mask]
+        default += f"-{min(classes)}-{max(classes)}"
+    return ClassificationTask(name or default, x, y)
 
 
 def write_image_experts(
