@@ -101,3 +101,25 @@ def test_a_bad_spec_fails_the_candidate(spec, needle):
     sources = _sources({"e": torch.eye(2)})
     with pytest.raises(MergeError, match=needle):
         build_candidate(_model(), {"model": "base", "svd_mutation": spec}, sources, 0)
+
+
+def test_factors_are_kept_in_the_run_folder_and_read_back(tmp_path, monkeypatch):
+    tau = torch.tensor([[3.0, 1.0], [0.5, -2.0]])
+    first = _sources({"e": tau})
+    first.svd_dir = tmp_path / "svd"
+    want = svd_factors(first, "e", "base", None)
+    assert len(list((tmp_path / "svd").glob("*.safetensors"))) == 1
+    second = _sources({"e": tau})  # another worker, or a resumed run
+    second.svd_dir = tmp_path / "svd"
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_svd)
+    got = svd_factors(second, "e", "base", None)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(g, w) for n in want for g, w in zip(got[n], want[n], strict=True))
+    other_rank = _sources({"e": tau})  # another rank is another file
+    other_rank.svd_dir = tmp_path / "svd"
+    with pytest.raises(AssertionError, match="recomputed"):
+        svd_factors(other_rank, "e", "base", 1)

@@ -69,6 +69,8 @@ def test_digits_run_ends_with_the_aggregate_as_best(tmp_path, experts):
     stored = {p.stem for p in (tmp_path / "run" / "store").glob("*.safetensors")}
     assert refs and refs <= stored
     assert stored - refs <= {store_key(best["recipe"])}
+    # the SVD factors of the three experts' task vectors, once each, in the run folder
+    assert len(list((tmp_path / "run" / "svd").glob("*.safetensors"))) == 3
     # each expert knows only its own classes; the merge of the elites beats every source
     # on the whole test set (measured: 0.44 against 0.36 for the best expert)
     test = best["scores"]["test"]["digits-test"]

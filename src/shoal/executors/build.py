@@ -21,7 +21,9 @@ All randomness comes from the work item's seed.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,6 +80,8 @@ class SourceMap(Mapping[str, Tensors]):
         self._cache: dict[str, Tensors] = {}
         #: (expert, base, rank) -> tensor name -> (U, σ, Vᵀ); see :func:`svd_factors`
         self.svd_cache: dict[tuple[str, str, int | None], dict[str, SVDFactors]] = {}
+        #: where :func:`svd_factors` keeps a copy of the factors (the run folder's ``svd/``)
+        self.svd_dir: Path | None = None
 
     def add(self, name: str, path: str) -> None:
         """Let ``name`` refer to the checkpoint at ``path`` (a model named by its path)."""
@@ -216,13 +220,24 @@ def svd_factors(
     """Thin SVD of the task vector τ = θ_expert − θ_base of every 2-D tensor, in float32.
 
     Computed once per (expert, base, rank) and kept in ``sources.svd_cache`` (the worker's
-    lifetime). ``rank`` keeps the top r singular triplets: U (m, r), σ (r,), Vᵀ (r, n),
-    4·(m + n + 1)·r bytes per matrix instead of 4·(m + n + 1)·min(m, n).
+    lifetime) and, when ``sources.svd_dir`` is set (the run folder's ``svd/``), in a file
+    there that later workers and resumed runs read instead of recomputing. ``rank`` keeps
+    the top r singular triplets: U (m, r), σ (r,), Vᵀ (r, n), 4·(m + n + 1)·r bytes per
+    matrix instead of 4·(m + n + 1)·min(m, n).
     """
     key = (expert, base, rank)
-    if key not in sources.svd_cache:
-        theta_e, theta_b = sources[expert], sources[base]
-        out: dict[str, SVDFactors] = {}
+    if key in sources.svd_cache:
+        return sources.svd_cache[key]
+    theta_e, theta_b = sources[expert], sources[base]
+    file = _svd_file(sources, expert, base, rank)
+    out: dict[str, SVDFactors] = {}
+    if file is not None and file.is_file():
+        from safetensors.torch import load_file
+
+        flat = load_file(str(file))
+        names = {k.rsplit(".", 1)[0] for k in flat}
+        out = {n: (flat[f"{n}.U"], flat[f"{n}.S"], flat[f"{n}.Vh"]) for n in sorted(names)}
+    else:
         for name, t in theta_e.items():
             if t.ndim != 2 or not t.is_floating_point() or name not in theta_b:
                 continue
@@ -231,8 +246,37 @@ def svd_factors(
             if rank is not None:
                 u, s, vh = u[:, :rank], s[:rank], vh[:rank]
             out[name] = (u.contiguous(), s.contiguous(), vh.contiguous())
-        sources.svd_cache[key] = out
-    return sources.svd_cache[key]
+        if file is not None:
+            _write_svd(file, out)
+    sources.svd_cache[key] = out
+    return out
+
+
+def _svd_file(sources: SourceMap, expert: str, base: str, rank: int | None) -> Path | None:
+    """The cache file of one (expert, base, rank), or ``None`` without a run folder.
+
+    Named by a hash of the two models' paths and the rank, so a model moved or replaced
+    between sessions gets new factors.
+    """
+    if sources.svd_dir is None or not sources.svd_dir.parent.is_dir():
+        return None  # e.g. a Ray worker on a host without the run folder
+    paths = [sources._paths.get(r, r) for r in (expert, base)]
+    digest = hashlib.sha256(repr((paths, rank)).encode()).hexdigest()[:16]
+    return sources.svd_dir / f"{digest}.safetensors"
+
+
+def _write_svd(file: Path, factors: dict[str, SVDFactors]) -> None:
+    """Write the factors atomically (several workers may race: the last rename wins)."""
+    from safetensors.torch import save_file
+
+    from shoal._atomic import atomic_path
+
+    flat = {}
+    for name, (u, s, vh) in factors.items():
+        flat.update({f"{name}.U": u, f"{name}.S": s, f"{name}.Vh": vh})
+    file.parent.mkdir(exist_ok=True)
+    with atomic_path(file) as tmp:
+        save_file(flat, str(tmp))
 
 
 def apply_svd_mutation(

@@ -11,6 +11,7 @@ import os
 import socket
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -91,6 +92,8 @@ class Worker:
         self.sources = SourceMap(
             spec.models, self.store, functools.partial(_load_in_model_order, order, tied)
         )
+        if spec.store.get("path"):  # CycleQD's SVD factors: <run folder>/svd/
+            self.sources.svd_dir = Path(spec.store["path"]).parent / "svd"
         self._env = TaskEnv(tokenizer=self.tokenizer, root=spec.root, device=spec.device)
         self.tasks: dict[str, Task] = {}
         for t in spec.tasks:
