@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from shoal.search.runner import evolve
-from shoal.testbed.images import write_image_experts
+from shoal.testbed.images import EXPERT_GROUPS_3, write_image_experts
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 
@@ -50,9 +50,12 @@ def test_there_are_examples_for_every_algorithm() -> None:
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
 def test_example_runs_shortened(example: Path, tiny_testbed: Path, tmp_path: Path) -> None:
     text = example.read_text()
-    if "../.testbed/digits" in text:
+    if "../.testbed/digits-3" in text:  # three class-group experts from one base (CycleQD)
+        write_image_experts(tmp_path / "digits-3", groups=EXPERT_GROUPS_3, shared_init=True)
+        text = text.replace("../.testbed/digits-3", str(tmp_path / "digits-3"))
+    if "../.testbed/digits/" in text:
         write_image_experts(tmp_path / "digits")
-        text = text.replace("../.testbed/digits", str(tmp_path / "digits"))
+        text = text.replace("../.testbed/digits/", f"{tmp_path / 'digits'}/")
     if "../.testbed/mnist-shared" in text:
         write_image_experts(tmp_path / "mnist", "mnist", steps=2, shared_init=True)
         text = text.replace("../.testbed/mnist-shared", str(tmp_path / "mnist"))
