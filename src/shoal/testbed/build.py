@@ -190,6 +190,7 @@ def _build_in_child(
         except BaseException:  # Ctrl-C or an error in a progress callback
             child.terminate()
             child.wait()
+            remove_stale_temp_siblings(out)  # the child's, if SIGTERM ended it outright
             raise
         if failure is not None:
             cls = getattr(errors, failure[0], None)
