@@ -134,9 +134,10 @@ class RunFolder:
         return self.root / "report"
 
     def own_names(self) -> tuple[str, ...]:
-        """Names of everything a run writes directly in its folder."""
+        """Names of everything a run writes directly in its folder (``svd/``: CycleQD's
+        cached SVD factors, written by the workers beside ``store/``)."""
         paths = (self.config, self.state, self.events.path, self.store, self.best, self.summary)
-        return (*(p.name for p in paths), self.report.name, "stages")
+        return (*(p.name for p in paths), self.report.name, "stages", "svd")
 
     def stage(self, name: str) -> RunFolder:
         """The folder of stage ``name``."""
@@ -178,7 +179,7 @@ class RunFolder:
 
     def unstarted_names(self) -> tuple[str, ...]:
         """What a run killed before its first evaluation may leave, besides the lock."""
-        return (self.config.name, self.events.path.name, self.store.name, "stages")
+        return (self.config.name, self.events.path.name, self.store.name, "stages", "svd")
 
     def remove_leftovers(self) -> None:
         """Delete temporary siblings (``.state.json.tmp-<pid>``, ``.best.old-<pid>``, ...)
