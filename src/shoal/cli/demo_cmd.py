@@ -57,7 +57,7 @@ An archive of 20 MLPs (64-256-10) starts from N(0, 0.01²); each step
 merges two members with a split-point SLERP, adds a little noise and keeps
 the archive's fittest under resource competition (METHODS.md §3). This is
 `shoal evolve` of examples/m2n2-digits-scratch.yaml: it runs on the CPU
-(about a minute for the published 50,000 evaluations on a quiet 2-core
+(1–2 minutes for the published 50,000 evaluations on a 2-core
 machine), writes a run folder (best/, summary.json, events.jsonl, report/)
 and prints where it is.
 
