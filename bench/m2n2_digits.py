@@ -76,7 +76,7 @@ def scoring_floor(passes: int) -> float:
     return time.perf_counter() - t0
 
 
-def speed(evaluations: int, seed: int, threads: int) -> None:
+def speed(evaluations: int, seed: int) -> None:
     """Time one from-scratch run against the scoring floor and the published reference."""
     config = yaml.safe_load(SCRATCH.read_text())
     config["budget"] = {"evaluations": evaluations}
@@ -84,7 +84,7 @@ def speed(evaluations: int, seed: int, threads: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         r = run_once(config, Path(tmp) / "run")
     floor = scoring_floor(min(evaluations, 5000)) * evaluations / min(evaluations, 5000)
-    print(f"threads={threads} evaluations={evaluations} seed={seed}")
+    print(f"threads={torch.get_num_threads()} evaluations={evaluations} seed={seed}")
     rate, loop = r["evals_per_s"], r["loop_seconds"]
     print(f"shoal evolve        {rate:7.0f} evals/s  ({loop:.1f} s of loop)")
     print(f"scoring floor       {evaluations / floor:7.0f} evals/s  ({floor:.1f} s)")
@@ -135,19 +135,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--evaluations", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--first-seed", type=int, default=0, help="sweeps: seeds first..first+n-1")
     ap.add_argument("--sweep", choices=["scratch", "experts"], default=None)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)  # as the serial worker scores a model this small
     if args.sweep:
         name = args.sweep if args.first_seed == 0 else f"{args.sweep}-from{args.first_seed}"
         out = args.out or ROOT / ".bench" / "m2n2" / f"{name}.json"
         sweep(args.sweep, args.seeds, args.evaluations, out, args.first_seed)
     else:
-        speed(args.evaluations or REFERENCE_EVALS, args.seed, args.threads)
+        speed(args.evaluations or REFERENCE_EVALS, args.seed)
 
 
 if __name__ == "__main__":

@@ -276,3 +276,23 @@ def test_a_worker_builds_every_recipe_as_the_general_build_does(
         assert not isinstance(flat_on, str), flat_on
         for got, expected in zip(flat_on, want, strict=True):
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_a_small_model_is_scored_on_one_thread_and_the_count_given_back(tmp_path) -> None:
+    """Two threads that wait for each other on a busy host ran the digits demo 18x slower."""
+    from shoal.executors import make_executor
+
+    spec = WorkerSpec(
+        loader={"type": "callable", "target": "shoal.testbed.images:digits_mlp"},
+        models={},
+        base_model=None,
+        tasks=[],
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with make_executor("serial", spec):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -82,14 +82,10 @@ def register(app: typer.Typer) -> None:
             50_000, "--evaluations", min=100, help="Child evaluations (the published budget)."
         ),
         seed: int = typer.Option(0, "--seed", min=0, help="Root seed."),
-        threads: int = typer.Option(2, "--threads", min=1, help="torch threads for the matmuls."),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     ) -> None:
-        import torch
-
         from shoal.cli.evolve_cmd import run_and_report
 
-        torch.set_num_threads(threads)
         config = {**DEMO_CONFIG, "budget": {"evaluations": evaluations}, "seed": seed}
         resume = _clear_previous(Path(run_dir), config)
         summary = run_and_report(

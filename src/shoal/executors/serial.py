@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from shoal.executors.base import Executor
 from shoal.executors.store import ModelStore
 from shoal.executors.work import WorkerSpec, WorkItem, WorkResult
@@ -28,3 +30,7 @@ class SerialExecutor(Executor):
     def evaluate(self, items: Sequence[WorkItem]) -> list[WorkResult]:
         """Evaluate in order."""
         return [self.worker.evaluate(item) for item in items]
+
+    def close(self) -> None:
+        """Give this process back the torch thread count the worker found."""
+        torch.set_num_threads(self.worker.threads_before)

@@ -102,6 +102,12 @@ class Worker:
         self._extra_built = False
         self._hf: dict[str, Any] = {}
         self.flat = FlatModel.of(self.model)  # None: the model is too big or not plain
+        self.threads_before = torch.get_num_threads()
+        if self.flat is not None and spec.threads is None:
+            # a small model's matmuls are too small to share: with two threads on a busy
+            # 2-core host they waited for each other and the digits demo ran at 26
+            # evaluations/s, against 467/s on one thread (2026-12-06)
+            torch.set_num_threads(1)
 
     def task_names(self, include_extra: bool = False) -> tuple[str, ...]:
         """Names of the fitness tasks (and the extra/test ones if asked)."""
