@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from shoal.errors import RecipeError, StateError
@@ -256,3 +257,13 @@ def mean_over_tasks(scores: Scores) -> float:
         return float("-inf")
     means = [float(v.mean()) if len(v) else 0.0 for v in scores.values()]
     return sum(means) / len(means)
+
+
+def choose_index(rng: np.random.Generator, weights: np.ndarray) -> int:
+    """Index drawn ∝ ``weights`` (non-negative, positive sum) with one uniform of ``rng``.
+
+    The one draw makes runs that share a generator (M2N2's and CycleQD's parent choice)
+    consume it identically, whatever the weights.
+    """
+    cdf = np.cumsum(weights)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))

@@ -49,6 +49,7 @@ from shoal.search.base import (
     AlgorithmOptions,
     Best,
     SearchContext,
+    choose_index,
     register,
     store_key,
     validate_options,
@@ -145,19 +146,13 @@ def elite_weights(columns: np.ndarray, a_low: float = 0.5, a_high: float = 0.8) 
     return np.prod(a_low + norm * (a_high - a_low), axis=1)
 
 
-def _choose(rng: np.random.Generator, weights: np.ndarray) -> int:
-    """Index drawn ∝ ``weights`` (non-negative, positive sum) with one uniform."""
-    cdf = np.cumsum(weights)
-    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
-
-
 def sample_parents(weights: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
     """Two distinct indices: the first ∝ w, the second ∝ w among the rest.
 
     P(first = i, second = j) = w_i / Σw · w_j / (Σw − w_i). With one elite both are it
     (the crossover then gives that elite back and the mutation explores).
     """
-    a = _choose(rng, weights)
+    a = choose_index(rng, weights)
     if len(weights) == 1:
         return a, a
     rest = weights.astype(np.float64).copy()
@@ -165,7 +160,7 @@ def sample_parents(weights: np.ndarray, rng: np.random.Generator) -> tuple[int, 
     if not rest.sum() > 0:
         rest = np.ones_like(rest)
         rest[a] = 0.0
-    return a, _choose(rng, rest)
+    return a, choose_index(rng, rest)
 
 
 def crossover_weights(omega: np.ndarray) -> np.ndarray:

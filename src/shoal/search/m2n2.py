@@ -46,6 +46,7 @@ from shoal.search.base import (
     AlgorithmOptions,
     Best,
     SearchContext,
+    choose_index,
     register,
     store_key,
     validate_options,
@@ -189,12 +190,6 @@ def attraction(
     return np.maximum(scores - scores[a], 0.0) @ w
 
 
-def _choose(rng: np.random.Generator, weights: np.ndarray) -> int:
-    """Index drawn ∝ ``weights`` (non-negative, positive sum)."""
-    cdf = np.cumsum(weights)
-    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
-
-
 def select_parents(
     scores: np.ndarray,
     rng: np.random.Generator,
@@ -211,7 +206,7 @@ def select_parents(
     """
     cap = capacity(scores, capacity_mode)
     f = resource_fitness(scores, alpha, eps, cap)
-    a = _choose(rng, f) if f.sum() > 0 else int(rng.integers(scores.shape[0]))  # step 2
+    a = choose_index(rng, f) if f.sum() > 0 else int(rng.integers(scores.shape[0]))  # step 2
     return a, partner_weights_choice(scores, a, f, rng, alpha, eps, matchmaker, cap)
 
 
@@ -256,7 +251,7 @@ def partner_weights_choice(
 ) -> int:
     """Draw parent B with :func:`partner_weights`."""
     w = partner_weights(scores, a, fitness, alpha=alpha, eps=eps, matchmaker=matchmaker, cap=cap)
-    return _choose(rng, w)
+    return choose_index(rng, w)
 
 
 def drop_index(
