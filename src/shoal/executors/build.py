@@ -228,7 +228,6 @@ def svd_factors(
     key = (expert, base, rank)
     if key in sources.svd_cache:
         return sources.svd_cache[key]
-    theta_e, theta_b = sources[expert], sources[base]
     file = _svd_file(sources, expert, base, rank)
     out: dict[str, SVDFactors] = {}
     if file is not None and file.is_file():
@@ -237,7 +236,8 @@ def svd_factors(
         flat = load_file(str(file))
         names = {k.rsplit(".", 1)[0] for k in flat}
         out = {n: (flat[f"{n}.U"], flat[f"{n}.S"], flat[f"{n}.Vh"]) for n in sorted(names)}
-    else:
+    else:  # only now are the two models read
+        theta_e, theta_b = sources[expert], sources[base]
         for name, t in theta_e.items():
             if t.ndim != 2 or not t.is_floating_point() or name not in theta_b:
                 continue
