@@ -216,18 +216,19 @@ class FlatModel:
         return child
 
     def _chromosome_index(self, filters: tuple[str, ...]) -> list[torch.Tensor | None]:
-        """Index tensors of each chromosome: a tensor belongs to the first filter it contains."""
+        """Index tensors of each chromosome: a tensor belongs to the entry a recipe's filter
+        list gives it (:func:`~shoal.recipe.params.filter_entry`, as the general build)."""
         if filters not in self._chromosomes:
             if len(filters) <= 1:
                 self._chromosomes[filters] = [None]
             else:
-                from shoal.errors import MergeError
+                from shoal.recipe.params import filter_entry
 
+                entries: list[Mapping[str, Any]] = [{"filter": f} if f else {} for f in filters]
                 groups: list[list[int]] = [[] for _ in filters]
                 for i, name in enumerate(self.names):
-                    c = next((k for k, f in enumerate(filters) if f in name), None)
-                    if c is None:
-                        raise MergeError(f"tensor {name!r} matches no chromosome of {filters}")
+                    c = filter_entry(entries, name)
+                    assert c is not None  # handles(): the last entry has no filter
                     groups[c].extend(range(int(self._offsets[i]), int(self._offsets[i + 1])))
                 self._chromosomes[filters] = [torch.as_tensor(g, dtype=torch.long) for g in groups]
         return self._chromosomes[filters]
