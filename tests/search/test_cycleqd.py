@@ -174,6 +174,28 @@ def test_quality_task_cycles_every_generation():
     assert algo.q == 7 % 3 and algo.generation == 7
 
 
+def test_without_cycling_the_first_task_stays_the_quality():
+    algo = _make(children=2, cycling=False)
+    asks = _drive(algo, 5, np.random.default_rng(1))
+    experts = [[r["svd_mutation"]["expert"] for r in batch] for batch in asks[1:]]
+    assert experts == [["e0"] * 2] * 4 and algo.q == 0 and algo.generation == 4
+
+
+def test_specialists_are_the_best_elite_of_each_archive():
+    algo = _make(children=2)
+    _drive(algo, 6, np.random.default_rng(3))
+    assert algo.archives is not None
+    specialists = algo.specialists()
+    assert list(specialists) == ["best-t0", "best-t1", "best-t2"]
+    for k, archive in enumerate(algo.archives):
+        top = max(e.quality for _, e in archive)
+        sp = specialists[f"best-t{k}"]
+        assert sp.fitness == top
+        # the same model as the archive's best cell: its mean on task k is that quality
+        holder = next(e for _, e in archive if e.data["evaluation"] == sp.evaluation)
+        assert holder.quality == top and holder.data["recipe"] == sp.recipe
+
+
 def test_parents_come_from_the_quality_archive_and_children_go_everywhere():
     algo = _make(sampling="uniform")
     rng = np.random.default_rng(2)

@@ -35,6 +35,7 @@ _COMMAND_MODULES = (
     "shoal.cli.testbed_cmd",
     "shoal.cli.evolve_cmd",
     "shoal.cli.demo_cmd",
+    "shoal.cli.export_cmd",
 )
 
 

@@ -4,7 +4,11 @@
 and ``summary.json`` and writes ``report/``: ``fitness.png`` (candidates and running best
 against evaluations), ``tasks.png`` (per-task scores of the best so far; the final best on
 fitness and test splits, with baselines), ``parameters.png`` (traces of the recipe
-parameters that varied most) and ``summary.md``. ``shoal report RUN_DIR`` redraws it.
+parameters that varied most) and ``summary.md``. A CycleQD run (or stage) adds
+``archives[-STAGE].png`` (each archive as a quality heatmap over its behaviour axes, at four
+points of the run) and ``qd[-STAGE].png`` (coverage, best quality and QD score against
+evaluations), and its archives and specialists in the summary. ``shoal report RUN_DIR``
+redraws it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from shoal._atomic import replace_dir, temp_sibling
+from shoal.report.archives import archive_history, plot_archives, plot_qd_curves
 from shoal.report.data import RunData, load_run, numeric_leaves
 from shoal.report.plots import plot_fitness, plot_parameters, plot_tasks
 from shoal.report.summary import summary_markdown
@@ -36,6 +41,13 @@ def write_report(run_dir: str | Path) -> Path:
             plot_fitness(data, tmp / "fitness.png")
             plot_tasks(data, tmp / "tasks.png")
             plot_parameters(data, tmp / "parameters.png")
+        for stage, folder in data.folders():
+            history = archive_history(folder)
+            if history is not None:
+                suffix = f"-{stage}" if stage else ""
+                plot_archives(history, tmp / f"archives{suffix}.png", stage or "")
+                plot_qd_curves(history, tmp / f"qd{suffix}.png", stage or "")
+                data.archives[stage] = history
         (tmp / "summary.md").write_text(summary_markdown(data))
         replace_dir(tmp, out)
     finally:

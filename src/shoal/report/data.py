@@ -23,12 +23,20 @@ class RunData:
             run-wide ``step`` (0-based evaluation count over all stages).
         summary: The top-level ``summary.json`` (empty if the run has not finished).
         stages: Stage names in order (``[None]`` for a single-stage run).
+        archives: Stage name (``None``: the run itself) -> its CycleQD archive history,
+            filled by :func:`shoal.report.write_report`.
     """
 
     root: Path
     events: list[dict[str, Any]]
     summary: dict[str, Any] = field(default_factory=dict)
     stages: list[str | None] = field(default_factory=list)
+    archives: dict[str | None, Any] = field(default_factory=dict)
+
+    def folders(self) -> list[tuple[str | None, RunFolder]]:
+        """``(stage, folder)`` of the run itself or of each stage, in order."""
+        folder = RunFolder(self.root)
+        return [(s, folder if s is None else folder.stage(s)) for s in self.stages]
 
 
 def load_run(run_dir: str | Path) -> RunData:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from shoal.report.archives import ArchiveHistory
 from shoal.report.data import RunData
 
 __all__ = ["summary_markdown"]
@@ -47,6 +48,33 @@ def _against_baselines(best: dict[str, dict[str, float]], baselines: dict[str, A
     return lines
 
 
+def _archive_lines(stage: str | None, history: ArchiveHistory) -> list[str]:
+    """One line per archive: elites, coverage, best quality against its expert's, QD score."""
+    where = f" (stage {stage})" if stage else ""
+    lines = ["", f"## CycleQD archives{where}", ""]
+    lines += [
+        "| quality task | elites | coverage | best quality | its expert | QD score |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for task, archive in zip(history.tasks, history.archives, strict=True):
+        st = archive.stats()
+        expert = history.experts.get(task, "?")
+        seeded = history.seed_qualities.get(task, float("nan"))
+        lines.append(
+            f"| {task} | {st.num_elites} | {100 * st.coverage:.1f} % of {archive.cells} "
+            f"| {st.best_quality:.4f} | {expert} {seeded:.4f} | {st.qd_score:.2f} |"
+        )
+    lines.append("")
+    lines.append(
+        "Qualities are train means. The best elite of each archive is scored on every "
+        "split in the table above (`best-<task>`); `shoal export RUN --list` lists every "
+        "elite and `--elite TASK:CELL` writes one as a checkpoint."
+    )
+    suffix = f"-{stage}" if stage else ""
+    lines += ["", f"![archives](archives{suffix}.png)", f"![qd](qd{suffix}.png)"]
+    return lines
+
+
 def summary_markdown(data: RunData) -> str:
     """Markdown text of the report summary."""
     s = data.summary
@@ -72,9 +100,12 @@ def summary_markdown(data: RunData) -> str:
         lines.append(f"- checkpoint: `{best.get('path')}`")
         rows = {"best": best.get("scores", {})}
         rows.update(s.get("baselines") or {})
+        rows.update({k: v.get("scores", {}) for k, v in (s.get("specialists") or {}).items()})
         lines += ["", *_table(rows)]
         against = _against_baselines(best.get("scores", {}), s.get("baselines") or {})
         if against:
             lines += ["", *against]
+    for stage, history in data.archives.items():
+        lines += _archive_lines(stage, history)
     lines += ["", "![fitness](fitness.png)", "![tasks](tasks.png)", "![parameters](parameters.png)"]
     return "\n".join(lines) + "\n"

@@ -194,6 +194,11 @@ class Algorithm(abc.ABC):
     def best(self) -> Best | None:
         """Best candidate so far, ``None`` before the first tell."""
 
+    def specialists(self) -> dict[str, Best]:
+        """Named candidates besides :attr:`best` that the run's summary scores on every
+        split (CycleQD: the best elite of each archive); default none."""
+        return {}
+
     def references(self) -> set[str]:
         """Store keys (content hashes) of models the algorithm still needs; default none."""
         return set()

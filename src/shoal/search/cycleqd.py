@@ -4,7 +4,8 @@ K skill tasks, one MAP-Elites archive per task (:class:`~shoal.search.qd_archive
 In archive k the quality is the mean score on task k and the behaviour is the vector of
 mean scores on the other K − 1 tasks, binned over [0.85 × weakest expert, 1.15 × strongest
 expert] per task (15 bins per axis by default). The quality task q cycles every generation
-(q ← (q + 1) mod K); a generation draws its children from archive q:
+(q ← (q + 1) mod K; ``cycling: false`` keeps q on the first task, the ablation); a
+generation draws its children from archive q:
 
 1. two distinct parents, by elite sampling (:func:`elite_weights`) or uniformly;
 2. crossover by merging, θ = θ_base + Σ_i ω_i τ_i / Σ_i ω_i, ω_i ~ N(1, 0.01²);
@@ -96,6 +97,11 @@ class CycleQDOptions(AlgorithmOptions):
         "paper",
         description="parent sampling: paper = elite weights over [0.5, 0.8]; reference = "
         "over [0.5, 1.3] (the reference code); uniform = the ablation",
+    )
+    cycling: bool = Field(
+        True,
+        description="cycle the quality task every generation (False: the ablation, the "
+        "first task is the quality throughout)",
     )
     omega_std: float = Field(0.01, ge=0.0, description="std of ω ~ N(1, std²) in the crossover")
     mutation: Literal["svd", "gaussian", "none"] = Field(
@@ -394,7 +400,8 @@ class CycleQD(Algorithm):
             for i, (r, s) in enumerate(zip(recipes, scores, strict=True))
         ]
         self.generation += 1
-        self.q = (self.q + 1) % self.K  # the quality task cycles every generation
+        if self.options.cycling:
+            self.q = (self.q + 1) % self.K  # the quality task cycles every generation
 
     def _make_archives(self) -> None:
         o = self.options
@@ -440,6 +447,21 @@ class CycleQD(Algorithm):
     def best(self) -> Best | None:
         """The aggregation once told; before, the elite with the best mean over the tasks."""
         return self._aggregate if self._aggregate is not None else self._best_elite()
+
+    def specialists(self) -> dict[str, Best]:
+        """The best elite of each archive, as ``best-<task>`` (first maximum in cell order)."""
+        out = {}
+        for t, archive in zip(self.tasks, self.archives or [], strict=False):
+            elites = [e for _, e in archive]
+            if elites:
+                e = max(elites, key=lambda e: e.quality)
+                out[f"best-{t}"] = Best(
+                    recipe=e.data["recipe"],
+                    fitness=e.quality,
+                    evaluation=int(e.data["evaluation"]),
+                    extra={"ref": e.data["ref"]},
+                )
+        return out
 
     def references(self) -> set[str]:
         """Store keys of the elites still in some archive (experts are source models)."""

@@ -359,6 +359,21 @@ def _final_worker(local: Worker | None, spec: WorkerSpec) -> Worker:
     return Worker(spec, worker_id="main")
 
 
+def _stored_or_recipe(algo: Algorithm, store: Any, recipe: dict[str, Any]) -> dict[str, Any]:
+    """The stored model of ``recipe`` when the algorithm kept it (the weights scored)."""
+    if type(algo).keep_models and store_key(recipe) in store:
+        return {"model": store_ref(recipe)}
+    return recipe
+
+
+def _event_seed(folder: RunFolder, evaluation: int) -> int:
+    """The seed the run built evaluation ``evaluation`` with (0 if not logged)."""
+    for event in folder.events.read():
+        if event.get("evaluation") == evaluation:
+            return int(event.get("seed") or 0)
+    return 0
+
+
 def _split_means(
     worker: Worker, scores: dict[str, np.ndarray], spec: WorkerSpec
 ) -> dict[str, dict[str, float]]:
@@ -403,11 +418,7 @@ def _finish(
         worker = _final_worker(local, spec)
         seed = int(counters["best_seed"] or 0)
         recipe = best.recipe
-        if type(algo).keep_models and store_key(recipe) in store:
-            build_recipe: dict[str, Any] = {"model": store_ref(recipe)}
-        else:
-            build_recipe = recipe
-        model = worker.build(build_recipe, seed)
+        model = worker.build(_stored_or_recipe(algo, store, recipe), seed)
         export_model(
             model, recipe, folder.best, tokenizer=worker.tokenizer, seed=seed, models=st.models
         )
@@ -431,6 +442,18 @@ def _finish(
                 m = worker.build(baseline, 0)
                 s = worker.score(m, worker.task_names(include_extra=True))
                 summary["baselines"][name] = _split_means(worker, s, spec)
+        specialists = algo.specialists()
+        if specialists:
+            summary["specialists"] = {}
+        for name, sp in specialists.items():
+            seed = _event_seed(folder, sp.evaluation)
+            m = worker.build(_stored_or_recipe(algo, store, sp.recipe), seed)
+            s = worker.score(m, worker.task_names(include_extra=True))
+            summary["specialists"][name] = {
+                "evaluation": sp.evaluation,
+                "seed": seed,
+                "scores": _split_means(worker, s, spec),
+            }
 
     write_text_atomic(folder.summary, json.dumps(summary, indent=2, sort_keys=False, default=str))
     return summary

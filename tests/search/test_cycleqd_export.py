@@ -1,0 +1,137 @@
+"""``shoal export`` of a CycleQD run and the report's archive replay (digits, seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from shoal.cli.main import app
+from shoal.report import write_report
+from shoal.report.archives import archive_history
+from shoal.search.run_folder import RunFolder
+from shoal.search.runner import evolve
+from shoal.testbed.images import EXPERT_GROUPS_3, write_image_experts
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cycleqd-digits.yaml"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 10-generation CycleQD run on the three digits experts."""
+    root = tmp_path_factory.mktemp("cqd")
+    experts = write_image_experts(root / "digits-3", groups=EXPERT_GROUPS_3, shared_init=True)
+    cfg = yaml.safe_load(EXAMPLE.read_text())
+    cfg["models"] = {k: str(v) for k, v in experts.items()}
+    cfg["algorithm"].update(generations=10, children=2)
+    cfg.update(progress=False, baselines=True)
+    evolve(cfg, root / "run")
+    return root / "run"
+
+
+def _state(run: Path) -> dict:
+    return json.loads((run / "state.json").read_text())["algorithm"]["state"]
+
+
+def test_replayed_archives_end_as_the_saved_ones(run):
+    history = archive_history(RunFolder(run))
+    assert history is not None
+    saved = _state(run)["archives"]
+    for archive, state in zip(history.archives, saved, strict=True):
+        replayed = archive.state_dict()
+        assert [(e["cell"], e["quality"], e["behaviour"]) for e in replayed["elites"]] == [
+            (e["cell"], e["quality"], e["behaviour"]) for e in state["elites"]
+        ]
+        assert [e["data"]["evaluation"] for e in replayed["elites"]] == [
+            e["data"]["evaluation"] for e in state["elites"]
+        ]
+    # snapshots: four, evenly spaced, the last at the end; coverage never shrinks
+    assert [n for n, _ in history.snapshots] == [6, 12, 17, 23]  # round(23 × i / 4); 23 = 3 experts + 20 children
+    for task in history.tasks:
+        cov = history.coverage[task]
+        assert cov == sorted(cov) and cov[0] == pytest.approx(3 / 225)
+    assert history.experts == {
+        "digits-train-0-2": "expert-0-2",
+        "digits-train-3-5": "expert-3-5",
+        "digits-train-6-9": "expert-6-9",
+    }
+
+
+def test_report_draws_the_archives_and_lists_the_specialists(run):
+    out = write_report(run)
+    assert (out / "archives.png").stat().st_size > 10_000
+    assert (out / "qd.png").stat().st_size > 10_000
+    text = (out / "summary.md").read_text()
+    assert "## CycleQD archives" in text
+    summary = json.loads((run / "summary.json").read_text())
+    for k, t in enumerate(["digits-train-0-2", "digits-train-3-5", "digits-train-6-9"]):
+        assert f"| best-{t} |" in text
+        # the specialist's train score on its task is its archive's best quality
+        quality = max(e["quality"] for e in _state(run)["archives"][k]["elites"])
+        got = summary["specialists"][f"best-{t}"]["scores"]["fitness"][t]
+        assert got == pytest.approx(quality, abs=1e-12)
+
+
+def test_export_of_an_elite_is_the_stored_model(run, tmp_path):
+    cli = CliRunner()
+    listed = cli.invoke(app, ["export", str(run), "--list"])
+    assert listed.exit_code == 0, listed.output
+    first = _state(run)["archives"][2]["elites"][0]
+    cell = ",".join(map(str, first["cell"]))
+    assert f"{cell}" in listed.output
+    out = tmp_path / "elite"
+    res = cli.invoke(
+        app, ["export", str(run), "--elite", f"digits-train-6-9:{cell}", "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    ref = first["data"]["ref"]
+    got = load_file(str(out / "model.safetensors"))
+    if ref.startswith("store:"):
+        want = load_file(str(run / "store" / f"{ref.removeprefix('store:')}.safetensors"))
+    else:  # an expert itself
+        want = load_file(str(yaml.safe_load((run / "config.yaml").read_text())["models"][ref]))
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    card = (out / "README.md").read_text()
+    assert f"digits-train-6-9:{cell}" in card and "train means" in card
+
+
+def test_export_of_the_aggregate_is_best(run, tmp_path):
+    out = tmp_path / "agg"
+    res = CliRunner().invoke(app, ["export", str(run), "--aggregate", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    got = load_file(str(out / "model.safetensors"))
+    want = load_file(str(run / "best" / "model.safetensors"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--elite", "nope:0,0"], "no archive 'nope'"),
+        (["--elite", "digits-train-0-2:x"], "CELL is i,j"),
+        (["--elite", "digits-train-0-2:14,14"], "is empty"),
+        (["--elite", "digits-train-0-2"], "give TASK:CELL"),
+        ([], "give exactly one of"),
+        (["--aggregate"], "--out: give the folder"),
+    ],
+)
+def test_bad_export_requests_are_one_line(run, tmp_path, shoal_cli, args, needle):
+    out = tmp_path / "x"
+    extra = ["--out", str(out)] if "--elite" in args else []
+    code, _, err = shoal_cli(["export", str(run), *args, *extra])
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_run_that_is_not_cycleqd_is_named(tmp_path, shoal_cli):
+    (tmp_path / "config.yaml").write_text("models: {}\n")
+    code, _, err = shoal_cli(["export", str(tmp_path), "--list"])
+    assert code == 2 and "no saved CycleQD state" in err
