@@ -52,8 +52,9 @@ def test_replayed_archives_end_as_the_saved_ones(run):
         assert [e["data"]["evaluation"] for e in replayed["elites"]] == [
             e["data"]["evaluation"] for e in state["elites"]
         ]
-    # snapshots: four, evenly spaced, the last at the end; coverage never shrinks
-    assert [n for n, _ in history.snapshots] == [6, 12, 17, 23]  # round(23 × i / 4); 23 = 3 experts + 20 children
+    # snapshots: after round(23 i / 4) candidates (3 experts + 20 children), i = 1..4;
+    # coverage never shrinks
+    assert [n for n, _ in history.snapshots] == [6, 12, 17, 23]
     for task in history.tasks:
         cov = history.coverage[task]
         assert cov == sorted(cov) and cov[0] == pytest.approx(3 / 225)

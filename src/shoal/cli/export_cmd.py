@@ -66,8 +66,7 @@ def register(app: typer.Typer) -> None:
             evaluation = agg.get("evaluation")
             title = "CycleQD aggregation of the elites"
             facts = [
-                "θ_base + Σ_k β_k τ_k over the elites, β = softmax(quality / T) "
-                "(METHODS.md §4)",
+                "θ_base + Σ_k β_k τ_k over the elites, β = softmax(quality / T) (METHODS.md §4)",
                 f"{len(recipe['models'])} distinct models merged",
                 f"train mean {agg['fitness']:.4f} (evaluation {evaluation})"
                 if agg

@@ -60,7 +60,8 @@ class QDRun:
     def __init__(self, run: RunFolder, folder: RunFolder, stage: str | None) -> None:
         self.run, self.folder, self.stage = run, folder, stage
         saved = folder.read_state() or {}
-        self.state: dict[str, Any] = saved["algorithm"]["state"]
+        self.saved: dict[str, Any] = saved["algorithm"]
+        self.state: dict[str, Any] = self.saved["state"]
         self.tasks: list[str] = [str(t) for t in self.state["tasks"]]
 
     def elites(self) -> list[EliteRow]:
@@ -117,7 +118,7 @@ class QDRun:
         from shoal.search.cycleqd import CycleQD
 
         algo = CycleQD(self.state["options"], self.state["base"], task_names=self.tasks)
-        algo._load_state(self.state)  # noqa: SLF001 — the state is the algorithm's own
+        algo.load_state_dict(self.saved)
         if algo.options.aggregate == "none" or not self.state["archives"]:
             raise RecipeError(
                 f"{self.folder.root}: the run has no aggregation "
