@@ -185,10 +185,10 @@ def _stage_names(run: RunFolder) -> list[str]:
 
 def _is_qd(folder: RunFolder) -> bool:
     try:
-        saved = folder.read_state()
+        saved = folder.read_state() or {}
     except StateError:
         return False
-    return bool(saved) and (saved.get("algorithm") or {}).get("algorithm") == "cycleqd"
+    return (saved.get("algorithm") or {}).get("algorithm") == "cycleqd"
 
 
 def open_qd_run(run_dir: str | Path, stage: str | None = None) -> QDRun:
