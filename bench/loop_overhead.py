@@ -6,11 +6,14 @@
    building and scoring), target ≤ 1 ms; building the child (a flat vector) is shown apart.
 2. **A language model** — a short serial PS search (DARE-TIES merges built in place) on the
    LM testbed: everything that is not scoring, as a fraction of the loop (target ≤ 10 %).
+   ``--algorithm cycleqd`` measures CycleQD instead (task-arithmetic crossover, SVD
+   mutation, every child stored, three archives updated): the same fraction.
 
 Both figures come from the run's own events (``seconds``, ``build_seconds`` per candidate)
 against the loop's wall time, so they hold on a slow host as on a fast one.
 
     python bench/loop_overhead.py [--testbed DIR] [--evaluations N] [--limit K] [--skip-lm]
+                                  [--algorithm ps|cycleqd]
 
 Without --testbed it uses .testbed/small if present, else builds the `tiny` testbed into
 .bench/testbed-tiny (about a minute on 2 cores; reused afterwards).
@@ -70,6 +73,19 @@ def small_model(evaluations: int) -> None:
         shutil.rmtree(run_dir.parent, ignore_errors=True)
 
 
+def _algorithm(name: str, skills: list[str], evaluations: int) -> dict:
+    """The algorithm block: PS as the example, or CycleQD over the testbed's skill experts."""
+    if name != "cycleqd":
+        return {"name": name}
+    generations = max(1, (evaluations - len(skills) - 1) // 2)
+    return {
+        "name": "cycleqd",
+        "experts": {s: f"expert-{s}" for s in skills},
+        "generations": generations,
+        "children": 2,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--testbed", default=None)
@@ -104,11 +120,12 @@ def main() -> None:
                     "skill": s,
                     "split": "train",
                     "limit": args.limit,
+                    "name": s,
                 }
                 for s in tb.skills
             ]
         },
-        "algorithm": {"name": args.algorithm},
+        "algorithm": _algorithm(args.algorithm, tb.skills, args.evaluations),
         "budget": {"evaluations": args.evaluations},
         "executor": {"type": "serial"},
         "progress": False,

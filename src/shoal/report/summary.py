@@ -10,10 +10,13 @@ from shoal.report.data import RunData
 __all__ = ["summary_markdown"]
 
 
+_SPLITS = ("fitness", "validation", "test")
+
+
 def _table(rows: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     cols = sorted(
         {(s, t) for v in rows.values() for s, tv in v.items() for t in tv},
-        key=lambda c: (c[0] != "fitness", c[0], c[1] == "mean", c[1]),
+        key=lambda c: (_SPLITS.index(c[0]) if c[0] in _SPLITS else 3, c[0], c[1] == "mean", c[1]),
     )
     if not cols:
         return []
@@ -31,7 +34,7 @@ def _table(rows: dict[str, dict[str, dict[str, float]]]) -> list[str]:
 def _against_baselines(best: dict[str, dict[str, float]], baselines: dict[str, Any]) -> list[str]:
     """Per split: the best's mean beside the strongest baseline's, scored in this run."""
     lines = []
-    for split in ("fitness", "test"):
+    for split in ("fitness", "validation", "test"):
         mine = (best.get(split) or {}).get("mean")
         theirs = {
             name: v[split]["mean"]

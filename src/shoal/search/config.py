@@ -82,6 +82,11 @@ class TasksConfig(_Strict):
     fitness: list[dict[str, Any]] = Field(
         default=..., min_length=1, description="Tasks the search optimises (per-example scores)."
     )
+    validation: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Held-out tasks for choosing between runs (seeds, settings), scored "
+        "only for the final best and the baselines; never seen by the search.",
+    )
     test: list[dict[str, Any]] = Field(
         default_factory=list, description="Held-out tasks, scored only for the final best."
     )

@@ -78,7 +78,7 @@ def _check_task_specs(config: RunConfig) -> None:
     import shoal.executors.testbed_task  # noqa: F401  (registers `testbed`)
     from shoal.tasks.registry import validate_task_spec
 
-    for split in ("fitness", "test"):
+    for split in ("fitness", "validation", "test"):
         for i, spec in enumerate(getattr(config.tasks, split)):
             validate_task_spec(spec, f"tasks.{split}[{i}]")
 
@@ -267,7 +267,7 @@ def _build_tasks(config: RunConfig, tokenizer: Any) -> dict[str, int]:
     env = TaskEnv(tokenizer=tokenizer, root=config.root, device=config.executor.device)
     tasks: dict[str, Task] = {}
     sizes: dict[str, int] = {}
-    for split in ("fitness", "test"):
+    for split in ("fitness", "validation", "test"):
         for i, spec in enumerate(getattr(config.tasks, split)):
             where = f"tasks.{split}[{i}]"
             try:

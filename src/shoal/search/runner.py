@@ -185,7 +185,7 @@ def _worker_spec(st: _Stage, store: dict[str, Any]) -> WorkerSpec:
         models=dict(st.models),
         base_model=cfg.base_model,
         tasks=[dict(t) for t in cfg.tasks.fitness],
-        extra_tasks=[dict(t) for t in cfg.tasks.test],
+        extra_tasks=[dict(t) for t in [*cfg.tasks.validation, *cfg.tasks.test]],
         store=store,
         device=cfg.executor.device,
         root=cfg.root,
@@ -375,18 +375,23 @@ def _event_seed(folder: RunFolder, evaluation: int) -> int:
 
 
 def _split_means(
-    worker: Worker, scores: dict[str, np.ndarray], spec: WorkerSpec
+    worker: Worker, scores: dict[str, np.ndarray], spec: WorkerSpec, validation: int = 0
 ) -> dict[str, dict[str, float]]:
+    """Task means by split, each with its ``mean``; the first ``validation`` extra tasks
+    (the worker builds ``tasks.validation`` before ``tasks.test``) are the validation split."""
     means = _means(scores)
-    fitness = [n for n in worker.fitness_names]
-    test = [n for n in means if n not in fitness]
-    out = {"fitness": {n: means[n] for n in fitness}}
-    if test:
-        out["test"] = {n: means[n] for n in test}
-    for split, vals in list(out.items()):
-        if vals:
-            out[split] = {**vals, "mean": float(np.mean(list(vals.values())))}
-    return out
+    fitness = list(worker.fitness_names)
+    extra = [n for n in means if n not in fitness]
+    out = {
+        "fitness": {n: means[n] for n in fitness},
+        "validation": {n: means[n] for n in extra[:validation]},
+        "test": {n: means[n] for n in extra[validation:]},
+    }
+    return {
+        split: {**vals, "mean": float(np.mean(list(vals.values())))}
+        for split, vals in out.items()
+        if vals
+    }
 
 
 def _finish(
@@ -416,6 +421,7 @@ def _finish(
         summary["first_failure"] = failures[0]
     if best is not None:
         worker = _final_worker(local, spec)
+        n_val = len(st.config.tasks.validation)
         seed = int(counters["best_seed"] or 0)
         recipe = best.recipe
         model = worker.build(_stored_or_recipe(algo, store, recipe), seed)
@@ -429,7 +435,7 @@ def _finish(
             "recipe": recipe,
             "seed": seed,
             "path": str(folder.best),
-            "scores": _split_means(worker, scores, spec),
+            "scores": _split_means(worker, scores, spec, n_val),
         }
         if st.config.baselines:
             summary["baselines"] = {}
@@ -441,7 +447,7 @@ def _finish(
                         worker.sources.add(ref, str(st.config.resolve(ref)))
                 m = worker.build(baseline, 0)
                 s = worker.score(m, worker.task_names(include_extra=True))
-                summary["baselines"][name] = _split_means(worker, s, spec)
+                summary["baselines"][name] = _split_means(worker, s, spec, n_val)
         specialists = algo.specialists()
         if specialists:
             summary["specialists"] = {}
@@ -452,7 +458,7 @@ def _finish(
             summary["specialists"][name] = {
                 "evaluation": sp.evaluation,
                 "seed": seed,
-                "scores": _split_means(worker, s, spec),
+                "scores": _split_means(worker, s, spec, n_val),
             }
 
     write_text_atomic(folder.summary, json.dumps(summary, indent=2, sort_keys=False, default=str))
