@@ -31,7 +31,7 @@ def test_process_equals_serial_with_store_and_survives_worker_death(tmp_path):
     # the store holds exactly what the algorithm still references (+ the best)
     state = json.loads((tmp_path / "proc" / "state.json").read_text())
     best = json.loads((tmp_path / "proc" / "summary.json").read_text())["best"]
-    from shoal.search.base import store_key
+    from shoal.search.algorithms.base import store_key
 
     kept = {p.stem for p in (tmp_path / "proc" / "store").glob("*.safetensors")}
     assert kept == {store_key(best["recipe"])}

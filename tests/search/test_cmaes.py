@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from shoal.errors import StateError
-from shoal.search.cmaes import CMAES, GenomeCMAES, default_popsize
+from shoal.search.algorithms.cmaes import CMAES, GenomeCMAES, default_popsize
 
 TARGET = np.array([0.1, 0.9, 0.3, 0.7, 0.5])
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from shoal.errors import StateError
-from shoal.search.base import ALGORITHMS, Algorithm, SearchContext
+from shoal.search.algorithms.base import ALGORITHMS, Algorithm, SearchContext
 from shoal.search.context import import_algorithms
 
 import_algorithms()

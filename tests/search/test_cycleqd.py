@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from shoal.errors import RecipeError, StateError
-from shoal.search.base import SearchContext, store_key
-from shoal.search.cycleqd import (
+from shoal.search.algorithms.base import SearchContext, store_key
+from shoal.search.algorithms.cycleqd import (
     CycleQD,
     aggregation_weights,
     crossover_weights,
@@ -18,7 +18,7 @@ from shoal.search.cycleqd import (
     elite_weights,
     sample_parents,
 )
-from shoal.search.qd_archive import AddStatus, GridArchive
+from shoal.search.algorithms.qd_archive import AddStatus, GridArchive
 
 # -- the archive ---------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from shoal.search.base import store_key
+from shoal.search.algorithms.base import store_key
 from shoal.search.run_folder import RunFolder
 from shoal.search.runner import evolve
 from shoal.testbed.images import EXPERT_GROUPS_3, write_image_experts

@@ -9,8 +9,8 @@ import pytest
 
 from shoal.errors import RecipeError
 from shoal.merge.layer_path import parse_layer_path
-from shoal.search.base import ALGORITHMS, SearchContext
-from shoal.search.dfs import DFS
+from shoal.search.algorithms.base import ALGORITHMS, SearchContext
+from shoal.search.algorithms.dfs import DFS
 
 A3B3 = (["A", "B"], [3, 3])
 

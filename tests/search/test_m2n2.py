@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from shoal.errors import RecipeError, StateError
-from shoal.search.base import ALGORITHMS, SearchContext, store_key
-from shoal.search.m2n2 import (
+from shoal.search.algorithms.base import ALGORITHMS, SearchContext, store_key
+from shoal.search.algorithms.m2n2 import (
     M2N2,
     attraction,
     capacity,

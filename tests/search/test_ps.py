@@ -11,8 +11,8 @@ import pytest
 from shoal.errors import RecipeError
 from shoal.recipe import load_recipe
 from shoal.recipe.params import resolve
-from shoal.search.base import ALGORITHMS, SearchContext
-from shoal.search.ps import PS
+from shoal.search.algorithms.base import ALGORITHMS, SearchContext
+from shoal.search.algorithms.ps import PS
 
 
 def test_registered() -> None:

@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 from safetensors.torch import save_file
 
-from shoal.search.base import (
+from shoal.search.algorithms.base import (
     ALGORITHMS,
     Algorithm,
     AlgorithmOptions,

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from shoal.search.qd_archive import GridArchive
+from shoal.search.algorithms.qd_archive import GridArchive
 from shoal.search.run_folder import RunFolder
 
 __all__ = ["ArchiveHistory", "archive_history", "plot_archives", "plot_qd_curves"]

@@ -1,22 +1,19 @@
-"""shoal.search — finding a recipe by evolution: the algorithms and the run loop.
+"""shoal.search — finding a recipe by evolution: the algorithms and the run machinery.
 
-An algorithm is an ask/tell state machine over plain recipe dicts (STYLE.md): ``ask(n)``
-returns mergekit-style recipes, ``tell(recipes, scores)`` takes their per-example scores,
-``state_dict()`` is plain data. Nothing in an algorithm touches a tensor; the executors
-build and score what it asks for.
+The layout is the architecture:
 
-Algorithms (one file each, registered by name in :data:`ALGORITHMS`):
+- ``algorithms/`` — ask/tell state machines over plain recipe dicts, one file each
+  (:class:`PS`, :class:`DFS`, :class:`M2N2`, :class:`CycleQD`, the :class:`CMAES` wrapper,
+  CycleQD's :class:`GridArchive`, and the :class:`Algorithm` contract in ``base.py``).
+  Nothing there touches a tensor, a file or an executor.
+- this folder — the run machinery that drives them: :func:`evolve` (``runner.py``: ask →
+  evaluate → tell → checkpoint), :class:`RunConfig` / :func:`load_config` (``config.py``),
+  :func:`check_run` (``preflight.py``: everything checked before a run folder is written),
+  :class:`RunFolder` (``run_folder.py``), :func:`make_algorithm` (``context.py``), the
+  progress bar (``progress.py``), :func:`export_model` (``export.py``: ``best/``) and
+  :func:`open_qd_run` (``elites.py``: a CycleQD run's elites, ``shoal export``).
 
-- :class:`PS` — CMA-ES over a merge recipe's weights and densities (parameter space)
-- :class:`DFS` — CMA-ES over a layer path and its scales (data-flow space)
-- :class:`M2N2` — model merging of natural niches (split points, competition, attraction)
-- :class:`CycleQD` — quality diversity with cycling quality, over :class:`GridArchive`
-- :class:`CMAES`, :class:`GenomeCMAES` — the seeded pycma wrapper under PS and DFS
-
-The run machinery: :func:`evolve` (``runner.py``: ask → evaluate → tell → checkpoint),
-:class:`RunConfig` / :func:`load_config` (``config.py``), :func:`check_run` (``preflight.py``:
-everything checked before a run folder is written), :class:`RunFolder` (``run_folder.py``),
-:func:`export_model` (``export.py``: ``best/``). Names are imported lazily, so importing
+Imports point one way, machinery → algorithms. Names are imported lazily, so importing
 one algorithm does not load the run loop and its executors.
 """
 
@@ -27,27 +24,29 @@ from typing import TYPE_CHECKING, Any
 
 # public name -> defining module
 _LAZY = {
-    "ALGORITHMS": "shoal.search.base",
-    "Algorithm": "shoal.search.base",
-    "AlgorithmOptions": "shoal.search.base",
-    "Best": "shoal.search.base",
-    "CMAES": "shoal.search.cmaes",
-    "CycleQD": "shoal.search.cycleqd",
-    "DFS": "shoal.search.dfs",
-    "GenomeCMAES": "shoal.search.cmaes",
-    "GridArchive": "shoal.search.qd_archive",
-    "M2N2": "shoal.search.m2n2",
-    "PS": "shoal.search.ps",
+    "ALGORITHMS": "shoal.search.algorithms.base",
+    "Algorithm": "shoal.search.algorithms.base",
+    "AlgorithmOptions": "shoal.search.algorithms.base",
+    "Best": "shoal.search.algorithms.base",
+    "CMAES": "shoal.search.algorithms.cmaes",
+    "CycleQD": "shoal.search.algorithms.cycleqd",
+    "DFS": "shoal.search.algorithms.dfs",
+    "GenomeCMAES": "shoal.search.algorithms.cmaes",
+    "GridArchive": "shoal.search.algorithms.qd_archive",
+    "M2N2": "shoal.search.algorithms.m2n2",
+    "PS": "shoal.search.algorithms.ps",
     "RunConfig": "shoal.search.config",
     "RunFolder": "shoal.search.run_folder",
     "RunResult": "shoal.search.runner",
-    "SearchContext": "shoal.search.base",
+    "SearchContext": "shoal.search.algorithms.base",
     "check_run": "shoal.search.preflight",
     "evolve": "shoal.search.runner",
     "export_model": "shoal.search.export",
+    "make_algorithm": "shoal.search.context",
+    "open_qd_run": "shoal.search.elites",
     "load_config": "shoal.search.config",
-    "register": "shoal.search.base",
-    "store_key": "shoal.search.base",
+    "register": "shoal.search.algorithms.base",
+    "store_key": "shoal.search.algorithms.base",
 }
 
 __all__ = [
@@ -70,12 +69,14 @@ __all__ = [
     "evolve",
     "export_model",
     "load_config",
+    "make_algorithm",
+    "open_qd_run",
     "register",
     "store_key",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from shoal.search.base import (
+    from shoal.search.algorithms.base import (
         ALGORITHMS,
         Algorithm,
         AlgorithmOptions,
@@ -84,15 +85,17 @@ if TYPE_CHECKING:  # pragma: no cover
         register,
         store_key,
     )
-    from shoal.search.cmaes import CMAES, GenomeCMAES
+    from shoal.search.algorithms.cmaes import CMAES, GenomeCMAES
+    from shoal.search.algorithms.cycleqd import CycleQD
+    from shoal.search.algorithms.dfs import DFS
+    from shoal.search.algorithms.m2n2 import M2N2
+    from shoal.search.algorithms.ps import PS
+    from shoal.search.algorithms.qd_archive import GridArchive
     from shoal.search.config import RunConfig, load_config
-    from shoal.search.cycleqd import CycleQD
-    from shoal.search.dfs import DFS
+    from shoal.search.context import make_algorithm
+    from shoal.search.elites import open_qd_run
     from shoal.search.export import export_model
-    from shoal.search.m2n2 import M2N2
     from shoal.search.preflight import check_run
-    from shoal.search.ps import PS
-    from shoal.search.qd_archive import GridArchive
     from shoal.search.run_folder import RunFolder
     from shoal.search.runner import RunResult, evolve
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from shoal.errors import RecipeError, ShoalError
-from shoal.search.base import ALGORITHMS, Algorithm, SearchContext
+from shoal.search.algorithms.base import ALGORITHMS, Algorithm, SearchContext
 
 if TYPE_CHECKING:
     from shoal.search.config import RunConfig
@@ -31,11 +31,11 @@ __all__ = [
 
 #: modules that register algorithms (missing ones are skipped: parts being written)
 ALGORITHM_MODULES = (
-    "shoal.search.cmaes",
-    "shoal.search.ps",
-    "shoal.search.dfs",
-    "shoal.search.m2n2",
-    "shoal.search.cycleqd",
+    "shoal.search.algorithms.cmaes",
+    "shoal.search.algorithms.ps",
+    "shoal.search.algorithms.dfs",
+    "shoal.search.algorithms.m2n2",
+    "shoal.search.algorithms.cycleqd",
     "shoal.search.random_search",
 )
 

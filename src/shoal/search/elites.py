@@ -115,7 +115,7 @@ class QDRun:
         """The run's aggregation if it was evaluated, else the same merge of the archives now."""
         if self.state.get("aggregate"):
             return dict(self.state["aggregate"]["recipe"])
-        from shoal.search.cycleqd import CycleQD
+        from shoal.search.algorithms.cycleqd import CycleQD
 
         algo = CycleQD(self.state["options"], self.state["base"], task_names=self.tasks)
         algo.load_state_dict(self.saved)
@@ -150,7 +150,7 @@ class QDRun:
         from shoal.executors.store import open_store
         from shoal.executors.work import WorkerSpec
         from shoal.executors.worker import Worker
-        from shoal.search.base import store_key, store_ref
+        from shoal.search.algorithms.base import store_key, store_ref
         from shoal.search.config import load_config
         from shoal.search.export import export_model
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from shoal._devices import resolve_device
 from shoal.errors import CheckpointError, MergeError, RecipeError, ShoalError
-from shoal.search.base import validate_options
+from shoal.search.algorithms.base import validate_options
 from shoal.search.context import (
     algorithm_class,
     algorithm_key,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any
 
-from shoal.search.base import Best
+from shoal.search.algorithms.base import Best
 from shoal.search.config import Budget
 
 __all__ = ["RunProgress"]

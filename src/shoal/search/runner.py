@@ -53,7 +53,7 @@ from shoal.executors import (
     open_store,
 )
 from shoal.executors.worker import Worker
-from shoal.search.base import Algorithm, Best, store_key, store_ref
+from shoal.search.algorithms.base import Algorithm, Best, store_key, store_ref
 from shoal.search.config import Budget, RunConfig, load_config
 from shoal.search.context import algorithm_key, make_algorithm, prefix_error
 from shoal.search.export import export_model

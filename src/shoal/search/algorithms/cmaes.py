@@ -9,7 +9,7 @@ Two layers live here:
   a function of its seed. Higher is better outside; the sign flips only inside.
   A NaN or failed value counts as the worst of its generation.
 * :class:`GenomeCMAES` — the base of the evolutionary-merge algorithms (PS, DFS): an
-  :class:`~shoal.search.base.Algorithm` whose candidates are CMA-ES vectors
+  :class:`~shoal.search.algorithms.base.Algorithm` whose candidates are CMA-ES vectors
   decoded into recipes by a subclass, ranked by the mean over tasks.
 
 State: pycma's own pickled bytes (base64 in the JSON state) — the one pickle
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from shoal.errors import StateError
-from shoal.search.base import Algorithm, Best, mean_over_tasks
+from shoal.search.algorithms.base import Algorithm, Best, mean_over_tasks
 from shoal.tasks.base import Scores
 
 __all__ = ["CMAES", "GenomeCMAES", "default_popsize"]
@@ -199,7 +199,7 @@ class GenomeCMAES(Algorithm):
     """Ask/tell algorithm whose candidates are CMA-ES vectors decoded into recipes.
 
     Subclasses set up :attr:`es` (a :class:`CMAES`) and implement :meth:`decode`.
-    Fitness is :func:`~shoal.search.base.mean_over_tasks` of a candidate's scores.
+    Fitness is :func:`~shoal.search.algorithms.base.mean_over_tasks` of a candidate's scores.
 
     ``ask(n)`` hands out at most ``n`` candidates of the current generation and
     never crosses a generation boundary (the ES is told once a whole generation

@@ -26,7 +26,7 @@ The random draws of ``random_init`` and ``mutation`` come from the work item's s
 flattened parameter vector (index = round(split·n)); with ``chromosomes`` it is a
 list of ``{filter, value}`` entries, one per chromosome, each a fraction of that
 chromosome's own flat vector. Every evaluated model is kept in the run's store under
-:func:`~shoal.search.base.store_key` of its recipe, and later recipes name it
+:func:`~shoal.search.algorithms.base.store_key` of its recipe, and later recipes name it
 ``store:<key>``.
 """
 
@@ -40,7 +40,7 @@ import numpy as np
 from pydantic import Field
 
 from shoal.errors import RecipeError, StateError
-from shoal.search.base import (
+from shoal.search.algorithms.base import (
     STORE_PREFIX,
     Algorithm,
     AlgorithmOptions,

@@ -1,6 +1,7 @@
 """CycleQD — quality diversity with cycling quality (Kuroki et al., 2025), METHODS.md §4.
 
-K skill tasks, one MAP-Elites archive per task (:class:`~shoal.search.qd_archive.GridArchive`).
+K skill tasks, one MAP-Elites archive per task
+(:class:`~shoal.search.algorithms.qd_archive.GridArchive`).
 In archive k the quality is the mean score on task k and the behaviour is the vector of
 mean scores on the other K − 1 tasks, binned over [0.85 × weakest expert, 1.15 × strongest
 expert] per task (15 bins per axis by default). The quality task q cycles every generation
@@ -44,7 +45,7 @@ import numpy as np
 from pydantic import Field
 
 from shoal.errors import RecipeError, StateError
-from shoal.search.base import (
+from shoal.search.algorithms.base import (
     STORE_PREFIX,
     Algorithm,
     AlgorithmOptions,
@@ -55,7 +56,7 @@ from shoal.search.base import (
     store_key,
     validate_options,
 )
-from shoal.search.qd_archive import GridArchive
+from shoal.search.algorithms.qd_archive import GridArchive
 from shoal.tasks.base import Scores
 
 __all__ = [

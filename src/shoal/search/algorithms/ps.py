@@ -29,8 +29,8 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from shoal.errors import RecipeError
-from shoal.search.base import AlgorithmOptions, SearchContext, register, validate_options
-from shoal.search.cmaes import CMAES, GenomeCMAES
+from shoal.search.algorithms.base import AlgorithmOptions, SearchContext, register, validate_options
+from shoal.search.algorithms.cmaes import CMAES, GenomeCMAES
 
 __all__ = ["PS", "PSOptions"]
 
