@@ -133,7 +133,7 @@ def anon_kb():
         if line.startswith("RssAnon:"):
             return int(line.split()[1])
     return 0
-from shoal.merge import merge
+from shoal.merge import merge_to_disk
 import torch, safetensors, transformers  # noqa: F401 - same imports as the CLI
 start_anon = anon_kb()
 peak = [start_anon]
@@ -146,7 +146,7 @@ thread = threading.Thread(target=sample, daemon=True)
 thread.start()
 recipe, out = sys.argv[1], sys.argv[2]
 t, c = time.perf_counter(), time.process_time()
-merge(recipe, out, overwrite=True, progress=False)
+merge_to_disk(recipe, out, overwrite=True, progress=False)
 elapsed, cpu = time.perf_counter() - t, time.process_time() - c
 done = True
 thread.join()

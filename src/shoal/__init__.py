@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (imported on first use)
 _LAZY = {
-    "merge": "shoal.merge",
+    "merge_to_disk": "shoal.merge",
     "merge_state_dicts": "shoal.merge",
     "load_recipe": "shoal.recipe",
     "load_model": "shoal.merge.layer_path",
@@ -30,12 +30,12 @@ __all__ = [
     "__version__",
     "load_model",
     "load_recipe",
-    "merge",
     "merge_state_dicts",
+    "merge_to_disk",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from shoal.merge import merge, merge_state_dicts
+    from shoal.merge import merge_state_dicts, merge_to_disk
     from shoal.merge.layer_path import load_model
     from shoal.recipe import load_recipe
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from merge_helpers import state_dict
 
-from shoal.merge import merge
+from shoal.merge import merge_to_disk
 
 
 def _ties_reference(
@@ -65,7 +65,7 @@ def _ties_recipe(llama: dict[str, Path], tmp_path: Path, extra: str = "") -> Pat
 
 def test_bf16_dtype_computes_in_bf16(llama: dict[str, Path], tmp_path: Path) -> None:
     recipe = _ties_recipe(llama, tmp_path)
-    out = state_dict(merge(recipe, tmp_path / "out", progress=False))
+    out = state_dict(merge_to_disk(recipe, tmp_path / "out", progress=False))
     src = {k: state_dict(p) for k, p in llama.items()}
     for name, tensor in out.items():
         assert tensor.dtype == torch.bfloat16
@@ -81,8 +81,8 @@ def test_bf16_dtype_computes_in_bf16(llama: dict[str, Path], tmp_path: Path) -> 
 
 def test_float32_compute_is_the_explicit_departure(llama: dict[str, Path], tmp_path: Path) -> None:
     recipe = _ties_recipe(llama, tmp_path)
-    default = state_dict(merge(recipe, tmp_path / "default", progress=False))
-    out = merge(recipe, tmp_path / "f32", progress=False, float32_compute=True)
+    default = state_dict(merge_to_disk(recipe, tmp_path / "default", progress=False))
+    out = merge_to_disk(recipe, tmp_path / "f32", progress=False, float32_compute=True)
     f32 = state_dict(out)
     src = {k: state_dict(p) for k, p in llama.items()}
     differ = 0
@@ -105,9 +105,11 @@ def test_float32_compute_is_the_explicit_departure(llama: dict[str, Path], tmp_p
 def test_out_dtype_is_the_output_dtype(llama: dict[str, Path], tmp_path: Path) -> None:
     """dtype: bfloat16 + out_dtype: float32: computed in bf16, written as float32."""
     recipe = _ties_recipe(llama, tmp_path, "out_dtype: float32\n")
-    out = merge(recipe, tmp_path / "out", progress=False)
+    out = merge_to_disk(recipe, tmp_path / "out", progress=False)
     wide = state_dict(out)
-    narrow = state_dict(merge(_ties_recipe(llama, tmp_path), tmp_path / "bf16", progress=False))
+    narrow = state_dict(
+        merge_to_disk(_ties_recipe(llama, tmp_path), tmp_path / "bf16", progress=False)
+    )
     for name, tensor in wide.items():
         assert tensor.dtype == torch.float32
         assert torch.equal(tensor, narrow[name].float()), name
@@ -125,7 +127,7 @@ def test_linear_rounds_inputs_to_the_compute_dtype(
         f"merge_method: linear\nmodels:\n  - model: {llama['a']}\n    parameters: {{weight: 0.3}}\n"
         f"  - model: {llama['b']}\n    parameters: {{weight: 0.5}}\ndtype: {dtype}\n"
     )
-    out = state_dict(merge(path, tmp_path / "out", progress=False))
+    out = state_dict(merge_to_disk(path, tmp_path / "out", progress=False))
     a, b = state_dict(llama["a"]), state_dict(llama["b"])
     td = getattr(torch, dtype)
     for name, tensor in out.items():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from merge_helpers import state_dict
 
-from shoal.merge import merge, merge_into_module, merge_state_dicts
+from shoal.merge import merge_into_module, merge_state_dicts, merge_to_disk
 from shoal.recipe import METHODS
 from shoal.recipe.params import interpolate
 
@@ -55,7 +55,7 @@ def _logits(path: Path) -> torch.Tensor:
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_gives_a_loadable_llama(method: str, llama: dict, tmp_path: Path) -> None:
-    out = merge(_recipe(method, llama), tmp_path / "out", progress=False)
+    out = merge_to_disk(_recipe(method, llama), tmp_path / "out", progress=False)
     assert torch.isfinite(_logits(out)).all()
     assert (out / "shoal_recipe.yaml").is_file()
     card = (out / "README.md").read_text()
@@ -65,7 +65,7 @@ def test_every_method_gives_a_loadable_llama(method: str, llama: dict, tmp_path:
 
 @pytest.mark.parametrize("method", ["linear", "ties", "dare_linear", "slerp", "passthrough"])
 def test_gpt2(method: str, gpt2: dict, tmp_path: Path) -> None:
-    out = merge(_recipe(method, gpt2), tmp_path / "out", progress=False)
+    out = merge_to_disk(_recipe(method, gpt2), tmp_path / "out", progress=False)
     assert torch.isfinite(_logits(out)).all()
 
 
@@ -78,14 +78,14 @@ models:
   - model: {llama["b"]}
     parameters: {{weight: 0.3}}
 """
-    out = state_dict(merge(text, tmp_path / "out", progress=False))
+    out = state_dict(merge_to_disk(text, tmp_path / "out", progress=False))
     a, b = state_dict(llama["a"]), state_dict(llama["b"])
     assert list(out) == list(a) or set(out) == set(a)
     for name in a:
         torch.testing.assert_close(out[name], 0.7 * a[name] + 0.3 * b[name])
     # weights are normalised by default (mergekit): 1.4 / 0.6 gives the same model
     text2 = text.replace("0.7", "1.4").replace("0.3", "0.6")
-    out2 = state_dict(merge(text2, tmp_path / "out2", progress=False))
+    out2 = state_dict(merge_to_disk(text2, tmp_path / "out2", progress=False))
     for name in a:
         torch.testing.assert_close(out2[name], out[name])
 
@@ -173,7 +173,7 @@ models:
 
 
 def test_passthrough_slices_stack_layers(llama: dict, tmp_path: Path) -> None:
-    out = merge(_recipe("passthrough", llama), tmp_path / "out", progress=False)
+    out = merge_to_disk(_recipe("passthrough", llama), tmp_path / "out", progress=False)
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 3
     merged, a, b = state_dict(out), state_dict(llama["a"]), state_dict(llama["b"])
@@ -198,8 +198,8 @@ def test_passthrough_slices_stack_layers(llama: dict, tmp_path: Path) -> None:
 
 def test_sharded_output_and_sharded_input(llama: dict, llama_sharded: dict, tmp_path: Path) -> None:
     text = _recipe("ties", llama)
-    single = merge(text, tmp_path / "single", progress=False)
-    sharded = merge(text, tmp_path / "sharded", out_shard_size="30KB", progress=False)
+    single = merge_to_disk(text, tmp_path / "single", progress=False)
+    sharded = merge_to_disk(text, tmp_path / "sharded", out_shard_size="30KB", progress=False)
     shards = sorted(p.name for p in sharded.glob("*.safetensors"))
     assert len(shards) > 1 and shards[0].startswith("model-00001-of-")
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
@@ -215,7 +215,9 @@ def test_sharded_output_and_sharded_input(llama: dict, llama_sharded: dict, tmp_
 
 
 def test_dtype_option_and_config(llama: dict, tmp_path: Path) -> None:
-    out = merge(_recipe("linear", llama), tmp_path / "out", dtype="bfloat16", progress=False)
+    out = merge_to_disk(
+        _recipe("linear", llama), tmp_path / "out", dtype="bfloat16", progress=False
+    )
     tensors = state_dict(out)
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
     config = json.loads((out / "config.json").read_text())

@@ -8,7 +8,7 @@ import pytest
 import torch
 from merge_helpers import build_family, llama_config, state_dict
 
-from shoal.merge import merge
+from shoal.merge import merge_to_disk
 from shoal.recipe import load_recipe
 from shoal.recipe.schema import rename_models
 
@@ -34,7 +34,7 @@ def test_example_runs(
 ) -> None:
     recipe = load_recipe(path)
     monkeypatch.chdir(testbed_root)  # model paths are relative to the working directory
-    out = merge(recipe, tmp_path / "out", progress=False)
+    out = merge_to_disk(recipe, tmp_path / "out", progress=False)
     tensors = state_dict(out)
     assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
     # the stored copy names each model by its absolute path, so it rebuilds from anywhere

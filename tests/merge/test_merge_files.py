@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import save_file
 
 from shoal.errors import RecipeError
-from shoal.merge import merge
+from shoal.merge import merge_to_disk
 from shoal.recipe import load_recipe
 
 
@@ -43,7 +43,7 @@ def test_tokenizer_source_config_and_card(tmp_path: Path) -> None:
         f"models: [{{model: {a}}}, {{model: {b}}}]\n"
         f"tokenizer_source: {a}\nchat_template: '{{{{ messages }}}}'\ndtype: bfloat16\n"
     )
-    out = merge(text, tmp_path / "out", seed=5, progress=False)
+    out = merge_to_disk(text, tmp_path / "out", seed=5, progress=False)
     config = json.loads((out / "config.json").read_text())
     assert config["who"] == "base" and config["torch_dtype"] == "bfloat16"
     assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 101
@@ -62,7 +62,7 @@ def test_tokenizer_source_config_and_card(tmp_path: Path) -> None:
 def test_tokenizer_from_base_by_default(tmp_path: Path) -> None:
     base, a = _model(tmp_path, "base", 0), _model(tmp_path, "a", 1)
     text = f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
-    out = merge(text, tmp_path / "out", progress=False)
+    out = merge_to_disk(text, tmp_path / "out", progress=False)
     assert json.loads((out / "tokenizer_config.json").read_text())["who"] == "base"
     assert sorted(p.name for p in out.iterdir()) == [
         "README.md",
@@ -80,7 +80,7 @@ def test_relative_paths_resolve_next_to_the_recipe(tmp_path: Path, monkeypatch) 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("merge_method: linear\nmodels: [{model: base}, {model: a}]\n")
     monkeypatch.chdir(tmp_path.parent)  # not where the models are
-    out = merge(recipe, tmp_path / "out", progress=False)
+    out = merge_to_disk(recipe, tmp_path / "out", progress=False)
     assert (out / "model.safetensors").is_file()
 
 
@@ -91,7 +91,7 @@ def test_tokenizer_files_come_from_one_model_only(tmp_path: Path) -> None:
     (base / "vocab.txt").write_text("a file only the base has\n")
     _real_tokenizer(a, words=8)
     text = f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
-    out = merge(text + f"tokenizer_source: {a}\n", tmp_path / "out", progress=False)
+    out = merge_to_disk(text + f"tokenizer_source: {a}\n", tmp_path / "out", progress=False)
     assert sorted(p.name for p in out.iterdir()) == [
         "README.md",
         "config.json",
@@ -115,7 +115,7 @@ def test_a_tokenizer_source_without_a_tokenizer_is_refused(tmp_path: Path, monke
         (a / name).unlink()
     text = f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
     with pytest.raises(RecipeError, match=r"^tokenizer_source: .*holds no tokenizer files"):
-        merge(text + f"tokenizer_source: {a}\n", tmp_path / "out", progress=False)
+        merge_to_disk(text + f"tokenizer_source: {a}\n", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -129,20 +129,20 @@ def test_stored_recipe_rebuilds_a_merge_made_with_command_options(tmp_path: Path
         f"  - {{model: {a}, parameters: {{weight: 0.7, density: 0.4}}}}\n"
         f"  - {{model: {b}, parameters: {{weight: 0.5, density: 0.6}}}}\n"
     )
-    first = merge(text, tmp_path / "first", seed=7, dtype="bf16", progress=False)
+    first = merge_to_disk(text, tmp_path / "first", seed=7, dtype="bf16", progress=False)
     stored = first / "shoal_recipe.yaml"
     assert stored.read_text().splitlines()[0] == (
         "# rebuild: shoal merge shoal_recipe.yaml OUT --seed 7"
     )
     assert load_recipe(stored).out_dtype == "bfloat16"
-    again = merge(stored, tmp_path / "again", seed=7, progress=False)
+    again = merge_to_disk(stored, tmp_path / "again", seed=7, progress=False)
     one, two = load_file(first / "model.safetensors"), load_file(again / "model.safetensors")
     assert one.keys() == two.keys()
     for name in one:
         assert one[name].dtype == torch.bfloat16
         assert torch.equal(one[name], two[name]), name
     other = load_file(
-        merge(stored, tmp_path / "other", seed=8, progress=False) / "model.safetensors"
+        merge_to_disk(stored, tmp_path / "other", seed=8, progress=False) / "model.safetensors"
     )
     assert not torch.equal(
         other["model.layers.0.mlp.up_proj.weight"], one["model.layers.0.mlp.up_proj.weight"]
@@ -181,7 +181,7 @@ def test_builtin_chat_template_is_what_the_tokenizer_renders(tmp_path: Path) -> 
     base, a = _model(tmp_path, "base", 0), _model(tmp_path, "a", 1)
     _real_tokenizer(base, "{{ 'base template' }}")
     text = f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
-    out = merge(text + "chat_template: chatml\n", tmp_path / "out", progress=False)
+    out = merge_to_disk(text + "chat_template: chatml\n", tmp_path / "out", progress=False)
     chat = [{"role": "user", "content": "hi"}]
     rendered = AutoTokenizer.from_pretrained(out).apply_chat_template(
         chat, tokenize=False, add_generation_prompt=True
@@ -195,7 +195,7 @@ def test_auto_chat_template_takes_the_one_most_models_carry(tmp_path: Path) -> N
     _real_tokenizer(a, "{{ 'two' }}")
     (b / "chat_template.jinja").write_text("{{ 'two' }}")
     text = f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}]\n"
-    out = merge(text + "chat_template: auto\n", tmp_path / "out", progress=False)
+    out = merge_to_disk(text + "chat_template: auto\n", tmp_path / "out", progress=False)
     assert (out / "chat_template.jinja").read_text() == "{{ 'two' }}"
 
 

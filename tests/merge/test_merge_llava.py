@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from shoal.merge import merge
+from shoal.merge import merge_to_disk
 
 
 def _tiny_llava(out: Path, seed: int) -> dict[str, torch.Tensor]:
@@ -54,7 +54,7 @@ def test_llava_merge_keeps_every_tensor_and_loads(tmp_path: Path) -> None:
         ],
         "dtype": "float32",
     }
-    out = merge(recipe, tmp_path / "out", progress=False)
+    out = merge_to_disk(recipe, tmp_path / "out", progress=False)
     merged = {}
     for shard in sorted(out.glob("*.safetensors")):
         merged.update(load_file(str(shard)))

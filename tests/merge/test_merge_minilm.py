@@ -71,7 +71,7 @@ def test_linear_with_itself_is_itself(minilm_pair: tuple[Path, Path]) -> None:
 def test_merge_with_perturbed_copy_embeds_like_the_original(
     minilm_pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from shoal.merge import merge
+    from shoal.merge import merge_to_disk
 
     original, pert = minilm_pair
     text = (
@@ -80,7 +80,7 @@ def test_merge_with_perturbed_copy_embeds_like_the_original(
         f"models:\n  - model: {original}\n  - model: {pert}\n"
         "parameters: {t: 0.5}\n"
     )
-    out = merge(text, tmp_path / "merged", progress=False)
+    out = merge_to_disk(text, tmp_path / "merged", progress=False)
     assert (out / "tokenizer.json").is_file() and (out / "vocab.txt").is_file()
     before, after = _embed(original), _embed(out)
     per_sentence = (before * after).sum(-1)

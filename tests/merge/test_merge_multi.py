@@ -10,7 +10,7 @@ import torch
 from merge_helpers import state_dict
 
 from shoal.errors import RecipeError
-from shoal.merge import merge
+from shoal.merge import merge_to_disk
 
 # written final stage first; _multi puts it last, where an unnamed stage must be
 MULTI = """
@@ -51,7 +51,7 @@ def _multi(llama: dict[str, Path]) -> str:
 
 def test_stages_run_in_order_and_the_last_is_out(llama: dict[str, Path], tmp_path: Path) -> None:
     recipe = _write(tmp_path, _multi(llama))
-    out = merge(recipe, tmp_path / "out", progress=False)
+    out = merge_to_disk(recipe, tmp_path / "out", progress=False)
     got, want = state_dict(out), _expected(llama)
     assert got.keys() == want.keys()
     for k in want:
@@ -61,15 +61,17 @@ def test_stages_run_in_order_and_the_last_is_out(llama: dict[str, Path], tmp_pat
 
 def test_intermediates_are_kept_and_reused(llama: dict[str, Path], tmp_path: Path) -> None:
     recipe = _write(tmp_path, _multi(llama))
-    merge(recipe, tmp_path / "out", progress=False, keep_intermediates=True)
+    merge_to_disk(recipe, tmp_path / "out", progress=False, keep_intermediates=True)
     stage = tmp_path / ".out.stages" / "first"
     assert (stage / "model.safetensors").is_file()
     before = (stage / "model.safetensors").stat().st_mtime_ns
-    merge(recipe, tmp_path / "out", progress=False, keep_intermediates=True, overwrite=True)
+    merge_to_disk(recipe, tmp_path / "out", progress=False, keep_intermediates=True, overwrite=True)
     assert (stage / "model.safetensors").stat().st_mtime_ns == before  # reused
     # a changed stage recipe is merged again, and the output follows it
     recipe.write_text(recipe.read_text().replace("weight: 3.0", "weight: 1.0"))
-    out = merge(recipe, tmp_path / "out", progress=False, keep_intermediates=True, overwrite=True)
+    out = merge_to_disk(
+        recipe, tmp_path / "out", progress=False, keep_intermediates=True, overwrite=True
+    )
     assert (stage / "model.safetensors").stat().st_mtime_ns != before
     base, a, b = (state_dict(llama[k]) for k in ("base", "a", "b"))
     got = state_dict(out)
@@ -83,7 +85,7 @@ def test_one_document_with_a_name_is_a_recipe(llama: dict[str, Path], tmp_path: 
         f"name: only\nmerge_method: linear\nmodels:\n  - model: {llama['a']}\n"
         f"  - model: {llama['b']}\n",
     )
-    got = state_dict(merge(recipe, tmp_path / "out", progress=False))
+    got = state_dict(merge_to_disk(recipe, tmp_path / "out", progress=False))
     a, b = state_dict(llama["a"]), state_dict(llama["b"])
     assert all(torch.allclose(got[k], (a[k] + b[k]) / 2, atol=1e-6) for k in a)
 
@@ -113,7 +115,7 @@ def test_bad_multi_recipes_are_one_line_and_nothing_is_written(
 ) -> None:
     recipe = _write(tmp_path, text.format(**llama))
     with pytest.raises(RecipeError) as info:
-        merge(recipe, tmp_path / "out", progress=False)
+        merge_to_disk(recipe, tmp_path / "out", progress=False)
     assert needle in str(info.value) and str(recipe) in str(info.value)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.stages").exists()

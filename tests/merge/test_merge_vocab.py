@@ -17,7 +17,7 @@ from merge_helpers import state_dict
 from vocab_helpers import vocab_model, word_tokenizer
 
 from shoal.errors import MergeError, RecipeError
-from shoal.merge import merge, merge_state_dicts
+from shoal.merge import merge_state_dicts, merge_to_disk
 from shoal.recipe import load_recipe
 
 SPECIAL = ["<unk>", "<s>", "</s>"]
@@ -57,7 +57,7 @@ def test_base_vocabulary_rows_by_hand(models, tensors, tmp_path: Path) -> None:
         f"  - {{model: {models['y']}, parameters: {{weight: 0.3}}}}\n"
         "tokenizer_source: base\n"
     )
-    out = merge(text, tmp_path / "out", progress=False)
+    out = merge_to_disk(text, tmp_path / "out", progress=False)
     got = state_dict(out)
     for name in VOCAB_TENSORS:
         assert got[name].shape == (8, 32)
@@ -123,7 +123,7 @@ def test_pad_to_multiple_of(models, tensors, tmp_path: Path) -> None:
         f"models: [{{model: {models['x']}}}, {{model: {models['y']}}}]\n"
         "tokenizer: {source: base, pad_to_multiple_of: 16}\n"
     )
-    out = merge(text, tmp_path / "out", progress=False)
+    out = merge_to_disk(text, tmp_path / "out", progress=False)
     got = state_dict(out)
     for name in VOCAB_TENSORS:
         t = got[name].double()
@@ -145,7 +145,7 @@ def test_tokens_entries(models, tensors, tmp_path: Path) -> None:
         f"    b: {{source: {{kind: model_token, model: {models['y']}, token: r}}, force: true}}\n"
         f"    c: {{source: {models['y']}}}\n"
     )
-    out = merge(text, tmp_path / "out", progress=False)
+    out = merge_to_disk(text, tmp_path / "out", progress=False)
     got = state_dict(out)
     from transformers import AutoTokenizer
 
@@ -189,7 +189,7 @@ def test_a_token_source_lacking_the_token_is_one_error(models, tmp_path: Path) -
         f"tokenizer:\n  source: base\n  tokens: {{d: {{source: {models['x']}}}}}\n"
     )
     with pytest.raises(MergeError, match=r"^tokenizer\.tokens\.d: token 'd' is not in the vocab"):
-        merge(text, tmp_path / "out", progress=False)
+        merge_to_disk(text, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -245,8 +245,8 @@ def test_stored_recipe_keeps_the_block(models, tmp_path: Path) -> None:
         f"tokenizer: {{source: {models['y']}, pad_to_multiple_of: 4, "
         "tokens: {d: {source: {kind: zero}}}}\n"
     )
-    out = merge(text, tmp_path / "out", progress=False)
-    again = merge(out / "shoal_recipe.yaml", tmp_path / "again", progress=False)
+    out = merge_to_disk(text, tmp_path / "out", progress=False)
+    again = merge_to_disk(out / "shoal_recipe.yaml", tmp_path / "again", progress=False)
     one, two = state_dict(out), state_dict(again)
     assert one["model.embed_tokens.weight"].shape == (12, 32)  # 10 + d = 11 → 12
     for name in one:

@@ -22,7 +22,7 @@ from mergekit_side import (
     run_mergekit_python,
 )
 
-from shoal.merge import merge
+from shoal.merge import merge_to_disk
 
 pytestmark = pytest.mark.skipif(not HAVE_MERGEKIT, reason=SKIP_REASON)
 
@@ -57,7 +57,7 @@ def bf16_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _both(recipe_text: str, tmp_path: Path, *mk_extra: str) -> tuple[dict, dict]:
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(recipe_text)
-    ours = merge(recipe, tmp_path / "shoal", progress=False)
+    ours = merge_to_disk(recipe, tmp_path / "shoal", progress=False)
     theirs = run_mergekit(recipe, tmp_path / "mergekit", *mk_extra)
     return state_dict(ours), state_dict(theirs)
 
@@ -263,7 +263,7 @@ merge_method: dare_linear
 base_model: {forty["base"]}
 """
     )
-    ours = state_dict(merge(recipe, tmp_path / "shoal", progress=False, seed=0))
+    ours = state_dict(merge_to_disk(recipe, tmp_path / "shoal", progress=False, seed=0))
     theirs = state_dict(run_mergekit(recipe, tmp_path / "mergekit", "--random-seed", "0"))
     base = state_dict(forty["base"])
     kept = {"shoal": 0, "mergekit": 0}

@@ -15,7 +15,7 @@ from merge_helpers import state_dict
 from mergekit_side import HAVE_MERGEKIT, SKIP_REASON, assert_same_tensors, run_mergekit
 from vocab_helpers import vocab_model, word_tokenizer
 
-from shoal.merge import merge
+from shoal.merge import merge_to_disk
 
 pytestmark = pytest.mark.skipif(not HAVE_MERGEKIT, reason=SKIP_REASON)
 
@@ -57,7 +57,7 @@ def bpe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _both(text: str, tmp_path: Path) -> tuple[Path, Path]:
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(text)
-    ours = merge(recipe, tmp_path / "shoal", progress=False)
+    ours = merge_to_disk(recipe, tmp_path / "shoal", progress=False)
     theirs = run_mergekit(recipe, tmp_path / "mergekit")
     return ours, theirs
 

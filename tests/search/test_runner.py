@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from shoal.errors import OutputExistsError, StateError
-from shoal.merge import merge
+from shoal.merge import merge_to_disk
 from shoal.search.run_folder import RunFolder
 from shoal.search.runner import evolve
 
@@ -56,7 +56,7 @@ def test_run_writes_folder_and_scores_match_the_formula(tmp_path, sources):
     assert stored.read_text().startswith(
         f"# rebuild: shoal merge shoal_recipe.yaml OUT --seed {seed}\n"
     )
-    rebuilt = merge(stored, tmp_path / "rebuilt", seed=seed, progress=False)
+    rebuilt = merge_to_disk(stored, tmp_path / "rebuilt", seed=seed, progress=False)
     assert torch.equal(load_file(str(rebuilt / "model.safetensors"))["x"], x)
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["runner"]["evaluations"] == 12 and state["algorithm"]["evaluations"] == 12

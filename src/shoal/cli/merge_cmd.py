@@ -131,10 +131,10 @@ def register(app: typer.Typer) -> None:
             "OUT_DIR (reused on a rerun while their recipes do not change).",
         ),
     ) -> None:
-        from shoal.merge import merge
+        from shoal.merge import merge_to_disk
 
         start = time.perf_counter()
-        out = merge(
+        out = merge_to_disk(
             recipe,
             out_dir,
             device=device,

@@ -6,7 +6,7 @@ metadata alone — for every output tensor, which source tensors, which operator
 mismatches are reported before anything is read or written. The plan then runs
 one tensor at a time:
 
-- :func:`merge` — to a Hugging Face checkpoint directory, streamed into safetensors
+- :func:`merge_to_disk` — to a Hugging Face checkpoint directory, streamed into safetensors
   shards and renamed into place only when complete (with config, tokenizer,
   ``shoal_recipe.yaml`` and a model card);
 - :func:`merge_state_dicts` — to a new state dict in memory;
@@ -19,15 +19,11 @@ so results do not depend on order or threads.
 
 from __future__ import annotations
 
-import sys
-import types
-from typing import Any
-
 from shoal.merge.execute import iter_merged, tensor_seed
 from shoal.merge.memory import merge_into, merge_into_module, merge_state_dicts
 from shoal.merge.plan import MergePlan, TensorInput, TensorPlan, build_plan
 from shoal.merge.sources import DictSource, TensorSource, open_sources
-from shoal.merge.to_disk import merge
+from shoal.merge.to_disk import merge_to_disk
 
 __all__ = [
     "DictSource",
@@ -37,24 +33,10 @@ __all__ = [
     "TensorSource",
     "build_plan",
     "iter_merged",
-    "merge",
     "merge_into",
     "merge_into_module",
     "merge_state_dicts",
+    "merge_to_disk",
     "open_sources",
     "tensor_seed",
 ]
-
-
-class _CallableModule(types.ModuleType):
-    """``shoal.merge`` is both this package and the :func:`merge` function.
-
-    Importing ``shoal.merge`` binds the package to the name ``merge`` on ``shoal``,
-    shadowing the lazily exported function; calling the package runs :func:`merge`.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return merge(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -220,14 +220,14 @@ def merge_recipe_file(
 ) -> Path:
     """``shoal merge`` of a recipe file (one stage or several) whose model names may be
     the given names (``models``: name -> path) as well as paths; returns ``out_dir``."""
-    from shoal.merge.to_disk import merge
+    from shoal.merge.to_disk import merge_to_disk
 
     file = Path(path)
     stages, recipe = _named(file, models)
     if stages is not None:
         return merge_stages(file, stages, out_dir, **options)
     assert recipe is not None
-    return merge(recipe, out_dir, **options)
+    return merge_to_disk(recipe, out_dir, **options)
 
 
 def merge_stages(
@@ -252,7 +252,7 @@ def merge_stages(
         RecipeError: a stage is invalid, stages form a cycle, or there is no single final
             stage; every stage is checked before any is run.
     """
-    from shoal.merge.to_disk import merge
+    from shoal.merge.to_disk import merge_to_disk
 
     file = Path(path)
     out = Path(out_dir)
@@ -265,7 +265,7 @@ def merge_stages(
         digest = _stage_hash(recipe, [hashes[d] for d in sorted(uses[key])], keyed)
         hashes[key] = digest
         if s is ordered[-1]:
-            merge(recipe, out, **options)
+            merge_to_disk(recipe, out, **options)
             break
         target = work / key
         stamp = work / f"{key}.sha256"
@@ -273,7 +273,7 @@ def merge_stages(
             continue  # unchanged since the last run: reused
         work.mkdir(parents=True, exist_ok=True)
         stamp.unlink(missing_ok=True)
-        merge(recipe, target, **{**options, "overwrite": True})
+        merge_to_disk(recipe, target, **{**options, "overwrite": True})
         stamp.write_text(digest + "\n")
     if not keep_intermediates:
         shutil.rmtree(work, ignore_errors=True)

@@ -147,7 +147,7 @@ def _config_updates(
     return updated
 
 
-def merge(
+def merge_to_disk(
     recipe: Recipe | str | Path | Mapping[str, Any],
     out_dir: str | Path,
     *,
@@ -196,7 +196,7 @@ def merge(
             ``out_dir``); nothing is left at ``out_dir`` in that case.
 
     Example:
-        >>> merge("recipe.yaml", "out/merged", dtype="bfloat16")  # doctest: +SKIP
+        >>> merge_to_disk("recipe.yaml", "out/merged", dtype="bfloat16")  # doctest: +SKIP
     """
     from shoal import __version__
 
