@@ -1,0 +1,133 @@
+"""CycleQD on the `small` LM testbed and its three ablations, in one table.
+
+    shoal testbed build .testbed/small --size small
+    python bench/cycleqd_testbed.py --testbed .testbed/small --runs .bench/cycleqd \\
+        [--generations 400] [--no-run]
+
+Runs ``examples/cycleqd-testbed-small.yaml`` (serial, seed 0) pointed at the testbed, as
+published and with each ablation of METHODS.md §4 — Gaussian mutation instead of the SVD
+mutation, uniform instead of elite sampling, no cycling (one fixed quality task) — on the
+same budget, each into ``RUNS/<variant>`` (a finished run is read, not run again). Every
+run scores the base, the experts and the untuned DARE-TIES merge itself, so the rows of a
+table compare like with like.
+
+Printed: per variant the aggregated model's validation and test means, the coverage of
+each archive, and the best elite of each archive on its own skill's test split beside
+that skill's expert; the wall time of each run beside a floor measured in the same
+process before the runs (3,000 float32 384 × 384 GEMMs on one thread), so the times
+compare across hosts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "cycleqd-testbed-small.yaml"
+VARIANTS = {
+    "cycleqd": [],
+    "gaussian-mutation": ["--set", "algorithm.mutation=gaussian"],
+    "uniform-sampling": ["--set", "algorithm.sampling=uniform"],
+    "no-cycling": ["--set", "algorithm.cycling=false"],
+}
+
+
+def _floor() -> float:
+    """Seconds for 3,000 float32 384 × 384 GEMMs on one thread (the host's speed)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a = torch.randn(384, 384, generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    for _ in range(3000):
+        a @ a
+    torch.set_num_threads(threads)
+    return time.perf_counter() - t0
+
+
+def _run(variant: str, testbed: Path, generations: int, run_dir: Path) -> None:
+    cfg = run_dir.parent / f"{run_dir.name}.yaml"
+    cfg.write_text(EXAMPLE.read_text().replace("../.testbed/small", str(testbed.resolve())))
+    command = [sys.executable, "-m", "shoal.cli.main", "evolve", str(cfg)]
+    command += ["--run-dir", str(run_dir), "--no-progress"]
+    command += ["--set", f"algorithm.generations={generations}", *VARIANTS[variant]]
+    # one thread and the AVX2 kernels, as the testbed build trains (docs/testbed.md)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2"}
+    print(f"running {run_dir.name} ...", flush=True)
+    subprocess.run(command, check=True, env=env)
+
+
+def _mean(scores: dict[str, Any], split: str) -> float:
+    return 100 * float((scores.get(split) or {}).get("mean", float("nan")))
+
+
+def _own(scores: dict[str, Any], skill: str) -> float:
+    """The test score on ``skill`` (test task names carry the skill: ``gcd/test``)."""
+    test = scores.get("test") or {}
+    return 100 * next((v for k, v in test.items() if k.split("/")[0] == skill), float("nan"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--testbed", type=Path, default=ROOT / ".testbed" / "small")
+    parser.add_argument("--runs", type=Path, default=ROOT / ".bench" / "cycleqd")
+    parser.add_argument("--generations", type=int, default=400)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--no-run", action="store_true", help="only read finished runs")
+    args = parser.parse_args()
+    args.runs.mkdir(parents=True, exist_ok=True)
+    print(f"floor: 3,000 float32 384x384 GEMMs on one thread in {_floor():.2f} s")
+
+    rows = []
+    for variant in args.variants:
+        run_dir = args.runs / variant
+        if not (run_dir / "summary.json").is_file() and not args.no_run:
+            _run(variant, args.testbed, args.generations, run_dir)
+        if not (run_dir / "summary.json").is_file():
+            continue
+        summary = json.loads((run_dir / "summary.json").read_text())
+        state = json.loads((run_dir / "state.json").read_text())["algorithm"]["state"]
+        rows.append((variant, summary, state))
+    if not rows:
+        return
+
+    _, first, state = rows[0]
+    tasks, experts = state["tasks"], state["options"]["experts"]
+    base = first.get("baselines") or {}
+    print("\n| model | evaluations | wall s | validation mean | test mean |")
+    print("|---|---:|---:|---:|---:|")
+    for name, scores in base.items():
+        print(f"| {name} | | | {_mean(scores, 'validation'):.1f} | {_mean(scores, 'test'):.1f} |")
+    for variant, summary, _ in rows:
+        scores = summary["best"]["scores"]
+        print(
+            f"| {variant}: aggregate of the elites | {summary['evaluations']} "
+            f"| {summary['wall_seconds']:.0f} | {_mean(scores, 'validation'):.1f} "
+            f"| {_mean(scores, 'test'):.1f} |"
+        )
+
+    print("\nbest elite of each archive on its own skill (test), against that skill's expert,")
+    print("and the archives' coverage (of 225 cells):\n")
+    head = " | ".join(f"{t}: elite / expert" for t in tasks)
+    print(f"| variant | {head} | coverage |")
+    print("|---|" + "---:|" * (len(tasks) + 1))
+    for variant, summary, st in rows:
+        cells = []
+        for t in tasks:
+            elite = (summary.get("specialists") or {}).get(f"best-{t}", {}).get("scores", {})
+            expert = base.get(experts[t], {})
+            cells.append(f"{_own(elite, t):.1f} / {_own(expert, t):.1f}")
+        coverage = " / ".join(str(len(a["elites"])) for a in st["archives"])
+        print(f"| {variant} | {' | '.join(cells)} | {coverage} |")
+
+
+if __name__ == "__main__":
+    main()
