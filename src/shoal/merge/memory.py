@@ -46,7 +46,7 @@ def merge_state_dicts(
 
     Returns:
         ``{name: tensor}`` in output order. With a tokenizer source, the embedding and
-        head tensors have one row per output token, as :func:`merge` writes them (the
+        head tensors have one row per output token, as :func:`merge_to_disk` writes them (the
         tokenizers are read from the models' directories).
 
     Example:

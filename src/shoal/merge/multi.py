@@ -245,7 +245,7 @@ def merge_stages(
         stages: from :func:`read_stages`.
         out_dir: where the final stage is written.
         keep_intermediates: keep the work folder after success.
-        options: passed to :func:`~shoal.merge.to_disk.merge` for every stage (device,
+        options: passed to :func:`~shoal.merge.to_disk.merge_to_disk` for every stage (device,
             dtype, seed, overwrite for the final output, ...).
 
     Raises:
