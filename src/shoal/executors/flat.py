@@ -154,8 +154,15 @@ class FlatModel:
     def normal(self, std: float, seed: int, stream: int) -> torch.Tensor:
         """N(0, std²) for every tensor, drawn tensor by tensor as the general build draws it."""
         gen = generator_for(seed, stream)
-        draws = [torch.randn(s, generator=gen, dtype=torch.float32) for s in self.shapes]
-        return torch.cat([d.reshape(-1) * std for d in draws])
+        out = torch.empty(self.n, dtype=torch.float32)
+        for part, shape in zip(torch.split(out, self.numels), self.shapes, strict=True):
+            torch.randn(shape, generator=gen, out=part.view(shape))  # in place, same draws
+        return out.mul_(std)
+
+    def tensors(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A flat vector as the module's state dict: views of ``vec``, in module order."""
+        parts = torch.split(vec, self.numels)
+        return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
 
     def build(
         self,
