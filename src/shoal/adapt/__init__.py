@@ -1,1 +1,71 @@
-"""shoal.adapt (being written)."""
+"""shoal.adapt — Transformer²: adapting a model through the singular values of its
+weight matrices (Sun et al., 2025; METHODS.md §5).
+
+- ``svf.py`` — :func:`wrap_svf` patches a model in place so each chosen matrix
+  (the MLP ones by default, attention optional) becomes W′ = W + U diag(σ ⊙ (z − 1)) Vᵀ,
+  with one trainable z vector per matrix; z = 1 is the base model bit for bit.
+  :class:`SVFModel` swaps z per request (:meth:`~SVFModel.set_z`,
+  :meth:`~SVFModel.using_z`), folds it into plain weights
+  (:meth:`~SVFModel.save_folded`) and :meth:`~SVFModel.unwrap` s.
+- ``svd_cache.py`` — the fp32 SVD of those matrices, computed once and cached as one
+  safetensors file keyed by :func:`matrix_fingerprint` (a hash of the weights' bytes).
+
+Names are imported lazily, so importing ``shoal.adapt`` does not load torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+# public name -> defining module
+_LAZY = {
+    "AdaptError": "shoal.adapt.svf",
+    "CacheInfo": "shoal.adapt.svd_cache",
+    "SVDFactors": "shoal.adapt.svd_cache",
+    "SVFModel": "shoal.adapt.svf",
+    "ZVectors": "shoal.adapt.svf",
+    "compute_svd": "shoal.adapt.svd_cache",
+    "matrix_fingerprint": "shoal.adapt.svd_cache",
+    "select_matrices": "shoal.adapt.svf",
+    "svd_factors": "shoal.adapt.svd_cache",
+    "svf_weight": "shoal.adapt.svf",
+    "wrap_svf": "shoal.adapt.svf",
+}
+
+__all__ = [
+    "AdaptError",
+    "CacheInfo",
+    "SVDFactors",
+    "SVFModel",
+    "ZVectors",
+    "compute_svd",
+    "matrix_fingerprint",
+    "select_matrices",
+    "svd_factors",
+    "svf_weight",
+    "wrap_svf",
+]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from shoal.adapt.svd_cache import (
+        CacheInfo,
+        SVDFactors,
+        compute_svd,
+        matrix_fingerprint,
+        svd_factors,
+    )
+    from shoal.adapt.svf import (
+        AdaptError,
+        SVFModel,
+        ZVectors,
+        select_matrices,
+        svf_weight,
+        wrap_svf,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'shoal.adapt' has no attribute {name!r}")
