@@ -9,6 +9,10 @@ weight matrices (Sun et al., 2025; METHODS.md §5).
   (:meth:`~SVFModel.save_folded`) and :meth:`~SVFModel.unwrap` s.
 - ``svd_cache.py`` — the fp32 SVD of those matrices, computed once and cached as one
   safetensors file keyed by :func:`matrix_fingerprint` (a hash of the weights' bytes).
+- ``expert.py`` — an expert is a small safetensors file of z vectors and its base's
+  fingerprint (:func:`save_expert`, :func:`read_expert`, :func:`load_expert`, which
+  refuses another base unless asked to transfer); :func:`mix_z` is the few-shot mixture
+  z′ = Σ_k α_k z_k, per model or per matrix.
 
 Names are imported lazily, so importing ``shoal.adapt`` does not load torch.
 """
@@ -22,11 +26,16 @@ from typing import TYPE_CHECKING, Any
 _LAZY = {
     "AdaptError": "shoal.adapt.svf",
     "CacheInfo": "shoal.adapt.svd_cache",
+    "Expert": "shoal.adapt.expert",
     "SVDFactors": "shoal.adapt.svd_cache",
     "SVFModel": "shoal.adapt.svf",
     "ZVectors": "shoal.adapt.svf",
     "compute_svd": "shoal.adapt.svd_cache",
+    "load_expert": "shoal.adapt.expert",
     "matrix_fingerprint": "shoal.adapt.svd_cache",
+    "mix_z": "shoal.adapt.expert",
+    "read_expert": "shoal.adapt.expert",
+    "save_expert": "shoal.adapt.expert",
     "select_matrices": "shoal.adapt.svf",
     "svd_factors": "shoal.adapt.svd_cache",
     "svf_weight": "shoal.adapt.svf",
@@ -36,11 +45,16 @@ _LAZY = {
 __all__ = [
     "AdaptError",
     "CacheInfo",
+    "Expert",
     "SVDFactors",
     "SVFModel",
     "ZVectors",
     "compute_svd",
+    "load_expert",
     "matrix_fingerprint",
+    "mix_z",
+    "read_expert",
+    "save_expert",
     "select_matrices",
     "svd_factors",
     "svf_weight",
@@ -48,6 +62,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from shoal.adapt.expert import Expert, load_expert, mix_z, read_expert, save_expert
     from shoal.adapt.svd_cache import (
         CacheInfo,
         SVDFactors,
