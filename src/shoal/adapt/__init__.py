@@ -13,6 +13,8 @@ weight matrices (Sun et al., 2025; METHODS.md §5).
   fingerprint (:func:`save_expert`, :func:`read_expert`, :func:`load_expert`, which
   refuses another base unless asked to transfer); :func:`mix_z` is the few-shot mixture
   z′ = Σ_k α_k z_k, per model or per matrix.
+- ``cem.py`` — :class:`CEM`, the cross-entropy method that finds the few-shot α (ask /
+  tell, ties in score broken by the mean log-likelihood, ``state_dict``); numpy only.
 
 Names are imported lazily, so importing ``shoal.adapt`` does not load torch.
 """
@@ -24,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 # public name -> defining module
 _LAZY = {
+    "CEM": "shoal.adapt.cem",
+    "CEMBest": "shoal.adapt.cem",
     "AdaptError": "shoal.adapt.svf",
     "CacheInfo": "shoal.adapt.svd_cache",
     "Expert": "shoal.adapt.expert",
@@ -43,7 +47,9 @@ _LAZY = {
 }
 
 __all__ = [
+    "CEM",
     "AdaptError",
+    "CEMBest",
     "CacheInfo",
     "Expert",
     "SVDFactors",
@@ -62,6 +68,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from shoal.adapt.cem import CEM, CEMBest
     from shoal.adapt.expert import Expert, load_expert, mix_z, read_expert, save_expert
     from shoal.adapt.svd_cache import (
         CacheInfo,
