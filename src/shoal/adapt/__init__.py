@@ -6,7 +6,8 @@ weight matrices (Sun et al., 2025; METHODS.md §5).
   with one trainable z vector per matrix; z = 1 is the base model bit for bit.
   :class:`SVFModel` swaps z per request (:meth:`~SVFModel.set_z`,
   :meth:`~SVFModel.using_z`), folds it into plain weights
-  (:meth:`~SVFModel.save_folded`) and :meth:`~SVFModel.unwrap` s.
+  (:meth:`~SVFModel.save_folded`) and gives the plain model back
+  (:meth:`~SVFModel.unwrap`).
 - ``svd_cache.py`` — the fp32 SVD of those matrices, computed once and cached as one
   safetensors file keyed by :func:`matrix_fingerprint` (a hash of the weights' bytes).
 - ``expert.py`` — an expert is a small safetensors file of z vectors and its base's
@@ -15,6 +16,9 @@ weight matrices (Sun et al., 2025; METHODS.md §5).
   z′ = Σ_k α_k z_k, per model or per matrix.
 - ``cem.py`` — :class:`CEM`, the cross-entropy method that finds the few-shot α (ask /
   tell, ties in score broken by the mean log-likelihood, ``state_dict``); numpy only.
+- ``reinforce.py`` — training z: :func:`reinforce_step` minimises
+  −mean(log π(ŷ|x)·r) + λ·KL(π_W′ ‖ π_W) with AdamW, cosine decay and clipping
+  (:func:`make_optimizer`); :func:`sample_answers` draws the answers.
 
 Names are imported lazily, so importing ``shoal.adapt`` does not load torch.
 """
@@ -26,19 +30,24 @@ from typing import TYPE_CHECKING, Any
 
 # public name -> defining module
 _LAZY = {
+    "AdaptError": "shoal.adapt.svf",
     "CEM": "shoal.adapt.cem",
     "CEMBest": "shoal.adapt.cem",
-    "AdaptError": "shoal.adapt.svf",
     "CacheInfo": "shoal.adapt.svd_cache",
     "Expert": "shoal.adapt.expert",
+    "ReinforceStats": "shoal.adapt.reinforce",
     "SVDFactors": "shoal.adapt.svd_cache",
     "SVFModel": "shoal.adapt.svf",
     "ZVectors": "shoal.adapt.svf",
     "compute_svd": "shoal.adapt.svd_cache",
     "load_expert": "shoal.adapt.expert",
+    "make_optimizer": "shoal.adapt.reinforce",
     "matrix_fingerprint": "shoal.adapt.svd_cache",
     "mix_z": "shoal.adapt.expert",
     "read_expert": "shoal.adapt.expert",
+    "reinforce_loss": "shoal.adapt.reinforce",
+    "reinforce_step": "shoal.adapt.reinforce",
+    "sample_answers": "shoal.adapt.reinforce",
     "save_expert": "shoal.adapt.expert",
     "select_matrices": "shoal.adapt.svf",
     "svd_factors": "shoal.adapt.svd_cache",
@@ -52,14 +61,19 @@ __all__ = [
     "CEMBest",
     "CacheInfo",
     "Expert",
+    "ReinforceStats",
     "SVDFactors",
     "SVFModel",
     "ZVectors",
     "compute_svd",
     "load_expert",
+    "make_optimizer",
     "matrix_fingerprint",
     "mix_z",
     "read_expert",
+    "reinforce_loss",
+    "reinforce_step",
+    "sample_answers",
     "save_expert",
     "select_matrices",
     "svd_factors",
@@ -70,6 +84,13 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from shoal.adapt.cem import CEM, CEMBest
     from shoal.adapt.expert import Expert, load_expert, mix_z, read_expert, save_expert
+    from shoal.adapt.reinforce import (
+        ReinforceStats,
+        make_optimizer,
+        reinforce_loss,
+        reinforce_step,
+        sample_answers,
+    )
     from shoal.adapt.svd_cache import (
         CacheInfo,
         SVDFactors,
