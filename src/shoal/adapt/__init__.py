@@ -19,6 +19,14 @@ weight matrices (Sun et al., 2025; METHODS.md §5).
 - ``reinforce.py`` — training z: :func:`reinforce_step` minimises
   −mean(log π(ŷ|x)·r) + λ·KL(π_W′ ‖ π_W) with AdamW, cosine decay and clipping
   (:func:`make_optimizer`); :func:`sample_answers` draws the answers.
+- ``config.py`` — :class:`AdaptConfig`, the schema of a ``shoal adapt`` config (base,
+  tasks per skill, matrices, training, few-shot), read by :func:`load_adapt_config`.
+- ``train.py`` — :func:`train_expert`, the training loop (REINFORCE or the supervised
+  ablation, validation every few steps, best z kept, early stopping);
+  :func:`run_training` and :func:`export_expert` write experts and folded models.
+- ``two_pass.py`` — the first pass (:func:`route`: the ``prompt`` and ``classifier``
+  strategies, :func:`parse_skill`), the few-shot mixture (:func:`fewshot_mix`) and
+  :func:`evaluate_strategy`, test accuracy per skill of a strategy.
 
 Names are imported lazily, so importing ``shoal.adapt`` does not load torch.
 """
@@ -30,59 +38,86 @@ from typing import TYPE_CHECKING, Any
 
 # public name -> defining module
 _LAZY = {
+    "AdaptConfig": "shoal.adapt.config",
     "AdaptError": "shoal.adapt.svf",
     "CEM": "shoal.adapt.cem",
     "CEMBest": "shoal.adapt.cem",
     "CacheInfo": "shoal.adapt.svd_cache",
+    "EvalResult": "shoal.adapt.two_pass",
     "Expert": "shoal.adapt.expert",
     "ReinforceStats": "shoal.adapt.reinforce",
     "SVDFactors": "shoal.adapt.svd_cache",
     "SVFModel": "shoal.adapt.svf",
+    "TrainResult": "shoal.adapt.train",
     "ZVectors": "shoal.adapt.svf",
     "compute_svd": "shoal.adapt.svd_cache",
+    "evaluate_strategy": "shoal.adapt.two_pass",
+    "export_expert": "shoal.adapt.train",
+    "fewshot_mix": "shoal.adapt.two_pass",
+    "load_adapt_config": "shoal.adapt.config",
     "load_expert": "shoal.adapt.expert",
     "make_optimizer": "shoal.adapt.reinforce",
     "matrix_fingerprint": "shoal.adapt.svd_cache",
     "mix_z": "shoal.adapt.expert",
+    "parse_skill": "shoal.adapt.two_pass",
     "read_expert": "shoal.adapt.expert",
     "reinforce_loss": "shoal.adapt.reinforce",
     "reinforce_step": "shoal.adapt.reinforce",
+    "route": "shoal.adapt.two_pass",
+    "run_eval": "shoal.adapt.two_pass",
+    "run_training": "shoal.adapt.train",
     "sample_answers": "shoal.adapt.reinforce",
     "save_expert": "shoal.adapt.expert",
     "select_matrices": "shoal.adapt.svf",
     "svd_factors": "shoal.adapt.svd_cache",
     "svf_weight": "shoal.adapt.svf",
+    "train_classifier": "shoal.adapt.two_pass",
+    "train_expert": "shoal.adapt.train",
     "wrap_svf": "shoal.adapt.svf",
 }
 
 __all__ = [
     "CEM",
+    "AdaptConfig",
     "AdaptError",
     "CEMBest",
     "CacheInfo",
+    "EvalResult",
     "Expert",
     "ReinforceStats",
     "SVDFactors",
     "SVFModel",
+    "TrainResult",
     "ZVectors",
     "compute_svd",
+    "evaluate_strategy",
+    "export_expert",
+    "fewshot_mix",
+    "load_adapt_config",
     "load_expert",
     "make_optimizer",
     "matrix_fingerprint",
     "mix_z",
+    "parse_skill",
     "read_expert",
     "reinforce_loss",
     "reinforce_step",
+    "route",
+    "run_eval",
+    "run_training",
     "sample_answers",
     "save_expert",
     "select_matrices",
     "svd_factors",
     "svf_weight",
+    "train_classifier",
+    "train_expert",
     "wrap_svf",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from shoal.adapt.cem import CEM, CEMBest
+    from shoal.adapt.config import AdaptConfig, load_adapt_config
     from shoal.adapt.expert import Expert, load_expert, mix_z, read_expert, save_expert
     from shoal.adapt.reinforce import (
         ReinforceStats,
@@ -105,6 +140,16 @@ if TYPE_CHECKING:  # pragma: no cover
         select_matrices,
         svf_weight,
         wrap_svf,
+    )
+    from shoal.adapt.train import TrainResult, export_expert, run_training, train_expert
+    from shoal.adapt.two_pass import (
+        EvalResult,
+        evaluate_strategy,
+        fewshot_mix,
+        parse_skill,
+        route,
+        run_eval,
+        train_classifier,
     )
 
 
