@@ -36,6 +36,7 @@ _COMMAND_MODULES = (
     "shoal.cli.evolve_cmd",
     "shoal.cli.demo_cmd",
     "shoal.cli.export_cmd",
+    "shoal.cli.adapt_cmd",
 )
 
 
