@@ -34,8 +34,8 @@ def _shorten(config: dict) -> list[str]:
             sets.append(f"{prefix}algorithm.popsize=4")
         if algo["name"] == "m2n2":
             sets.append(f"{prefix}algorithm.archive_size=3")
-    for split in ("fitness", "test"):
-        for j, spec in enumerate(config["tasks"][split]):
+    for split in ("fitness", "validation", "test"):
+        for j, spec in enumerate(config["tasks"].get(split, [])):
             if spec["type"] == "testbed":
                 sets.append(f"tasks.{split}.{j}.limit=6")
     return sets

@@ -132,7 +132,7 @@ def test_export_equals_the_wrapped_model_and_loads(
 def test_example_config_validates() -> None:
     import shoal.executors.testbed_task  # noqa: F401  (registers type: testbed)
 
-    example = Path(__file__).resolve().parents[2] / "examples" / "adapt-testbed-small.yaml"
+    example = Path(__file__).resolve().parents[2] / "examples" / "adapt" / "testbed-small.yaml"
     cfg = load_adapt_config(example)
     assert cfg.skills == ["chain_sum", "spell_backward", "gcd"]
     assert cfg.base.endswith(".testbed/small/base")
