@@ -23,12 +23,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shoal._yaml import safe_dump
 from shoal.errors import RecipeError, TaskError
-from shoal.recipe.load import parse_yaml
+from shoal.recipe.load import absolute_root, read_settings, settings_error
 
 __all__ = [
     "AdaptConfig",
@@ -206,15 +205,6 @@ class AdaptConfig(_Strict):
         return safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _format_error(exc: ValidationError, source: str) -> RecipeError:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        return RecipeError(f"{source}: {loc}: unknown key")
-    msg = err["msg"].removeprefix("Value error, ")
-    return RecipeError(f"{source}: {loc}: {msg}")
-
-
 def load_adapt_config(
     source: str | Path | Mapping[str, Any],
     *,
@@ -238,26 +228,12 @@ def load_adapt_config(
         RecipeError: Unreadable YAML, an unknown key, a bad value or a bad task spec;
             the message names the file and the key path.
     """
-    if isinstance(source, Mapping):
-        data: Any = yaml.safe_load(yaml.safe_dump(dict(source)))  # a deep, plain copy
-        name = "config"
-        default_root = Path(root) if root is not None else Path.cwd()
-    else:
-        path = Path(source)
-        name = str(path)
-        if not path.is_file():
-            raise RecipeError(f"{path}: config file not found")
-        data = parse_yaml(path.read_text(encoding="utf-8", errors="replace"), name)
-        default_root = Path(root) if root is not None else path.resolve().parent
-    if not isinstance(data, dict):
-        raise RecipeError(f"{name}: expected a mapping at the top level")
-    given = data.get("root")
-    root_path = default_root if given in (None, "") else Path(str(given)).expanduser()
-    data["root"] = str((default_root / root_path).resolve())
+    data, name, folder = read_settings(source, root)
+    absolute_root(data, folder)
     try:
         config = AdaptConfig.model_validate(data)
     except ValidationError as exc:
-        raise _format_error(exc, name) from None
+        raise settings_error(exc, name) from None
     config.base = str(config.resolve(config.base))
     if config.cache_dir is not None:
         config.cache_dir = str(config.resolve(config.cache_dir))

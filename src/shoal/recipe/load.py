@@ -3,6 +3,8 @@
 Every problem raises :class:`~shoal.errors.RecipeError` whose message names the
 file (when there is one) and the key, e.g.
 ``merge.yaml: models[1].parameters.densty: unknown parameter for ties (known: ...)``.
+The settings files of ``shoal evolve`` and ``shoal adapt`` are read with the same rules
+(:func:`read_settings`, :func:`absolute_root`, :func:`settings_error`).
 """
 
 from __future__ import annotations
@@ -124,6 +126,58 @@ def parse_yaml(text: str, label: str) -> Any:
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError(f"{label}{where}: not valid YAML: {' '.join(problem.split())}") from None
+
+
+def read_settings(
+    source: str | Path | Mapping[str, Any], root: str | Path | None = None
+) -> tuple[dict[str, Any], str, Path]:
+    """A settings file (an evolve or adapt config) as a plain dict, its label and folder.
+
+    Args:
+        source: A YAML file path or an already parsed mapping (deep-copied).
+        root: The folder relative paths resolve against; default the file's folder (the
+            working directory for a mapping).
+
+    Returns:
+        ``(data, label, folder)``: the mapping, the name errors start with, and the
+        default folder for :func:`absolute_root`.
+
+    Raises:
+        RecipeError: A missing file, bad YAML, or a top level that is not a mapping.
+    """
+    if isinstance(source, Mapping):
+        data: Any = yaml.safe_load(yaml.safe_dump(dict(source)))  # deep copy, plain types
+        label = "config"
+        folder = Path(root) if root is not None else Path.cwd()
+    else:
+        path = Path(source)
+        label = str(path)
+        if not path.is_file():
+            raise RecipeError(f"{path}: config file not found")
+        data = parse_yaml(path.read_text(encoding="utf-8", errors="replace"), label)
+        folder = Path(root) if root is not None else path.resolve().parent
+    if not isinstance(data, dict):
+        raise RecipeError(f"{label}: expected a mapping at the top level")
+    return data, label, folder
+
+
+def absolute_root(data: dict[str, Any], folder: Path) -> None:
+    """Set ``data["root"]`` absolute: a given root relative to ``folder``, else ``folder``.
+
+    Stored absolute so that a saved config means the same from any working directory.
+    """
+    given = data.get("root")
+    root = folder if given in (None, "") else Path(str(given)).expanduser()
+    data["root"] = str((folder / root).resolve())
+
+
+def settings_error(exc: ValidationError, label: str) -> RecipeError:
+    """A pydantic error of a settings file as one line naming the file and the key path."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return RecipeError(f"{label}: {loc}: unknown key")
+    return RecipeError(f"{label}: {loc}: {err['msg'].removeprefix('Value error, ')}")
 
 
 def _check_structure(recipe: Recipe, method: MethodSpec) -> None:

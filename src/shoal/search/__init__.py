@@ -76,21 +76,22 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from shoal.search.algorithms.base import (
+    from shoal.search.algorithms import (
         ALGORITHMS,
+        CMAES,
+        DFS,
+        M2N2,
+        PS,
         Algorithm,
         AlgorithmOptions,
         Best,
+        CycleQD,
+        GenomeCMAES,
+        GridArchive,
         SearchContext,
         register,
         store_key,
     )
-    from shoal.search.algorithms.cmaes import CMAES, GenomeCMAES
-    from shoal.search.algorithms.cycleqd import CycleQD
-    from shoal.search.algorithms.dfs import DFS
-    from shoal.search.algorithms.m2n2 import M2N2
-    from shoal.search.algorithms.ps import PS
-    from shoal.search.algorithms.qd_archive import GridArchive
     from shoal.search.config import RunConfig, load_config
     from shoal.search.context import make_algorithm
     from shoal.search.elites import open_qd_run

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from shoal._yaml import safe_dump, safe_load
 from shoal.errors import RecipeError
-from shoal.recipe.load import parse_yaml
+from shoal.recipe.load import absolute_root, read_settings, settings_error
 
 __all__ = [
     "Budget",
@@ -286,14 +286,6 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
-def _format_error(exc: ValidationError, source: str) -> RecipeError:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        return RecipeError(f"{source}: {loc}: unknown key")
-    return RecipeError(f"{source}: {loc}: {err['msg']}")
-
-
 def load_config(
     source: str | Path | Mapping[str, Any],
     overrides: Sequence[str] = (),
@@ -313,29 +305,13 @@ def load_config(
         RecipeError: Unreadable YAML, unknown key, bad value; the message names the file and
             the key path.
     """
-    if isinstance(source, Mapping):
-        data: Any = yaml.safe_load(yaml.safe_dump(dict(source)))  # deep copy, plain types
-        name = "config"
-        default_root = Path(root) if root is not None else Path.cwd()
-    else:
-        path = Path(source)
-        name = str(path)
-        if not path.is_file():
-            raise RecipeError(f"{path}: config file not found")
-        data = parse_yaml(path.read_text(encoding="utf-8", errors="replace"), str(path))
-        default_root = Path(root) if root is not None else path.resolve().parent
-    if not isinstance(data, dict):
-        raise RecipeError(f"{name}: expected a mapping at the top level")
+    data, name, folder = read_settings(source, root)
     apply_overrides(data, overrides)
-    # a relative root is relative to the config file, and stored absolute so that the
-    # saved config resumes from any working directory
-    given_root = data.get("root")
-    root_path = default_root if given_root in (None, "") else Path(str(given_root)).expanduser()
-    data["root"] = str((default_root / root_path).resolve())
+    absolute_root(data, folder)
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise _format_error(exc, name) from None
+        raise settings_error(exc, name) from None
     # model paths are made absolute once so the resolved config is self-contained
     config.models = {k: str(config.resolve(v)) for k, v in config.models.items()}
     for stage in config.stages or []:
