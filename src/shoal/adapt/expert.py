@@ -237,7 +237,7 @@ def load_expert(
         raise AdaptError(
             f"{p}: expert trained on base {expert.base_fingerprint[:16]}…, this model is "
             f"{wrapped.fingerprint[:16]}… (full: {expert.base_fingerprint} vs "
-            f"{wrapped.fingerprint}); pass allow_transfer=True to apply it anyway"
+            f"{wrapped.fingerprint}); --allow-transfer (allow_transfer=True) applies it anyway"
         )
     lengths = wrapped.lengths()
     for name, r in expert.lengths().items():
