@@ -60,7 +60,7 @@ def _run(variant: str, testbed: Path, generations: int, run_dir: Path) -> None:
     command += ["--run-dir", str(run_dir), "--no-progress"]
     command += ["--set", f"algorithm.generations={generations}", *VARIANTS[variant]]
     # one thread and the AVX2 kernels, as the testbed build trains (docs/testbed.md)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
     print(f"running {run_dir.name} ...", flush=True)
     subprocess.run(command, check=True, env=env)
 

@@ -50,7 +50,7 @@ def _run(variant: str, build: Path, seed: int, run_dir: Path) -> None:
     command = [sys.executable, "-m", "shoal.cli.main", "evolve", str(cfg)]
     command += ["--run-dir", str(run_dir), "--no-progress", "--set", f"seed={seed}", *extra]
     # one thread and the AVX2 kernels, as the testbed build trains (docs/testbed.md)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
     print(f"running {run_dir.name} ...", flush=True)
     subprocess.run(command, check=True, env=env)
 
