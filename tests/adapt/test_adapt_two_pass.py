@@ -193,3 +193,41 @@ def test_fewshot_mix_recovers_a_known_mixture(world: ToyWorld) -> None:
     assert np.abs(best.alpha - alpha_star).max() < 0.25
     for n, v in mix_z(list(experts.values()), best.alpha).items():
         assert torch.equal(z[n], v)
+
+
+def test_fewshot_unseen_leaves_each_skills_own_expert_out(world: ToyWorld) -> None:
+    """Each skill is adapted from the other skills' experts only: the mixture has one
+    weight fewer, and it is built from exactly those experts."""
+    import shoal.adapt.two_pass as tp
+
+    svf = wrap_svf(world.model())
+    experts = dict(zip(SKILLS, _zs(svf, 5, len(SKILLS)), strict=True))
+    tasks = {
+        s: GenerationTask(
+            s, world.examples[s][:4], lambda a, e: 0.0, max_new_tokens=3, tokenizer=world.tokenizer
+        )
+        for s in SKILLS
+    }
+    pools: dict[str, list[str]] = {}
+    real = tp.fewshot_mix
+
+    def spy(svf_: Any, tok: Any, pool: dict, task: GenerationTask, *a: Any, **k: Any) -> Any:
+        pools[task.name] = list(pool)
+        return real(svf_, tok, pool, task, *a, **k)
+
+    opts = FewshotConfig(population=8, iterations=2, seed=0)
+    try:
+        tp.fewshot_mix = spy  # type: ignore[assignment]
+        result = evaluate_strategy(
+            svf,
+            world.tokenizer,
+            experts,
+            tasks,
+            "fewshot-unseen",
+            fewshot_tasks=tasks,
+            fewshot=opts,
+        )
+    finally:
+        tp.fewshot_mix = real  # type: ignore[assignment]
+    assert pools == {s: [o for o in SKILLS if o != s] for s in SKILLS}
+    assert all(len(result.alphas[s]) == len(SKILLS) - 1 for s in SKILLS)

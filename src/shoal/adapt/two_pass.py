@@ -12,6 +12,8 @@ The first pass decides which z a prompt gets; the second answers with W′ built
   model or per matrix) with α found by the cross-entropy method on a few examples of the
   task, ranked by their score and, among equal scores, by the mean per-token
   log-likelihood of the correct answers (:func:`fewshot_search`, :func:`fewshot_mix`).
+- ``fewshot-unseen``: the same search over the *other* skills' experts only, so each skill
+  in turn is a task no expert was trained on (the paper's adaptation to unseen tasks).
 - ``oracle`` (each prompt gets its own skill's expert) and ``base`` (z = 1) are the
   references.
 
@@ -62,7 +64,7 @@ __all__ = [
 
 Z = dict[str, torch.Tensor]
 #: the strategies :func:`evaluate_strategy` knows
-STRATEGIES = ("prompt", "classifier", "fewshot", "oracle", "base")
+STRATEGIES = ("prompt", "classifier", "fewshot", "fewshot-unseen", "oracle", "base")
 
 #: the first pass of the prompt strategy, asked of the base model
 ROUTER_TEMPLATE = (
@@ -323,7 +325,8 @@ class EvalResult:
         per_skill: Skill → mean test score.
         routed: Skill → {chosen skill (``"base"`` for none) → count} (first-pass
             strategies; empty for the others).
-        alphas: Skill → the few-shot α (``fewshot`` only).
+        alphas: Skill → the few-shot α (``fewshot``: one weight per expert;
+            ``fewshot-unseen``: one per other skill's expert).
     """
 
     strategy: str
@@ -401,13 +404,16 @@ def evaluate_strategy(
             scores = _score_with(svf, tokenizer, task, None)
         elif strategy == "oracle":
             scores = _score_with(svf, tokenizer, task, experts[skill])
-        elif strategy == "fewshot":
+        elif strategy in ("fewshot", "fewshot-unseen"):
             if fewshot_tasks is None or skill not in fewshot_tasks:
-                raise AdaptError(f"fewshot: no few-shot examples for skill {skill!r}")
+                raise AdaptError(f"{strategy}: no few-shot examples for skill {skill!r}")
+            pool = dict(experts)
+            if strategy == "fewshot-unseen":  # the skill's own expert is left out
+                pool.pop(skill, None)
             z, best = fewshot_mix(
                 svf,
                 tokenizer,
-                experts,
+                pool,
                 fewshot_tasks[skill],
                 fewshot or FewshotConfig(),
                 answer_key=answer_key,
@@ -499,7 +505,7 @@ def run_eval(
         classifier_z = load_expert(path, svf, apply=False).z
     test = build_tasks(config, tokenizer, "test")
     fewshot_tasks: dict[str, GenerationTask] = {}
-    if "fewshot" in strategies:
+    if {"fewshot", "fewshot-unseen"} & set(strategies):
         for skill, task in build_tasks(config, tokenizer, "validation").items():
             if not isinstance(task, GenerationTask):
                 raise AdaptError(f"skill {skill!r}: few-shot needs a generation task")

@@ -116,7 +116,10 @@ def register(app: typer.Typer) -> None:
             None, "--experts", help="Folder of experts (<skill>/expert.safetensors)."
         ),
         strategy: list[str] = typer.Option(
-            ["oracle", "base"], "--strategy", help="prompt, classifier, fewshot, oracle, base."
+            ["oracle", "base"],
+            "--strategy",
+            help="prompt, classifier, fewshot, fewshot-unseen (the skill's own expert left out), "
+            "oracle, base.",
         ),
         classifier: Path = typer.Option(
             None,
