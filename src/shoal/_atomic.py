@@ -59,6 +59,24 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def atomic_dir(out: Path, tag: str = "tmp") -> Iterator[Path]:
+    """Yield a temporary sibling folder path to fill; it replaces ``out`` if the block
+    succeeds (:func:`replace_dir`).
+
+    The path is yielded absent (the block makes it, or a writer such as
+    ``save_pretrained`` does), and whatever is left of it is removed afterwards, so a
+    failed write leaves ``out`` as it was and no temporary folder behind.
+    """
+    tmp = temp_sibling(out, tag)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` through a synced temporary sibling.
 

@@ -442,9 +442,7 @@ class SVFModel:
         Raises:
             OutputExistsError: If ``out_dir`` exists and ``overwrite`` is false.
         """
-        import shutil
-
-        from shoal._atomic import remove_stale_temp_siblings, replace_dir, temp_sibling
+        from shoal._atomic import atomic_dir, remove_stale_temp_siblings
         from shoal.errors import OutputExistsError
 
         out = Path(out_dir)
@@ -453,16 +451,10 @@ class SVFModel:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_siblings(out)
         folded = self.folded_weights(z)
-        tmp = temp_sibling(out)
-        try:
-            with self.unwrapped() as plain:
-                sd = dict(plain.state_dict())
-                sd.update(folded)
-                plain.save_pretrained(tmp, state_dict=sd)  # type: ignore[operator]
-            replace_dir(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(out) as tmp, self.unwrapped() as plain:
+            sd = dict(plain.state_dict())
+            sd.update(folded)
+            plain.save_pretrained(tmp, state_dict=sd)  # type: ignore[operator]
         return out
 
 

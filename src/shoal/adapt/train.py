@@ -572,9 +572,8 @@ def run_training(
         RecipeError: An unknown skill, or a task that does not build.
     """
     import json
-    import shutil
 
-    from shoal._atomic import remove_stale_temp_siblings, replace_dir, temp_sibling
+    from shoal._atomic import atomic_dir, remove_stale_temp_siblings
     from shoal.errors import OutputExistsError, RecipeError
 
     target = Path(out)
@@ -592,9 +591,8 @@ def run_training(
     val_tasks = build_tasks(config, tokenizer, "validation")
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_siblings(target)
-    tmp = temp_sibling(target)
     results: dict[str, TrainResult] = {}
-    try:
+    with atomic_dir(target) as tmp:
         if classifier:
             from shoal.adapt.two_pass import train_classifier
 
@@ -620,10 +618,6 @@ def run_training(
                     train_summary(svf, config, s, res, config.train),
                 )
                 results[s] = res
-        replace_dir(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return results
 
 
@@ -648,11 +642,9 @@ def export_expert(
             names matrices the base lacks.
         OutputExistsError: ``out`` exists and ``overwrite`` is false.
     """
-    import shutil
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shoal._atomic import remove_stale_temp_siblings, replace_dir, temp_sibling
+    from shoal._atomic import atomic_dir, remove_stale_temp_siblings
     from shoal.adapt.expert import load_expert, read_expert
     from shoal.adapt.svf import wrap_svf
     from shoal.errors import CheckpointError, OutputExistsError
@@ -679,13 +671,8 @@ def export_expert(
         tokenizer = None
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_siblings(target)
-    tmp = temp_sibling(target, "export")
-    try:
+    with atomic_dir(target, "export") as tmp:
         svf.save_folded(tmp, overwrite=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target

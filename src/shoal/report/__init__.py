@@ -13,10 +13,9 @@ redraws it.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from shoal._atomic import replace_dir, temp_sibling
+from shoal._atomic import atomic_dir
 from shoal.report.archives import archive_history, plot_archives, plot_qd_curves
 from shoal.report.data import RunData, load_run, numeric_leaves
 from shoal.report.plots import plot_fitness, plot_parameters, plot_tasks
@@ -33,10 +32,8 @@ def write_report(run_dir: str | Path) -> Path:
     """
     data = load_run(run_dir)
     out = Path(run_dir) / "report"
-    tmp = temp_sibling(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
+        tmp.mkdir(parents=True)
         if data.events:
             plot_fitness(data, tmp / "fitness.png")
             plot_tasks(data, tmp / "tasks.png")
@@ -49,7 +46,4 @@ def write_report(run_dir: str | Path) -> Path:
                 plot_qd_curves(history, tmp / f"qd{suffix}.png", stage or "")
                 data.archives[stage] = history
         (tmp / "summary.md").write_text(summary_markdown(data))
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

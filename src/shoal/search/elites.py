@@ -126,13 +126,6 @@ class QDRun:
             )
         return algo.aggregate_recipe()
 
-    def seed_of(self, evaluation: int | None) -> int:
-        """The seed the run built evaluation ``evaluation`` with (0: not logged)."""
-        for event in self.folder.events.read() if evaluation is not None else []:
-            if event.get("evaluation") == evaluation:
-                return int(event.get("seed") or 0)
-        return 0
-
     def export(
         self,
         recipe: dict[str, Any],
@@ -171,7 +164,7 @@ class QDRun:
         )
         worker = Worker(spec, store=open_store(store_spec))
         build = {"model": store_ref(recipe)} if store_key(recipe) in worker.store else recipe
-        seed = self.seed_of(evaluation)
+        seed = self.folder.events.seed_of(evaluation)
         model = worker.build(build, seed)
         export_model(model, recipe, out, tokenizer=worker.tokenizer, seed=seed, models=models)
         (out / "README.md").write_text(_card(title, facts, recipe, self.run.root))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from shoal._atomic import replace_dir, temp_sibling
+from shoal._atomic import atomic_dir
 from shoal._yaml import safe_dump
 
 __all__ = ["export_model", "stored_recipe"]
@@ -91,9 +90,7 @@ def export_model(
     """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:
         if recipe.get("merge_method") == "layer_path":
             from shoal.merge.layer_path import export_layer_path
 
@@ -113,7 +110,4 @@ def export_model(
             }
             save_file(state, str(tmp / "model.safetensors"))
         (tmp / "shoal_recipe.yaml").write_text(stored_recipe(recipe, seed, models or {}))
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

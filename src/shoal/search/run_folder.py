@@ -54,6 +54,13 @@ class EventLog:
         """
         return self._scan()[0]
 
+    def seed_of(self, evaluation: int | None) -> int:
+        """The seed the run built evaluation ``evaluation`` with (0: not logged)."""
+        for event in self.read() if evaluation is not None else []:
+            if event.get("evaluation") == evaluation:
+                return int(event.get("seed") or 0)
+        return 0
+
     def _scan(self) -> tuple[list[dict[str, Any]], bool]:
         """The events, and whether a torn last line (a killed run's partial write) was left out."""
         if not self.path.is_file():

@@ -366,14 +366,6 @@ def _stored_or_recipe(algo: Algorithm, store: Any, recipe: dict[str, Any]) -> di
     return recipe
 
 
-def _event_seed(folder: RunFolder, evaluation: int) -> int:
-    """The seed the run built evaluation ``evaluation`` with (0 if not logged)."""
-    for event in folder.events.read():
-        if event.get("evaluation") == evaluation:
-            return int(event.get("seed") or 0)
-    return 0
-
-
 def _split_means(
     worker: Worker, scores: dict[str, np.ndarray], spec: WorkerSpec, validation: int = 0
 ) -> dict[str, dict[str, float]]:
@@ -452,7 +444,7 @@ def _finish(
         if specialists:
             summary["specialists"] = {}
         for name, sp in specialists.items():
-            seed = _event_seed(folder, sp.evaluation)
+            seed = folder.events.seed_of(sp.evaluation)
             m = worker.build(_stored_or_recipe(algo, store, sp.recipe), seed)
             s = worker.score(m, worker.task_names(include_extra=True))
             summary["specialists"][name] = {

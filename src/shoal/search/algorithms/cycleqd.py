@@ -56,7 +56,7 @@ from shoal.search.algorithms.base import (
     store_key,
     validate_options,
 )
-from shoal.search.algorithms.qd_archive import GridArchive
+from shoal.search.algorithms.qd_archive import Elite, GridArchive
 from shoal.tasks.base import Scores
 
 __all__ = [
@@ -317,12 +317,11 @@ class CycleQD(Algorithm):
         archives gets the sum of its β (one entry per model).
         """
         assert self.archives is not None
-        picked: list[tuple[str, float]] = []
-        for archive in self.archives:
-            elites = [e for _, e in archive]
-            if self.options.aggregate == "best_per_task":
-                elites = [max(elites, key=lambda e: e.quality)]  # first maximum in cell order
-            picked += [(str(e.data["ref"]), e.quality) for e in elites]
+        if self.options.aggregate == "best_per_task":
+            elites = list(self._best_elites().values())
+        else:
+            elites = [e for archive in self.archives for _, e in archive]
+        picked = [(str(e.data["ref"]), e.quality) for e in elites]
         beta = aggregation_weights(np.array([q for _, q in picked]), self.options.temperature)
         weights: dict[str, float] = {}
         for (ref, _), b in zip(picked, beta, strict=True):
@@ -449,20 +448,25 @@ class CycleQD(Algorithm):
         """The aggregation once told; before, the elite with the best mean over the tasks."""
         return self._aggregate if self._aggregate is not None else self._best_elite()
 
+    def _best_elites(self) -> dict[str, Elite]:
+        """Task -> the best elite of its archive (the first maximum in cell order)."""
+        return {
+            t: max((e for _, e in archive), key=lambda e: e.quality)
+            for t, archive in zip(self.tasks, self.archives or [], strict=False)
+            if len(archive)
+        }
+
     def specialists(self) -> dict[str, Best]:
-        """The best elite of each archive, as ``best-<task>`` (first maximum in cell order)."""
-        out = {}
-        for t, archive in zip(self.tasks, self.archives or [], strict=False):
-            elites = [e for _, e in archive]
-            if elites:
-                e = max(elites, key=lambda e: e.quality)
-                out[f"best-{t}"] = Best(
-                    recipe=e.data["recipe"],
-                    fitness=e.quality,
-                    evaluation=int(e.data["evaluation"]),
-                    extra={"ref": e.data["ref"]},
-                )
-        return out
+        """The best elite of each archive, as ``best-<task>``."""
+        return {
+            f"best-{t}": Best(
+                recipe=e.data["recipe"],
+                fitness=e.quality,
+                evaluation=int(e.data["evaluation"]),
+                extra={"ref": e.data["ref"]},
+            )
+            for t, e in self._best_elites().items()
+        }
 
     def references(self) -> set[str]:
         """Store keys of the elites still in some archive (experts are source models)."""
