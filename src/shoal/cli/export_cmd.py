@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         stage: str = typer.Option(None, "--stage", help="The CycleQD stage of a multi-stage run."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     ) -> None:
-        from shoal.errors import RecipeError
+        from shoal.errors import OutputExistsError, RecipeError
         from shoal.search.elites import open_qd_run
 
         if sum([elite is not None, aggregate, list_]) != 1:
@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
         if out is None:
             raise RecipeError("--out: give the folder to write the checkpoint to")
         if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-            raise RecipeError(f"{out}: exists (--overwrite replaces it)")
+            raise OutputExistsError(f"{out}: exists (--overwrite replaces it)")
         if elite is not None:
             row = qd.elite(elite)
             means = ", ".join(f"{t} {v:.4f}" for t, v in row.means.items())

@@ -166,8 +166,10 @@ class QDRun:
         build = {"model": store_ref(recipe)} if store_key(recipe) in worker.store else recipe
         seed = self.folder.events.seed_of(evaluation)
         model = worker.build(build, seed)
-        export_model(model, recipe, out, tokenizer=worker.tokenizer, seed=seed, models=models)
-        (out / "README.md").write_text(_card(title, facts, recipe, self.run.root))
+        card = _card(title, facts, recipe, self.run.root)
+        export_model(
+            model, recipe, out, tokenizer=worker.tokenizer, seed=seed, models=models, card=card
+        )
         return out
 
 

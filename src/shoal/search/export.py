@@ -74,6 +74,7 @@ def export_model(
     tokenizer: Any = None,
     seed: int | None = None,
     models: Mapping[str, str] | None = None,
+    card: str | None = None,
 ) -> Path:
     """Write ``model`` (built from ``recipe``) to ``out_dir`` atomically.
 
@@ -84,6 +85,7 @@ def export_model(
         tokenizer: Saved beside a transformers model when given.
         seed: The candidate seed (recorded).
         models: The run's model names -> paths, written into the stored recipe.
+        card: A model card, written as ``README.md`` in the same atomic write.
 
     Returns:
         ``out_dir``.
@@ -110,4 +112,6 @@ def export_model(
             }
             save_file(state, str(tmp / "model.safetensors"))
         (tmp / "shoal_recipe.yaml").write_text(stored_recipe(recipe, seed, models or {}))
+        if card is not None:
+            (tmp / "README.md").write_text(card)
     return out
