@@ -115,6 +115,86 @@ def test_model_vocabulary_donor_and_mean(models, tensors, tmp_path: Path) -> Non
             assert torch.allclose(got[name][tid].double(), want, atol=1e-6), (name, token)
 
 
+def test_union_vocabulary_rows_by_hand(models, tensors, tmp_path: Path) -> None:
+    """task_arithmetic over base, x, y into the union: the base's tokens keep their ids,
+    x's new tokens f g h follow in x's id order, then y's q r; each row of a new token is
+    the row of the only model that has it, or the mean of those that have it (f: x, y)."""
+    text = (
+        f"merge_method: task_arithmetic\nbase_model: {models['base']}\n"
+        f"models:\n  - {{model: {models['x']}, parameters: {{weight: 0.5}}}}\n"
+        f"  - {{model: {models['y']}, parameters: {{weight: 0.3}}}}\n"
+        "tokenizer: {source: union}\n"
+    )
+    out = merge_to_disk(text, tmp_path / "out", progress=False)
+    from transformers import AutoTokenizer
+
+    union = [*WORDS["base"], "f", "g", "h", "q", "r"]
+    tok = AutoTokenizer.from_pretrained(out)
+    assert [tok.convert_ids_to_tokens(i) for i in range(len(tok))] == union
+    got = state_dict(out)
+    for name in VOCAB_TENSORS:
+        assert got[name].shape == (len(union), 32)
+        for tid, token in enumerate(union):
+            having = [m for m in ("base", "x", "y") if token in WORDS[m]]
+            if "base" in having:
+                fill = _row(tensors, "base", name, token)
+            else:
+                fill = sum(_row(tensors, m, name, token) for m in having) / len(having)
+            r = {m: _row(tensors, m, name, token) if m in having else fill for m in having}
+            r = {m: r.get(m, fill) for m in ("base", "x", "y")}
+            want = r["base"] + 0.5 * (r["x"] - r["base"]) + 0.3 * (r["y"] - r["base"])
+            assert torch.allclose(got[name][tid].double(), want, atol=1e-6), (name, token)
+    _loads_together(out, len(union))
+
+
+def test_union_keeps_the_plain_merge_on_shared_tokens(models, tmp_path: Path) -> None:
+    """Two models with one vocabulary plus different added tokens: on text of the shared
+    tokens the union merge's logits equal the plain merge's; each new token's rows are
+    those of the model that added it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path / "added"
+    merged = {}
+    for name, extra in (("p", ["<think>", "<tool>"]), ("s", ["<tool>", "<answer>"])):
+        tok = word_tokenizer(WORDS["base"])
+        tok.add_tokens(extra, special_tokens=True)
+        merged[name] = vocab_model(root / name, tok, seed=40 + len(merged))
+    base_text = (
+        f"merge_method: linear\nmodels: [{{model: {merged['p']}}}, {{model: {merged['s']}}}]\n"
+    )
+    # the plain merge over the shared rows: both models cut to the base's 8 tokens
+    cut = {}
+    for name, path in merged.items():
+        sd = state_dict(path)
+        cut[name] = {k: (v[:8] if k in VOCAB_TENSORS else v) for k, v in sd.items()}
+    p_rows = state_dict(merged["p"])
+    s_rows = state_dict(merged["s"])
+    union = merge_to_disk(base_text + "tokenizer: {}\n", tmp_path / "u", progress=False)
+    tok = AutoTokenizer.from_pretrained(union)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<think>", "<tool>", "<answer>")}
+    assert sorted(ids.values()) == [8, 9, 10] and len(tok) == 11
+    got = state_dict(union)
+    for name in VOCAB_TENSORS:
+        plain = (cut["p"][name] + cut["s"][name]) / 2
+        assert torch.allclose(got[name][:8], plain, atol=1e-6), name
+        # <think> only in p, <answer> only in s, <tool> in both (row 9 in p, 8 in s)
+        p_think = p_rows[name][8]
+        s_answer = s_rows[name][9]
+        tool = (p_rows[name][9] + s_rows[name][8]) / 2
+        assert torch.allclose(got[name][ids["<think>"]], p_think, atol=1e-6)
+        assert torch.allclose(got[name][ids["<answer>"]], s_answer, atol=1e-6)
+        assert torch.allclose(got[name][ids["<tool>"]], tool, atol=1e-6)
+    model = AutoModelForCausalLM.from_pretrained(union)
+    reference = AutoModelForCausalLM.from_pretrained(merged["p"])
+    reference.resize_token_embeddings(8)
+    with torch.no_grad():
+        for name, param in reference.state_dict().items():
+            param.copy_((cut["p"][name] + cut["s"][name]) / 2)
+        words = torch.tensor([[3, 4, 5, 6, 7, 1]])
+        assert torch.allclose(model(words).logits[..., :8], reference(words).logits, atol=1e-5)
+    assert model.config.vocab_size == len(tok)
+
+
 def test_pad_to_multiple_of(models, tensors, tmp_path: Path) -> None:
     """8 tokens padded to 16 rows: each model's padding rows are the mean of its
     realigned rows, so a task-arithmetic merge's padding rows are the mean of its rows."""
@@ -196,9 +276,7 @@ def test_a_token_source_lacking_the_token_is_one_error(models, tmp_path: Path) -
 @pytest.mark.parametrize(
     ("tokenizer", "needle"),
     [
-        ("tokenizer_source: union", r"tokenizer_source: 'union' is not supported yet"),
-        ("tokenizer: {source: union}", r"tokenizer\.source: 'union' is not supported yet"),
-        ("tokenizer: {pad_to_multiple_of: 8}", r"tokenizer\.source: required; .*'union'"),
+        ("tokenizer_source: model:M", r"tokenizer_source: 'model:M' is not supported"),
         ("tokenizer_source: base\ntokenizer: {source: base}", r"tokenizer: give either"),
         ("tokenizer: {source: base, padd: 8}", r"tokenizer\.padd: unknown key"),
         ("tokenizer: {source: base, pad_to_multiple_of: 0}", r"tokenizer\.pad_to_multiple_of"),
@@ -230,12 +308,13 @@ def test_cli_error_is_one_line_exit_2(models, tmp_path: Path, shoal_cli) -> None
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f"merge_method: linear\nmodels: [{{model: {models['base']}}}, {{model: {models['x']}}}]\n"
-        "tokenizer: {source: union}\n"
+        "tokenizer: {source: union, tokens: {zz: {source: {kind: model_token, "
+        f"model: {models['x']}, token: nope}}}}}}}}\n"
     )
     code, _, err = shoal_cli(["merge", str(recipe), str(tmp_path / "out")])
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "tokenizer.source: 'union' is not supported yet" in lines[0]
+    assert len(lines) == 1 and "tokenizer.tokens.zz.source.token: 'nope'" in lines[0], lines
     assert not (tmp_path / "out").exists()
 
 

@@ -168,3 +168,68 @@ dtype: float32
         tmp_path,
     )
     _same(ours, theirs)
+
+
+def _same_by_token(ours: Path, theirs: Path) -> None:
+    """The same tokens, and each token's rows equal (mergekit numbers a union's new tokens
+    in hash order, different from run to run; shoal in each model's id order)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    mine = AutoTokenizer.from_pretrained(ours).get_vocab()
+    other = AutoTokenizer.from_pretrained(theirs).get_vocab()
+    assert sorted(mine) == sorted(other)
+    tokens = sorted(mine)
+    a, b = state_dict(ours), state_dict(theirs)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].shape == b[name].shape, name
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            rows_a = a[name][torch.tensor([mine[t] for t in tokens])]
+            rows_b = b[name][torch.tensor([other[t] for t in tokens])]
+            assert torch.allclose(rows_a, rows_b, atol=1e-6, rtol=0), name
+        else:
+            assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
+
+
+def test_union_of_word_vocabularies(words: dict[str, Path], tmp_path: Path) -> None:
+    """The union of four word vocabularies with TIES: every model's tokens, rows by
+    mergekit's rules (the base's, the only model's, the mean of those that have it)."""
+    ours, theirs = _both(
+        f"""
+merge_method: ties
+base_model: {words["base"]}
+models:
+  - model: {words["x"]}
+    parameters: {{weight: 0.6, density: 0.5}}
+  - model: {words["y"]}
+    parameters: {{weight: 0.4, density: 0.7}}
+  - model: {words["z"]}
+    parameters: {{weight: 0.3, density: 0.9}}
+tokenizer:
+  source: union
+dtype: float32
+""",
+        tmp_path,
+    )
+    _same_by_token(ours, theirs)
+
+
+def test_union_of_bpe_vocabularies(bpe: dict[str, Path], tmp_path: Path) -> None:
+    """The union of two byte-level BPE vocabularies (a tokenizer block without a source
+    means union, as in mergekit), linear without a base."""
+    ours, theirs = _both(
+        f"""
+merge_method: linear
+models:
+  - model: {bpe["a"]}
+    parameters: {{weight: 0.7}}
+  - model: {bpe["b"]}
+    parameters: {{weight: 0.3}}
+tokenizer:
+  pad_to_multiple_of: 8
+dtype: float32
+""",
+        tmp_path,
+    )
+    _same_by_token(ours, theirs)

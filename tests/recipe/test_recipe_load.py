@@ -208,7 +208,7 @@ BAD = [
         "model_stock needs at least 2 models",
     ),
     (EXAMPLES["ties"].replace("dtype: bfloat16", "dtype: int3"), "dtype: unknown dtype"),
-    (EXAMPLES["ties"] + "tokenizer_source: union\n", "tokenizer_source"),
+    (EXAMPLES["ties"] + "tokenizer_source: model:x\n", "tokenizer_source"),
     (EXAMPLES["dare_ties"].replace("rescale: true", "rescale: l2"), "parameters.rescale"),
     (
         EXAMPLES["ties"].replace("weight: 1.0", "weight: 1.0\n      normalize: true"),

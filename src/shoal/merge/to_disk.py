@@ -229,7 +229,8 @@ def merge_to_disk(
     try:
         _refuse_source_as_output(out, recipe, sources)
         tok = recipe.vocabulary_source()
-        tok_ref = recipe.base_model if tok in (None, "base") else tok
+        lead = recipe.base_model or recipe.model_refs()[0]  # union: lead's files + new tokens
+        tok_ref = recipe.base_model if tok is None else lead if tok in ("base", "union") else tok
         if tok is not None:  # before the tokenizers are read: a clear line for no files
             tok_dir = _model_dir(str(tok_ref), recipe, sources)
             if tok_dir is None or not tokenizer_files(tok_dir):

@@ -1,10 +1,12 @@
 """The output vocabulary of a merge, and embedding / head rows realigned to it.
 
 When a recipe names a tokenizer source (``tokenizer_source`` or ``tokenizer.source``),
-the output vocabulary is that model's tokenizer (plus the ``tokenizer.tokens`` it lacks,
-added as in mergekit), and every *vocabulary tensor* (input embeddings, output head:
-:data:`VOCAB_TENSOR`) of every model is rebuilt row by row in the output's token order
-before the merge method sees it. The rules are mergekit 0.1.5's (``PermutedVocabulary``):
+the output vocabulary is that model's tokenizer, or for ``union`` the base model's
+(the first model's without a base) plus every token another model has, plus the
+``tokenizer.tokens`` it lacks, added as in mergekit; and every *vocabulary tensor*
+(input embeddings, output head: :data:`VOCAB_TENSOR`) of every model is rebuilt row
+by row in the output's token order before the merge method sees it. The rules are
+mergekit 0.1.5's (``PermutedVocabulary``):
 
 - a model that has the token gives its own row (unless the token's entry says ``force``);
 - otherwise the row is, for a token with an entry in ``tokenizer.tokens``, that entry's
@@ -74,7 +76,8 @@ class OutputVocabulary:
             token, ``-1`` where the model lacks it.
         rules: output token id → its ``tokenizer.tokens`` rule (entries with a source).
         base: the recipe's base model.
-        added: tokens of ``tokenizer.tokens`` added to the source tokenizer.
+        added: tokens added to the source tokenizer (the ``union``'s new tokens, then
+            the ``tokenizer.tokens`` it lacks).
         source_dir: the directory the output tokenizer was read from.
     """
 
@@ -254,8 +257,7 @@ def build_vocabulary(
     refs = recipe.model_refs()
     base = recipe.base_model
     lead = base or refs[0]
-    source_ref = base if source == "base" else source
-    assert source_ref is not None
+    source_ref = lead if source in ("base", "union") else source
 
     def load(ref: str, what: str) -> Any:
         directory = model_dirs.get(ref)
@@ -266,26 +268,30 @@ def build_vocabulary(
 
     out_tok = load(source_ref, key)
     vocabs: dict[str, dict[str, int]] = {}
+    tokenizers: dict[str, Any] = {}
     for ref in refs:
         if model_dirs.get(ref) is not None and has_tokenizer.get(ref):
             tok = out_tok if ref == source_ref else load(ref, f"{key} (model {ref})")
+            tokenizers[ref] = tok
             vocabs[ref] = dict(tok.get_vocab())
     fallback = vocabs.get(lead) or dict(out_tok.get_vocab())
     for ref in refs:
         vocabs.setdefault(ref, fallback)
-    if source == "base":
+    if source in ("base", "union"):
         limit = _vocab_size(configs.get(source_ref))
         beyond = [t for t, i in vocabs[source_ref].items() if limit is not None and i >= limit]
         if beyond:
             raise RecipeError(
                 f"{key}: the base tokenizer has {len(beyond)} tokens past its model's "
                 f"vocab_size {limit} (e.g. {beyond[0]!r}); mergekit strips them, shoal does "
-                "not yet: name the base model's path instead of 'base'"
+                "not yet: name the base model's path instead"
             )
+    added = []
+    if source == "union":
+        added = _add_union(out_tok, [(tokenizers[r], configs.get(r)) for r in tokenizers])
     block = recipe.tokenizer
     entries = (block.tokens or {}) if block is not None else {}
     existing = set(out_tok.get_vocab())
-    added = []
     for token in entries:
         if token not in existing:
             out_tok.add_tokens(token)
@@ -317,6 +323,38 @@ def build_vocabulary(
     return OutputVocabulary(
         out_tok, size, rows, index, rules, base, added, model_dirs.get(source_ref)
     )
+
+
+def _add_union(out_tok: Any, members: Sequence[tuple[Any, Mapping[str, Any] | None]]) -> list[str]:
+    """Add to ``out_tok`` (the lead model's tokenizer) every token of ``members`` it lacks.
+
+    mergekit's ``union``: a model's tokens count up to its ``vocab_size`` (rows it has);
+    plain tokens are added first, then the added (special) tokens with the settings of
+    the first model that has them. mergekit walks each vocabulary in hash order, so its
+    new tokens' ids change from run to run; shoal walks each model's ids in order and the
+    members in recipe order, so the same recipe always numbers the tokens alike.
+
+    Returns:
+        The tokens added, in id order.
+    """
+    have = set(out_tok.get_vocab())
+    plain: dict[str, None] = {}
+    special: dict[str, Any] = {}
+    for tok, config in members:
+        limit = _vocab_size(config) or tok.vocab_size
+        decoder = tok.added_tokens_decoder  # id -> AddedToken
+        contents = {info.content for info in decoder.values()}
+        for token, idx in sorted(tok.get_vocab().items(), key=lambda item: item[1]):
+            if idx < limit and token not in contents and token not in have:
+                plain.setdefault(token)
+        for idx, info in sorted(decoder.items()):
+            if idx < limit and info.content not in have:
+                special.setdefault(info.content, info)
+    before = len(out_tok)
+    out_tok.add_tokens([t for t in plain if t not in special])
+    out_tok.add_tokens(list(special.values()))
+    vocab = out_tok.get_vocab()
+    return sorted((t for t, i in vocab.items() if i >= before), key=vocab.__getitem__)
 
 
 def _rule(

@@ -218,18 +218,13 @@ def _check_tokenizer(recipe: Recipe) -> None:
         raise RecipeError("tokenizer: give either tokenizer_source or tokenizer:, not both")
     key = "tokenizer.source" if block is not None else "tokenizer_source"
     tok = recipe.vocabulary_source()
-    if block is not None and tok is None:
+    if tok is not None and tok.startswith("model:"):
         raise RecipeError(
-            f"{key}: required; without it mergekit builds a 'union' vocabulary, which shoal "
-            "does not support yet (use 'base' or the path of one of the models)"
-        )
-    if tok is not None and (tok == "union" or tok.startswith("model:")):
-        raise RecipeError(
-            f"{key}: {tok!r} is not supported yet (vocabulary merging); "
-            "use 'base' or the path of one of the models"
+            f"{key}: {tok!r} is not supported (write the model's path without 'model:')"
         )
     models = _recipe_models(recipe)
-    if tok is not None and tok != "base" and recipe.base_model is None and tok not in models:
+    special = ("base", "union")
+    if tok is not None and tok not in special and recipe.base_model is None and tok not in models:
         raise RecipeError(f"{key}: {tok!r} is neither 'base' nor a model of the recipe")
     if tok == "base" and recipe.base_model is None:
         raise RecipeError(f"{key}: 'base' needs a base_model")

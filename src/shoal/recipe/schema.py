@@ -71,7 +71,8 @@ class TokenizerBlock(_Strict):
     """mergekit's ``tokenizer:`` block: output vocabulary and per-token rows."""
 
     source: str | None = Field(
-        default=None, description="'base' or a model path (mergekit's default 'union' is refused)"
+        default=None,
+        description="'union' (mergekit's default: every model's tokens), 'base' or a model path",
     )
     tokens: dict[str, TokenEntry] | None = Field(
         default=None, description="token → where its embedding rows come from (added if new)"
@@ -96,7 +97,8 @@ class Recipe(_Strict):
     dtype: str | None = Field(default=None, description="dtype of the output tensors")
     out_dtype: str | None = Field(default=None, description="output dtype (overrides dtype)")
     tokenizer_source: str | None = Field(
-        default=None, description="'base' or a model path: where tokenizer files come from"
+        default=None,
+        description="'union', 'base' or a model path: where the output vocabulary comes from",
     )
     tokenizer: TokenizerBlock | None = Field(
         default=None, description="output vocabulary: source, tokens, pad_to_multiple_of"
@@ -143,7 +145,7 @@ class Recipe(_Strict):
         candidates += [m.model for m in self.models or []]
         candidates += [s.model for sl in self.slices or [] for s in sl.sources]
         tok = self.vocabulary_source()
-        if tok not in (None, "base"):
+        if tok not in (None, "base", "union"):
             candidates.append(str(tok))
         for ref in candidates:
             if ref and ref not in refs:
@@ -152,9 +154,10 @@ class Recipe(_Strict):
 
     def vocabulary_source(self) -> str | None:
         """Where the output vocabulary comes from: ``tokenizer_source`` or
-        ``tokenizer.source`` (``None`` when the recipe names neither)."""
+        ``tokenizer.source``; a ``tokenizer:`` block without a source means ``union``
+        (mergekit's default); ``None`` when the recipe names neither."""
         if self.tokenizer is not None:
-            return self.tokenizer.source
+            return self.tokenizer.source or "union"
         return self.tokenizer_source
 
     def output_dtype(self) -> str | None:
@@ -182,11 +185,11 @@ def rename_models(data: dict[str, Any], rename: Mapping[str, str]) -> dict[str, 
     for piece in out.get("slices") or []:
         for source in piece.get("sources") or []:
             source["model"] = new(source.get("model"))
-    if out.get("tokenizer_source") not in (None, "base"):
+    if out.get("tokenizer_source") not in (None, "base", "union"):
         out["tokenizer_source"] = new(out["tokenizer_source"])
     block = out.get("tokenizer")
     if isinstance(block, dict):
-        if block.get("source") not in (None, "base"):
+        if block.get("source") not in (None, "base", "union"):
             block["source"] = new(block["source"])
         for entry in (block.get("tokens") or {}).values():
             if not isinstance(entry, dict):
