@@ -101,6 +101,14 @@ parameters:
     - value: 0.5
 dtype: bfloat16
 """,
+    "sce": """
+models:
+  - model: a
+  - model: b
+base_model: base
+merge_method: sce
+parameters: {select_topk: [0.2, 0.8], int8_mask: true}
+""",
     "model_stock": """
 models:
   - model: a
@@ -268,7 +276,7 @@ def test_parse_yaml_refuses_repeated_keys_and_keeps_merge_keys() -> None:
         parse_yaml("a: [1\nb: 2\n", "f.yaml")
 
 
-@pytest.mark.parametrize("method", ["nuslerp", "della", "sce", "karcher", "multislerp"])
+@pytest.mark.parametrize("method", ["nuslerp", "della", "karcher", "multislerp"])
 def test_mergekit_methods_shoal_lacks_are_refused_by_name(method: str) -> None:
     from shoal.errors import RecipeError
 

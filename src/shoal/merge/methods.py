@@ -1,9 +1,10 @@
 """One output tensor from its input tensors: the recipe method → :mod:`shoal.ops` call.
 
 The compute dtype is the plan's (mergekit's meaning of a recipe's ``dtype``): the
-task-vector methods (task arithmetic, TIES, DARE, breadcrumbs) run every step in it, as
-mergekit's do; linear, SLERP, Model Stock and splitpoint compute in float32 and round
-to it (mergekit's linear and SLERP do the same). The caller casts to the output dtype.
+task-vector methods (task arithmetic, TIES, DARE, breadcrumbs) and the methods of issue
+#14 (SCE, ...) run every step in it, as mergekit's do; linear, SLERP, Model Stock and
+splitpoint compute in float32 and round to it (mergekit's linear and SLERP do the same).
+The caller casts to the output dtype.
 ``lambda`` scales the merged task vector (mergekit's global ``lambda``) before the base
 is added: θ = θ_base + λ·merged delta.
 """
@@ -21,6 +22,7 @@ from shoal.ops.breadcrumbs import breadcrumbs
 from shoal.ops.dare import dare
 from shoal.ops.linear import linear
 from shoal.ops.model_stock import model_stock
+from shoal.ops.sce import sce
 from shoal.ops.slerp import slerp
 from shoal.ops.splitpoint import splitpoint
 from shoal.ops.task_arithmetic import task_arithmetic
@@ -112,6 +114,8 @@ def _merged(
         return slerp(base, tensors[0], float(p["t"]), dot_threshold=MERGEKIT_DOT_THRESHOLD)
     if method == "model_stock":
         return model_stock(base, tensors, filter_wise=bool(p["filter_wise"]))
+    if method == "sce":
+        return sce(base, tensors, select_topk=float(p["select_topk"]), dtype=cd)
     weights = _per_input(tp, "weight")
     lam = float(p["lambda"])
     normalize = bool(p["normalize"])

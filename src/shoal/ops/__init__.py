@@ -13,6 +13,7 @@ models or search.
 ``slerp``           spherical interpolation, linear fallback when degenerate
 ``breadcrumbs``     drop largest ``gamma`` and smallest entries of each τ_k
 ``model_stock``     mean of fine-tunes pulled toward the base by their angle
+``sce``             select high-variance entries, energy weights, erase minority signs
 ``splitpoint``      M2N2 crossover: SLERP t = w_m before the split, 1 − w_m after
 ``svd_mutation``    CycleQD: θ + U diag(w ⊙ σ) Vᵀ, w ~ U[0, w_max]
 ==================  ==========================================================
@@ -35,6 +36,7 @@ from shoal.ops.dare import dare, dare_sparsify
 from shoal.ops.linear import linear
 from shoal.ops.masks import bernoulli_mask, magnitude_mask, topk_mask
 from shoal.ops.model_stock import model_stock, model_stock_ratio
+from shoal.ops.sce import sce, sce_mask, sce_weights
 from shoal.ops.slerp import cosine, slerp
 from shoal.ops.splitpoint import splitpoint, splitpoint_flat
 from shoal.ops.svd_mutation import svd_mutation, svd_mutation_for
@@ -52,6 +54,7 @@ OPERATORS: dict[str, Callable[..., torch.Tensor]] = {
     "breadcrumbs": partial(breadcrumbs, consensus="none"),
     "breadcrumbs_ties": partial(breadcrumbs, consensus="ties"),
     "model_stock": model_stock,
+    "sce": sce,
     "splitpoint": splitpoint,
     "svd_mutation": svd_mutation_for,
 }
@@ -71,6 +74,9 @@ __all__ = [
     "magnitude_mask",
     "model_stock",
     "model_stock_ratio",
+    "sce",
+    "sce_mask",
+    "sce_weights",
     "slerp",
     "splitpoint",
     "splitpoint_flat",

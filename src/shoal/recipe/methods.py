@@ -55,6 +55,12 @@ class MethodSpec:
         max_models: most models besides the base (``None``: any).
         params: the parameters it understands.
         base_is_input: the base counts as one of the interpolated models (slerp).
+        optional_base: without ``needs_base``: a ``base_model``, when the recipe names
+            one, is the method's origin (its task vectors are taken from it), and the
+            method also runs without one (mergekit's optional base: multislerp, nuslerp).
+        base_as_model: a ``base_model`` is merged as one more model, added after the
+            listed ones when ``models:`` does not name it (mergekit adds it so for a
+            method that ignores the base: karcher).
     """
 
     name: str
@@ -64,6 +70,8 @@ class MethodSpec:
     max_models: int | None
     params: tuple[ParamSpec, ...]
     base_is_input: bool = False
+    optional_base: bool = False
+    base_as_model: bool = False
 
     def param(self, name: str) -> ParamSpec | None:
         """The spec of parameter ``name``, or ``None`` when unknown."""
@@ -131,6 +139,15 @@ _GAMMA = ParamSpec(
     "gamma", "float", 0.01, True, 0.0, 1.0, help="fraction of largest-magnitude entries dropped"
 )
 _BREAD = (_weight(), _density(), _GAMMA, _lambda(), _normalize(False), _int8_mask())
+_SELECT_TOPK = ParamSpec(
+    "select_topk",
+    "float",
+    1.0,
+    False,
+    0.0,
+    1.0,
+    help="fraction of entries kept, those of largest variance across the task vectors",
+)
 
 METHODS: dict[str, MethodSpec] = {
     m.name: m
@@ -190,6 +207,15 @@ METHODS: dict[str, MethodSpec] = {
             1,
             None,
             _BREAD,
+        ),
+        MethodSpec(
+            "sce",
+            "SCE: keep high-variance entries, weigh task vectors by their energy, erase "
+            "minority signs",
+            True,
+            1,
+            None,
+            (_SELECT_TOPK, _int8_mask()),
         ),
         MethodSpec(
             "slerp",

@@ -1,0 +1,74 @@
+"""Bad recipes of the methods of issue #14 through ``shoal merge RECIPE OUT``.
+
+For each method: a missing required parameter (where the method has one), a value out of
+its range (or of the wrong type, where no parameter has a range) and a wrong number of
+models each end in exit code 2, one line on stderr that names the key, and nothing at OUT.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def _models(paths: dict[str, Path], names: tuple[str, ...], params: str = "") -> str:
+    extra = f"\n    parameters: {{{params}}}" if params else ""
+    return "".join(f"\n  - model: {paths[n]}{extra}" for n in names)
+
+
+def _recipe(
+    paths: dict[str, Path],
+    method: str,
+    names: tuple[str, ...] = ("a", "b"),
+    *,
+    base: bool = True,
+    params: str = "",
+    per_model: str = "",
+) -> str:
+    text = f"merge_method: {method}\nmodels:{_models(paths, names, per_model)}\n"
+    if base:
+        text += f"base_model: {paths['base']}\n"
+    if params:
+        text += f"parameters: {{{params}}}\n"
+    return text
+
+
+# (method, what is wrong) → (recipe keyword arguments, needles of the error line)
+CASES: dict[tuple[str, str], tuple[dict, tuple[str, ...]]] = {
+    ("sce", "range"): ({"params": "select_topk: 1.5"}, ("parameters.select_topk", "[0, 1]")),
+    ("sce", "count"): ({"names": ("base",)}, ("models", "sce needs at least 1", "got 0")),
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "wrong"), sorted(CASES), ids=[f"{m}-{w}" for m, w in sorted(CASES)]
+)
+def test_bad_recipe_is_one_line_exit_2_nothing_written(
+    method: str, wrong: str, llama: dict[str, Path], tmp_path: Path, shoal_cli
+) -> None:
+    kwargs, needles = CASES[(method, wrong)]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(_recipe(llama, method, **kwargs))
+    out = tmp_path / "out"
+    code, _, err = shoal_cli(["merge", str(recipe), str(out)])
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_every_new_method_has_its_bad_cases() -> None:
+    """Each method has a bad value and a bad model count, and a missing-parameter case
+    exactly when it has a required parameter."""
+    from shoal.recipe import METHODS
+
+    for method in {m for m, _ in CASES}:
+        wrongs = {w for m, w in CASES if m == method}
+        required = any(p.default is None for p in METHODS[method].params)
+        assert {"count"} <= wrongs and ({"range", "type"} & wrongs), method
+        assert ("missing" in wrongs) == required, method
