@@ -37,6 +37,7 @@ _COMMAND_MODULES = (
     "shoal.cli.demo_cmd",
     "shoal.cli.export_cmd",
     "shoal.cli.adapt_cmd",
+    "shoal.cli.lora_cmd",
 )
 
 

@@ -1,0 +1,128 @@
+"""``shoal extract-lora`` and ``shoal moe`` from the command line, bad input above all.
+
+Every user error must end in exactly one line on stderr that names the file or key,
+exit code 2, and nothing at the output path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "merge"))
+from merge_helpers import build_family, gpt2_config, llama_config
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _one_error_line(err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def _nothing_left(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny Llama base and two fine-tunes, a GPT-2 and a wider Llama."""
+    root = tmp_path_factory.mktemp("cli_models")
+    paths = build_family(root / "llama", llama_config(), ("base", "a", "b"))
+    paths["gpt2"] = build_family(root / "gpt2", gpt2_config(), ("gpt2",))["gpt2"]
+    paths["wide"] = build_family(root / "wide", llama_config(intermediate_size=96), ("wide",))[
+        "wide"
+    ]
+    return paths
+
+
+# -- extract-lora ------------------------------------------------------------------------
+
+
+def test_extract_lora_help(shoal_cli) -> None:
+    code, out, _ = shoal_cli(["extract-lora", "--help"])
+    assert code == 0
+    for needle in ("lora_A", "--rank", "--embed-lora", "lora_report.json", "PeftModel"):
+        assert needle in out
+
+
+def test_extract_lora_writes_adapter_and_table(shoal_cli, family, tmp_path: Path) -> None:
+    out = tmp_path / "lora"
+    args = ["extract-lora", "--base", str(family["base"]), "--model", str(family["a"])]
+    code, stdout, stderr = shoal_cli([*args, "--rank", "4", str(out)])
+    assert code == 0, stderr
+    assert {"adapter_config.json", "adapter_model.safetensors", "lora_report.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    report = json.loads((out / "lora_report.json").read_text())
+    q = next(m for m in report["modules"] if m["name"] == "model.layers.0.self_attn.q_proj")
+    assert q["kind"] == "lora" and q["rank"] == 4
+    # the table row and the summary line
+    row = next(line for line in stdout.splitlines() if "model.layers.0.self_attn.q_proj" in line)
+    assert f"{q['relative_error']:.2e}" in row
+    assert "14 LoRA modules, 7 saved whole, 0 skipped, 0 unchanged" in stdout
+    # quiet: nothing on stdout; an existing output is refused, then replaced
+    code, stdout, stderr = shoal_cli([*args, "-q", str(out)])
+    assert code == 2
+    _one_error_line(stderr, str(out), "exists")
+    code, stdout, _ = shoal_cli([*args, "-q", "--overwrite", str(out)])
+    assert code == 0 and stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("case", "needles"),
+    [
+        ("rank0", ("--rank", "0")),
+        ("rank-neg", ("--rank", "-2")),
+        ("no-base", ("nope",)),
+        ("no-model", ("nope",)),
+        ("arch", ("model_type", "config.json", "gpt2")),
+        ("shape", ("model.layers.0.mlp.down_proj.weight", "[32, 96]")),
+        ("missing-key", ("model.layers.1.mlp.up_proj.weight", "holey")),
+        ("dtype", ("--dtype", "int8")),
+    ],
+)
+def test_extract_lora_refusals(
+    shoal_cli, family, tmp_path: Path, case: str, needles: tuple[str, ...]
+) -> None:
+    base, model = family["base"], family["a"]
+    extra: list[str] = []
+    if case == "rank0":
+        extra = ["--rank", "0"]
+    elif case == "rank-neg":
+        extra = ["--rank", "-2"]
+    elif case == "no-base":
+        base = tmp_path / "nope"
+    elif case == "no-model":
+        model = tmp_path / "nope"
+    elif case == "arch":
+        base = family["gpt2"]
+    elif case == "shape":
+        model = family["wide"]
+    elif case == "missing-key":
+        from safetensors.torch import load_file, save_file
+
+        model = tmp_path / "holey"
+        shutil.copytree(family["a"], model)
+        tensors = load_file(model / "model.safetensors")
+        del tensors["model.layers.1.mlp.up_proj.weight"]
+        save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    elif case == "dtype":
+        extra = ["--dtype", "int8"]
+    out = tmp_path / "out"
+    code, _, err = shoal_cli(
+        ["extract-lora", "--base", str(base), "--model", str(model), *extra, str(out)]
+    )
+    assert code == 2
+    _one_error_line(err, *needles)
+    _nothing_left(out)
