@@ -38,6 +38,25 @@ def _recipe(
 CASES: dict[tuple[str, str], tuple[dict, tuple[str, ...]]] = {
     ("sce", "range"): ({"params": "select_topk: 1.5"}, ("parameters.select_topk", "[0, 1]")),
     ("sce", "count"): ({"names": ("base",)}, ("models", "sce needs at least 1", "got 0")),
+    ("della", "range"): (
+        {"per_model": "weight: 0.5, epsilon: 0.7"},
+        ("models[0].parameters.epsilon", "[0, 0.5]"),
+    ),
+    ("della", "count"): ({"names": ("base",)}, ("models", "della needs at least 1", "got 0")),
+    # density ± epsilon leaves (0, 1): known once the values of a tensor are resolved
+    ("della", "pair"): (
+        {"per_model": "density: 0.1, epsilon: 0.15"},
+        ("tensor", "density ± epsilon", "density 0.1, epsilon 0.15"),
+    ),
+    ("della_linear", "range"): (
+        {"per_model": "density: 1.5"},
+        ("models[0].parameters.density", "[0, 1]"),
+    ),
+    ("della_linear", "type"): ({"params": "rescale: l2"}, ("parameters.rescale", "l1")),
+    ("della_linear", "count"): (
+        {"names": ("base",)},
+        ("models", "della_linear needs at least 1", "got 0"),
+    ),
 }
 
 

@@ -101,6 +101,25 @@ parameters:
     - value: 0.5
 dtype: bfloat16
 """,
+    "della": """
+models:
+  - model: a
+    parameters: {weight: 0.6, density: 0.5, epsilon: 0.1}
+  - model: b
+    parameters: {weight: 0.4, density: [0.3, 0.7]}
+base_model: base
+merge_method: della
+parameters: {lambda: 0.9, rescale: true}
+dtype: bfloat16
+""",
+    "della_linear": """
+models:
+  - model: a
+    parameters: {weight: 1, density: 0.5, epsilon: 0.2}
+base_model: base
+merge_method: della_linear
+parameters: {rescale: inverse_density, normalize: true}
+""",
     "sce": """
 models:
   - model: a
@@ -276,7 +295,7 @@ def test_parse_yaml_refuses_repeated_keys_and_keeps_merge_keys() -> None:
         parse_yaml("a: [1\nb: 2\n", "f.yaml")
 
 
-@pytest.mark.parametrize("method", ["nuslerp", "della", "karcher", "multislerp"])
+@pytest.mark.parametrize("method", ["nuslerp", "karcher", "multislerp", "ram"])
 def test_mergekit_methods_shoal_lacks_are_refused_by_name(method: str) -> None:
     from shoal.errors import RecipeError
 

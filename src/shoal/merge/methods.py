@@ -2,7 +2,7 @@
 
 The compute dtype is the plan's (mergekit's meaning of a recipe's ``dtype``): the
 task-vector methods (task arithmetic, TIES, DARE, breadcrumbs) and the methods of issue
-#14 (SCE, ...) run every step in it, as mergekit's do; linear, SLERP, Model Stock and
+#14 (SCE, DELLA, ...) run every step in it, as mergekit's do; linear, SLERP, Model Stock and
 splitpoint compute in float32 and round to it (mergekit's linear and SLERP do the same).
 The caller casts to the output dtype.
 ``lambda`` scales the merged task vector (mergekit's global ``lambda``) before the base
@@ -20,6 +20,7 @@ import torch
 from shoal.merge.plan import TensorPlan
 from shoal.ops.breadcrumbs import breadcrumbs
 from shoal.ops.dare import dare
+from shoal.ops.della import della
 from shoal.ops.linear import linear
 from shoal.ops.model_stock import model_stock
 from shoal.ops.sce import sce
@@ -141,6 +142,20 @@ def _merged(
             densities,
             generator,
             consensus="ties" if method == "dare_ties" else "none",
+            rescale=p["rescale"],
+            normalize=normalize,
+            lam=lam,
+            dtype=cd,
+        )
+    if method in ("della", "della_linear"):
+        return della(
+            base,
+            tensors,
+            weights,
+            densities,
+            _per_input(tp, "epsilon"),
+            generator,
+            consensus="ties" if method == "della" else "none",
             rescale=p["rescale"],
             normalize=normalize,
             lam=lam,

@@ -12,6 +12,7 @@ models or search.
 ``dare``            random drop + rescale, then linear or TIES consensus
 ``slerp``           spherical interpolation, linear fallback when degenerate
 ``breadcrumbs``     drop largest ``gamma`` and smallest entries of each τ_k
+``della``           drops with probabilities ranked by magnitude + rescale, linear or TIES
 ``model_stock``     mean of fine-tunes pulled toward the base by their angle
 ``sce``             select high-variance entries, energy weights, erase minority signs
 ``splitpoint``      M2N2 crossover: SLERP t = w_m before the split, 1 − w_m after
@@ -19,8 +20,8 @@ models or search.
 ==================  ==========================================================
 
 :data:`OPERATORS` maps recipe method names (mergekit's where they exist) to the
-functions; ``dare_linear`` / ``dare_ties`` / ``breadcrumbs_ties`` are ``dare`` and
-``breadcrumbs`` with the consensus fixed.
+functions; ``dare_linear`` / ``dare_ties`` / ``breadcrumbs_ties`` / ``della`` /
+``della_linear`` are ``dare``, ``breadcrumbs`` and ``della`` with the consensus fixed.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 from shoal.ops.breadcrumbs import breadcrumbs, breadcrumbs_mask
 from shoal.ops.consensus import combine, elect_sign
 from shoal.ops.dare import dare, dare_sparsify
+from shoal.ops.della import della, della_probabilities, della_sparsify
 from shoal.ops.linear import linear
 from shoal.ops.masks import bernoulli_mask, magnitude_mask, topk_mask
 from shoal.ops.model_stock import model_stock, model_stock_ratio
@@ -51,6 +53,8 @@ OPERATORS: dict[str, Callable[..., torch.Tensor]] = {
     "dare_linear": partial(dare, consensus="none"),
     "dare_ties": partial(dare, consensus="ties"),
     "slerp": slerp,
+    "della": partial(della, consensus="ties"),
+    "della_linear": partial(della, consensus="none", normalize=False),
     "breadcrumbs": partial(breadcrumbs, consensus="none"),
     "breadcrumbs_ties": partial(breadcrumbs, consensus="ties"),
     "model_stock": model_stock,
@@ -69,6 +73,9 @@ __all__ = [
     "cosine",
     "dare",
     "dare_sparsify",
+    "della",
+    "della_probabilities",
+    "della_sparsify",
     "elect_sign",
     "linear",
     "magnitude_mask",

@@ -139,6 +139,30 @@ _GAMMA = ParamSpec(
     "gamma", "float", 0.01, True, 0.0, 1.0, help="fraction of largest-magnitude entries dropped"
 )
 _BREAD = (_weight(), _density(), _GAMMA, _lambda(), _normalize(False), _int8_mask())
+_EPSILON = ParamSpec(
+    "epsilon",
+    "float",
+    0.15,
+    True,
+    0.0,
+    0.5,
+    help="DELLA: keep probabilities run from density - epsilon to density + epsilon by "
+    "magnitude rank",
+)
+
+
+def _della(normalize: bool) -> tuple[ParamSpec, ...]:
+    return (
+        _weight(),
+        _density(),
+        _EPSILON,
+        _lambda(),
+        _normalize(normalize),
+        _rescale(),
+        _int8_mask(),
+    )
+
+
 _SELECT_TOPK = ParamSpec(
     "select_topk",
     "float",
@@ -207,6 +231,23 @@ METHODS: dict[str, MethodSpec] = {
             1,
             None,
             _BREAD,
+        ),
+        MethodSpec(
+            "della",
+            "DELLA: drop entries with probabilities ranked by magnitude, rescale, then TIES "
+            "sign election",
+            True,
+            1,
+            None,
+            _della(True),
+        ),
+        MethodSpec(
+            "della_linear",
+            "DELLA drops and rescale, then task arithmetic",
+            True,
+            1,
+            None,
+            _della(False),
         ),
         MethodSpec(
             "sce",
@@ -290,7 +331,7 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 # methods whose per-tensor randomness matters (need the seeded generator)
-RANDOM_METHODS = frozenset({"dare_ties", "dare_linear"})
+RANDOM_METHODS = frozenset({"dare_ties", "dare_linear", "della", "della_linear"})
 
 
 def method_spec(name: str) -> MethodSpec | None:

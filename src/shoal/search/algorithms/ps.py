@@ -26,13 +26,16 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from shoal.errors import RecipeError
 from shoal.search.algorithms.base import AlgorithmOptions, SearchContext, register, validate_options
 from shoal.search.algorithms.cmaes import CMAES, GenomeCMAES
 
 __all__ = ["PS", "PSOptions"]
+
+# the recipe parameters each model's genome entries become
+GENOME_KEYS = ("weight", "density")
 
 
 class PSOptions(AlgorithmOptions):
@@ -44,8 +47,11 @@ class PSOptions(AlgorithmOptions):
     groups: Literal["per_model", "per_layer"] = Field(
         "per_model", description="one (weight, density) pair per model, or per layer group"
     )
-    method: Literal["dare_ties", "ties", "dare_linear"] = Field(
-        "dare_ties", description="merge method the genome parameterises"
+    method: str = Field(
+        "dare_ties",
+        description="merge method the genome parameterises: any registered method with a "
+        "base and a per-model weight and density (dare_ties, ties, dare_linear, della, "
+        "della_linear, breadcrumbs, breadcrumbs_ties)",
     )
     x0: float = Field(0.5, description="initial value of every genome entry")
     sigma0: float = Field(1.0 / 6.0, gt=0, description="initial CMA-ES step size")
@@ -64,6 +70,27 @@ class PSOptions(AlgorithmOptions):
     )
     dtype: str | None = Field(None, description="recipe dtype (default: the merge's default)")
     cma_options: dict[str, Any] = Field(default_factory=dict, description="further pycma options")
+
+    @field_validator("method")
+    @classmethod
+    def _method_takes_the_genome(cls, value: str) -> str:
+        """The method must be registered and read a per-model weight and density."""
+        from shoal.recipe import METHODS
+
+        fits = [
+            name
+            for name, spec in METHODS.items()
+            if spec.needs_base
+            and all((p := spec.param(key)) is not None and p.per_model for key in GENOME_KEYS)
+        ]
+        if value not in fits:
+            why = (
+                "is no merge method"
+                if value not in METHODS
+                else "has no per-model weight and density to search"
+            )
+            raise ValueError(f"{value!r} {why} (use one of: {', '.join(fits)})")
+        return value
 
     @model_validator(mode="after")
     def _x0_inside_the_ranges(self) -> PSOptions:
