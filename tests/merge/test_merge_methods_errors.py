@@ -48,6 +48,15 @@ CASES: dict[tuple[str, str], tuple[dict, tuple[str, ...]]] = {
         {"per_model": "density: 0.1, epsilon: 0.15"},
         ("tensor", "density ± epsilon", "density 0.1, epsilon 0.15"),
     ),
+    ("nearswap", "missing"): ({"names": ("a",)}, ("parameters.t", "required by nearswap")),
+    ("nearswap", "range"): (
+        {"names": ("a",), "params": "t: -0.5"},
+        ("parameters.t", "[0, inf]", "-0.5"),
+    ),
+    ("nearswap", "count"): (
+        {"params": "t: 0.1"},
+        ("models", "nearswap needs exactly 1 models besides base_model", "got 2"),
+    ),
     ("della_linear", "range"): (
         {"per_model": "density: 1.5"},
         ("models[0].parameters.density", "[0, 1]"),

@@ -262,3 +262,63 @@ dtype: bfloat16
     assert abs(ours["moved"] - theirs["moved"]) < 0.006
     ratio = ours["mean |delta| of moved"] / theirs["mean |delta| of moved"]
     assert abs(ratio - 1) < 0.015
+
+
+# -- nearswap ---------------------------------------------------------------------------------
+
+
+def test_nearswap_float32(family: dict[str, Path], tmp_path: Path) -> None:
+    """t = 0.02 (about the fine-tunes' distance from the base: some entries swapped
+    whole, others partly), float32, the base also listed among the models."""
+    ours, _ = _check(
+        f"""
+models:
+  - model: {family["base"]}
+  - model: {family["a"]}
+merge_method: nearswap
+base_model: {family["base"]}
+parameters: {{t: 0.02}}
+""",
+        tmp_path,
+    )
+    base, a = state_dict(family["base"]), state_dict(family["a"])
+    name = "model.layers.1.self_attn.q_proj.weight"
+    whole = ours[name] == a[name]
+    assert 0.1 < float(whole.float().mean()) < 0.9  # a mix of swapped and kept entries
+    assert not torch.equal(ours[name], base[name])
+
+
+def test_nearswap_bf16_gradient(bf16_family: dict[str, Path], tmp_path: Path) -> None:
+    """bfloat16 checkpoints computed in bfloat16, t a gradient over the layers with a
+    filter, the other model given without the base in models."""
+    p = bf16_family
+    _check(
+        f"""
+models:
+  - model: {p["b"]}
+merge_method: nearswap
+base_model: {p["base"]}
+parameters:
+  t:
+    - filter: mlp
+      value: [0.001, 0.05]
+    - value: 0.01
+dtype: bfloat16
+""",
+        tmp_path,
+    )
+
+
+def test_nearswap_float16(family: dict[str, Path], tmp_path: Path) -> None:
+    """Computed in float16 from float32 checkpoints."""
+    _check(
+        f"""
+models:
+  - model: {family["c"]}
+merge_method: nearswap
+base_model: {family["a"]}
+parameters: {{t: 0.005}}
+dtype: float16
+""",
+        tmp_path,
+    )

@@ -120,6 +120,14 @@ base_model: base
 merge_method: della_linear
 parameters: {rescale: inverse_density, normalize: true}
 """,
+    "nearswap": """
+models:
+  - model: base
+  - model: a
+base_model: base
+merge_method: nearswap
+parameters: {t: [0.0001, 0.001]}
+""",
     "sce": """
 models:
   - model: a

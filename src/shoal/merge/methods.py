@@ -1,9 +1,9 @@
 """One output tensor from its input tensors: the recipe method → :mod:`shoal.ops` call.
 
 The compute dtype is the plan's (mergekit's meaning of a recipe's ``dtype``): the
-task-vector methods (task arithmetic, TIES, DARE, breadcrumbs) and the methods of issue
-#14 (SCE, DELLA, ...) run every step in it, as mergekit's do; linear, SLERP, Model Stock and
-splitpoint compute in float32 and round to it (mergekit's linear and SLERP do the same).
+task-vector methods (task arithmetic, TIES, DARE, breadcrumbs, DELLA, SCE) and NearSwap
+run every step in it, as mergekit's do; linear, SLERP, Model Stock and splitpoint compute
+in float32 and round to it (mergekit's linear and SLERP do the same).
 The caller casts to the output dtype.
 ``lambda`` scales the merged task vector (mergekit's global ``lambda``) before the base
 is added: θ = θ_base + λ·merged delta.
@@ -23,6 +23,7 @@ from shoal.ops.dare import dare
 from shoal.ops.della import della
 from shoal.ops.linear import linear
 from shoal.ops.model_stock import model_stock
+from shoal.ops.nearswap import nearswap
 from shoal.ops.sce import sce
 from shoal.ops.slerp import slerp
 from shoal.ops.splitpoint import splitpoint
@@ -115,6 +116,8 @@ def _merged(
         return slerp(base, tensors[0], float(p["t"]), dot_threshold=MERGEKIT_DOT_THRESHOLD)
     if method == "model_stock":
         return model_stock(base, tensors, filter_wise=bool(p["filter_wise"]))
+    if method == "nearswap":
+        return nearswap(base, tensors[0], float(p["t"]), dtype=cd)
     if method == "sce":
         return sce(base, tensors, select_topk=float(p["select_topk"]), dtype=cd)
     weights = _per_input(tp, "weight")

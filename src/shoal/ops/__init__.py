@@ -14,6 +14,7 @@ models or search.
 ``breadcrumbs``     drop largest ``gamma`` and smallest entries of each τ_k
 ``della``           drops with probabilities ranked by magnitude + rescale, linear or TIES
 ``model_stock``     mean of fine-tunes pulled toward the base by their angle
+``nearswap``        base → other by min(1, t/|a − b|) per entry
 ``sce``             select high-variance entries, energy weights, erase minority signs
 ``splitpoint``      M2N2 crossover: SLERP t = w_m before the split, 1 − w_m after
 ``svd_mutation``    CycleQD: θ + U diag(w ⊙ σ) Vᵀ, w ~ U[0, w_max]
@@ -38,6 +39,7 @@ from shoal.ops.della import della, della_probabilities, della_sparsify
 from shoal.ops.linear import linear
 from shoal.ops.masks import bernoulli_mask, magnitude_mask, topk_mask
 from shoal.ops.model_stock import model_stock, model_stock_ratio
+from shoal.ops.nearswap import nearswap
 from shoal.ops.sce import sce, sce_mask, sce_weights
 from shoal.ops.slerp import cosine, slerp
 from shoal.ops.splitpoint import splitpoint, splitpoint_flat
@@ -58,6 +60,7 @@ OPERATORS: dict[str, Callable[..., torch.Tensor]] = {
     "breadcrumbs": partial(breadcrumbs, consensus="none"),
     "breadcrumbs_ties": partial(breadcrumbs, consensus="ties"),
     "model_stock": model_stock,
+    "nearswap": nearswap,
     "sce": sce,
     "splitpoint": splitpoint,
     "svd_mutation": svd_mutation_for,
@@ -81,6 +84,7 @@ __all__ = [
     "magnitude_mask",
     "model_stock",
     "model_stock_ratio",
+    "nearswap",
     "sce",
     "sce_mask",
     "sce_weights",

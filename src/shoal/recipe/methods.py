@@ -10,6 +10,7 @@ form is ``rescale: inverse_density`` (equal in expectation).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -248,6 +249,24 @@ METHODS: dict[str, MethodSpec] = {
             1,
             None,
             _della(False),
+        ),
+        MethodSpec(
+            "nearswap",
+            "NearSwap: take the other model's value where it lies within t of the base's",
+            True,
+            1,
+            1,
+            (
+                ParamSpec(
+                    "t",
+                    "float",
+                    None,
+                    False,
+                    0.0,
+                    math.inf,
+                    help="distance up to which the other model's value is taken whole",
+                ),
+            ),
         ),
         MethodSpec(
             "sce",
