@@ -285,3 +285,26 @@ def test_early_stopping_after_patience_and_determinism(world: ToyWorld) -> None:
     # z went back to the base, but the steps really moved it: the histories agree exactly
     assert [r["loss"] for r in res.history] == [r["loss"] for r in runs[1][1].history]
     assert any(r["kl"] for r in res.history[2:])
+
+
+def test_the_loop_trains_the_lora_baseline_supervised_only(world: ToyWorld) -> None:
+    """The same loop, options and early stopping train a peft LoRA: the gold answers'
+    NLL falls and the kept matrices give the kept validation score; REINFORCE refuses."""
+    from shoal.adapt.lora import wrap_lora
+
+    lora = wrap_lora(world.model(), rank=4, seed=0)
+    train = _task(world, "last", "train")
+    held = world.examples["last"][80:100]
+    val = _LikelihoodTask(held, world.tokenizer)
+    before = _hf_nll(lora, world.tokenizer, train.examples)
+    opts = TrainConfig(
+        objective="supervised", steps=20, batch_size=32, lr=1e-2, eval_every=5, patience=5
+    )
+    res = train_expert(lora, world.tokenizer, train, val, opts, progress=False)
+    assert res.best_step > 0
+    assert _hf_nll(lora, world.tokenizer, train.examples) < before - 1e-3
+    assert _hf_nll(lora, world.tokenizer, held) == pytest.approx(-np.log(res.best_score), rel=1e-6)
+    from shoal.adapt.svf import AdaptError
+
+    with pytest.raises(AdaptError, match="reinforce trains SVF z vectors only"):
+        train_expert(lora, world.tokenizer, train, val, TrainConfig(steps=1), progress=False)

@@ -24,6 +24,9 @@ weight matrices (Sun et al., 2025; METHODS.md §5).
 - ``train.py`` — :func:`train_expert`, the training loop (REINFORCE or the supervised
   ablation, validation every few steps, best z kept, early stopping);
   :func:`run_training` and :func:`export_expert` write experts and folded models.
+- ``lora.py`` — the paper's baseline: :func:`wrap_lora` adds peft LoRA adapters (rank 16
+  on the attention projections) as a :class:`LoRAModel` that :func:`train_expert` trains
+  with the same loop, data and steps as SVF (``bench/lora_baseline.py``).
 - ``two_pass.py`` — the first pass (:func:`route`: the ``prompt`` and ``classifier``
   strategies, :func:`parse_skill`), the few-shot mixture (:func:`fewshot_mix`) and
   :func:`evaluate_strategy`, test accuracy per skill of a strategy.
@@ -45,6 +48,7 @@ _LAZY = {
     "CacheInfo": "shoal.adapt.svd_cache",
     "EvalResult": "shoal.adapt.two_pass",
     "Expert": "shoal.adapt.expert",
+    "LoRAModel": "shoal.adapt.lora",
     "ReinforceStats": "shoal.adapt.reinforce",
     "SVDFactors": "shoal.adapt.svd_cache",
     "SVFModel": "shoal.adapt.svf",
@@ -73,6 +77,7 @@ _LAZY = {
     "svf_weight": "shoal.adapt.svf",
     "train_classifier": "shoal.adapt.two_pass",
     "train_expert": "shoal.adapt.train",
+    "wrap_lora": "shoal.adapt.lora",
     "wrap_svf": "shoal.adapt.svf",
 }
 
@@ -84,6 +89,7 @@ __all__ = [
     "CacheInfo",
     "EvalResult",
     "Expert",
+    "LoRAModel",
     "ReinforceStats",
     "SVDFactors",
     "SVFModel",
@@ -112,6 +118,7 @@ __all__ = [
     "svf_weight",
     "train_classifier",
     "train_expert",
+    "wrap_lora",
     "wrap_svf",
 ]
 
@@ -119,6 +126,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from shoal.adapt.cem import CEM, CEMBest
     from shoal.adapt.config import AdaptConfig, load_adapt_config
     from shoal.adapt.expert import Expert, load_expert, mix_z, read_expert, save_expert
+    from shoal.adapt.lora import LoRAModel, wrap_lora
     from shoal.adapt.reinforce import (
         ReinforceStats,
         make_optimizer,

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:  # pragma: no cover
+    from shoal.adapt.lora import LoRAModel
     from shoal.adapt.svf import SVFModel
 
 __all__ = [
@@ -109,7 +110,7 @@ def reinforce_loss(
 
 
 def make_optimizer(
-    wrapped: SVFModel,
+    wrapped: SVFModel | LoRAModel,
     total_steps: int,
     *,
     lr: float = 2e-3,

@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -43,7 +43,11 @@ from shoal.tasks.generation import GenerationTask, extract_answer
 
 if TYPE_CHECKING:  # pragma: no cover
     from shoal.adapt.config import AdaptConfig, TrainConfig
+    from shoal.adapt.lora import LoRAModel
     from shoal.adapt.svf import SVFModel
+
+    # what the loop trains: SVF's z vectors, or the LoRA baseline's matrices (supervised)
+    Adapted = SVFModel | LoRAModel
 
 __all__ = [
     "TrainResult",
@@ -139,7 +143,7 @@ def _generation_task(task: Any, what: str) -> GenerationTask:
     return task
 
 
-def _device(svf: SVFModel) -> torch.device:
+def _device(svf: Adapted) -> torch.device:
     return next(iter(svf.parameters())).device
 
 
@@ -226,7 +230,7 @@ def answer_logprobs(
 
 
 def _supervised_loss(
-    svf: SVFModel, ids: torch.Tensor, mask: torch.Tensor, attn: torch.Tensor
+    svf: Adapted, ids: torch.Tensor, mask: torch.Tensor, attn: torch.Tensor
 ) -> torch.Tensor:
     logits = svf(input_ids=ids, attention_mask=attn).logits
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -235,7 +239,7 @@ def _supervised_loss(
     return -(tok * m).sum() / m.sum().clamp_min(1.0)
 
 
-def validation_score(svf: SVFModel, task: Any, tokenizer: Any) -> float:
+def validation_score(svf: Adapted, task: Any, tokenizer: Any) -> float:
     """The task's mean score of the wrapped model with its current z (greedy)."""
     with svf.cached():
         if isinstance(task, GenerationTask):
@@ -313,7 +317,7 @@ def _reinforce_batch(
 
 
 def _supervised_batch(
-    svf: SVFModel,
+    svf: Adapted,
     tokenizer: Any,
     task: GenerationTask,
     rows: list[int],
@@ -383,7 +387,7 @@ def _clean(x: float) -> float | None:
 
 
 def train_expert(
-    svf: SVFModel,
+    svf: Adapted,
     tokenizer: Any,
     train_task: Any,
     val_task: Any,
@@ -417,6 +421,10 @@ def train_expert(
     task = _generation_task(train_task, "train")
     if len(task) == 0:
         raise AdaptError(f"train task {task.name!r} has no examples")
+    from shoal.adapt.svf import SVFModel
+
+    if options.objective == "reinforce" and not isinstance(svf, SVFModel):
+        raise AdaptError("objective: reinforce trains SVF z vectors only (use supervised)")
     start = time.perf_counter()
     generator = torch.Generator(device=_device(svf)).manual_seed(options.seed)
     # batch order on CPU, so it is the same whatever the device
@@ -435,7 +443,14 @@ def train_expert(
             rows = batches.take(options.batch_size)
             if options.objective == "reinforce":
                 stats = _reinforce_batch(
-                    svf, tokenizer, task, rows, options, optimizer, scheduler, generator
+                    cast("SVFModel", svf),
+                    tokenizer,
+                    task,
+                    rows,
+                    options,
+                    optimizer,
+                    scheduler,
+                    generator,
                 )
             else:
                 stats = _supervised_batch(svf, tokenizer, task, rows, options, optimizer, scheduler)
