@@ -26,7 +26,8 @@ def _recipe(
     params: str = "",
     per_model: str = "",
 ) -> str:
-    text = f"merge_method: {method}\nmodels:{_models(paths, names, per_model)}\n"
+    listed = _models(paths, names, per_model) if names else " []"
+    text = f"merge_method: {method}\nmodels:{listed}\n"
     if base:
         text += f"base_model: {paths['base']}\n"
     if params:
@@ -48,6 +49,9 @@ CASES: dict[tuple[str, str], tuple[dict, tuple[str, ...]]] = {
         {"per_model": "density: 0.1, epsilon: 0.15"},
         ("tensor", "density ± epsilon", "density 0.1, epsilon 0.15"),
     ),
+    ("karcher", "range"): ({"params": "tol: -0.1"}, ("parameters.tol", "[0, inf]")),
+    ("karcher", "type"): ({"params": "max_iter: 2.5"}, ("tensor", "max_iter", "whole number")),
+    ("karcher", "count"): ({"names": (), "base": False}, ("models", "karcher needs at least 1")),
     ("nearswap", "missing"): ({"names": ("a",)}, ("parameters.t", "required by nearswap")),
     ("nearswap", "range"): (
         {"names": ("a",), "params": "t: -0.5"},

@@ -120,6 +120,14 @@ base_model: base
 merge_method: della_linear
 parameters: {rescale: inverse_density, normalize: true}
 """,
+    "karcher": """
+models:
+  - model: a
+  - model: b
+base_model: base
+merge_method: karcher
+parameters: {max_iter: 20, tol: 1.0e-6}
+""",
     "nearswap": """
 models:
   - model: base
@@ -303,7 +311,7 @@ def test_parse_yaml_refuses_repeated_keys_and_keeps_merge_keys() -> None:
         parse_yaml("a: [1\nb: 2\n", "f.yaml")
 
 
-@pytest.mark.parametrize("method", ["nuslerp", "karcher", "multislerp", "ram"])
+@pytest.mark.parametrize("method", ["nuslerp", "multislerp", "ram"])
 def test_mergekit_methods_shoal_lacks_are_refused_by_name(method: str) -> None:
     from shoal.errors import RecipeError
 

@@ -2,8 +2,9 @@
 
 The compute dtype is the plan's (mergekit's meaning of a recipe's ``dtype``): the
 task-vector methods (task arithmetic, TIES, DARE, breadcrumbs, DELLA, SCE) and NearSwap
-run every step in it, as mergekit's do; linear, SLERP, Model Stock and splitpoint compute
-in float32 and round to it (mergekit's linear and SLERP do the same).
+run every step in it, as mergekit's do; Karcher keeps its vectors in it and its norms in
+float32; linear, SLERP, Model Stock and splitpoint compute in float32 and round to it
+(mergekit's linear and SLERP do the same).
 The caller casts to the output dtype.
 ``lambda`` scales the merged task vector (mergekit's global ``lambda``) before the base
 is added: θ = θ_base + λ·merged delta.
@@ -17,10 +18,12 @@ from typing import Any, cast
 
 import torch
 
+from shoal.errors import MergeError
 from shoal.merge.plan import TensorPlan
 from shoal.ops.breadcrumbs import breadcrumbs
 from shoal.ops.dare import dare
 from shoal.ops.della import della
+from shoal.ops.karcher import karcher
 from shoal.ops.linear import linear
 from shoal.ops.model_stock import model_stock
 from shoal.ops.nearswap import nearswap
@@ -51,6 +54,14 @@ class SplitContext:
 
 def _per_input(tp: TensorPlan, key: str) -> list[float]:
     return [float(cast(float, i.params[key])) for i in tp.inputs]
+
+
+def _whole(params: dict[str, Any], key: str) -> int:
+    """A parameter that counts something, checked to be a whole number."""
+    value = float(params[key])
+    if not value.is_integer():
+        raise MergeError(f"{key} must be a whole number, got {value:g}")
+    return int(value)
 
 
 def apply_method(
@@ -100,6 +111,8 @@ def _merged(
     cd = tp.compute_dtype
     if method == "linear":
         return linear(tensors, _per_input(tp, "weight"), normalize=bool(p["normalize"]))
+    if method == "karcher":  # a base_model is among the inputs (the plan puts it there)
+        return karcher(tensors, max_iter=_whole(p, "max_iter"), tol=float(p["tol"]), dtype=cd)
     assert base is not None or method == "splitpoint"
     if method == "splitpoint":
         assert split is not None

@@ -266,8 +266,13 @@ class _Planner:
         spec = self.spec
         base: TensorInput | None = None
         others = inputs
-        if spec.needs_base:
-            base = next(i for i in inputs if i.model == base_ref)
+        if spec.needs_base or (spec.optional_base and base_ref is not None):
+            base = next((i for i in inputs if i.model == base_ref), None)
+            if base is None:  # only an optional base can be missing: a slice without it
+                raise MergeError(
+                    f"tensor {out_name!r}: base_model {base_ref} is not among its sources "
+                    f"(with a base_model, {spec.name} needs it in every slice)"
+                )
             others = [i for i in inputs if i.model != base_ref]
         copy = not floating or spec.name == "passthrough"
         if not floating:  # integer buffers: taken from the base / first model as they are
@@ -378,8 +383,13 @@ def _plan_models(planner: _Planner, recipe: Recipe, ref: str) -> None:
     src = planner.sources[ref]
     n = _model_layer_count(src)
     members_spec = [(m.model, m.parameters) for m in recipe.models]
-    if planner.spec.needs_base and recipe.base_model not in [m for m, _ in members_spec]:
-        members_spec.insert(0, (recipe.base_model or "", None))
+    spec = planner.spec
+    listed = [m for m, _ in members_spec]
+    if recipe.base_model and recipe.base_model not in listed:
+        if spec.needs_base or spec.optional_base:
+            members_spec.insert(0, (recipe.base_model, None))
+        elif spec.base_as_model:  # one more model, after the listed ones (as mergekit)
+            members_spec.append((recipe.base_model, None))
     names = src.keys()
     if recipe.merge_method == "splitpoint":  # the split index counts in this order
         names = module_order(names, src.config)

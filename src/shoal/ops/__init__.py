@@ -14,6 +14,7 @@ models or search.
 ``breadcrumbs``     drop largest ``gamma`` and smallest entries of each τ_k
 ``della``           drops with probabilities ranked by magnitude + rescale, linear or TIES
 ``model_stock``     mean of fine-tunes pulled toward the base by their angle
+``karcher``         Riemannian mean of the directions × mean norm (no base)
 ``nearswap``        base → other by min(1, t/|a − b|) per entry
 ``sce``             select high-variance entries, energy weights, erase minority signs
 ``splitpoint``      M2N2 crossover: SLERP t = w_m before the split, 1 − w_m after
@@ -36,6 +37,7 @@ from shoal.ops.breadcrumbs import breadcrumbs, breadcrumbs_mask
 from shoal.ops.consensus import combine, elect_sign
 from shoal.ops.dare import dare, dare_sparsify
 from shoal.ops.della import della, della_probabilities, della_sparsify
+from shoal.ops.karcher import karcher
 from shoal.ops.linear import linear
 from shoal.ops.masks import bernoulli_mask, magnitude_mask, topk_mask
 from shoal.ops.model_stock import model_stock, model_stock_ratio
@@ -60,6 +62,7 @@ OPERATORS: dict[str, Callable[..., torch.Tensor]] = {
     "breadcrumbs": partial(breadcrumbs, consensus="none"),
     "breadcrumbs_ties": partial(breadcrumbs, consensus="ties"),
     "model_stock": model_stock,
+    "karcher": karcher,
     "nearswap": nearswap,
     "sce": sce,
     "splitpoint": splitpoint,
@@ -80,6 +83,7 @@ __all__ = [
     "della_probabilities",
     "della_sparsify",
     "elect_sign",
+    "karcher",
     "linear",
     "magnitude_mask",
     "model_stock",

@@ -251,6 +251,35 @@ METHODS: dict[str, MethodSpec] = {
             _della(False),
         ),
         MethodSpec(
+            "karcher",
+            "Karcher mean: the models' mean direction on the unit sphere times their mean "
+            "norm; a base_model is one more model",
+            False,
+            1,
+            None,
+            (
+                ParamSpec(
+                    "max_iter",
+                    "float",
+                    10,
+                    False,
+                    0.0,
+                    math.inf,
+                    help="most iterations of the Riemannian mean (a whole number)",
+                ),
+                ParamSpec(
+                    "tol",
+                    "float",
+                    1e-5,
+                    False,
+                    0.0,
+                    math.inf,
+                    help="threshold on norms, angles and the tangent step",
+                ),
+            ),
+            base_as_model=True,
+        ),
+        MethodSpec(
             "nearswap",
             "NearSwap: take the other model's value where it lies within t of the base's",
             True,
