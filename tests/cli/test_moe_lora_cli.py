@@ -126,3 +126,97 @@ def test_extract_lora_refusals(
     assert code == 2
     _one_error_line(err, *needles)
     _nothing_left(out)
+
+
+# -- moe ---------------------------------------------------------------------------------
+
+
+def test_moe_help(shoal_cli) -> None:
+    code, out, _ = shoal_cli(["moe", "--help"])
+    assert code == 0
+    for needle in ("hidden", "cheap_embed", "uniform_random", "Mixtral", "Qwen MoE", "--seed"):
+        assert needle in out
+
+
+def _moe_yaml(path: Path, base: Path, experts: list[Path], **over: object) -> Path:
+    import yaml
+
+    cfg = {
+        "base_model": str(base),
+        "gate_mode": "random",
+        "experts_per_token": 2,
+        "experts": [
+            {"source_model": str(e), "positive_prompts": [f"p{i}"]} for i, e in enumerate(experts)
+        ],
+        **over,
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_moe_builds(shoal_cli, family, tmp_path: Path) -> None:
+    cfg = _moe_yaml(tmp_path / "moe.yaml", family["base"], [family["a"], family["b"]])
+    out = tmp_path / "moe"
+    code, stdout, stderr = shoal_cli(["moe", str(cfg), str(out), "--seed", "1"])
+    assert code == 0, stderr
+    assert "Mixtral, 2 layers" in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["MixtralForCausalLM"]
+    assert config["num_local_experts"] == 2
+    assert (out / "shoal_moe.yaml").read_text() == cfg.read_text()
+    code, _, stderr = shoal_cli(["moe", str(cfg), str(out)])
+    assert code == 2
+    _one_error_line(stderr, str(out), "exists")
+
+
+@pytest.mark.parametrize(
+    ("case", "needles"),
+    [
+        ("gate_mode", ("moe.yaml", "gate_mode", "'sparse'")),
+        ("top_k", ("moe.yaml", "experts_per_token", "3")),
+        ("unknown_key", ("moe.yaml", "moe_layers", "unknown key")),
+        ("no_file", ("nope.yaml", "not found")),
+        ("bad_yaml", ("moe.yaml", "not valid YAML")),
+        ("arch", ("experts[1]", "gpt2", "llama")),
+        ("shape", ("experts[1]", "model.layers.0.mlp.gate_proj.weight", "[96, 32]")),
+        ("missing_key", ("experts[0]", "model.layers.1.mlp.up_proj.weight", "holey")),
+        ("no_base", ("base_model", "nope")),
+    ],
+)
+def test_moe_refusals(
+    shoal_cli, family, tmp_path: Path, case: str, needles: tuple[str, ...]
+) -> None:
+    base, experts = family["base"], [family["a"], family["b"]]
+    over: dict[str, object] = {}
+    cfg = tmp_path / "moe.yaml"
+    if case == "gate_mode":
+        over["gate_mode"] = "sparse"
+    elif case == "top_k":
+        over["experts_per_token"] = 3
+    elif case == "unknown_key":
+        over["moe_layers"] = [0]
+    elif case == "arch":
+        experts[1] = family["gpt2"]
+    elif case == "shape":
+        experts[1] = family["wide"]
+    elif case == "missing_key":
+        from safetensors.torch import load_file, save_file
+
+        holey = tmp_path / "holey"
+        shutil.copytree(family["a"], holey)
+        tensors = load_file(holey / "model.safetensors")
+        del tensors["model.layers.1.mlp.up_proj.weight"]
+        save_file(tensors, str(holey / "model.safetensors"), metadata={"format": "pt"})
+        experts[0] = holey
+    elif case == "no_base":
+        base = tmp_path / "nope"
+    _moe_yaml(cfg, base, experts, **over)
+    if case == "no_file":
+        cfg = tmp_path / "nope.yaml"
+    elif case == "bad_yaml":
+        cfg.write_text("base_model: [unclosed\n")
+    out = tmp_path / "out"
+    code, _, err = shoal_cli(["moe", str(cfg), str(out)])
+    assert code == 2
+    _one_error_line(err, *needles)
+    _nothing_left(out)

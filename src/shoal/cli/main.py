@@ -38,6 +38,7 @@ _COMMAND_MODULES = (
     "shoal.cli.export_cmd",
     "shoal.cli.adapt_cmd",
     "shoal.cli.lora_cmd",
+    "shoal.cli.moe_cmd",
 )
 
 
