@@ -52,6 +52,12 @@ CASES: dict[tuple[str, str], tuple[dict, tuple[str, ...]]] = {
     ("karcher", "range"): ({"params": "tol: -0.1"}, ("parameters.tol", "[0, inf]")),
     ("karcher", "type"): ({"params": "max_iter: 2.5"}, ("tensor", "max_iter", "whole number")),
     ("karcher", "count"): ({"names": (), "base": False}, ("models", "karcher needs at least 1")),
+    ("multislerp", "range"): ({"params": "eps: -1"}, ("parameters.eps", "[0, inf]")),
+    ("multislerp", "type"): (
+        {"params": "normalize_weights: 3"},
+        ("parameters.normalize_weights", "true or false"),
+    ),
+    ("multislerp", "count"): ({"names": ()}, ("models", "multislerp needs at least 1", "got 0")),
     ("nearswap", "missing"): ({"names": ("a",)}, ("parameters.t", "required by nearswap")),
     ("nearswap", "range"): (
         {"names": ("a",), "params": "t: -0.5"},

@@ -385,3 +385,63 @@ dtype: float16
 """,
         tmp_path,
     )
+
+
+# -- multislerp -------------------------------------------------------------------------------
+
+
+def test_multislerp_float32_no_base(family: dict[str, Path], tmp_path: Path) -> None:
+    """Three models, no base, unequal weights, float32."""
+    _check(
+        f"""
+models:
+  - model: {family["a"]}
+    parameters: {{weight: 0.5}}
+  - model: {family["b"]}
+    parameters: {{weight: 0.3}}
+  - model: {family["c"]}
+    parameters: {{weight: 0.2}}
+merge_method: multislerp
+""",
+        tmp_path,
+    )
+
+
+def test_multislerp_bf16_with_base(bf16_family: dict[str, Path], tmp_path: Path) -> None:
+    """Task vectors from a base_model not listed among the models, weight gradients,
+    normalize_weights off, bfloat16 checkpoints computed in bfloat16."""
+    p = bf16_family
+    _check(
+        f"""
+models:
+  - model: {p["a"]}
+    parameters: {{weight: [0.2, 0.9]}}
+  - model: {p["b"]}
+    parameters: {{weight: 0.6}}
+merge_method: multislerp
+base_model: {p["base"]}
+parameters: {{normalize_weights: false}}
+dtype: bfloat16
+""",
+        tmp_path,
+    )
+
+
+def test_multislerp_float16_base_listed(family: dict[str, Path], tmp_path: Path) -> None:
+    """The base also listed among the models (it is the origin, not a model), float16,
+    a larger eps."""
+    _check(
+        f"""
+models:
+  - model: {family["base"]}
+  - model: {family["a"]}
+    parameters: {{weight: 1.0}}
+  - model: {family["c"]}
+    parameters: {{weight: 2.0}}
+merge_method: multislerp
+base_model: {family["base"]}
+parameters: {{eps: 0.000001}}
+dtype: float16
+""",
+        tmp_path,
+    )

@@ -128,6 +128,16 @@ base_model: base
 merge_method: karcher
 parameters: {max_iter: 20, tol: 1.0e-6}
 """,
+    "multislerp": """
+models:
+  - model: a
+    parameters: {weight: 0.7}
+  - model: b
+    parameters: {weight: [0.1, 0.3]}
+base_model: base
+merge_method: multislerp
+parameters: {normalize_weights: false, eps: 1.0e-7}
+""",
     "nearswap": """
 models:
   - model: base
@@ -311,7 +321,7 @@ def test_parse_yaml_refuses_repeated_keys_and_keeps_merge_keys() -> None:
         parse_yaml("a: [1\nb: 2\n", "f.yaml")
 
 
-@pytest.mark.parametrize("method", ["nuslerp", "multislerp", "ram"])
+@pytest.mark.parametrize("method", ["nuslerp", "ram", "ramplus_tl"])
 def test_mergekit_methods_shoal_lacks_are_refused_by_name(method: str) -> None:
     from shoal.errors import RecipeError
 

@@ -1,10 +1,10 @@
 """One output tensor from its input tensors: the recipe method → :mod:`shoal.ops` call.
 
 The compute dtype is the plan's (mergekit's meaning of a recipe's ``dtype``): the
-task-vector methods (task arithmetic, TIES, DARE, breadcrumbs, DELLA, SCE) and NearSwap
-run every step in it, as mergekit's do; Karcher keeps its vectors in it and its norms in
-float32; linear, SLERP, Model Stock and splitpoint compute in float32 and round to it
-(mergekit's linear and SLERP do the same).
+task-vector methods (task arithmetic, TIES, DARE, breadcrumbs, DELLA, SCE), NearSwap,
+Multi-SLERP, NuSLERP and Arcee Fusion run every step in it, as mergekit's do; Karcher
+keeps its vectors in it and its norms in float32; linear, SLERP, Model Stock and
+splitpoint compute in float32 and round to it (mergekit's linear and SLERP do the same).
 The caller casts to the output dtype.
 ``lambda`` scales the merged task vector (mergekit's global ``lambda``) before the base
 is added: θ = θ_base + λ·merged delta.
@@ -26,6 +26,7 @@ from shoal.ops.della import della
 from shoal.ops.karcher import karcher
 from shoal.ops.linear import linear
 from shoal.ops.model_stock import model_stock
+from shoal.ops.multislerp import multislerp
 from shoal.ops.nearswap import nearswap
 from shoal.ops.sce import sce
 from shoal.ops.slerp import slerp
@@ -113,6 +114,15 @@ def _merged(
         return linear(tensors, _per_input(tp, "weight"), normalize=bool(p["normalize"]))
     if method == "karcher":  # a base_model is among the inputs (the plan puts it there)
         return karcher(tensors, max_iter=_whole(p, "max_iter"), tol=float(p["tol"]), dtype=cd)
+    if method == "multislerp":  # the base is optional
+        return multislerp(
+            tensors,
+            _per_input(tp, "weight"),
+            base,
+            normalize_weights=bool(p["normalize_weights"]),
+            eps=float(p["eps"]),
+            dtype=cd,
+        )
     assert base is not None or method == "splitpoint"
     if method == "splitpoint":
         assert split is not None

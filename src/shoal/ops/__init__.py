@@ -15,6 +15,7 @@ models or search.
 ``della``           drops with probabilities ranked by magnitude + rescale, linear or TIES
 ``model_stock``     mean of fine-tunes pulled toward the base by their angle
 ``karcher``         Riemannian mean of the directions × mean norm (no base)
+``multislerp``      spherical barycentre of K models (or task vectors)
 ``nearswap``        base → other by min(1, t/|a − b|) per entry
 ``sce``             select high-variance entries, energy weights, erase minority signs
 ``splitpoint``      M2N2 crossover: SLERP t = w_m before the split, 1 − w_m after
@@ -41,6 +42,7 @@ from shoal.ops.karcher import karcher
 from shoal.ops.linear import linear
 from shoal.ops.masks import bernoulli_mask, magnitude_mask, topk_mask
 from shoal.ops.model_stock import model_stock, model_stock_ratio
+from shoal.ops.multislerp import multislerp
 from shoal.ops.nearswap import nearswap
 from shoal.ops.sce import sce, sce_mask, sce_weights
 from shoal.ops.slerp import cosine, slerp
@@ -63,6 +65,7 @@ OPERATORS: dict[str, Callable[..., torch.Tensor]] = {
     "breadcrumbs_ties": partial(breadcrumbs, consensus="ties"),
     "model_stock": model_stock,
     "karcher": karcher,
+    "multislerp": multislerp,
     "nearswap": nearswap,
     "sce": sce,
     "splitpoint": splitpoint,
@@ -88,6 +91,7 @@ __all__ = [
     "magnitude_mask",
     "model_stock",
     "model_stock_ratio",
+    "multislerp",
     "nearswap",
     "sce",
     "sce_mask",

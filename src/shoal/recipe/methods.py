@@ -280,6 +280,34 @@ METHODS: dict[str, MethodSpec] = {
             base_as_model=True,
         ),
         MethodSpec(
+            "multislerp",
+            "Multi-SLERP: weighted barycentre of the models (or, with a base_model, of "
+            "their task vectors) on the hypersphere",
+            False,
+            1,
+            None,
+            (
+                _weight(),
+                ParamSpec(
+                    "normalize_weights",
+                    "bool",
+                    True,
+                    False,
+                    help="divide the weights by their sum",
+                ),
+                ParamSpec(
+                    "eps",
+                    "float",
+                    1e-8,
+                    False,
+                    0.0,
+                    math.inf,
+                    help="guard of the norms; directions summing below it are degenerate",
+                ),
+            ),
+            optional_base=True,
+        ),
+        MethodSpec(
             "nearswap",
             "NearSwap: take the other model's value where it lies within t of the base's",
             True,
