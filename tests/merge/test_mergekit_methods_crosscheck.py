@@ -445,3 +445,61 @@ dtype: float16
 """,
         tmp_path,
     )
+
+
+# -- nuslerp ----------------------------------------------------------------------------------
+
+
+def test_nuslerp_float32_flat_no_base(family: dict[str, Path], tmp_path: Path) -> None:
+    """Two models, no base, whole tensors (the default), t = 0.3/(0.7 + 0.3), float32."""
+    _check(
+        f"""
+models:
+  - model: {family["a"]}
+    parameters: {{weight: 0.7}}
+  - model: {family["b"]}
+    parameters: {{weight: 0.3}}
+merge_method: nuslerp
+""",
+        tmp_path,
+    )
+
+
+def test_nuslerp_bf16_rows_with_base(bf16_family: dict[str, Path], tmp_path: Path) -> None:
+    """Task vectors from a base_model, row by row (nuslerp_flatten off), weight
+    gradients, bfloat16 checkpoints computed in bfloat16."""
+    p = bf16_family
+    _check(
+        f"""
+models:
+  - model: {p["a"]}
+    parameters: {{weight: [1.0, 0.2]}}
+  - model: {p["c"]}
+    parameters: {{weight: 0.5}}
+merge_method: nuslerp
+base_model: {p["base"]}
+parameters: {{nuslerp_flatten: false}}
+dtype: bfloat16
+""",
+        tmp_path,
+    )
+
+
+def test_nuslerp_float16_columns_base_listed(family: dict[str, Path], tmp_path: Path) -> None:
+    """Columns (nuslerp_row_wise without flatten), the base also listed among the
+    models, float16."""
+    _check(
+        f"""
+models:
+  - model: {family["base"]}
+  - model: {family["b"]}
+    parameters: {{weight: 2.0}}
+  - model: {family["c"]}
+    parameters: {{weight: 1.0}}
+merge_method: nuslerp
+base_model: {family["base"]}
+parameters: {{nuslerp_flatten: false, nuslerp_row_wise: true}}
+dtype: float16
+""",
+        tmp_path,
+    )

@@ -146,6 +146,17 @@ base_model: base
 merge_method: nearswap
 parameters: {t: [0.0001, 0.001]}
 """,
+    "nuslerp": """
+models:
+  - model: base
+  - model: a
+    parameters: {weight: 0.4}
+  - model: b
+    parameters: {weight: 0.6}
+base_model: base
+merge_method: nuslerp
+parameters: {nuslerp_flatten: false, nuslerp_row_wise: true}
+""",
     "sce": """
 models:
   - model: a
@@ -321,7 +332,7 @@ def test_parse_yaml_refuses_repeated_keys_and_keeps_merge_keys() -> None:
         parse_yaml("a: [1\nb: 2\n", "f.yaml")
 
 
-@pytest.mark.parametrize("method", ["nuslerp", "ram", "ramplus_tl"])
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
 def test_mergekit_methods_shoal_lacks_are_refused_by_name(method: str) -> None:
     from shoal.errors import RecipeError
 

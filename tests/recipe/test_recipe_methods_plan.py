@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shoal.errors import MergeError
+from shoal.errors import MergeError, RecipeError
 from shoal.merge import merge_state_dicts
-from shoal.ops import karcher, multislerp
+from shoal.ops import karcher, multislerp, nuslerp_merge
+from shoal.recipe import load_recipe
 
 NAMES = ("model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight", "lm_head.weight")
 
@@ -55,6 +56,22 @@ def test_multislerp_takes_task_vectors_from_a_base_model(listed: bool) -> None:
         a, b, base = SOURCES["a"][n], SOURCES["b"][n], SOURCES["base"][n]
         torch.testing.assert_close(out[n], multislerp([a, b], [1, 1], base), atol=0, rtol=0)
         torch.testing.assert_close(plain[n], multislerp([a, b], [1, 1]), atol=0, rtol=0)
+
+
+def test_nuslerp_counts_a_listed_base_apart() -> None:
+    """nuslerp takes exactly two models: a base_model listed with them is not a third."""
+    out = _merge(
+        "merge_method: nuslerp\nbase_model: base\n"
+        "models: [{model: base}, {model: a, parameters: {weight: 1}}, "
+        "{model: b, parameters: {weight: 3}}]"
+    )
+    plain = _merge("merge_method: nuslerp\nmodels: [{model: a}, {model: b}]")
+    for n in NAMES:
+        a, b, base = SOURCES["a"][n], SOURCES["b"][n], SOURCES["base"][n]
+        torch.testing.assert_close(out[n], nuslerp_merge([a, b], [1, 3], base), atol=0, rtol=0)
+        torch.testing.assert_close(plain[n], nuslerp_merge([a, b], [1, 1]), atol=0, rtol=0)
+    with pytest.raises(RecipeError, match="nuslerp needs exactly 2 models, got 3"):
+        load_recipe("merge_method: nuslerp\nmodels: [{model: base}, {model: a}, {model: b}]")
 
 
 def test_an_optional_base_missing_from_a_slice_is_refused() -> None:

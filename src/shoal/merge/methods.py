@@ -28,6 +28,7 @@ from shoal.ops.linear import linear
 from shoal.ops.model_stock import model_stock
 from shoal.ops.multislerp import multislerp
 from shoal.ops.nearswap import nearswap
+from shoal.ops.nuslerp import nuslerp_merge
 from shoal.ops.sce import sce
 from shoal.ops.slerp import slerp
 from shoal.ops.splitpoint import splitpoint
@@ -121,6 +122,15 @@ def _merged(
             base,
             normalize_weights=bool(p["normalize_weights"]),
             eps=float(p["eps"]),
+            dtype=cd,
+        )
+    if method == "nuslerp":  # the base is optional
+        return nuslerp_merge(
+            tensors,
+            _per_input(tp, "weight"),
+            base,
+            row_wise=bool(p["nuslerp_row_wise"]),
+            flatten=bool(p["nuslerp_flatten"]),
             dtype=cd,
         )
     assert base is not None or method == "splitpoint"

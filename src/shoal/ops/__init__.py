@@ -17,6 +17,7 @@ models or search.
 ``karcher``         Riemannian mean of the directions × mean norm (no base)
 ``multislerp``      spherical barycentre of K models (or task vectors)
 ``nearswap``        base → other by min(1, t/|a − b|) per entry
+``nuslerp``         SLERP of two models by weight, per tensor or per row
 ``sce``             select high-variance entries, energy weights, erase minority signs
 ``splitpoint``      M2N2 crossover: SLERP t = w_m before the split, 1 − w_m after
 ``svd_mutation``    CycleQD: θ + U diag(w ⊙ σ) Vᵀ, w ~ U[0, w_max]
@@ -44,6 +45,7 @@ from shoal.ops.masks import bernoulli_mask, magnitude_mask, topk_mask
 from shoal.ops.model_stock import model_stock, model_stock_ratio
 from shoal.ops.multislerp import multislerp
 from shoal.ops.nearswap import nearswap
+from shoal.ops.nuslerp import nuslerp, nuslerp_merge, nuslerp_t
 from shoal.ops.sce import sce, sce_mask, sce_weights
 from shoal.ops.slerp import cosine, slerp
 from shoal.ops.splitpoint import splitpoint, splitpoint_flat
@@ -67,6 +69,7 @@ OPERATORS: dict[str, Callable[..., torch.Tensor]] = {
     "karcher": karcher,
     "multislerp": multislerp,
     "nearswap": nearswap,
+    "nuslerp": nuslerp_merge,
     "sce": sce,
     "splitpoint": splitpoint,
     "svd_mutation": svd_mutation_for,
@@ -93,6 +96,9 @@ __all__ = [
     "model_stock_ratio",
     "multislerp",
     "nearswap",
+    "nuslerp",
+    "nuslerp_merge",
+    "nuslerp_t",
     "sce",
     "sce_mask",
     "sce_weights",

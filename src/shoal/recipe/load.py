@@ -272,11 +272,13 @@ def _check_token_entry(where: str, source: Any, force: bool, models: list[str]) 
 def _check_counts(
     method: MethodSpec, refs: list[str], base: str | None, where: str, given: int
 ) -> None:
-    others = [r for r in refs if r != base] if method.needs_base else refs
+    # a base is the origin, not a model, where the method requires or accepts one
+    apart = method.needs_base or (method.optional_base and base is not None)
+    others = [r for r in refs if r != base] if apart else refs
     lo, hi = method.min_models, method.max_models
     if len(others) < lo or (hi is not None and len(others) > hi):
         want = f"exactly {lo}" if lo == hi else f"at least {lo}"
-        what = "models besides base_model" if method.needs_base else "models"
+        what = "models besides base_model" if apart else "models"
         raise RecipeError(
             f"{where}: {method.name} needs {want} {what}, got {len(others)} (of {given} listed)"
         )

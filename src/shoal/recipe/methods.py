@@ -308,6 +308,33 @@ METHODS: dict[str, MethodSpec] = {
             optional_base=True,
         ),
         MethodSpec(
+            "nuslerp",
+            "NuSLERP: SLERP of two models (or of their task vectors, given a base_model) at "
+            "t = w2 / (w1 + w2), whole tensors or row by row",
+            False,
+            2,
+            2,
+            (
+                _weight(),
+                ParamSpec(
+                    "nuslerp_row_wise",
+                    "bool",
+                    False,
+                    False,
+                    help="without nuslerp_flatten: interpolate the columns (dimension 0 "
+                    "slices), not the rows",
+                ),
+                ParamSpec(
+                    "nuslerp_flatten",
+                    "bool",
+                    True,
+                    False,
+                    help="interpolate each tensor as one flat vector (default)",
+                ),
+            ),
+            optional_base=True,
+        ),
+        MethodSpec(
             "nearswap",
             "NearSwap: take the other model's value where it lies within t of the base's",
             True,
