@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -322,6 +323,23 @@ def test_dtype_noise_and_residual_scale(fam: dict[str, Path], tmp_path: Path) ->
     )
 
 
+def test_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """examples/moe/*.yaml on a stand-in testbed (its model paths are relative)."""
+    examples = sorted((Path(__file__).resolve().parents[2] / "examples" / "moe").glob("*.yaml"))
+    assert examples
+    names = ("base", "expert-chain_sum", "expert-spell_backward", "expert-gcd")
+    root = tmp_path / "tb"
+    _with_tokenizer(build_family(root / ".testbed" / "small", llama_config(layers=3), names))
+    monkeypatch.chdir(root)
+    for example in examples:
+        out = tmp_path / example.stem
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the stand-in's gate vectors may be alike
+            build_moe(example, out, progress=False)
+        model = _load(out)
+        assert type(model).__name__ == "MixtralForCausalLM"
+
+
 # -- refusals --------------------------------------------------------------------------
 
 
@@ -428,7 +446,7 @@ def _mergekit_moe(cfg_path: Path, out: Path, seed: int) -> Path:
         ("uniform_random", False, 0.0),
         ("random", True, 0.0),
         # mergekit runs the base in bfloat16 for the hidden states, shoal in float32
-        ("hidden", False, 2e-2),
+        ("hidden", False, 1e-2),
     ],
 )
 def test_same_model_as_mergekit_moe(

@@ -48,13 +48,16 @@ whose gate vector becomes ``shared_expert_gate``). Tensors are written in the la
 the published checkpoints (``block_sparse_moe.experts.E.w1/w2/w3`` for Mixtral,
 ``mlp.experts.E.{gate,up,down}_proj`` for Qwen MoE), which transformers 4 and 5 load.
 
-Where shoal differs from mergekit-moe: each prompt runs on its own (mergekit pads a
-batch on the left, which moves the positions of shorter prompts); the forward pass of
-``hidden`` runs in float32 (mergekit: bfloat16); ``hidden_avg`` averages over the
-prompt's tokens only (mergekit includes the padding); a single expert is allowed; a
-Mistral base keeps its ``sliding_window`` in a Mixtral output (mergekit drops it); the
-base's tokenizer files are copied unchanged (mergekit re-saves the tokenizer with its
-padding settings); random gates are seeded (default 0).
+Where shoal differs from mergekit-moe: each prompt runs on its own, unpadded (mergekit
+pads a batch on the left); the forward pass of ``hidden`` runs in float32 (mergekit:
+bfloat16, so its gate vectors differ in the third decimal); ``hidden_avg`` averages over
+the prompt's own tokens (mergekit's average includes the padding); a single expert is
+allowed; ``uniform_random`` needs no prompts; unknown config keys are refused (mergekit
+ignores them); a Mistral base keeps its ``sliding_window`` in a Mixtral output (mergekit
+drops it); Mixtral tensors are written in the hub layout (mergekit 0.1.5 writes
+transformers 5's fused ``experts.gate_up_proj``, which transformers 4 cannot read); the
+base's tokenizer files are copied unchanged (mergekit re-saves the tokenizer with the
+padding settings of its prompt batches); random gates are seeded (default 0).
 """
 
 from __future__ import annotations
@@ -441,10 +444,17 @@ def gate_vectors(
 
     else:
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            base_dir, dtype=torch.float32, local_files_only=True
-        )
+        bar_was_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # shoal draws its own
+        try:
+            model: Any = AutoModelForCausalLM.from_pretrained(
+                base_dir, dtype=torch.float32, local_files_only=True
+            )
+        finally:
+            if bar_was_on:
+                hf_logging.enable_progress_bar()
         model.to(torch.device(device)).eval()
 
         def prompt_state(ids: torch.Tensor) -> torch.Tensor:
