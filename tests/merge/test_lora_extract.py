@@ -433,3 +433,13 @@ def test_same_tensors_as_mergekit(llama: dict[str, Path], tmp_path: Path) -> Non
     cfg_ours = json.loads((ours_dir / ADAPTER_CONFIG).read_text())
     cfg_theirs = json.loads((theirs_dir / ADAPTER_CONFIG).read_text())
     assert cfg_ours["r"] == cfg_theirs["r"] and cfg_ours["lora_alpha"] == cfg_theirs["lora_alpha"]
+
+
+def test_output_holding_an_input_is_refused(llama: dict[str, Path], tmp_path: Path) -> None:
+    """--overwrite would delete the model being read: refused before anything is read."""
+    model = tmp_path / "tuned"
+    shutil.copytree(llama["a"], model)
+    for out in (model, tmp_path):
+        with pytest.raises(OutputExistsError, match="holds the input"):
+            extract_lora(llama["base"], model, out, overwrite=True, progress=False)
+    assert (model / "model.safetensors").is_file()

@@ -415,6 +415,12 @@ def test_refusals_name_the_key(fam: dict[str, Path], tmp_path: Path) -> None:
     out.mkdir()
     with pytest.raises(OutputExistsError):
         build_moe(_config(fam["base"], good), out, progress=False)
+    expert = tmp_path / "expert"  # --overwrite would delete a model being read
+    shutil.copytree(fam["b"], expert)
+    cfg = _config(fam["base"], [_expert(fam["a"], ["w1"]), _expert(expert, ["w2"])])
+    with pytest.raises(OutputExistsError, match="holds the input"):
+        build_moe(cfg, expert, overwrite=True, progress=False)
+    assert (expert / "model.safetensors").is_file()
 
 
 # -- mergekit-moe on the same models ------------------------------------------------------

@@ -654,9 +654,10 @@ def _compute(
         value = reader.get(src, device=device)
         check_finite(value, name=src, source=reader.path)
         if spec.noise_scale is not None:
-            gen = torch.Generator(device=device).manual_seed(tensor_seed(seed, item.name))
-            noise = torch.randn(value.shape, generator=gen, device=device, dtype=torch.float32)
-            value = value.float() + noise * spec.noise_scale
+            # drawn on the CPU: the same noise whatever the device
+            gen = torch.Generator().manual_seed(tensor_seed(seed, item.name))
+            noise = torch.randn(value.shape, generator=gen, dtype=torch.float32)
+            value = value.float() + noise.to(device) * spec.noise_scale
         if spec.residual_scale is not None and src.endswith("down_proj.weight"):
             value = value.float() * spec.residual_scale
     return value.to(item.dtype).contiguous()
