@@ -195,6 +195,33 @@ def test_union_keeps_the_plain_merge_on_shared_tokens(models, tmp_path: Path) ->
     assert model.config.vocab_size == len(tok)
 
 
+def test_base_tokens_past_vocab_size_are_stripped(models, tensors, tmp_path: Path) -> None:
+    """A base whose tokenizer holds two added tokens past its model's 8 rows: with
+    ``tokenizer_source: base`` (and union) they leave the output vocabulary, which keeps
+    the base's 8 tokens (mergekit's rule); the rows are the plain merge's."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    padded = tmp_path / "padded"
+    shutil.copytree(models["base"], padded)
+    tok = AutoTokenizer.from_pretrained(padded)
+    tok.add_tokens(["<extra_0>", "<extra_1>"], special_tokens=True)
+    tok.save_pretrained(padded)
+    assert len(AutoTokenizer.from_pretrained(padded)) == 10  # the model has 8 rows
+    for i, source in enumerate(("tokenizer_source: base", "tokenizer: {source: union}")):
+        text = (
+            f"merge_method: linear\nbase_model: {padded}\n"
+            f"models: [{{model: {padded}}}, {{model: {models['base']}}}]\n{source}\n"
+        )
+        out = merge_to_disk(text, tmp_path / f"out{i}", progress=False)
+        got = AutoTokenizer.from_pretrained(out)
+        assert got.get_vocab() == {w: i for i, w in enumerate(WORDS["base"])}, source
+        for name in VOCAB_TENSORS:  # both models are the base: the merge is the base
+            assert torch.allclose(state_dict(out)[name], tensors["base"][name], atol=1e-6)
+        _loads_together(out, 8)
+
+
 def test_pad_to_multiple_of(models, tensors, tmp_path: Path) -> None:
     """8 tokens padded to 16 rows: each model's padding rows are the mean of its
     realigned rows, so a task-arithmetic merge's padding rows are the mean of its rows."""

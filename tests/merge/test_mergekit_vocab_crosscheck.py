@@ -233,3 +233,33 @@ dtype: float32
         tmp_path,
     )
     _same_by_token(ours, theirs)
+
+
+def test_base_bpe_tokens_past_vocab_size_are_stripped(bpe: dict[str, Path], tmp_path: Path) -> None:
+    """The base's tokenizer has three added tokens its model has no rows for: mergekit
+    strips them from the base vocabulary, and so does shoal (same files, same tensors)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    padded = tmp_path / "padded"
+    shutil.copytree(bpe["base"], padded)
+    tok = AutoTokenizer.from_pretrained(padded)
+    tok.add_tokens(["<x0>", "<x1>", "<x2>"], special_tokens=True)
+    tok.save_pretrained(padded)
+    ours, theirs = _both(
+        f"""
+merge_method: task_arithmetic
+base_model: {padded}
+models:
+  - model: {bpe["a"]}
+    parameters: {{weight: 0.5}}
+  - model: {bpe["b"]}
+    parameters: {{weight: 0.5}}
+tokenizer_source: base
+dtype: float32
+""",
+        tmp_path,
+    )
+    _same(ours, theirs)
+    assert "<x0>" not in AutoTokenizer.from_pretrained(ours).get_vocab()

@@ -279,7 +279,7 @@ def merge_to_disk(
                 copy_config_files(ref_dir, writer, config_updates=updates)
             elif config is not None:  # a reference given as a file: its config as parsed
                 writer.write_text("config.json", json.dumps(updates, indent=2) + "\n")
-            if vocab is not None and vocab.added:  # the source's tokenizer + the new tokens
+            if vocab is not None and vocab.rewritten:  # new tokens added, or stripped
                 _write_tokenizer(vocab.tokenizer, writer)
             elif tok_dir is not None:  # every file from one model: a mix would load as neither
                 copy_tokenizer_files(tok_dir, writer)

@@ -79,6 +79,7 @@ class OutputVocabulary:
         added: tokens added to the source tokenizer (the ``union``'s new tokens, then
             the ``tokenizer.tokens`` it lacks).
         source_dir: the directory the output tokenizer was read from.
+        stripped: the source's tokens past its model's ``vocab_size`` were removed.
     """
 
     tokenizer: Any
@@ -89,6 +90,12 @@ class OutputVocabulary:
     base: str | None = None
     added: list[str] = field(default_factory=list)
     source_dir: Path | None = None
+    stripped: bool = False
+
+    @property
+    def rewritten(self) -> bool:
+        """Whether the output tokenizer differs from the source's files (write it anew)."""
+        return bool(self.added) or self.stripped
 
     def realign(self, name: str, members: Sequence[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
         """Each model's tensor ``name`` rebuilt with one row per output token.
@@ -243,12 +250,12 @@ def build_vocabulary(
         has_tokenizer: model reference → whether its directory holds tokenizer files.
 
     A model without tokenizer files is taken to share the base model's vocabulary (the
-    first model's without a base), as mergekit does.
+    first model's without a base), as mergekit does. For ``base`` and ``union`` the base
+    tokenizer loses its tokens past its model's ``vocab_size`` (:func:`_strip_past`).
 
     Raises:
-        RecipeError: a tokenizer cannot be loaded; the base tokenizer has tokens past its
-            model's ``vocab_size`` (mergekit strips them; shoal does not yet); a
-            ``model_token`` source names a token its model lacks.
+        RecipeError: a tokenizer cannot be loaded or stripped; a ``model_token`` source
+            names a token its model lacks.
     """
     source = recipe.vocabulary_source()
     if source is None:
@@ -277,15 +284,18 @@ def build_vocabulary(
     fallback = vocabs.get(lead) or dict(out_tok.get_vocab())
     for ref in refs:
         vocabs.setdefault(ref, fallback)
+    stripped = False
     if source in ("base", "union"):
         limit = _vocab_size(configs.get(source_ref))
         beyond = [t for t, i in vocabs[source_ref].items() if limit is not None and i >= limit]
-        if beyond:
-            raise RecipeError(
-                f"{key}: the base tokenizer has {len(beyond)} tokens past its model's "
-                f"vocab_size {limit} (e.g. {beyond[0]!r}); mergekit strips them, shoal does "
-                "not yet: name the base model's path instead"
-            )
+        if beyond and limit is not None:  # tokens the base model has no rows for
+            directory = model_dirs[source_ref]
+            assert directory is not None
+            out_tok = _strip_past(directory, limit, key)
+            stripped = True
+            vocabs[source_ref] = dict(out_tok.get_vocab())
+            if source_ref in tokenizers:
+                tokenizers[source_ref] = out_tok
     added = []
     if source == "union":
         added = _add_union(out_tok, [(tokenizers[r], configs.get(r)) for r in tokenizers])
@@ -321,8 +331,63 @@ def build_vocabulary(
         if rule is not None:
             rules[vocab[token]] = rule
     return OutputVocabulary(
-        out_tok, size, rows, index, rules, base, added, model_dirs.get(source_ref)
+        out_tok, size, rows, index, rules, base, added, model_dirs.get(source_ref), stripped
     )
+
+
+def _strip_past(directory: Path, limit: int, key: str) -> Any:
+    """The tokenizer of ``directory`` without its tokens numbered ``limit`` or more.
+
+    mergekit's rule for the base tokenizer of ``base`` and ``union``: tokens past the
+    model's ``vocab_size`` have no embedding row, so they leave the vocabulary (with the
+    BPE merges that make them). Done on a copy of the files through transformers' own
+    formats: ``tokenizer.json`` (vocabulary, added tokens, merges) and the
+    ``added_tokens_decoder`` of ``tokenizer_config.json``, which transformers would
+    otherwise add back on loading.
+
+    Raises:
+        RecipeError: no ``tokenizer.json`` (a slow tokenizer), or a model type other than
+            BPE or word level.
+    """
+    import json
+    import shutil
+    import tempfile
+
+    from shoal.checkpoint import tokenizer_files
+
+    if not (directory / "tokenizer.json").is_file():
+        raise RecipeError(
+            f"{key}: {directory} has tokens past its vocab_size and no tokenizer.json to strip "
+            "them from (name the base model's path instead)"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        for rel in tokenizer_files(directory):
+            (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(directory / rel, Path(tmp) / rel)
+        spec = json.loads((Path(tmp) / "tokenizer.json").read_text())
+        model = spec["model"]
+        if model.get("type") not in ("BPE", "WordLevel"):
+            raise RecipeError(
+                f"{key}: {directory}: a {model.get('type')} tokenizer with tokens past its "
+                "vocab_size cannot be stripped (BPE and word-level can)"
+            )
+        gone = {t for t, i in model["vocab"].items() if i >= limit}
+        gone |= {e["content"] for e in spec.get("added_tokens", []) if e["id"] >= limit}
+        model["vocab"] = {t: i for t, i in model["vocab"].items() if i < limit}
+        spec["added_tokens"] = [e for e in spec.get("added_tokens", []) if e["id"] < limit]
+        if "merges" in model:  # "a b" strings or [a, b] pairs
+            pairs = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+            model["merges"] = [
+                m for m, pair in zip(model["merges"], pairs, strict=True) if not set(pair) & gone
+            ]
+        (Path(tmp) / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+        config_file = Path(tmp) / "tokenizer_config.json"
+        if config_file.is_file():
+            config = json.loads(config_file.read_text())
+            decoder = config.get("added_tokens_decoder") or {}
+            config["added_tokens_decoder"] = {k: v for k, v in decoder.items() if int(k) < limit}
+            config_file.write_text(json.dumps(config, ensure_ascii=False))
+        return _load_tokenizer(Path(tmp), key)
 
 
 def _add_union(out_tok: Any, members: Sequence[tuple[Any, Mapping[str, Any] | None]]) -> list[str]:
