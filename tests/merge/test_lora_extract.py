@@ -246,6 +246,10 @@ def test_unchanged_modules_are_left_out(llama: dict[str, Path], tmp_path: Path) 
             progress=False,
         )
     assert not (tmp_path / "lora3").exists()
+    # only the norm: PEFT would refuse an adapter without a LoRA layer
+    with pytest.raises(MergeError, match=r"only modules saved whole .*input_layernorm"):
+        extract_lora(llama["base"], tuned, tmp_path / "lora4", exclude=[r"q_proj"], progress=False)
+    assert not (tmp_path / "lora4").exists()
 
 
 def test_save_module_include_and_dtype(llama: dict[str, Path], tmp_path: Path) -> None:

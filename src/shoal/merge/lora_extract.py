@@ -617,6 +617,13 @@ def extract_lora(
                         f"{model_p}: no tensor differs from the base {base_p} in a module "
                         "the adapter can hold; nothing to extract"
                     )
+                if not any(m.kind.startswith("lora") for m in results):
+                    whole = ", ".join(m.name for m in results if m.kind == "full")
+                    raise MergeError(
+                        f"{model_p}: only modules saved whole differ from the base ({whole}); "
+                        "PEFT loads no adapter without a LoRA layer"
+                        + (" (--embed-lora factorises embeddings)" if not embed_lora else "")
+                    )
             (weights_dir / "model.safetensors").rename(tmp / ADAPTER_WEIGHTS)
             weights_dir.rmdir()
             cfg, r = _adapter_config(base_p, config, results)
