@@ -1,8 +1,9 @@
 """Bad recipes of the methods of issue #14 through ``shoal merge RECIPE OUT``.
 
 For each method: a missing required parameter (where the method has one), a value out of
-its range (or of the wrong type, where no parameter has a range) and a wrong number of
-models each end in exit code 2, one line on stderr that names the key, and nothing at OUT.
+its range (or of the wrong type where no parameter has a range; an unknown parameter for
+arcee_fusion, which has none) and a wrong number of models each end in exit code 2, one
+line on stderr that names the key, and nothing at OUT.
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ def _recipe(
 
 # (method, what is wrong) → (recipe keyword arguments, needles of the error line)
 CASES: dict[tuple[str, str], tuple[dict, tuple[str, ...]]] = {
+    # arcee_fusion has no parameters: any it is given and no method knows is the bad value
+    ("arcee_fusion", "unknown"): (
+        {"names": ("a",), "params": "threshold: 2"},
+        ("parameters.threshold", "unknown parameter for arcee_fusion (known: none)"),
+    ),
+    ("arcee_fusion", "count"): (
+        {},
+        ("models", "arcee_fusion needs exactly 1 models besides base_model", "got 2"),
+    ),
     ("sce", "range"): ({"params": "select_topk: 1.5"}, ("parameters.select_topk", "[0, 1]")),
     ("sce", "count"): ({"names": ("base",)}, ("models", "sce needs at least 1", "got 0")),
     ("della", "range"): (
@@ -117,8 +127,10 @@ def test_every_new_method_has_its_bad_cases() -> None:
     exactly when it has a required parameter."""
     from shoal.recipe import METHODS
 
+    new = {"sce", "della", "della_linear", "nearswap", "karcher", "multislerp", "nuslerp"}
+    assert {m for m, _ in CASES} == new | {"arcee_fusion"}
     for method in {m for m, _ in CASES}:
         wrongs = {w for m, w in CASES if m == method}
         required = any(p.default is None for p in METHODS[method].params)
-        assert "count" in wrongs and ({"range", "type"} & wrongs), method
+        assert "count" in wrongs and ({"range", "type", "unknown"} & wrongs), method
         assert ("missing" in wrongs) == required, method

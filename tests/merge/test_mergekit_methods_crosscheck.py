@@ -503,3 +503,66 @@ dtype: float16
 """,
         tmp_path,
     )
+
+
+# -- arcee_fusion -----------------------------------------------------------------------------
+# Deterministic here: mergekit samples the quartiles only in tensors of more than 10⁶
+# entries (shoal takes them exactly there; see docs/merging.md).
+
+
+def test_arcee_fusion_float32(family: dict[str, Path], tmp_path: Path) -> None:
+    """One model onto the base, float32."""
+    ours, _ = _check(
+        f"""
+models:
+  - model: {family["a"]}
+merge_method: arcee_fusion
+base_model: {family["base"]}
+""",
+        tmp_path,
+    )
+    a = state_dict(family["a"])
+    name = "model.layers.2.mlp.down_proj.weight"
+    took = ours[name] == a[name]
+    assert 0.0 < float(took.float().mean()) < 0.3  # some changes taken, most not
+
+
+def test_arcee_fusion_bf16_base_listed(bf16_family: dict[str, Path], tmp_path: Path) -> None:
+    """bfloat16 checkpoints computed in bfloat16 and written so (out_dtype), the base also
+    listed among the models."""
+    p = bf16_family
+    _check(
+        f"""
+models:
+  - model: {p["base"]}
+  - model: {p["c"]}
+merge_method: arcee_fusion
+base_model: {p["base"]}
+dtype: bfloat16
+out_dtype: bfloat16
+""",
+        tmp_path,
+    )
+
+
+def test_arcee_fusion_float16_output_dtype(family: dict[str, Path], tmp_path: Path) -> None:
+    """Another model as the base, computed in float16, no out_dtype. mergekit writes this
+    method's tensors in float32 (its float32 mask promotes the sum and nothing casts it
+    back); shoal writes the recipe's dtype, as for every method. The values are the same:
+    mergekit's rounded to float16 are shoal's, bit for bit."""
+    ours, theirs = _both(
+        f"""
+models:
+  - model: {family["b"]}
+merge_method: arcee_fusion
+base_model: {family["a"]}
+dtype: float16
+""",
+        tmp_path,
+    )
+    assert {t.dtype for t in theirs.values()} == {torch.float32}
+    assert {t.dtype for t in ours.values()} == {torch.float16}
+    rounded = {k: v.to(torch.float16) for k, v in theirs.items()}
+    assert_same_tensors(ours, rounded)
+    assert all(torch.equal(ours[k], rounded[k]) for k in ours)
+    print(worst_difference(ours, rounded))

@@ -172,6 +172,13 @@ models:
 base_model: base
 merge_method: model_stock
 """,
+    "arcee_fusion": """
+models:
+  - model: a
+base_model: base
+merge_method: arcee_fusion
+dtype: bfloat16
+""",
     "passthrough": """
 slices:
   - sources:

@@ -20,6 +20,7 @@ import torch
 
 from shoal.errors import MergeError
 from shoal.merge.plan import TensorPlan
+from shoal.ops.arcee_fusion import arcee_fusion
 from shoal.ops.breadcrumbs import breadcrumbs
 from shoal.ops.dare import dare
 from shoal.ops.della import della
@@ -149,6 +150,8 @@ def _merged(
         return slerp(base, tensors[0], float(p["t"]), dot_threshold=MERGEKIT_DOT_THRESHOLD)
     if method == "model_stock":
         return model_stock(base, tensors, filter_wise=bool(p["filter_wise"]))
+    if method == "arcee_fusion":
+        return arcee_fusion(base, tensors[0], dtype=cd)
     if method == "nearswap":
         return nearswap(base, tensors[0], float(p["t"]), dtype=cd)
     if method == "sce":

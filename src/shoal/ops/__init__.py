@@ -1,7 +1,9 @@
 """shoal.ops — the merge operators, as pure functions on tensors (METHODS.md §1).
 
 Every operator takes the tensors of ONE parameter name (all of the same shape),
-computes in float32 and returns float32; the caller casts back. Randomness comes
+computes in float32 and returns float32 — or, given ``dtype=``, in that compute dtype
+(the task-vector operators and those of mergekit 0.1.5's later methods, which match
+mergekit bit for bit so); the caller casts back. Randomness comes
 only from a ``torch.Generator`` argument. The operators know nothing of files,
 models or search.
 
@@ -19,6 +21,7 @@ models or search.
 ``nearswap``        base → other by min(1, t/|a − b|) per entry
 ``nuslerp``         SLERP of two models by weight, per tensor or per row
 ``sce``             select high-variance entries, energy weights, erase minority signs
+``arcee_fusion``    the other model's changes of outlying importance (KL-weighted)
 ``splitpoint``      M2N2 crossover: SLERP t = w_m before the split, 1 − w_m after
 ``svd_mutation``    CycleQD: θ + U diag(w ⊙ σ) Vᵀ, w ~ U[0, w_max]
 ==================  ==========================================================
@@ -35,6 +38,7 @@ from functools import partial
 
 import torch
 
+from shoal.ops.arcee_fusion import arcee_fusion, fusion_importance, fusion_threshold
 from shoal.ops.breadcrumbs import breadcrumbs, breadcrumbs_mask
 from shoal.ops.consensus import combine, elect_sign
 from shoal.ops.dare import dare, dare_sparsify
@@ -73,11 +77,13 @@ OPERATORS: dict[str, Callable[..., torch.Tensor]] = {
     "sce": sce,
     "splitpoint": splitpoint,
     "svd_mutation": svd_mutation_for,
+    "arcee_fusion": arcee_fusion,
 }
 """Operator name → function (the names used in recipes)."""
 
 __all__ = [
     "OPERATORS",
+    "arcee_fusion",
     "bernoulli_mask",
     "breadcrumbs",
     "breadcrumbs_mask",
@@ -89,6 +95,8 @@ __all__ = [
     "della_probabilities",
     "della_sparsify",
     "elect_sign",
+    "fusion_importance",
+    "fusion_threshold",
     "karcher",
     "linear",
     "magnitude_mask",

@@ -387,6 +387,15 @@ METHODS: dict[str, MethodSpec] = {
             ),
         ),
         MethodSpec(
+            "arcee_fusion",
+            "Arcee Fusion: take the other model's changes whose importance (change x KL of "
+            "the row's softmax) is an outlier",
+            True,
+            1,
+            1,
+            (),
+        ),
+        MethodSpec(
             "passthrough",
             "copy tensors unchanged; with slices, stack layers (frankenmerge)",
             False,
