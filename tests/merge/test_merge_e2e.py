@@ -34,6 +34,9 @@ slices:
             f"merge_method: splitpoint\nmodels: [{{model: {a}}}, {{model: {b}}}]\n"
             "parameters: {split: 0.4, ratio: 0.7}\n"
         )
+    if method in ("nearswap", "arcee_fusion"):  # the base and exactly one other model
+        params = "parameters: {t: 0.01}\n" if method == "nearswap" else ""
+        return f"merge_method: {method}\nbase_model: {base}\nmodels: [{{model: {a}}}]\n{params}"
     extra = {"linear": "", "task_arithmetic": "", "model_stock": ""}.get(method, ", density: 0.6")
     weight = "" if method == "model_stock" else "weight: 0.6"
     base_line = "" if method == "linear" else f"base_model: {base}\n"
