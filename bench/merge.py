@@ -6,9 +6,11 @@ checkpoints (a base and two perturbed copies, 156M parameters, 625 MB each) once
 
 - raw I/O: read every input tensor with safetensors and write one model's bytes
   with ``safetensors.torch.save_file`` (2 and 3 inputs);
-- ``shoal merge`` wall and CPU time for linear, task_arithmetic, ties, dare_ties, slerp,
-  and their ratios to the raw I/O of the same inputs (target ≤ 1.5×); CPU time is
-  reported too because wall time on a shared machine mostly measures the others;
+- ``shoal merge`` wall and CPU time for linear, task_arithmetic, ties, dare_ties, slerp and
+  mergekit's other methods (sce, della, della_linear, nearswap, karcher, multislerp,
+  nuslerp, arcee_fusion), their ratios to the raw I/O of the same inputs (target for linear
+  ≤ 1.5×) and to TIES (target for the newer methods ≤ 2×); CPU time is reported too
+  because wall time on a shared machine mostly measures the others;
 - peak memory of each merge run in a fresh subprocess: anonymous RSS above the
   process's RSS after imports (mmapped input pages are file-backed and excluded;
   target ≤ 1 GB);
@@ -53,6 +55,14 @@ METHODS = {
     "ties": ("base", "a", "b"),
     "dare_ties": ("base", "a", "b"),
     "slerp": ("a", "b"),
+    "sce": ("base", "a", "b"),
+    "della": ("base", "a", "b"),
+    "della_linear": ("base", "a", "b"),
+    "nearswap": ("base", "a"),
+    "karcher": ("a", "b"),
+    "multislerp": ("a", "b"),
+    "nuslerp": ("a", "b"),
+    "arcee_fusion": ("base", "a"),
 }
 
 
@@ -161,12 +171,24 @@ def _recipe(method: str, paths: dict[str, Path]) -> str:
             f"merge_method: slerp\nbase_model: {paths['a']}\n"
             f"models: [{{model: {paths['a']}}}, {{model: {paths['b']}}}]\nparameters: {{t: 0.4}}\n"
         )
-    base = "" if method == "linear" else f"base_model: {paths['base']}\n"
-    density = ", density: 0.5" if method in ("ties", "dare_ties") else ""
+    if method in ("nearswap", "arcee_fusion"):  # a base and one model
+        params = "parameters: {t: 0.001}\n" if method == "nearswap" else ""
+        return (
+            f"merge_method: {method}\nbase_model: {paths['base']}\n"
+            f"models: [{{model: {paths['a']}}}]\n{params}"
+        )
+    base = f"base_model: {paths['base']}\n" if METHODS[method][0] == "base" else ""
+    per_model = {
+        "ties": ", density: 0.5",
+        "dare_ties": ", density: 0.5",
+        "della": ", density: 0.5, epsilon: 0.1",
+        "della_linear": ", density: 0.5, epsilon: 0.1",
+    }.get(method, "")
+    weights = ("", "") if method in ("karcher", "sce") else ("weight: 0.6", "weight: 0.4")
     return (
         f"merge_method: {method}\n{base}models:\n"
-        f"  - model: {paths['a']}\n    parameters: {{weight: 0.6{density}}}\n"
-        f"  - model: {paths['b']}\n    parameters: {{weight: 0.4{density}}}\n"
+        f"  - model: {paths['a']}\n    parameters: {{{weights[0]}{per_model}}}\n"
+        f"  - model: {paths['b']}\n    parameters: {{{weights[1]}{per_model}}}\n"
     )
 
 
@@ -202,12 +224,12 @@ def command_seconds(argv: list[str], out: Path) -> float:
     return elapsed
 
 
-def compare_with_mergekit(mergekit: Path) -> None:
+def compare_with_mergekit(mergekit: Path, methods: list[str]) -> None:
     """Time ``shoal merge`` and ``mergekit-yaml`` as commands on the same recipes."""
     shoal = Path(PY).with_name("shoal")
     print(f"end to end as commands, vs {mergekit}")
     print(f"{'method':<16}{'shoal s':>9}{'mergekit s':>12}{'shoal/mergekit':>16}")
-    for method in METHODS:
+    for method in methods:
         recipe = BENCH / f"{method}.yaml"
         out = BENCH / f"cmd-{method}"
         ours = command_seconds([str(shoal), "merge", str(recipe), str(out), "--quiet"], out)
@@ -229,7 +251,19 @@ def help_time() -> float:
 
 def main() -> None:
     """Build (or reuse) the checkpoints, time everything, print a table."""
+    import argparse
+
     import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=list(METHODS),
+        help="methods to time (default: all; ties first when given, for the ratio)",
+    )
+    methods = parser.parse_args().methods
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t = time.perf_counter()
@@ -253,24 +287,29 @@ def main() -> None:
         )
     print(
         f"{'method':<16}{'wall s':>8}{'CPU s':>8}{'wall/raw':>10}{'CPU/raw':>9}"
-        f"{'peak anon MB':>14}{'max RSS MB':>12}"
+        f"{'wall/ties':>11}{'peak anon MB':>14}{'max RSS MB':>12}"
     )
-    for method, inputs in METHODS.items():
+    ties = None
+    for method in methods:
+        inputs = METHODS[method]
         # best of two runs, as for the raw bound (page-cache and writeback state vary)
         runs = [run_merge(method, paths) for _ in range(2)]
         r = min(runs, key=lambda x: x["seconds"])
         r["peak_anon_mb"] = max(x["peak_anon_mb"] for x in runs)
+        ties = r["seconds"] if method == "ties" else ties
+        vs_ties = f"{r['seconds'] / ties:>11.2f}" if ties else f"{'—':>11}"
         wall, cpu = raw[len(inputs)]
         print(
             f"{method:<16}{r['seconds']:>8.2f}{r['cpu']:>8.2f}{r['seconds'] / wall:>10.2f}"
-            f"{r['cpu'] / cpu:>9.2f}{r['peak_anon_mb']:>14.0f}{r['maxrss_mb']:>12.0f}"
+            f"{r['cpu'] / cpu:>9.2f}{vs_ties}{r['peak_anon_mb']:>14.0f}{r['maxrss_mb']:>12.0f}",
+            flush=True,
         )
     print(f"shoal --help: {help_time():.2f} s (best of 3)")
     mergekit = mergekit_command()
     if mergekit is None:
         print("mergekit: no side venv (`make mergekit-venv`), comparison skipped")
     else:
-        compare_with_mergekit(mergekit)
+        compare_with_mergekit(mergekit, methods)
 
 
 if __name__ == "__main__":
