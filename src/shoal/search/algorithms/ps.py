@@ -1,7 +1,9 @@
 """Evolutionary model merge in parameter space (Akiba et al., 2024; METHODS.md §2, "PS").
 
 Genome: for each source model k and each layer group g, a weight w_{k,g} and a
-density d_{k,g} ∈ [0, 1] of a DARE-TIES merge of the task vectors τ_k = θ_k − θ_base.
+density d_{k,g} ∈ [0, 1] of a DARE-TIES merge of the task vectors τ_k = θ_k − θ_base
+(``method`` may name another merge method: the genome is then whichever of the two
+per-model parameters it reads — the weight alone for task_arithmetic, multislerp, nuslerp).
 Groups are ``per_model`` (one group a model: the published 7B setting, two numbers
 a model) or ``per_layer`` (the input embeddings, each transformer block, and one
 group for everything else: final norm and head). CMA-ES searches the genome with
@@ -34,8 +36,19 @@ from shoal.search.algorithms.cmaes import CMAES, GenomeCMAES
 
 __all__ = ["PS", "PSOptions"]
 
-# the recipe parameters each model's genome entries become
+# the recipe parameters each model's genome entries can become
 GENOME_KEYS = ("weight", "density")
+
+
+def genome_keys(method: str) -> tuple[str, ...]:
+    """The per-model parameters of ``GENOME_KEYS`` that ``method`` reads, in that order
+    (empty when the method is unknown, takes no base, or reads neither)."""
+    from shoal.recipe import METHODS
+
+    spec = METHODS.get(method)
+    if spec is None or not (spec.needs_base or spec.optional_base):
+        return ()
+    return tuple(k for k in GENOME_KEYS if (p := spec.param(k)) is not None and p.per_model)
 
 
 class PSOptions(AlgorithmOptions):
@@ -50,8 +63,8 @@ class PSOptions(AlgorithmOptions):
     method: str = Field(
         "dare_ties",
         description="merge method the genome parameterises: any registered method with a "
-        "base and a per-model weight and density (dare_ties, ties, dare_linear, della, "
-        "della_linear, breadcrumbs, breadcrumbs_ties)",
+        "base and a per-model weight or density (dare_ties, ties, dare_linear, della, "
+        "della_linear, breadcrumbs, breadcrumbs_ties, task_arithmetic, multislerp, nuslerp)",
     )
     x0: float = Field(0.5, description="initial value of every genome entry")
     sigma0: float = Field(1.0 / 6.0, gt=0, description="initial CMA-ES step size")
@@ -74,20 +87,15 @@ class PSOptions(AlgorithmOptions):
     @field_validator("method")
     @classmethod
     def _method_takes_the_genome(cls, value: str) -> str:
-        """The method must be registered and read a per-model weight and density."""
+        """The method must be registered, take a base and read a per-model weight or density."""
         from shoal.recipe import METHODS
 
-        fits = [
-            name
-            for name, spec in METHODS.items()
-            if spec.needs_base
-            and all((p := spec.param(key)) is not None and p.per_model for key in GENOME_KEYS)
-        ]
+        fits = [name for name in METHODS if genome_keys(name)]
         if value not in fits:
             why = (
                 "is no merge method"
                 if value not in METHODS
-                else "has no per-model weight and density to search"
+                else "has no base and per-model weight or density to search"
             )
             raise ValueError(f"{value!r} {why} (use one of: {', '.join(fits)})")
         return value
@@ -145,10 +153,12 @@ class PS(GenomeCMAES):
             self.group_names = ["embed", *(f"layer{i}" for i in range(layers)), "rest"]
         else:
             self.group_names = ["all"]
-        n = 2 * len(self.models) * len(self.group_names)
+        self.keys = genome_keys(opts.method)
         g = len(self.group_names)
-        lo = [opts.weight_range[0]] * g + [opts.density_range[0]] * g
-        hi = [opts.weight_range[1]] * g + [opts.density_range[1]] * g
+        n = len(self.keys) * len(self.models) * g
+        ranges = {"weight": opts.weight_range, "density": opts.density_range}
+        lo = [ranges[k][0] for k in self.keys for _ in range(g)]
+        hi = [ranges[k][1] for k in self.keys for _ in range(g)]
         self.es = CMAES(
             np.full(n, opts.x0),
             opts.sigma0,
@@ -179,11 +189,11 @@ class PS(GenomeCMAES):
         )
 
     # -- genome <-> recipe --------------------------------------------------------------------
-    def _split(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Weights and densities, each shape ``(models, groups)``."""
+    def _split(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Genome key (weight, density) → its values, shape ``(models, groups)``."""
         g = len(self.group_names)
-        per = x.reshape(len(self.models), 2 * g)
-        return per[:, :g], per[:, g:]
+        per = x.reshape(len(self.models), len(self.keys) * g)
+        return {k: per[:, i * g : (i + 1) * g] for i, k in enumerate(self.keys)}
 
     def _value(self, values: np.ndarray) -> Any:
         if len(values) == 1:
@@ -196,18 +206,15 @@ class PS(GenomeCMAES):
         return entries
 
     def decode(self, x: np.ndarray) -> dict[str, Any]:
-        """The DARE-TIES recipe of a genome vector."""
-        weights, densities = self._split(np.asarray(x, dtype=np.float64))
+        """The recipe (DARE-TIES by default) of a genome vector."""
+        values = self._split(np.asarray(x, dtype=np.float64))
         recipe: dict[str, Any] = {
             "merge_method": self.options.method,
             "base_model": self.base_model,
             "models": [
                 {
                     "model": name,
-                    "parameters": {
-                        "weight": self._value(weights[k]),
-                        "density": self._value(densities[k]),
-                    },
+                    "parameters": {key: self._value(v[k]) for key, v in values.items()},
                 }
                 for k, name in enumerate(self.models)
             ],
@@ -219,12 +226,12 @@ class PS(GenomeCMAES):
         return recipe
 
     def describe(self, x: np.ndarray) -> dict[str, Any]:
-        """Weights and densities per model and group."""
-        weights, densities = self._split(np.asarray(x, dtype=np.float64))
+        """Weights (and densities) per model and group."""
+        values = self._split(np.asarray(x, dtype=np.float64))
         return {
             name: {
-                "weight": dict(zip(self.group_names, map(float, weights[k]), strict=True)),
-                "density": dict(zip(self.group_names, map(float, densities[k]), strict=True)),
+                key: dict(zip(self.group_names, map(float, v[k]), strict=True))
+                for key, v in values.items()
             }
             for k, name in enumerate(self.models)
         }
