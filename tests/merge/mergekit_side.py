@@ -43,6 +43,32 @@ def run_mergekit_python(code: str, cwd: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def resave_as(paths: dict[str, Path], dtype: torch.dtype) -> dict[str, Path]:
+    """Store every model's tensors in ``dtype`` (a bfloat16 / float16 checkpoint: task
+    vectors on the dtype's grid, so many entries tie at a magnitude cut)."""
+    from safetensors.torch import load_file, save_file
+
+    for path in paths.values():
+        file = path / "model.safetensors"
+        tensors = {k: v.to(dtype) for k, v in load_file(str(file)).items()}
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    return paths
+
+
+def merge_both(recipe_text: str, tmp_path: Path, *mk_extra: str) -> tuple[dict, dict]:
+    """Run one recipe through ``shoal.merge_to_disk`` and ``mergekit-yaml``; both outputs'
+    tensors, by name."""
+    from merge_helpers import state_dict
+
+    from shoal.merge import merge_to_disk
+
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(recipe_text)
+    ours = merge_to_disk(recipe, tmp_path / "shoal", progress=False)
+    theirs = run_mergekit(recipe, tmp_path / "mergekit", *mk_extra)
+    return state_dict(ours), state_dict(theirs)
+
+
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """How many representable values of their 16-bit float dtype lie between a and b.
 

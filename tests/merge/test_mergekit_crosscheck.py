@@ -18,6 +18,8 @@ from mergekit_side import (
     HAVE_MERGEKIT,
     SKIP_REASON,
     assert_same_tensors,
+    merge_both,
+    resave_as,
     run_mergekit,
     run_mergekit_python,
 )
@@ -27,18 +29,6 @@ from shoal.merge import merge_to_disk
 pytestmark = pytest.mark.skipif(not HAVE_MERGEKIT, reason=SKIP_REASON)
 
 NAMES = ("base", "a", "b", "c")
-
-
-def _as_dtype(paths: dict[str, Path], dtype: torch.dtype) -> dict[str, Path]:
-    """Re-save each model's tensors in ``dtype`` (a bf16/fp16 checkpoint: task vectors on
-    the dtype's grid, so many entries tie at a magnitude cut)."""
-    from safetensors.torch import load_file, save_file
-
-    for path in paths.values():
-        file = path / "model.safetensors"
-        tensors = {k: v.to(dtype) for k, v in load_file(str(file)).items()}
-        save_file(tensors, str(file), metadata={"format": "pt"})
-    return paths
 
 
 @pytest.fixture(scope="module")
@@ -51,21 +41,13 @@ def forty(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def bf16_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Base and three fine-tunes stored in bfloat16, 4 layers."""
     paths = build_family(tmp_path_factory.mktemp("mkbf16"), llama_config(layers=4), NAMES)
-    return _as_dtype(paths, torch.bfloat16)
-
-
-def _both(recipe_text: str, tmp_path: Path, *mk_extra: str) -> tuple[dict, dict]:
-    recipe = tmp_path / "recipe.yml"
-    recipe.write_text(recipe_text)
-    ours = merge_to_disk(recipe, tmp_path / "shoal", progress=False)
-    theirs = run_mergekit(recipe, tmp_path / "mergekit", *mk_extra)
-    return state_dict(ours), state_dict(theirs)
+    return resave_as(paths, torch.bfloat16)
 
 
 def test_ties_example_fp16_gradients_filters(forty: dict[str, Path], tmp_path: Path) -> None:
     """examples/ties.yml: density and weight gradients, a weight filter list,
     normalize, int8_mask, dtype float16."""
-    ours, theirs = _both(
+    ours, theirs = merge_both(
         f"""
 models:
   - model: {forty["a"]}
@@ -98,7 +80,7 @@ dtype: float16
 
 def test_gradient_slerp_example_40_layers(forty: dict[str, Path], tmp_path: Path) -> None:
     """examples/gradient-slerp.yml: t gradients per filter over a 40-layer slice."""
-    ours, theirs = _both(
+    ours, theirs = merge_both(
         f"""
 slices:
   - sources:
@@ -124,7 +106,7 @@ dtype: float16
 
 def test_linear_example_fp16(forty: dict[str, Path], tmp_path: Path) -> None:
     """examples/linear.yml: three weighted models, dtype float16."""
-    ours, theirs = _both(
+    ours, theirs = merge_both(
         f"""
 models:
   - model: {forty["a"]}
@@ -143,7 +125,7 @@ dtype: float16
 
 def test_layer_stacking_example_is_exact(forty: dict[str, Path], tmp_path: Path) -> None:
     """examples/orcamini-platy-44layer.yml: passthrough of overlapping layer slices."""
-    ours, theirs = _both(
+    ours, theirs = merge_both(
         f"""
 slices:
   - sources:
@@ -163,7 +145,7 @@ dtype: float16
 
 def test_task_arithmetic_float32(forty: dict[str, Path], tmp_path: Path) -> None:
     """No dtype on float32 models: computed in float32 by both, to 1e-6."""
-    ours, theirs = _both(
+    ours, theirs = merge_both(
         f"""
 models:
   - model: {forty["a"]}
@@ -187,7 +169,7 @@ def test_bf16_checkpoints_ties_at_the_cut(
     magnitude at the cut), dtype bfloat16: the same entries survive, the outputs are
     bit-identical."""
     gamma = "\n      gamma: 0.05" if method == "breadcrumbs_ties" else ""
-    ours, theirs = _both(
+    ours, theirs = merge_both(
         f"""
 models:
   - model: {bf16_family["a"]}

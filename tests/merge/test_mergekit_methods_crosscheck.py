@@ -19,6 +19,8 @@ from mergekit_side import (
     HAVE_MERGEKIT,
     SKIP_REASON,
     assert_same_tensors,
+    merge_both,
+    resave_as,
     run_mergekit,
     ulp_distance,
 )
@@ -28,17 +30,6 @@ from shoal.merge import merge_to_disk
 pytestmark = pytest.mark.skipif(not HAVE_MERGEKIT, reason=SKIP_REASON)
 
 NAMES = ("base", "a", "b", "c")
-
-
-def _resave(paths: dict[str, Path], dtype: torch.dtype) -> dict[str, Path]:
-    """Store every model's tensors in ``dtype`` (a bfloat16 / float16 checkpoint)."""
-    from safetensors.torch import load_file, save_file
-
-    for path in paths.values():
-        file = path / "model.safetensors"
-        tensors = {k: v.to(dtype) for k, v in load_file(str(file)).items()}
-        save_file(tensors, str(file), metadata={"format": "pt"})
-    return paths
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +42,7 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def bf16_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Base and three fine-tunes stored in bfloat16, 4 layers."""
     paths = build_family(tmp_path_factory.mktemp("mkmbf16"), llama_config(layers=4), NAMES)
-    return _resave(paths, torch.bfloat16)
-
-
-def _both(recipe_text: str, tmp_path: Path, *mk_extra: str) -> tuple[dict, dict]:
-    recipe = tmp_path / "recipe.yml"
-    recipe.write_text(recipe_text)
-    ours = merge_to_disk(recipe, tmp_path / "shoal", progress=False)
-    theirs = run_mergekit(recipe, tmp_path / "mergekit", *mk_extra)
-    return state_dict(ours), state_dict(theirs)
+    return resave_as(paths, torch.bfloat16)
 
 
 def worst_difference(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> str:
@@ -77,7 +60,7 @@ def worst_difference(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tens
 
 def _check(recipe_text: str, tmp_path: Path) -> tuple[dict, dict]:
     """Run both tools and assert the same tensors; returns them for further checks."""
-    ours, theirs = _both(recipe_text, tmp_path)
+    ours, theirs = merge_both(recipe_text, tmp_path)
     assert_same_tensors(ours, theirs)
     print(worst_difference(ours, theirs))
     return ours, theirs
@@ -550,7 +533,7 @@ def test_arcee_fusion_float16_output_dtype(family: dict[str, Path], tmp_path: Pa
     method's tensors in float32 (its float32 mask promotes the sum and nothing casts it
     back); shoal writes the recipe's dtype, as for every method. The values are the same:
     mergekit's rounded to float16 are shoal's, bit for bit."""
-    ours, theirs = _both(
+    ours, theirs = merge_both(
         f"""
 models:
   - model: {family["b"]}
