@@ -193,6 +193,18 @@ def test_union_keeps_the_plain_merge_on_shared_tokens(models, tmp_path: Path) ->
         words = torch.tensor([[3, 4, 5, 6, 7, 1]])
         assert torch.allclose(model(words).logits[..., :8], reference(words).logits, atol=1e-5)
     assert model.config.vocab_size == len(tok)
+    # a tokens: entry names the source of a new token's rows for the model that lacks it
+    named = merge_to_disk(
+        base_text + "tokenizer:\n  source: union\n  tokens:\n"
+        f"    <answer>: {{source: {{kind: model_token, model: {merged['p']}, token: <think>}}}}\n",
+        tmp_path / "named",
+        progress=False,
+    )
+    rows = state_dict(named)
+    for name in VOCAB_TENSORS:  # p lacks <answer>: its row is p's <think>; s keeps its own
+        want = (p_rows[name][8] + s_rows[name][9]) / 2
+        assert torch.allclose(rows[name][ids["<answer>"]], want, atol=1e-6), name
+        assert torch.equal(rows[name][:8], got[name][:8])
 
 
 def test_base_tokens_past_vocab_size_are_stripped(models, tensors, tmp_path: Path) -> None:
