@@ -355,21 +355,9 @@ class _Progress:
         self._task: Any = None
         if not enabled:
             return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+        from shoal._progress import status_bar
 
-        self._bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}"),
-        )
+        self._bar = status_bar()
         self._task = self._bar.add_task(label, total=total, info="")
         self._bar.start()
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterator, Mapping
-from contextlib import nullcontext
-from typing import Any
 
 import torch
 
+from shoal._progress import counting_bar
 from shoal.checkpoint import check_finite
 from shoal.errors import CheckpointError, MergeError
 from shoal.merge.methods import SplitContext, apply_method
@@ -208,19 +207,7 @@ def iter_merged(
     splits: dict[str, SplitContext] = {}
     if plan.method == "splitpoint":
         splits = _split_contexts(plan, sources, device, allow_nonfinite)
-    bar: Any = nullcontext()
-    if progress:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-        bar = Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
+    bar = counting_bar(progress)
     with bar, torch.no_grad():
         task = bar.add_task(f"merging ({plan.method})", total=len(plan.tensors)) if progress else 0
         for tp in plan.tensors:

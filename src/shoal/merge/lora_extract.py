@@ -41,7 +41,6 @@ import math
 import re
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ import torch
 
 from shoal._atomic import atomic_dir, hold_lock, refuse_working_dir
 from shoal._devices import resolve_device
+from shoal._progress import counting_bar
 from shoal.checkpoint import CheckpointReader, ShardedWriter, check_finite, open_checkpoint
 from shoal.errors import CheckpointError, MergeError, OutputExistsError, ShoalError
 
@@ -309,24 +309,6 @@ def _check_out(out: Path, overwrite: bool, inputs: Sequence[Path]) -> None:
 
 def _matches(name: str, names: Sequence[str]) -> bool:
     return name in names or name.rsplit(".", 1)[-1] in names
-
-
-def _progress(enabled: bool) -> Any:
-    """A transient rich progress bar on stderr, or a context that does nothing."""
-    if not enabled:
-        return nullcontext()
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    bar = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
-    return bar
 
 
 def _rel(err: torch.Tensor, ref: torch.Tensor) -> float:
@@ -591,7 +573,7 @@ def extract_lora(
         unchanged = 0
         out_p.parent.mkdir(parents=True, exist_ok=True)
         lock = out_p.absolute().with_name(f".{out_p.absolute().name}.lock")
-        bar = _progress(progress)
+        bar = counting_bar(progress)
         with hold_lock(lock, str(out_p), remove=True), atomic_dir(out_p) as tmp:
             tmp.mkdir()
             weights_dir = tmp / ".weights"

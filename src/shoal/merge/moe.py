@@ -67,7 +67,7 @@ import math
 import re
 import warnings
 from collections.abc import Mapping
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shoal._atomic import hold_lock, refuse_working_dir
 from shoal._devices import resolve_device
+from shoal._progress import counting_bar
 from shoal.checkpoint import (
     CheckpointReader,
     ShardedWriter,
@@ -663,22 +664,6 @@ def _compute(
     return value.to(item.dtype).contiguous()
 
 
-def _progress(enabled: bool) -> Any:
-    if not enabled:
-        return nullcontext()
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    return Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
-
-
 def _card(config_text: str, arch: str, config: MoEConfig) -> str:
     return (
         "---\ntags: [moe, shoal]\n---\n\n"
@@ -778,7 +763,7 @@ def build_moe(
             raise OutputExistsError(f"{out}: cannot create its folder ({reason})") from None
         lock = target.with_name(f".{target.name}.lock")
         writer_plan = {p.name: (p.shape, p.dtype) for p in plan}
-        bar = _progress(progress)
+        bar = counting_bar(progress)
         with (
             hold_lock(lock, str(out), remove=True),
             ShardedWriter(

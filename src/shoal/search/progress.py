@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any
 
+from shoal._progress import status_bar
 from shoal.search.algorithms.base import Best
 from shoal.search.config import Budget
 
@@ -25,33 +26,19 @@ class RunProgress:
         """Create the bar at ``done`` evaluations."""
         if not self.enabled:
             return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("best {task.fields[best]}"),
-        )
+        self._progress = status_bar()
         self._task = self._progress.add_task(
-            self.label, total=self.total, completed=done, best=self._fmt(best)
+            self.label, total=self.total, completed=done, info=self._fmt(best)
         )
 
     @staticmethod
     def _fmt(best: Best | None) -> str:
-        return "-" if best is None else f"{best.fitness:.4f}"
+        return "best -" if best is None else f"best {best.fitness:.4f}"
 
     def update(self, done: int, best: Best | None) -> None:
         """Move the bar to ``done`` and show ``best``."""
         if self._progress is not None:
-            self._progress.update(self._task, completed=done, best=self._fmt(best))
+            self._progress.update(self._task, completed=done, info=self._fmt(best))
 
     def __enter__(self) -> RunProgress:
         if self._progress is not None:

@@ -1,0 +1,53 @@
+"""The rich progress bars of shoal's long loops: one look for every command.
+
+Two kinds: :func:`counting_bar`, a transient bar on stderr that counts items (tensors
+merged, modules factorised) and leaves stdout to the command's own output, and
+:func:`status_bar`, a bar that stays and ends in one text field, ``info``, for a loop
+that has a figure to show (the best fitness of a search, a training's loss). rich is
+imported only when a bar is made.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+__all__ = ["counting_bar", "status_bar"]
+
+
+def counting_bar(enabled: bool) -> Any:
+    """A transient ``description, bar, done/total, elapsed`` bar on stderr, or, when not
+    ``enabled``, a context that does nothing (no ``add_task``: guard the calls)."""
+    if not enabled:
+        return nullcontext()
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+
+
+def status_bar() -> Any:
+    """A ``description, bar, done/total, elapsed, info`` bar; give each task an ``info``
+    field (``add_task(..., info="")``) and update it as the loop goes."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
