@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import nothing_left, one_error_line
 from safetensors.torch import load_file, save_file
 
 NAMES = (
@@ -67,14 +68,6 @@ def _ties(m: dict[str, Path], **over: str) -> str:
     )
 
 
-def _one_error_line(err: str, *needles: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ")
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
-
 @pytest.fixture
 def cli(tmp_path: Path, shoal_cli):
     """Write a recipe and run ``shoal merge recipe out`` with extra args."""
@@ -89,11 +82,6 @@ def cli(tmp_path: Path, shoal_cli):
     return _run
 
 
-def _nothing_left(out: Path) -> None:
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
-
-
 def test_merge_succeeds(cli, models) -> None:
     code, stdout, _, out = cli(_ties(models), "--seed", "1")
     assert code == 0
@@ -106,24 +94,24 @@ def test_missing_model_dir(cli, models, tmp_path: Path) -> None:
     missing = tmp_path / "models" / "nope"
     code, _, err, out = cli(_ties(models, a=str(missing)))
     assert code == 2
-    _one_error_line(err, str(missing), "not found")
-    _nothing_left(out)
+    one_error_line(err, str(missing), "not found")
+    nothing_left(out)
 
 
 def test_missing_tensor(cli, models, tmp_path: Path) -> None:
     holey = _model(tmp_path / "models", "holey", 3, model__layers__1__mlp__up_proj__weight=None)
     code, _, err, out = cli(_ties(models, b=str(holey)))
     assert code == 2
-    _one_error_line(err, "model.layers.1.mlp.up_proj.weight", "holey")
-    _nothing_left(out)
+    one_error_line(err, "model.layers.1.mlp.up_proj.weight", "holey")
+    nothing_left(out)
 
 
 def test_shape_mismatch(cli, models, tmp_path: Path) -> None:
     odd = _model(tmp_path / "models", "odd", 3, model__norm__weight=torch.ones(5))
     code, _, err, out = cli(_ties(models, b=str(odd)))
     assert code == 2
-    _one_error_line(err, "model.norm.weight", "odd", "[5]")
-    _nothing_left(out)
+    one_error_line(err, "model.norm.weight", "odd", "[5]")
+    nothing_left(out)
 
 
 @pytest.mark.parametrize("where", ["b", "base"])
@@ -133,8 +121,8 @@ def test_integer_tensor_among_floats(cli, models, tmp_path: Path, where: str) ->
     odd = _model(tmp_path / "models", "ints", 3, model__layers__0__mlp__up_proj__weight=ints)
     code, _, err, out = cli(_ties(models, **{where: str(odd)}))
     assert code == 2
-    _one_error_line(err, "model.layers.0.mlp.up_proj.weight", "int64", "float32")
-    _nothing_left(out)
+    one_error_line(err, "model.layers.0.mlp.up_proj.weight", "int64", "float32")
+    nothing_left(out)
 
 
 def test_truncated_safetensors(cli, models) -> None:
@@ -142,8 +130,8 @@ def test_truncated_safetensors(cli, models) -> None:
     f.write_bytes(f.read_bytes()[:-50])
     code, _, err, out = cli(_ties(models))
     assert code == 2
-    _one_error_line(err, str(f))
-    _nothing_left(out)
+    one_error_line(err, str(f))
+    nothing_left(out)
 
 
 def test_corrupt_header(cli, models) -> None:
@@ -151,8 +139,8 @@ def test_corrupt_header(cli, models) -> None:
     f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + b"\0" * 32)
     code, _, err, out = cli(_ties(models))
     assert code == 2
-    _one_error_line(err, str(f))
-    _nothing_left(out)
+    one_error_line(err, str(f))
+    nothing_left(out)
 
 
 def test_nonfinite_refused_unless_allowed(cli, models, tmp_path: Path) -> None:
@@ -161,8 +149,8 @@ def test_nonfinite_refused_unless_allowed(cli, models, tmp_path: Path) -> None:
     nan = _model(tmp_path / "models", "nan", 3, model__layers__0__mlp__up_proj__weight=bad)
     code, _, err, out = cli(_ties(models, b=str(nan)))
     assert code == 2
-    _one_error_line(err, "model.layers.0.mlp.up_proj.weight", "nan", "--allow-nonfinite")
-    _nothing_left(out)
+    one_error_line(err, "model.layers.0.mlp.up_proj.weight", "nan", "--allow-nonfinite")
+    nothing_left(out)
     code, _, _, out = cli(_ties(models, b=str(nan)), "--allow-nonfinite")
     assert code == 0 and (out / "model.safetensors").is_file()
 
@@ -179,15 +167,15 @@ def test_nonfinite_refused_unless_allowed(cli, models, tmp_path: Path) -> None:
 def test_bad_recipe(cli, models, edit: dict[str, str], needles: tuple[str, ...]) -> None:
     code, _, err, out = cli(_ties(models, **edit))
     assert code == 2
-    _one_error_line(err, *needles)
-    _nothing_left(out)
+    one_error_line(err, *needles)
+    nothing_left(out)
 
 
 def test_unknown_top_level_key(cli, models) -> None:
     code, _, err, out = cli(_ties(models) + "dtpye: float16\n")
     assert code == 2
-    _one_error_line(err, "recipe.yaml", "dtpye")
-    _nothing_left(out)
+    one_error_line(err, "recipe.yaml", "dtpye")
+    nothing_left(out)
 
 
 def test_output_exists(cli, models, tmp_path: Path) -> None:
@@ -196,7 +184,7 @@ def test_output_exists(cli, models, tmp_path: Path) -> None:
     (out / "keep.txt").write_text("precious")
     code, _, err, _ = cli(_ties(models))
     assert code == 2
-    _one_error_line(err, str(out), "--overwrite")
+    one_error_line(err, str(out), "--overwrite")
     assert (out / "keep.txt").read_text() == "precious"
     code, _, _, _ = cli(_ties(models), "--overwrite")
     assert code == 0
@@ -218,8 +206,8 @@ def test_disk_full_mid_write_leaves_nothing(cli, models, monkeypatch) -> None:
     monkeypatch.setattr(writer_module, "_tensor_bytes", failing)
     code, _, err, out = cli(_ties(models), "--out-shard-size", "200")
     assert code == 2
-    _one_error_line(err, str(out), "No space left on device")
-    _nothing_left(out)
+    one_error_line(err, str(out), "No space left on device")
+    nothing_left(out)
 
 
 def test_inspect(models, shoal_cli) -> None:
@@ -229,7 +217,7 @@ def test_inspect(models, shoal_cli) -> None:
     assert "7 tensors" in stdout and "layers: 2" in stdout and "float32" in stdout
     code, _, err = shoal_cli(["inspect", str(models["a"] / "nope")])
     assert code == 2
-    _one_error_line(err, "nope")
+    one_error_line(err, "nope")
 
 
 def _subprocess(*args: str) -> subprocess.CompletedProcess[str]:
@@ -259,7 +247,7 @@ def test_real_process_exit_code(models, tmp_path: Path) -> None:
     recipe.write_text(_ties(models, density="2"))
     done = _subprocess("merge", str(recipe), str(tmp_path / "out"))
     assert done.returncode == 2
-    _one_error_line(done.stderr, "r.yaml", "density")
+    one_error_line(done.stderr, "r.yaml", "density")
     assert not (tmp_path / "out").exists()
 
 
@@ -277,7 +265,7 @@ def test_real_process_exit_code(models, tmp_path: Path) -> None:
 def test_usage_mistakes_are_one_line(args, needle, shoal_cli) -> None:
     code, _, err = shoal_cli(args)
     assert code == 2
-    _one_error_line(err, needle)
+    one_error_line(err, needle)
 
 
 @pytest.mark.parametrize("device", ["gpu", "cuda:7", "meta"])
@@ -286,8 +274,8 @@ def test_unusable_device_is_one_line(cli, models, device: str) -> None:
         pytest.skip("this machine has 8 CUDA devices")
     code, _, err, out = cli(_ties(models), "--device", device)
     assert code == 2
-    _one_error_line(err, "--device", repr(device))
-    _nothing_left(out)
+    one_error_line(err, "--device", repr(device))
+    nothing_left(out)
 
 
 def test_overwrite_refuses_a_source_of_the_recipe(cli, models) -> None:
@@ -295,15 +283,15 @@ def test_overwrite_refuses_a_source_of_the_recipe(cli, models) -> None:
     for target in (models["a"], models["a"].parent):  # the model itself, a folder holding it
         code, _, err, _ = cli(_ties(models), "--overwrite", out=target)
         assert code == 2
-        _one_error_line(err, str(target), "elsewhere")
+        one_error_line(err, str(target), "elsewhere")
     assert (models["a"] / "model.safetensors").read_bytes() == before
 
 
 def test_repeated_yaml_key_is_refused(cli, models) -> None:
     code, _, err, out = cli("merge_method: linear\n" + _ties(models))
     assert code == 2
-    _one_error_line(err, "recipe.yaml:", "'merge_method' given twice")
-    _nothing_left(out)
+    one_error_line(err, "recipe.yaml:", "'merge_method' given twice")
+    nothing_left(out)
 
 
 def test_zero_weight_sum_names_the_tensor(cli, models) -> None:
@@ -313,8 +301,8 @@ def test_zero_weight_sum_names_the_tensor(cli, models) -> None:
     )
     code, _, err, out = cli(recipe)
     assert code == 2
-    _one_error_line(err, "tensor 'lm_head.weight'", "sum to zero", "normalize: false")
-    _nothing_left(out)
+    one_error_line(err, "tensor 'lm_head.weight'", "sum to zero", "normalize: false")
+    nothing_left(out)
 
 
 def test_leftover_of_a_killed_merge_is_removed(cli, models, tmp_path: Path) -> None:
@@ -385,8 +373,8 @@ def test_sigterm_unwinds_and_leaves_nothing(tmp_path: Path) -> None:
 def test_empty_lists_and_names_are_one_line(cli, recipe: str, needle: str) -> None:
     code, _, err, out = cli(recipe)
     assert code == 2
-    _one_error_line(err, "recipe.yaml", needle)
-    _nothing_left(out)
+    one_error_line(err, "recipe.yaml", needle)
+    nothing_left(out)
 
 
 def test_working_directory_is_never_the_output(models, tmp_path: Path, shoal_cli) -> None:
@@ -399,7 +387,7 @@ def test_working_directory_is_never_the_output(models, tmp_path: Path, shoal_cli
     for target in (".", "o/..", str(tmp_path)):
         code, _, err = shoal_cli(["merge", str(recipe), target, "--overwrite"], cwd=work)
         assert code == 2, err
-        _one_error_line(err, "working directory")
+        one_error_line(err, "working directory")
     assert sorted(p.name for p in work.iterdir()) == ["keep.txt"]  # no stray o/ either
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "recipe.yaml", "work"]
 
@@ -442,8 +430,8 @@ def test_a_key_mergekit_ignores_is_a_warning_line(cli, models) -> None:
 def test_strict_refuses_a_key_without_effect(cli, models) -> None:
     code, _, err, out = cli(_slerp_with_weights(models), "--strict")
     assert code == 2
-    _one_error_line(err, "recipe.yaml", "models[0].parameters.weight", "no effect", "--strict")
-    _nothing_left(out)
+    one_error_line(err, "recipe.yaml", "models[0].parameters.weight", "no effect", "--strict")
+    nothing_left(out)
 
 
 def test_a_misspelt_key_stays_an_error(cli, models) -> None:
@@ -451,5 +439,5 @@ def test_a_misspelt_key_stays_an_error(cli, models) -> None:
         _ties(models).replace("density: 0.5}\n  - model", "densty: 0.5}\n  - model", 1)
     )
     assert code == 2
-    _one_error_line(err, "models[0].parameters.densty", "unknown parameter")
-    _nothing_left(out)
+    one_error_line(err, "models[0].parameters.densty", "unknown parameter")
+    nothing_left(out)

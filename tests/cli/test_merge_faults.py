@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_helpers import one_error_line
 from safetensors.torch import load_file, save_file
 
 NAMES = ("model.layers.0.mlp.up_proj.weight", "model.norm.weight", "lm_head.weight")
@@ -28,15 +29,6 @@ def _model(root: Path, name: str, seed: int, dtypes: dict[str, torch.dtype] | No
     config = {"model_type": "llama", "num_hidden_layers": 1, "torch_dtype": "float32"}
     (path / "config.json").write_text(json.dumps(config))
     return path
-
-
-def _one_error_line(err: str, *needles: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ")
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def test_fp16_overflow_is_refused_and_nothing_written(tmp_path: Path, shoal_cli) -> None:
@@ -57,7 +49,7 @@ def test_fp16_overflow_is_refused_and_nothing_written(tmp_path: Path, shoal_cli)
     merged = base_sd[name] + 1.0e7 * (first[name] - base_sd[name])
     n_inf = int((merged.abs() > 65504).sum())
     assert n_inf > 0
-    _one_error_line(err, name, f"{n_inf} infinite", "float16", "--allow-nonfinite")
+    one_error_line(err, name, f"{n_inf} infinite", "float16", "--allow-nonfinite")
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
@@ -141,7 +133,7 @@ def test_pickle_with_code_is_one_line_and_never_runs(tmp_path: Path, shoal_cli) 
     )
     code, _, err = shoal_cli(["merge", str(recipe), str(tmp_path / "out"), "-q"])
     assert code == 2
-    line = _one_error_line(
+    line = one_error_line(
         err, "pytorch_model.bin", "not plain tensors", "convert it to safetensors"
     )
     assert "weights_only=False" not in line

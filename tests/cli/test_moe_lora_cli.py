@@ -13,25 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import nothing_left, one_error_line
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "merge"))
 from merge_helpers import build_family, gpt2_config, llama_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-def _one_error_line(err: str, *needles: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ")
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
-
-def _nothing_left(out: Path) -> None:
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +62,7 @@ def test_extract_lora_writes_adapter_and_table(shoal_cli, family, tmp_path: Path
     # quiet: nothing on stdout; an existing output is refused, then replaced
     code, stdout, stderr = shoal_cli([*args, "-q", str(out)])
     assert code == 2
-    _one_error_line(stderr, str(out), "exists")
+    one_error_line(stderr, str(out), "exists")
     code, stdout, _ = shoal_cli([*args, "-q", "--overwrite", str(out)])
     assert code == 0 and stdout == ""
 
@@ -124,8 +112,8 @@ def test_extract_lora_refusals(
         ["extract-lora", "--base", str(base), "--model", str(model), *extra, str(out)]
     )
     assert code == 2
-    _one_error_line(err, *needles)
-    _nothing_left(out)
+    one_error_line(err, *needles)
+    nothing_left(out)
 
 
 # -- moe ---------------------------------------------------------------------------------
@@ -166,7 +154,7 @@ def test_moe_builds(shoal_cli, family, tmp_path: Path) -> None:
     assert (out / "shoal_moe.yaml").read_text() == cfg.read_text()
     code, _, stderr = shoal_cli(["moe", str(cfg), str(out)])
     assert code == 2
-    _one_error_line(stderr, str(out), "exists")
+    one_error_line(stderr, str(out), "exists")
 
 
 @pytest.mark.parametrize(
@@ -218,5 +206,5 @@ def test_moe_refusals(
     out = tmp_path / "out"
     code, _, err = shoal_cli(["moe", str(cfg), str(out)])
     assert code == 2
-    _one_error_line(err, *needles)
-    _nothing_left(out)
+    one_error_line(err, *needles)
+    nothing_left(out)
