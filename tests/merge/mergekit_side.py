@@ -21,17 +21,23 @@ HAVE_MERGEKIT = MERGEKIT_YAML.is_file()
 SKIP_REASON = "no mergekit side venv (make mergekit-venv)"
 
 
-def run_mergekit(recipe: Path, out: Path, *extra: str) -> Path:
-    """``mergekit-yaml recipe out`` (no tokenizer copy, CPU); the output directory."""
+def run_mergekit_tool(tool: str, *args: str) -> None:
+    """Run one of the side venv's mergekit commands (``mergekit-yaml``, ``mergekit-moe``,
+    ``mergekit-extract-lora``) offline; fail with its stderr's tail."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(
-        [str(MERGEKIT_YAML), str(recipe), str(out), "--no-copy-tokenizer", *extra],
+        [str(MERGEKIT_YAML.parent / tool), *args],
         capture_output=True,
         text=True,
         env=env,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def run_mergekit(recipe: Path, out: Path, *extra: str) -> Path:
+    """``mergekit-yaml recipe out`` (no tokenizer copy, CPU); the output directory."""
+    run_mergekit_tool(MERGEKIT_YAML.name, str(recipe), str(out), "--no-copy-tokenizer", *extra)
     return out
 
 

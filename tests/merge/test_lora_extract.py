@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from merge_helpers import build_family, llama_config, state_dict
-from mergekit_side import HAVE_MERGEKIT, ROOT, SKIP_REASON
+from mergekit_side import HAVE_MERGEKIT, SKIP_REASON, run_mergekit_tool
 
 from shoal.errors import CheckpointError, MergeError, OutputExistsError, ShoalError
 from shoal.merge.lora_extract import (
@@ -403,30 +403,12 @@ def test_existing_output(llama: dict[str, Path], tmp_path: Path) -> None:
 def test_same_tensors_as_mergekit(llama: dict[str, Path], tmp_path: Path) -> None:
     """Every tensor mergekit-extract-lora writes (all modules differ here), same name and
     value: the LoRA factors of the same float32 SVD, norms and embeddings whole."""
-    import os
-    import subprocess
-
-    exe = ROOT / ".bench" / "mergekit-venv" / "bin" / "mergekit-extract-lora"
     theirs_dir = tmp_path / "mergekit"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    done = subprocess.run(
-        [
-            str(exe),
-            "--model",
-            str(llama["a"]),
-            "--base-model",
-            str(llama["base"]),
-            "--out-path",
-            str(theirs_dir),
-            "--max-rank",
-            "8",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
+    run_mergekit_tool(
+        "mergekit-extract-lora",
+        *("--model", str(llama["a"]), "--base-model", str(llama["base"])),
+        *("--out-path", str(theirs_dir), "--max-rank", "8"),
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     ours_dir = tmp_path / "shoal"
     extract_lora(llama["base"], llama["a"], ours_dir, rank=8, progress=False)
     ours, theirs = state_dict(ours_dir), state_dict(theirs_dir)

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 from merge_helpers import TINY_LLAMA, build_family, gpt2_config, llama_config, state_dict
-from mergekit_side import HAVE_MERGEKIT, MERGEKIT_YAML, SKIP_REASON
+from mergekit_side import HAVE_MERGEKIT, SKIP_REASON, run_mergekit_tool
 from vocab_helpers import word_tokenizer
 
 from shoal.errors import CheckpointError, MergeError, OutputExistsError, RecipeError
@@ -427,19 +427,7 @@ def test_refusals_name_the_key(fam: dict[str, Path], tmp_path: Path) -> None:
 
 
 def _mergekit_moe(cfg_path: Path, out: Path, seed: int) -> Path:
-    import os
-    import subprocess
-
-    exe = MERGEKIT_YAML.parent / "mergekit-moe"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    done = subprocess.run(
-        [str(exe), str(cfg_path), str(out), "--random-seed", str(seed)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_mergekit_tool("mergekit-moe", str(cfg_path), str(out), "--random-seed", str(seed))
     return out
 
 
