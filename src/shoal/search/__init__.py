@@ -22,31 +22,21 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-# public name -> defining module
+from shoal.search import algorithms as _algorithms  # only its lazy table: cheap
+
+# public name -> defining module: the algorithms' names through their package (which
+# resolves them lazily in turn), then the run machinery's
 _LAZY = {
-    "ALGORITHMS": "shoal.search.algorithms.base",
-    "Algorithm": "shoal.search.algorithms.base",
-    "AlgorithmOptions": "shoal.search.algorithms.base",
-    "Best": "shoal.search.algorithms.base",
-    "CMAES": "shoal.search.algorithms.cmaes",
-    "CycleQD": "shoal.search.algorithms.cycleqd",
-    "DFS": "shoal.search.algorithms.dfs",
-    "GenomeCMAES": "shoal.search.algorithms.cmaes",
-    "GridArchive": "shoal.search.algorithms.qd_archive",
-    "M2N2": "shoal.search.algorithms.m2n2",
-    "PS": "shoal.search.algorithms.ps",
+    **dict.fromkeys(_algorithms.__all__, "shoal.search.algorithms"),
     "RunConfig": "shoal.search.config",
     "RunFolder": "shoal.search.run_folder",
     "RunResult": "shoal.search.runner",
-    "SearchContext": "shoal.search.algorithms.base",
     "check_run": "shoal.search.preflight",
     "evolve": "shoal.search.runner",
     "export_model": "shoal.search.export",
     "make_algorithm": "shoal.search.context",
     "open_qd_run": "shoal.search.elites",
     "load_config": "shoal.search.config",
-    "register": "shoal.search.algorithms.base",
-    "store_key": "shoal.search.algorithms.base",
 }
 
 __all__ = [
