@@ -266,7 +266,7 @@ class _Planner:
         spec = self.spec
         base: TensorInput | None = None
         others = inputs
-        if spec.needs_base or (spec.optional_base and base_ref is not None):
+        if spec.uses_base(base_ref):
             base = next((i for i in inputs if i.model == base_ref), None)
             if base is None:  # only an optional base can be missing: a slice without it
                 raise MergeError(
@@ -386,7 +386,7 @@ def _plan_models(planner: _Planner, recipe: Recipe, ref: str) -> None:
     spec = planner.spec
     listed = [m for m, _ in members_spec]
     if recipe.base_model and recipe.base_model not in listed:
-        if spec.needs_base or spec.optional_base:
+        if spec.uses_base(recipe.base_model):
             members_spec.insert(0, (recipe.base_model, None))
         elif spec.base_as_model:  # one more model, after the listed ones (as mergekit)
             members_spec.append((recipe.base_model, None))

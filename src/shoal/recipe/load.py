@@ -272,8 +272,7 @@ def _check_token_entry(where: str, source: Any, force: bool, models: list[str]) 
 def _check_counts(
     method: MethodSpec, refs: list[str], base: str | None, where: str, given: int
 ) -> None:
-    # a base is the origin, not a model, where the method requires or accepts one
-    apart = method.needs_base or (method.optional_base and base is not None)
+    apart = method.uses_base(base)  # the origin, not one of the models
     others = [r for r in refs if r != base] if apart else refs
     lo, hi = method.min_models, method.max_models
     if len(others) < lo or (hi is not None and len(others) > hi):

@@ -81,6 +81,11 @@ class MethodSpec:
                 return spec
         return None
 
+    def uses_base(self, base_model: str | None) -> bool:
+        """Whether a recipe's ``base_model`` is this method's origin, kept apart from the
+        models merged: always for ``needs_base``, when one is given for ``optional_base``."""
+        return self.needs_base or (self.optional_base and base_model is not None)
+
     @property
     def param_names(self) -> tuple[str, ...]:
         """All parameter names, in declaration order."""
