@@ -47,7 +47,8 @@ def linear(
     # Accumulated in place: no (K, *shape) stack, about 5x faster than stack-multiply-sum
     # on a large tensor and bit-equal to it (add_ with alpha rounds w_k θ_k, then the sum,
     # in the same order; the division comes last, as in mergekit).
-    out = torch.mul(f32(tensors[0]), w[0])
+    first = f32(tensors[0])
+    out = first.mul(w[0]) if first is tensors[0] else first.mul_(w[0])  # one copy, not two
     for t, wk in zip(tensors[1:], w[1:], strict=True):
         out.add_(t, alpha=wk)
     return out.div_(total) if normalize else out
