@@ -141,11 +141,11 @@ class QDRun:
         otherwise the recipe is built with the seed of ``evaluation``.
         """
         from shoal.executors.store import open_store
-        from shoal.executors.work import WorkerSpec
         from shoal.executors.worker import Worker
         from shoal.search.algorithms.base import store_key, store_ref
         from shoal.search.config import load_config
         from shoal.search.export import export_model
+        from shoal.search.runner import worker_spec
 
         cfg = load_config(self.run.config)
         models = dict(cfg.models)
@@ -153,15 +153,7 @@ class QDRun:
             if (self.run.stage(name).best).is_dir():
                 models[name] = str(self.run.stage(name).best.resolve())
         store_spec = {"kind": "dir", "path": str(self.folder.store)}
-        spec = WorkerSpec(
-            loader=cfg.loader.model_dump(mode="json"),
-            models=models,
-            base_model=cfg.base_model,
-            tasks=[],
-            store=store_spec,
-            device=cfg.executor.device,
-            root=cfg.root,
-        )
+        spec = worker_spec(cfg, models, store_spec, tasks=False)
         worker = Worker(spec, store=open_store(store_spec))
         build = {"model": store_ref(recipe)} if store_key(recipe) in worker.store else recipe
         seed = self.folder.events.seed_of(evaluation)

@@ -176,21 +176,33 @@ class _Stage:
     task_sizes: dict[str, int] = field(default_factory=dict)  # fitness tasks, from the checks
 
 
-def _worker_spec(st: _Stage, store: dict[str, Any]) -> WorkerSpec:
-    cfg = st.config
-    workers = cfg.executor.workers if st.executor != "serial" else 1
-    threads = max(1, (os.cpu_count() or 1) // workers) if st.executor != "serial" else None
+def worker_spec(
+    cfg: RunConfig,
+    models: dict[str, str],
+    store: dict[str, Any],
+    *,
+    tasks: bool = True,
+    threads: int | None = None,
+) -> WorkerSpec:
+    """What a worker of a run of ``cfg`` needs: its loader, models, store and device, and
+    (``tasks``) the fitness tasks and, as extra tasks, the validation and test ones."""
     return WorkerSpec(
         loader=cfg.loader.model_dump(mode="json"),
-        models=dict(st.models),
+        models=dict(models),
         base_model=cfg.base_model,
-        tasks=[dict(t) for t in cfg.tasks.fitness],
-        extra_tasks=[dict(t) for t in [*cfg.tasks.validation, *cfg.tasks.test]],
+        tasks=[dict(t) for t in cfg.tasks.fitness] if tasks else [],
+        extra_tasks=[dict(t) for t in [*cfg.tasks.validation, *cfg.tasks.test]] if tasks else [],
         store=store,
         device=cfg.executor.device,
         root=cfg.root,
         threads=threads,
     )
+
+
+def _worker_spec(st: _Stage, store: dict[str, Any]) -> WorkerSpec:
+    workers = st.config.executor.workers if st.executor != "serial" else 1
+    threads = max(1, (os.cpu_count() or 1) // workers) if st.executor != "serial" else None
+    return worker_spec(st.config, st.models, store, threads=threads)
 
 
 def _make_algorithm(st: _Stage, task_sizes: dict[str, int]) -> Algorithm:
