@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-EXTRAS  := llm,eval,distributed,plots,data,test
+EXTRAS  := llm,eval,distributed,plots,data,diffusion,test
 # The CPU wheel of torch lies on every machine here; install it first so that
 # nothing later pulls a multi-GB CUDA build.
 TORCH   := torch==2.13.0
