@@ -4,7 +4,9 @@ Each type has a pydantic schema of its fields (unknown keys are errors) and a bu
 ``(options, env) -> Task``. Built in: ``jsonl`` (exact match by generation, or multiple
 choice by log-likelihood when the rows hold choices), ``python`` (a factory
 ``module:function`` returning a Task), ``function`` (``module:function`` scoring a model),
-``lm-eval`` (a local lm-evaluation-harness task). Parts above ``tasks`` add their own
+``lm-eval`` (a local lm-evaluation-harness task), ``image-generation`` (a diffusion
+U-Net's images scored by a classifier), ``vqa`` (exact match on image-question-answer
+triples). Parts above ``tasks`` add their own
 (``testbed`` is registered by :mod:`shoal.executors.testbed_task`).
 """
 
@@ -35,6 +37,8 @@ _BUILTIN_MODULES = (
     "shoal.tasks.jsonl",
     "shoal.tasks.python",
     "shoal.tasks.lm_eval_task",
+    "shoal.tasks.vqa",
+    "shoal.tasks.image_generation",
 )
 
 
