@@ -2,6 +2,9 @@
 
 - ``hf-causal-lm``: ``transformers.AutoModelForCausalLM`` from a model directory (the
   loader's ``model``, else the base model, else the first model), with its tokenizer.
+- ``hf-vlm``: a vision-language model (``transformers.AutoModelForImageTextToText``, e.g.
+  LLaVA) from a model directory chosen as for ``hf-causal-lm``, with its tokenizer; recipes
+  that merge its language part with causal LMs build into it (``docs/vlm.md``).
 - ``callable``: ``target: "package.module:function"`` called with ``options`` as keyword
   arguments; it returns a ``torch.nn.Module`` or a ``(module, tokenizer)`` pair. This is how
   any torch model (e.g. the digits MLP) takes part.
@@ -23,16 +26,21 @@ __all__ = ["hf_model_dir", "hf_tokenizer", "load_resident"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def hf_model_dir(loader: Mapping[str, Any], models: Mapping[str, str], base: str | None) -> Path:
-    """The directory the ``hf-causal-lm`` loader reads: ``loader.model``, else the base
-    model, else the first model (a config name or a path).
+def hf_model_dir(
+    loader: Mapping[str, Any],
+    models: Mapping[str, str],
+    base: str | None,
+    kind: str = "hf-causal-lm",
+) -> Path:
+    """The directory the ``hf-causal-lm`` (or ``hf-vlm``, ``kind``) loader reads:
+    ``loader.model``, else the base model, else the first model (a config name or a path).
 
     Raises:
         RecipeError: An unknown name, or a directory without ``config.json``, naming the key.
     """
     name = loader.get("model") or base or next(iter(models), None)
     if name is None:
-        raise RecipeError("loader: hf-causal-lm needs loader.model or at least one model")
+        raise RecipeError(f"loader: {kind} needs loader.model or at least one model")
     path = Path(models.get(name, name))
     if name not in models and not path.exists():
         known = ", ".join(models) or "none"
@@ -41,7 +49,7 @@ def hf_model_dir(loader: Mapping[str, Any], models: Mapping[str, str], base: str
         where = "loader.model" if loader.get("model") else f"models.{name}"
         raise RecipeError(
             f"{where}: {path} is not a Hugging Face model directory (no config.json), "
-            "which the hf-causal-lm loader needs"
+            f"which the {kind} loader needs"
         )
     return path
 
@@ -86,6 +94,14 @@ def load_resident(
         path = hf_model_dir(loader, models, base_model)
         model = auto_model.from_pretrained(path, dtype=dtype)
         tokenizer = hf_tokenizer(path)
+    elif kind == "hf-vlm":
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        auto_vlm: Any = transformers.AutoModelForImageTextToText
+        path = hf_model_dir(loader, models, base_model, kind)
+        model = auto_vlm.from_pretrained(path, dtype=dtype)
+        tokenizer = hf_tokenizer(path)
     elif kind == "callable":
         fn = import_callable(str(loader.get("target")), "loader.target", RecipeError)
         try:
@@ -97,7 +113,7 @@ def load_resident(
             raise RecipeError(f"loader.target {loader.get('target')!r} returned no nn.Module")
         model = model.to(dtype=dtype)
     else:
-        raise RecipeError(f"loader.type: unknown loader {kind!r} (hf-causal-lm, callable)")
+        raise RecipeError(f"loader.type: unknown loader {kind!r} (hf-causal-lm, hf-vlm, callable)")
     model = model.to(device)
     model.eval()
     model.requires_grad_(False)

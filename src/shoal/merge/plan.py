@@ -346,6 +346,8 @@ def module_order(names: Sequence[str], config: Mapping[str, Any] | None) -> list
     (``torch.save`` of a tied model), which the worker leaves out; checkpoints whose names
     differ from the module's (fused MoE experts).
     """
+    if config and isinstance(config.get("text_config"), dict) and "vision_config" in config:
+        config = config["text_config"]  # a VLM seen through its language part (merge/vlm.py)
     if not config or "model_type" not in config:
         return list(names)
     try:
@@ -483,8 +485,12 @@ def build_plan(
     compute = torch.float32 if float32_compute else torch_dtype(recipe.dtype)
     planner = _Planner(recipe, sources, out_dtype, compute, vocab)
     ref = _reference(recipe)
+    from shoal.merge.vlm import finish_vlm_plan  # language parts back into their VLM
+
     if recipe.models is not None:
         _plan_models(planner, recipe, ref)
-        return MergePlan(recipe.merge_method, planner.tensors, ref, vocab=vocab)
+        plan = MergePlan(recipe.merge_method, planner.tensors, ref, vocab=vocab)
+        return finish_vlm_plan(plan, recipe, sources)
     n_out, layer_sources = _plan_slices(planner, recipe, ref)
-    return MergePlan(recipe.merge_method, planner.tensors, ref, n_out, layer_sources, vocab)
+    plan = MergePlan(recipe.merge_method, planner.tensors, ref, n_out, layer_sources, vocab)
+    return finish_vlm_plan(plan, recipe, sources)

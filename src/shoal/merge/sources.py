@@ -150,6 +150,8 @@ def open_sources(
 
     Returns:
         ``(sources by reference, the readers opened here)`` — close the latter when done.
+        When the recipe mixes a vision-language model with a causal LM, the VLM's source
+        is its :class:`~shoal.merge.vlm.LanguageView` (``docs/vlm.md``).
     """
     given = given or {}
     sources: dict[str, TensorSource] = {}
@@ -162,6 +164,10 @@ def open_sources(
             reader = open_checkpoint(resolve_model_path(ref, recipe))
             sources[ref] = reader
             opened.append(reader)
+        # a vision-language model beside a causal LM is seen through its language part
+        from shoal.merge.vlm import language_views
+
+        language_views(sources, recipe.model_refs())
     except BaseException:
         close_all(opened)
         raise

@@ -9,7 +9,8 @@ configs and the CLI:
 - :data:`TASK_TYPES`, :func:`register_task_type`, :func:`build_task`,
   :func:`validate_task_spec`, :class:`TaskEnv` (``registry.py``)
 - built-in types: ``jsonl`` (greedy generation with exact match, or multiple choice by
-  log-likelihood), ``python`` and ``function`` (your own callable), ``lm-eval``
+  log-likelihood), ``python`` and ``function`` (your own callable), ``lm-eval``, ``vqa``
+  (exact match on image-question-answer triples, :class:`VQATask`)
 - the scorers behind them: :class:`GenerationTask`, :class:`ChoiceTask`,
   :class:`ClassificationTask`
 
@@ -30,6 +31,7 @@ _LAZY = {
     "TASK_TYPES": "shoal.tasks.registry",
     "Task": "shoal.tasks.base",
     "TaskEnv": "shoal.tasks.registry",
+    "VQATask": "shoal.tasks.vqa",
     "build_task": "shoal.tasks.registry",
     "check_scores": "shoal.tasks.base",
     "register_task_type": "shoal.tasks.registry",
@@ -43,6 +45,7 @@ __all__ = [
     "GenerationTask",
     "Task",
     "TaskEnv",
+    "VQATask",
     "build_task",
     "check_scores",
     "register_task_type",
@@ -61,6 +64,7 @@ if TYPE_CHECKING:  # pragma: no cover
         register_task_type,
         validate_task_spec,
     )
+    from shoal.tasks.vqa import VQATask
 
 
 def __getattr__(name: str) -> Any:
