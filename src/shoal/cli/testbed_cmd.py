@@ -1,4 +1,5 @@
-"""``shoal testbed build|report``: the language-model testbed from the command line."""
+"""``shoal testbed build|report``: the language-model testbed from the command line;
+``shoal testbed build-vlm``: the vision-language testbed (``shoal.testbed.vlm``)."""
 
 from __future__ import annotations
 
@@ -84,7 +85,52 @@ def register(app: typer.Typer) -> None:
         """Score every model on every skill; print a table, write report.json/.md."""
         _report(testbed_dir, split, device)
 
+    @sub.command("build-vlm")
+    def build_vlm(
+        out_dir: Path = typer.Argument(..., help="Directory to create."),
+        size: str = typer.Option("small", "--size", help="tiny (seconds) or small (a minute)."),
+        seed: int = typer.Option(0, "--seed", help="Root seed: same seed, same tensors."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
+    ) -> None:
+        """Build the vision-language testbed: a tiny LLaVA on digits and an LM expert."""
+        _build_vlm(out_dir, size, seed, overwrite)
+
     app.add_typer(sub)
+
+
+def _build_vlm(out_dir: Path, size: str, seed: int, overwrite: bool) -> None:
+    """``shoal testbed build-vlm``: build, then print each model's test exact match."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from shoal._progress import status_bar
+    from shoal.errors import OutputExistsError
+    from shoal.testbed.vlm import build_vlm_testbed, get_vlm_size
+
+    get_vlm_size(size)  # an unknown size or an existing output fails before a bar is drawn
+    if out_dir.exists() and not overwrite:
+        raise OutputExistsError(f"{out_dir} exists; pass --overwrite to replace it")
+    with status_bar() as bar:
+        bars: dict[str, object] = {}
+
+        def on_progress(phase: str, done: int, total: int) -> None:
+            if phase not in bars:
+                bars[phase] = bar.add_task(phase, total=total, info="")
+            bar.update(bars[phase], completed=done)  # type: ignore[arg-type]
+
+        path = build_vlm_testbed(out_dir, size, seed, overwrite=overwrite, progress=on_progress)
+    meta = json.loads((path / "vlm_testbed.json").read_text())
+    table = Table(title=f"exact match (%), test split, {path}")
+    table.add_column("model")
+    for skill in meta["skills"]:
+        table.add_column(f"{skill} (n={meta['n'][skill]['test']})", justify="right")
+    for model, scores in meta["test_scores"].items():
+        table.add_row(model, *(f"{100 * scores[s]:.1f}" for s in meta["skills"]))
+    console = Console()
+    console.print(table)
+    console.print(f"testbed written to {path} in {meta['build_seconds']:.1f} s")
 
 
 def fingerprint_line(path: Path) -> str:

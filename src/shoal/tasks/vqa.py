@@ -134,7 +134,8 @@ class VQATask:
 
     def prompts(self, model: Any) -> list[str]:
         """The prompt text of every item for ``model`` (image tokens only for a VLM)."""
-        prefix = image_prompt_prefix(model, self.tokenizer)[0] if _vision_config(model) else ""
+        vlm = _vision_config(model) is not None
+        prefix = image_prompt_prefix(model, self.tokenizer)[0] if vlm else ""
         return [
             (prefix if item.image is not None else "")
             + self.template.format(question=item.question)

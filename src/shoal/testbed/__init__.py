@@ -12,6 +12,8 @@ normal Hugging Face directory that ``AutoModelForCausalLM`` loads.
   :meth:`Testbed.task` giving a :class:`~shoal.tasks.generation.GenerationTask`
   that scores a model per example.
 - :func:`report_testbed` scores every model on every skill.
+- :func:`build_vlm_testbed` (``testbed/vlm.py``) builds the vision-language testbed: a tiny
+  LLaVA answering questions about digit images, and a text expert it lacks.
 """
 
 from __future__ import annotations
@@ -21,16 +23,20 @@ from shoal.testbed.load import Testbed, load_testbed
 from shoal.testbed.report import TestbedReport, report_testbed
 from shoal.testbed.sizes import SIZES, TestbedSize
 from shoal.testbed.skills import SKILLS, SkillScorer, SkillSpec
+from shoal.testbed.vlm import VLM_SIZES, build_vlm_testbed, score_vlm_testbed
 
 __all__ = [
     "SIZES",
     "SKILLS",
+    "VLM_SIZES",
     "SkillScorer",
     "SkillSpec",
     "Testbed",
     "TestbedReport",
     "TestbedSize",
     "build_testbed",
+    "build_vlm_testbed",
     "load_testbed",
     "report_testbed",
+    "score_vlm_testbed",
 ]

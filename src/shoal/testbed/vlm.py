@@ -191,20 +191,26 @@ def _image_items(indices: Sequence[int], labels: np.ndarray) -> list[dict[str, A
 
 
 def _increment_items(strings: Sequence[str]) -> list[dict[str, Any]]:
-    def plus_one(s: str) -> str:
-        return "".join(str((int(c) + 1) % 10) for c in s)
-
     return [
-        {"image": None, "question": f"add one to {_spaced(s)}", "answer": _spaced(plus_one(s))}
+        {"image": None, "question": f"add one to {_spaced(s)}", "answer": _spaced(_plus_one(s))}
         for s in strings
     ]
 
 
+def _plus_one(s: str) -> str:
+    return "".join(str((int(c) + 1) % 10) for c in s)
+
+
 def _pretraining_items(strings: Sequence[str]) -> list[dict[str, Any]]:
-    """``base``'s text: copying strings, and each digit's successor and parity."""
-    rows = [
-        {"image": None, "question": f"copy {_spaced(s)}", "answer": _spaced(s)} for s in strings
-    ]
+    """``base``'s text: copying strings, adding one to them in a terse form (``inc 4 7 1``;
+    the expert learns the spelled-out question, as the LM testbed's experts do), and each
+    digit's successor and parity."""
+    rows = []
+    for s in strings:
+        rows.append({"image": None, "question": f"copy {_spaced(s)}", "answer": _spaced(s)})
+        rows.append(
+            {"image": None, "question": f"inc {_spaced(s)}", "answer": _spaced(_plus_one(s))}
+        )
     for d in range(10):
         facts = [
             (f"after {d}?", str((d + 1) % 10)),
