@@ -29,6 +29,9 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 TORCH_SINGLE = "pytorch_model.bin"
+# a diffusers model folder (a pipeline's unet/, vae/, ...) names its weights this way
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+DIFFUSERS_SINGLE = "diffusion_pytorch_model.safetensors"
 
 
 def open_checkpoint(path: str | Path) -> CheckpointReader:
@@ -83,6 +86,10 @@ class CheckpointReader(Closing):
             self._open_index(d / SAFETENSORS_INDEX, safetensors=True)
         elif (d / SAFETENSORS_SINGLE).is_file():
             self._open_safetensors(d / SAFETENSORS_SINGLE)
+        elif (d / DIFFUSERS_INDEX).is_file():
+            self._open_index(d / DIFFUSERS_INDEX, safetensors=True)
+        elif (d / DIFFUSERS_SINGLE).is_file():
+            self._open_safetensors(d / DIFFUSERS_SINGLE)
         elif (d / TORCH_INDEX).is_file():
             self._open_index(d / TORCH_INDEX, safetensors=False)
         elif (d / TORCH_SINGLE).is_file():

@@ -149,7 +149,8 @@ def register(app: typer.Typer) -> None:
             keep_intermediates=keep_intermediates,
         )
         if not quiet:
-            size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+            # rglob: a diffusers pipeline keeps its weights in component folders
+            size = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
             typer.echo(
                 f"wrote {out} ({_format_bytes(size)}) in {time.perf_counter() - start:.1f} s"
             )

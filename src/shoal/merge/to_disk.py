@@ -222,6 +222,29 @@ def merge_to_disk(
                 strict=strict,
             )
     recipe = load_recipe(recipe, strict=strict)
+    from shoal.merge.pipeline import (
+        merge_pipeline,
+        pipeline_paths,
+        rename_weights,
+        uses_diffusers_names,
+    )
+
+    pipelines = pipeline_paths(recipe)
+    if pipelines is not None:  # diffusers pipeline folders: merged component by component
+        return merge_pipeline(
+            recipe,
+            pipelines,
+            out_dir,
+            overwrite=overwrite,
+            device=device,
+            out_shard_size=out_shard_size,
+            dtype=dtype,
+            seed=seed,
+            allow_nonfinite=allow_nonfinite,
+            progress=progress,
+            float32_compute=float32_compute,
+            strict=strict,
+        )
     out = Path(out_dir)
     refuse_working_dir(out)  # before anything is read: --overwrite would delete it
     max_bytes = parse_size(out_shard_size)
@@ -301,4 +324,6 @@ def merge_to_disk(
             )
     finally:
         close_all(opened)
+    if ref_dir is not None and uses_diffusers_names(ref_dir):  # a diffusers model folder
+        rename_weights(out)
     return out

@@ -104,6 +104,12 @@ class Recipe(_Strict):
         default=None, description="output vocabulary: source, tokens, pad_to_multiple_of"
     )
     chat_template: str | None = Field(default=None, description="chat template for the output")
+    components: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="diffusers pipelines: the components merged (default: unet); the others "
+        "are copied from the base",
+    )
 
     _source_dir: Path | None = PrivateAttr(default=None)
 

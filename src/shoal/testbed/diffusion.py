@@ -71,8 +71,8 @@ class DiffusionSettings:
         groups: the experts' class groups.
     """
 
-    base_steps: int = 2000
-    expert_steps: int = 600
+    base_steps: int = 600
+    expert_steps: int = 200
     batch_size: int = 128
     base_lr: float = 2e-3
     expert_lr: float = 1e-3
