@@ -8,6 +8,10 @@
 - ``callable``: ``target: "package.module:function"`` called with ``options`` as keyword
   arguments; it returns a ``torch.nn.Module`` or a ``(module, tokenizer)`` pair. This is how
   any torch model (e.g. the digits MLP) takes part.
+- ``diffusers-model``: a diffusers model (a pipeline's U-Net) from ``loader.model``, else the
+  base, else the first model: a model folder (``unet/``) or a pipeline folder, whose
+  ``unet`` is taken. :func:`diffusers_model` is the same loader as a ``callable`` target
+  (``options: {path: ..., component: unet}``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from shoal.errors import RecipeError
 from shoal.tasks.python import import_callable
 
-__all__ = ["hf_model_dir", "hf_tokenizer", "load_resident"]
+__all__ = ["diffusers_model", "hf_model_dir", "hf_tokenizer", "load_resident"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,6 +69,36 @@ def hf_tokenizer(path: Path) -> Any:
         return None
 
 
+def diffusers_model(path: str | Path, component: str = "unet") -> torch.nn.Module:
+    """A diffusers model (``UNet2DModel``, ``VQModel``, ...) as its config names it.
+
+    Args:
+        path: a model folder (``config.json`` with ``_class_name``) or a pipeline folder
+            (``model_index.json``), whose ``component`` is loaded.
+        component: the pipeline component to load when ``path`` is a pipeline.
+
+    Raises:
+        RecipeError: no diffusers config there, or a class diffusers does not have.
+    """
+    import json
+
+    folder = Path(path)
+    if (folder / "model_index.json").is_file():
+        folder = folder / component
+    cfg = folder / "config.json"
+    try:
+        name = json.loads(cfg.read_text(encoding="utf-8"))["_class_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise RecipeError(f"{cfg}: not a diffusers model config (no _class_name)") from None
+    import diffusers
+
+    cls = getattr(diffusers, str(name), None)
+    if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
+        raise RecipeError(f"{cfg}: diffusers has no model class {name!r}")
+    model: torch.nn.Module = cls.from_pretrained(str(folder))  # type: ignore[attr-defined]
+    return model
+
+
 def load_resident(
     loader: Mapping[str, Any],
     models: Mapping[str, str],
@@ -102,6 +136,11 @@ def load_resident(
         path = hf_model_dir(loader, models, base_model, kind)
         model = auto_vlm.from_pretrained(path, dtype=dtype)
         tokenizer = hf_tokenizer(path)
+    elif kind == "diffusers-model":
+        name = loader.get("model") or base_model or next(iter(models), None)
+        if name is None:
+            raise RecipeError("loader: diffusers-model needs loader.model or a model")
+        model = diffusers_model(models.get(name, name)).to(dtype=dtype)
     elif kind == "callable":
         fn = import_callable(str(loader.get("target")), "loader.target", RecipeError)
         try:
