@@ -1,0 +1,107 @@
+"""``shoal merge`` of a VLM with a causal LM, and ``shoal testbed build-vlm``, from the
+command line: bad input ends in one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from cli_helpers import nothing_left, one_error_line
+
+
+def _save_vlm(path: Path, text_type: str) -> None:
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        MistralConfig,
+    )
+
+    cls = LlamaConfig if text_type == "llama" else MistralConfig
+    text = cls(
+        vocab_size=32,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=31)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        LlavaForConditionalGeneration(config).save_pretrained(path)
+
+
+def _save_lm(path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    text = LlamaConfig(
+        vocab_size=32,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        LlamaForCausalLM(text).save_pretrained(path)
+
+
+def _recipe(tmp_path: Path) -> Path:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "merge_method: linear\nmodels:\n"
+        f"  - {{model: {tmp_path / 'vlm'}, parameters: {{weight: 0.5}}}}\n"
+        f"  - {{model: {tmp_path / 'lm'}, parameters: {{weight: 0.5}}}}\n"
+    )
+    return recipe
+
+
+def test_language_part_of_another_architecture(tmp_path: Path, shoal_cli) -> None:
+    _save_vlm(tmp_path / "vlm", "mistral")
+    _save_lm(tmp_path / "lm")
+    out = tmp_path / "out"
+    code, _, err = shoal_cli(["merge", str(_recipe(tmp_path)), str(out)])
+    assert code == 2
+    one_error_line(err, str(tmp_path / "vlm"), "mistral", "llama", "language part")
+    nothing_left(out)
+
+
+def test_same_architecture_merges_into_a_vlm(tmp_path: Path, shoal_cli) -> None:
+    _save_vlm(tmp_path / "vlm", "llama")
+    _save_lm(tmp_path / "lm")
+    out = tmp_path / "out"
+    code, _, err = shoal_cli(["merge", str(_recipe(tmp_path)), str(out)])
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llava"
+
+
+def test_build_vlm_unknown_size(tmp_path: Path, shoal_cli) -> None:
+    out = tmp_path / "tb"
+    code, _, err = shoal_cli(["testbed", "build-vlm", str(out), "--size", "huge"])
+    assert code == 2
+    one_error_line(err, "--size", "huge", "tiny")
+    nothing_left(out)
+
+
+def test_build_vlm_refuses_an_existing_folder(tmp_path: Path, shoal_cli) -> None:
+    out = tmp_path / "tb"
+    out.mkdir()
+    code, _, err = shoal_cli(["testbed", "build-vlm", str(out), "--size", "tiny"])
+    assert code == 2
+    one_error_line(err, str(out), "--overwrite")
+    assert list(out.iterdir()) == []
