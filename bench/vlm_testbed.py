@@ -108,7 +108,7 @@ def main() -> None:
     )
     paths = {"vlm": testbed / "vlm", "expert": testbed / "expert", "untuned": untuned}
     rows = score_vlm_testbed(testbed, {k: str(v) for k, v in paths.items()}, split="test")
-    rows["evolved"] = {"digits": evolved["digits"], "increment": evolved["increment"]}
+    rows["evolved"] = {skill: evolved[f"{skill}-test"] for skill in ("digits", "increment")}
     figures["test"] = rows
     count, equal = _vision_bit_equal(run_dir / "best", testbed / "vlm")
     figures["vision_tensors"], figures["vision_bit_equal"] = count, equal

@@ -44,6 +44,7 @@ __all__ = [
     "VLMLayout",
     "detect_layout",
     "finish_vlm_plan",
+    "language_shapes",
     "language_views",
     "to_language_name",
     "to_vlm_name",
@@ -246,6 +247,30 @@ def language_views(
                 )
     sources.update(views)
     return views
+
+
+def language_shapes(
+    shapes: Mapping[str, Mapping[str, tuple[int, ...]]],
+) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Tensor shapes per model as a merge sees them: where VLMs and causal LMs meet, each
+    VLM's language tensors under the causal LM's names and its other tensors left out
+    (the check before a run compares the models by these names).
+
+    Args:
+        shapes: model key → tensor name → shape, as the checkpoints' headers give them.
+    """
+    layouts = {key: detect_layout(list(names)) for key, names in shapes.items()}
+    if all(v is None for v in layouts.values()) or all(v is not None for v in layouts.values()):
+        return {key: dict(names) for key, names in shapes.items()}
+    out: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, names in shapes.items():
+        layout = layouts[key]
+        if layout is None:
+            out[key] = dict(names)
+            continue
+        mapped = ((to_language_name(n, layout), shape) for n, shape in names.items())
+        out[key] = {n: shape for n, shape in mapped if n is not None}
+    return out
 
 
 def finish_vlm_plan(

@@ -52,6 +52,9 @@ def check_run(config: RunConfig) -> dict[str, int]:
     _check_task_specs(config)
     paths = {f"models.{k}": v for k, v in config.models.items()} | _check_baselines(config)
     shapes = _read_headers(paths)
+    from shoal.merge.vlm import language_shapes  # a VLM beside causal LMs: its language part
+
+    shapes = language_shapes(shapes)
     sizes = _build_tasks(config, _resident_tokenizer(config))
     # after the loader and tasks: modules they import may register algorithms, as in a run
     if _check_algorithm_blocks(config, list(sizes)):
