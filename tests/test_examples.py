@@ -36,8 +36,14 @@ def _shorten(config: dict) -> list[str]:
             sets.append(f"{prefix}algorithm.archive_size=3")
     for split in ("fitness", "validation", "test"):
         for j, spec in enumerate(config["tasks"].get(split, [])):
-            if spec["type"] == "testbed":
+            if spec["type"] in ("testbed", "vqa"):
                 sets.append(f"tasks.{split}.{j}.limit=6")
+            if spec["type"] == "image-generation":  # two prompts, two steps
+                sets.append(f"tasks.{split}.{j}.classes=[0, 5]")
+                sets.append(f"tasks.{split}.{j}.steps=2")
+                if spec.get("seed_range"):
+                    first = spec["seeds"][0]
+                    sets.append(f"tasks.{split}.{j}.seeds=[{first}, {first + 2}]")
     return sets
 
 
@@ -59,6 +65,18 @@ def test_example_runs_shortened(example: Path, tiny_testbed: Path, tmp_path: Pat
     if "../.testbed/mnist-shared" in text:
         write_image_experts(tmp_path / "mnist", "mnist", steps=2, shared_init=True)
         text = text.replace("../.testbed/mnist-shared", str(tmp_path / "mnist"))
+    if "../.testbed/diffusion" in text:  # a few steps each: the files, not the models
+        from shoal.testbed.diffusion import DiffusionSettings, build_diffusion_testbed
+
+        quick = DiffusionSettings(base_steps=2, expert_steps=2, batch_size=8, classifier_steps=2)
+        build_diffusion_testbed(tmp_path / "diffusion", settings=quick)
+        text = text.replace("../.testbed/diffusion", str(tmp_path / "diffusion"))
+    if ".testbed/vlm-small" in text:  # the tiny VLM testbed (seconds); the loader's path too
+        from shoal.testbed.vlm import build_vlm_testbed
+
+        build_vlm_testbed(tmp_path / "vlm", "tiny", score=False)
+        text = text.replace("../.testbed/vlm-small", str(tmp_path / "vlm"))
+        text = text.replace(".testbed/vlm-small", str(tmp_path / "vlm"))
     text = text.replace("../.testbed/small", str(tiny_testbed))
     config = yaml.safe_load(text)
     config["root"] = str(example.parent)

@@ -25,7 +25,7 @@ import torch
 from shoal.errors import RecipeError
 from shoal.tasks.python import import_callable
 
-__all__ = ["diffusers_model", "hf_model_dir", "hf_tokenizer", "load_resident"]
+__all__ = ["diffusers_model", "hf_model_dir", "hf_tokenizer", "load_resident", "load_vlm"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -92,11 +92,31 @@ def diffusers_model(path: str | Path, component: str = "unet") -> torch.nn.Modul
         raise RecipeError(f"{cfg}: not a diffusers model config (no _class_name)") from None
     import diffusers
 
+    # its advice on casting with .to(dtype) is noise here: the loader casts on purpose
+    diffusers.utils.logging.set_verbosity_error()
     cls = getattr(diffusers, str(name), None)
     if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
         raise RecipeError(f"{cfg}: diffusers has no model class {name!r}")
     model: torch.nn.Module = cls.from_pretrained(str(folder))  # type: ignore[attr-defined]
     return model
+
+
+def load_vlm(model: str, dtype: str = "float32") -> tuple[torch.nn.Module, Any]:
+    """A vision-language model directory and its tokenizer, as a ``callable`` loader's target
+    (``target: shoal.executors.loaders:load_vlm``, ``options: {model: DIR}``), the
+    ``hf-vlm`` loader for run configs whose schema knows only ``hf-causal-lm``/``callable``.
+
+    Raises:
+        RecipeError: ``model`` is no Hugging Face model directory.
+    """
+    import transformers
+
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise RecipeError(f"loader.options.model: {path} is not a Hugging Face model directory")
+    transformers.utils.logging.disable_progress_bar()
+    auto_vlm: Any = transformers.AutoModelForImageTextToText
+    return auto_vlm.from_pretrained(path, dtype=_DTYPES[dtype]), hf_tokenizer(path)
 
 
 def load_resident(

@@ -45,6 +45,7 @@ __all__ = [
     "digits_images",
     "expert_name",
     "load_classifier",
+    "testbed_unet",
     "tiny_unet_config",
 ]
 
@@ -152,6 +153,12 @@ def load_classifier(path: str | Path) -> DigitsClassifier:
         msg = str(exc).splitlines()[0]
         raise TaskError(f"{file}: not the testbed's classifier ({msg})") from None
     return model.eval().requires_grad_(False)
+
+
+def testbed_unet() -> nn.Module:
+    """A fresh U-Net of the testbed's architecture (the ``callable`` loader of its runs:
+    every candidate's weights are built into it, so its own are never used)."""
+    return _make_unet(0)  # type: ignore[no-any-return]
 
 
 def _make_unet(seed: int) -> Any:
