@@ -125,3 +125,25 @@ def test_splitpoint_recipe_with_scalar_split_is_one_vector() -> None:
     want_q = splitpoint(a["q.weight"], b["q.weight"], split=0, ratio=0.7)
     torch.testing.assert_close(out["p.weight"], want_p)
     torch.testing.assert_close(out["q.weight"], want_q)
+
+
+@pytest.mark.parametrize("angle", ["segment", "global"])
+def test_flat_crossover_is_two_slerps_bit_for_bit(angle: str) -> None:
+    """splitpoint_flat writes both sides into one output; it must equal the plain
+    composition — a SLERP of each side with that side's (or the global) angle — exactly,
+    at every split (M2N2's runs are compared digit for digit)."""
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(1001, generator=g) * 0.05
+    b = 0.5 * a + torch.randn(1001, generator=g) * 0.05
+    for split in [*range(0, 1002, 37), 1, 1000, -3, 5000]:
+        ratio = float(torch.rand((), generator=g))
+        s = max(0, min(split, 1001))
+        if angle == "global":
+            c_before = c_after = cosine(a, b)
+        else:
+            c_before, c_after = cosine(a[:s], b[:s]), cosine(a[s:], b[s:])
+        want = torch.cat(
+            [slerp(a[:s], b[:s], ratio, cos=c_before), slerp(a[s:], b[s:], 1 - ratio, cos=c_after)]
+        )
+        got = splitpoint_flat(a, b, split, ratio, angle)
+        assert torch.equal(got, want), split

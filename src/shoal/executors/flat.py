@@ -55,6 +55,14 @@ class FlatModel:
         self.numels = [p.numel() for _, p in self.params]
         self.n = sum(self.numels)
         self._offsets = np.cumsum([0, *self.numels])
+        # the parameters become views of one buffer, so that loading a child is one copy
+        self._buffer = torch.empty(self.n, dtype=torch.float32)
+        with torch.no_grad():
+            for (_, p), part in zip(
+                self.params, torch.split(self._buffer, self.numels), strict=True
+            ):
+                part.view(p.shape).copy_(p)
+                p.data = part.view(p.shape)
         self._chromosomes: dict[tuple[str, ...], list[torch.Tensor | None]] = {}
 
     @classmethod
@@ -147,9 +155,7 @@ class FlatModel:
 
     def load(self, vec: torch.Tensor) -> None:
         """Copy a flat vector into the resident module, in place."""
-        with torch.no_grad():
-            for (_, p), part in zip(self.params, torch.split(vec, self.numels), strict=True):
-                p.copy_(part.view(p.shape))
+        self._buffer.copy_(vec)
 
     def normal(self, std: float, seed: int, stream: int) -> torch.Tensor:
         """N(0, std²) for every tensor, drawn tensor by tensor as the general build draws it."""

@@ -11,7 +11,11 @@ from shoal.ops._common import f32
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Cosine of the angle between two tensors seen as flat vectors (0 if one is zero)."""
+    """Cosine of the angle between two tensors seen as flat vectors (0 if one is zero).
+
+    Computed in float64; a float64 input is used as it is (no copy), so a caller that
+    takes several angles over slices of one vector converts it once.
+    """
     a64 = a.reshape(-1).to(torch.float64)
     b64 = b.reshape(-1).to(torch.float64)
     na, nb = float(a64.norm()), float(b64.norm())
@@ -58,11 +62,22 @@ def slerp(
     if cos is None and dot_threshold is None and (not bool(a32.any()) or not bool(b32.any())):
         # no angle to a zero tensor; mergekit (dot_threshold set) treats it as orthogonal
         return (1.0 - t) * a32 + t * b32
-    c = cosine(a32, b32) if cos is None else max(-1.0, min(1.0, float(cos)))
+    c = cosine(a32, b32) if cos is None else cos
+    ca, cb = slerp_weights(t, c, eps=eps, dot_threshold=dot_threshold)
+    return ca * a32 + cb * b32
+
+
+def slerp_weights(
+    t: float, cos: float, *, eps: float = 1e-6, dot_threshold: float | None = None
+) -> tuple[float, float]:
+    """The two coefficients of :func:`slerp`: θ = w_a · a + w_b · b.
+
+    sin((1 − t)Ω)/sin Ω and sin(tΩ)/sin Ω with Ω = arccos(cos) (clamped to [−1, 1]), or
+    the linear 1 − t and t where :func:`slerp` falls back to linear interpolation.
+    """
+    c = max(-1.0, min(1.0, float(cos)))
     omega = math.acos(c)
     sin_omega = math.sin(omega)
     if sin_omega <= eps or (dot_threshold is not None and abs(c) > dot_threshold):
-        return (1.0 - t) * a32 + t * b32
-    ca = math.sin((1.0 - t) * omega) / sin_omega
-    cb = math.sin(t * omega) / sin_omega
-    return ca * a32 + cb * b32
+        return 1.0 - t, t
+    return math.sin((1.0 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega

@@ -14,7 +14,7 @@ import torch
 
 from shoal.errors import MergeError
 from shoal.ops._common import f32
-from shoal.ops.slerp import cosine, slerp
+from shoal.ops.slerp import cosine, slerp, slerp_weights
 
 Angle = Literal["global", "segment"]
 
@@ -78,18 +78,21 @@ def splitpoint_flat(
     """
     if a_vec.ndim != 1 or a_vec.shape != b_vec.shape:
         raise MergeError("splitpoint_flat: expects two 1-D vectors of equal length")
-    n = a_vec.numel()
+    if angle not in ("global", "segment"):
+        raise MergeError(f"unknown splitpoint angle {angle!r} (expected 'global' or 'segment')")
+    a, b = f32(a_vec), f32(b_vec)
+    n = a.numel()
     s = max(0, min(int(split), n))
     if angle == "global":
-        c = cosine(a_vec, b_vec)
-        return splitpoint(a_vec, b_vec, split=s, ratio=ratio, cos_before=c, cos_after=c)
-    if angle == "segment":
-        return splitpoint(
-            a_vec,
-            b_vec,
-            split=s,
-            ratio=ratio,
-            cos_before=cosine(a_vec[:s], b_vec[:s]),
-            cos_after=cosine(a_vec[s:], b_vec[s:]),
-        )
-    raise MergeError(f"unknown splitpoint angle {angle!r} (expected 'global' or 'segment')")
+        cos_before = cos_after = cosine(a, b)
+    else:  # one float64 copy of each parent, sliced for the two angles
+        a64, b64 = a.to(torch.float64), b.to(torch.float64)
+        cos_before, cos_after = cosine(a64[:s], b64[:s]), cosine(a64[s:], b64[s:])
+    # the same products and sums as splitpoint(), written into one output (this runs once
+    # per child in M2N2's inner loop, where the temporaries and the cat cost more than the maths)
+    out = torch.empty_like(a)
+    for lo, hi, t, c in ((0, s, ratio, cos_before), (s, n, 1.0 - ratio, cos_after)):
+        if lo < hi:
+            wa, wb = slerp_weights(t, c)
+            torch.mul(a[lo:hi], wa, out=out[lo:hi]).add_(b[lo:hi] * wb)
+    return out
