@@ -95,6 +95,20 @@ def register(app: typer.Typer) -> None:
         """Build the vision-language testbed: a tiny LLaVA on digits and an LM expert."""
         _build_vlm(out_dir, size, seed, overwrite)
 
+    @sub.command("build-diffusion")
+    def build_diffusion(
+        out_dir: Path = typer.Argument(..., help="Directory to create."),
+        seed: int = typer.Option(0, "--seed", help="Root seed: same seed, same tensors."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
+        score: bool = typer.Option(
+            True, "--score/--no-score", help="Score every U-Net per class on held-out seeds."
+        ),
+    ) -> None:
+        """Build the diffusion testbed: digits U-Nets (a base, two class-group experts)."""
+        from shoal.testbed.diffusion_report import build_and_report
+
+        build_and_report(out_dir, seed=seed, overwrite=overwrite, score=score)
+
     app.add_typer(sub)
 
 

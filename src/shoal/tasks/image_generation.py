@@ -6,8 +6,9 @@ the predicted noise, bare or as ``.sample``). Each example is one prompt, a clas
 and a seed: the seed draws the starting noise with its own ``torch.Generator``, a fixed
 diffusers scheduler (DDIM by default: no noise after the start) runs a fixed number of
 steps, and a classifier looks at the image. The score is 1.0 when the classifier's
-arg-max is the intended class. The same model therefore always gets the same scores,
-whatever the batch size or the order of the examples.
+arg-max is the intended class. The same model therefore always gets the same scores from
+the same task; another ``batch_size`` changes the images only by float rounding (the
+kernels sum in another order), which can flip an image the classifier finds borderline.
 
 Classifier-free guidance is optional: with ``guidance_scale`` w ≠ 1 and a ``null_class``
 (the label the model was trained on for "no class"), the noise estimate is
@@ -130,7 +131,7 @@ def generate_images(
         steps: inference steps.
         guidance_scale: classifier-free guidance weight (1.0: none).
         null_class: the "no class" label used by guidance.
-        batch_size: images per forward pass (results do not depend on it).
+        batch_size: images per forward pass (other sizes: the same images up to rounding).
 
     Returns:
         float32 tensor ``(n, channels, height, width)`` on the CPU, in the model's range.
