@@ -9,7 +9,9 @@ configs and the CLI:
 - :data:`TASK_TYPES`, :func:`register_task_type`, :func:`build_task`,
   :func:`validate_task_spec`, :class:`TaskEnv` (``registry.py``)
 - built-in types: ``jsonl`` (greedy generation with exact match, or multiple choice by
-  log-likelihood), ``python`` and ``function`` (your own callable), ``lm-eval``, ``vqa``
+  log-likelihood), ``python`` and ``function`` (your own callable), ``lm-eval``,
+  ``image-generation`` (a diffusion U-Net's images scored by a classifier,
+  ``image_generation.py``), ``vqa``
   (exact match on image-question-answer triples, :class:`VQATask`)
 - the scorers behind them: :class:`GenerationTask`, :class:`ChoiceTask`,
   :class:`ClassificationTask`

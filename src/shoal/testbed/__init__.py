@@ -12,6 +12,10 @@ normal Hugging Face directory that ``AutoModelForCausalLM`` loads.
   :meth:`Testbed.task` giving a :class:`~shoal.tasks.generation.GenerationTask`
   that scores a model per example.
 - :func:`report_testbed` scores every model on every skill.
+
+``shoal.testbed.diffusion`` (imported on its own: it needs diffusers) builds the
+diffusion testbed: class-conditional U-Nets on 8×8 digits and the classifier that
+scores their images.
 - :func:`build_vlm_testbed` (``testbed/vlm.py``) builds the vision-language testbed: a tiny
   LLaVA answering questions about digit images, and a text expert it lacks.
 """
