@@ -7,7 +7,10 @@ Recipes a worker understands:
   model with ``copy_`` (no model allocated per candidate, no disk round trip);
 - ``merge_method: layer_path`` (DFS): :func:`shoal.merge.layer_path.build_from_recipe`
   assembles a model that shares the source models' layers (no weight copies);
-- ``{"model": ref}``: a source model or a stored model (``store:<key>``) as it is;
+- ``{"model": ref}``: a source model or a stored model (``store:<key>``) as it is; into a
+  resident vision-language model, a plain causal LM becomes its language part (vision
+  tower and projector from the first VLM among the models; ``docs/vlm.md``) and a VLM
+  saved in the other layout of names is renamed;
 - ``{"merge_method": "random_init", "parameters": {"std": s}}``: every floating parameter
   drawn from N(0, s²) (M2N2 from scratch; METHODS.md §3);
 - any of these with a top-level ``mutation: sigma``: Gaussian noise N(0, sigma²) added to
@@ -88,6 +91,11 @@ class SourceMap(Mapping[str, Tensors]):
         self._paths[name] = path
         self._by_path[path] = name
 
+    def path_of(self, ref: str) -> str | None:
+        """The checkpoint path of a config model (by name or path), else ``None``."""
+        name = self._name(ref)
+        return None if name is None else self._paths[name]
+
     def _name(self, ref: str) -> str | None:
         if ref in self._paths:
             return ref
@@ -151,6 +159,62 @@ def _copy_into(module: torch.nn.Module, tensors: Tensors, ref: str) -> None:
             target[name].copy_(tensor)
 
 
+def _is_vlm_dir(path: str | None) -> bool:
+    """Whether ``path/config.json`` has a ``vision_config`` (a vision-language model)."""
+    import json
+
+    if path is None:
+        return False
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "vision_config" in config
+
+
+def _fit_to_module(
+    module: torch.nn.Module, tensors: Tensors, sources: SourceMap, ref: str
+) -> Tensors:
+    """A source's tensors under the names of a resident VLM (``{model: ref}``).
+
+    A resident that is no VLM, or tensors in its own layout, are left as they are. A VLM
+    in the other layout (``legacy`` on disk, ``module`` in memory) is renamed. A plain
+    causal LM becomes the language part (the mapping ``shoal merge`` uses), with every
+    other tensor (vision tower, projector) from the first VLM among the config's models.
+
+    Raises:
+        MergeError: a causal LM into a VLM when no model of the config is a VLM.
+    """
+    from shoal.merge.vlm import detect_layout, to_language_name, to_layout, to_vlm_name
+
+    target = detect_layout(list(module.state_dict().keys()))
+    if target is None:
+        return tensors
+    layout = detect_layout(list(tensors))
+    if layout is target:
+        return tensors
+    if layout is not None:
+        return {to_layout(n, layout, target): t for n, t in tensors.items()}
+    names = [n for n in sources if not n.startswith(PREFIX)]
+    vlm_ref = next((n for n in names if _is_vlm_dir(sources.path_of(n))), None)
+    if vlm_ref is None:
+        raise MergeError(
+            f"model {ref!r}: a causal LM goes into the resident vision-language model as its "
+            "language part, but no model of the config is a VLM to give the vision tower"
+        )
+    vlm = sources[vlm_ref]
+    vlm_layout = detect_layout(list(vlm))
+    if vlm_layout is None:
+        raise MergeError(f"model {vlm_ref!r}: its tensors are not a vision-language model's")
+    out = {
+        to_layout(n, vlm_layout, target): t
+        for n, t in vlm.items()
+        if to_language_name(n, vlm_layout) is None
+    }
+    out.update((to_vlm_name(n, target), t) for n, t in tensors.items())
+    return out
+
+
 def build_candidate(
     module: torch.nn.Module,
     recipe: Mapping[str, Any],
@@ -178,7 +242,8 @@ def build_candidate(
     method = body.get("merge_method")
     out = module
     if method is None and set(body) == {"model"}:
-        _copy_into(module, sources[str(body["model"])], str(body["model"]))
+        ref = str(body["model"])
+        _copy_into(module, _fit_to_module(module, sources[ref], sources, ref), ref)
     elif method == "random_init":
         params = body.get("parameters") or {}
         std = float(params.get("std", 0.01))
@@ -191,7 +256,7 @@ def build_candidate(
         from shoal.merge.layer_path import build_from_recipe, parse_layer_path
 
         if hf_models is None:
-            raise MergeError("layer_path recipes need a worker with a hf-causal-lm loader")
+            raise MergeError("layer_path recipes need a worker with an hf-causal-lm/hf-vlm loader")
         if sigma > 0:  # the layers are shared with the sources: noise would corrupt them
             raise MergeError("layer_path recipes cannot carry a mutation")
         lp = parse_layer_path(body)

@@ -3,8 +3,9 @@
 - ``hf-causal-lm``: ``transformers.AutoModelForCausalLM`` from a model directory (the
   loader's ``model``, else the base model, else the first model), with its tokenizer.
 - ``hf-vlm``: a vision-language model (``transformers.AutoModelForImageTextToText``, e.g.
-  LLaVA) from a model directory chosen as for ``hf-causal-lm``, with its tokenizer; recipes
-  that merge its language part with causal LMs build into it (``docs/vlm.md``).
+  LLaVA) from ``loader.model``, else the base model if it is a VLM, else the first model
+  that is one, with its tokenizer; recipes that merge its language part with causal LMs
+  build into it (``docs/vlm.md``).
 - ``callable``: ``target: "package.module:function"`` called with ``options`` as keyword
   arguments; it returns a ``torch.nn.Module`` or a ``(module, tokenizer)`` pair. This is how
   any torch model (e.g. the digits MLP) takes part.
@@ -43,6 +44,9 @@ def hf_model_dir(
         RecipeError: An unknown name, or a directory without ``config.json``, naming the key.
     """
     name = loader.get("model") or base or next(iter(models), None)
+    if kind == "hf-vlm" and not loader.get("model"):  # the base is often the plain LM
+        vlms = [n for n in ([base] if base else []) + list(models) if _is_vlm(models.get(n, n))]
+        name = vlms[0] if vlms else name
     if name is None:
         raise RecipeError(f"loader: {kind} needs loader.model or at least one model")
     path = Path(models.get(name, name))
@@ -56,6 +60,17 @@ def hf_model_dir(
             f"which the {kind} loader needs"
         )
     return path
+
+
+def _is_vlm(path: str) -> bool:
+    """Whether the model directory's ``config.json`` has a ``vision_config`` (a VLM)."""
+    import json
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "vision_config" in config
 
 
 def hf_tokenizer(path: Path) -> Any:
@@ -103,8 +118,9 @@ def diffusers_model(path: str | Path, component: str = "unet") -> torch.nn.Modul
 
 def load_vlm(model: str, dtype: str = "float32") -> tuple[torch.nn.Module, Any]:
     """A vision-language model directory and its tokenizer, as a ``callable`` loader's target
-    (``target: shoal.executors.loaders:load_vlm``, ``options: {model: DIR}``), the
-    ``hf-vlm`` loader for run configs whose schema knows only ``hf-causal-lm``/``callable``.
+    (``target: shoal.executors.loaders:load_vlm``, ``options: {model: DIR}``). Run configs
+    name ``loader: {type: hf-vlm}`` instead, whose ``model`` resolves against the config
+    file's folder; this stays for configs written before.
 
     Raises:
         RecipeError: ``model`` is no Hugging Face model directory.

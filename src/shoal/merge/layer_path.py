@@ -24,6 +24,13 @@ Hugging Face directory (layers renamed ``model.layers.<h>.*``, ``num_hidden_laye
 = path length) whose ``config.json`` also holds ``shoal_layer_scales`` and
 ``shoal_layer_path``; :func:`load_model` loads it and re-applies the scales. With all
 scales 1 any transformers install loads it as an ordinary stacked checkpoint.
+
+Vision-language models (LLaVA-style, ``docs/vlm.md``) take part through their language
+model: the path runs over the VLM's language layers (``model.language_model.layers``)
+and a causal LM's, and the result is a VLM whose vision tower and projector are the
+first VLM's (the head model if it is one, else the first VLM among the models), shared
+as they are. A causal-LM head then gives the language part's embeddings, norm and head.
+:func:`load_model` loads a VLM directory as a VLM.
 """
 
 from __future__ import annotations
@@ -55,7 +62,14 @@ __all__ = [
 _RECIPE_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "name"}
 _PARAM_KEYS = {"path", "scales"}
 # where causal LMs keep their decoder blocks (llama/mistral/qwen2, gpt2, gpt-neox, opt)
-_LAYER_ATTRS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
+# (and a LLaVA-style VLM its language model's, ``model.language_model.layers``)
+_LAYER_ATTRS = (
+    "model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+    "model.language_model.layers",
+)
 
 
 @dataclass(frozen=True)
@@ -242,6 +256,39 @@ def _shared_memo(module: nn.Module) -> dict[int, Any]:
     return memo
 
 
+def _text_config(config: Any) -> Any:
+    """The language model's config: a VLM's ``text_config``, else the config itself."""
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _vlm_language(model: nn.Module) -> nn.Module | None:
+    """A LLaVA-style VLM's language model body (``model.language_model``), else ``None``."""
+    inner = getattr(model, "model", None)
+    body = getattr(inner, "language_model", None)
+    if isinstance(body, nn.Module) and getattr(model.config, "vision_config", None) is not None:
+        return body
+    return None
+
+
+def _into_vlm(lm: Any, vlm: Any) -> Any:
+    """A copy of ``vlm`` whose language part is the causal LM ``lm`` (shared, not copied).
+
+    The vision tower and projector share ``vlm``'s tensors; the language body and head are
+    ``lm``'s modules, and ``config.text_config`` is ``lm``'s config.
+    """
+    body = _vlm_language(vlm)
+    assert body is not None
+    memo = _shared_memo(vlm)
+    memo[id(body)] = lm.model
+    memo[id(vlm.lm_head)] = lm.lm_head
+    if hasattr(vlm, "_shoal_scale_hooks"):
+        memo[id(vlm._shoal_scale_hooks)] = []
+    out: Any = copy.deepcopy(vlm, memo=memo)
+    out.config.text_config = lm.config
+    return out
+
+
 def build_layer_path_model(
     models: Mapping[str, Any],
     path: Sequence[tuple[str, int]],
@@ -254,10 +301,17 @@ def build_layer_path_model(
     No weights are copied: the new model's embeddings, norm and head are those of the
     head model, and every path entry is a fresh module over a source layer's tensors
     (so changing a source's weights changes the path model too). ``layer_idx`` of each
-    entry is its path position; ``config.num_hidden_layers`` is the path length.
+    entry is its path position; ``num_hidden_layers`` of the (text) config is the path
+    length.
+
+    When a source is a LLaVA-style VLM its language layers are the ones listed, and the
+    result is a VLM: the head model if it is one, else the first VLM of ``models`` with
+    the head's language body and output head in place of its own (vision tower and
+    projector shared with that VLM).
 
     Args:
-        models: Loaded source models (transformers causal LMs of one family), by name.
+        models: Loaded source models (transformers causal LMs of one family, or VLMs whose
+            language model is of that family), by name.
         path: ``(model name, layer index)`` per entry; an entry may repeat.
         scales: Input scale per entry (default all 1).
         head: Model giving embeddings, norm, head and config (default: first in ``path``'s
@@ -279,14 +333,14 @@ def build_layer_path_model(
     if len(scales) != len(path):
         raise MergeError(f"layer_path: {len(scales)} scales for {len(path)} path entries")
     base = models[head]
-    width = getattr(base.config, "hidden_size", None)
+    width = getattr(_text_config(base.config), "hidden_size", None)
     layers_of = {}
     for name, m in models.items():
         layers_of[name] = decoder_layers(m)[1]
-        if getattr(m.config, "hidden_size", None) != width:
+        if getattr(_text_config(m.config), "hidden_size", None) != width:
             raise MergeError(
                 f"layer_path: model {name!r} has hidden size "
-                f"{getattr(m.config, 'hidden_size', None)}, {head!r} has {width}"
+                f"{getattr(_text_config(m.config), 'hidden_size', None)}, {head!r} has {width}"
             )
     new_layers = nn.ModuleList()
     for h, (name, i) in enumerate(path):
@@ -309,13 +363,17 @@ def build_layer_path_model(
     if hasattr(base, "_shoal_scale_hooks"):
         memo[id(base._shoal_scale_hooks)] = []
     model: Any = copy.deepcopy(base, memo=memo)
+    if _vlm_language(base) is None:
+        vlm = next((m for m in models.values() if _vlm_language(m) is not None), None)
+        if vlm is not None:  # a causal-LM head: it becomes the first VLM's language part
+            model = _into_vlm(model, vlm)
     cfg = model.config
-    types = getattr(base.config, "layer_types", None)
-    cfg.num_hidden_layers = len(path)
+    text = _text_config(cfg)
+    types = getattr(_text_config(base.config), "layer_types", None)
+    text.num_hidden_layers = len(path)
     if isinstance(types, list):
-        cfg.layer_types = [
-            (getattr(models[n].config, "layer_types", None) or types)[i] for n, i in path
-        ]
+        cfg_of = {n: _text_config(models[n].config) for n in models}
+        text.layer_types = [(getattr(cfg_of[n], "layer_types", None) or types)[i] for n, i in path]
     cfg.shoal_layer_path = [[n, i] for n, i in path]
     cfg.shoal_layer_scales = list(scales)
     apply_layer_scales(model, scales)
@@ -339,20 +397,38 @@ def build_from_recipe(recipe: Mapping[str, Any] | LayerPath, models: Mapping[str
 
 
 # -- disk -----------------------------------------------------------------------------------
+def _is_vlm_dir(path: Path) -> bool:
+    """Whether ``path/config.json`` describes a vision-language model (a ``vision_config``
+    beside a ``text_config``, as LLaVA's does)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "vision_config" in config and "text_config" in config
+
+
 def _load_hf(path: str | Path, dtype: torch.dtype | None = None) -> Any:
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{p}: not a model directory")
+    vlm = _is_vlm_dir(p)
+    auto: Any = (
+        transformers.AutoModelForImageTextToText if vlm else transformers.AutoModelForCausalLM
+    )
     try:
-        return AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=dtype)
+        return auto.from_pretrained(p, local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{p}: does not load as a causal LM ({exc})") from exc
+        kind = "a vision-language model" if vlm else "a causal LM"
+        raise CheckpointError(f"{p}: does not load as {kind} ({exc})") from exc
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype | None = None) -> Any:
     """Load a causal LM directory; layer-path exports get their input scales back.
+
+    A vision-language model directory (a config with ``vision_config`` and
+    ``text_config``) is loaded as one (``AutoModelForImageTextToText``).
 
     Args:
         path: A Hugging Face model directory (written by shoal or not).

@@ -47,6 +47,7 @@ __all__ = [
     "language_shapes",
     "language_views",
     "to_language_name",
+    "to_layout",
     "to_vlm_name",
 ]
 
@@ -122,6 +123,21 @@ def to_vlm_name(name: str, layout: VLMLayout = _MODULE) -> str:
         f"tensor {name!r}: only causal LMs with a model.* body and an lm_head.* head map "
         "into a vision-language model's language part"
     )
+
+
+def to_layout(name: str, src: VLMLayout, dst: VLMLayout = _MODULE) -> str:
+    """A VLM tensor's name in another layout (language part and the rest alike).
+
+    >>> to_layout("vision_tower.x", LAYOUTS["legacy"])
+    'model.vision_tower.x'
+    >>> to_layout("language_model.lm_head.weight", LAYOUTS["legacy"])
+    'lm_head.weight'
+    """
+    lm_name = to_language_name(name, src)
+    if lm_name is not None:
+        return to_vlm_name(lm_name, dst)
+    module = _module_name(name, src)
+    return module[len(dst.rest) :] if module.startswith(dst.rest) else module
 
 
 def _module_name(name: str, layout: VLMLayout) -> str:

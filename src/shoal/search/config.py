@@ -52,14 +52,17 @@ class Budget(_Strict):
 class LoaderConfig(_Strict):
     """How a worker builds its resident model (the one every candidate is merged into)."""
 
-    type: Literal["hf-causal-lm", "callable"] = Field(
+    type: Literal["hf-causal-lm", "hf-vlm", "callable"] = Field(
         default="hf-causal-lm",
         description="hf-causal-lm: transformers AutoModelForCausalLM from a model dir; "
+        "hf-vlm: a vision-language model (AutoModelForImageTextToText, e.g. LLaVA) from a "
+        "model dir, whose language part recipes may merge with causal LMs (docs/vlm.md); "
         "callable: `target` returns any torch.nn.Module (or (module, tokenizer)).",
     )
     model: str | None = Field(
         default=None,
-        description="hf-causal-lm: model name (or path) to load; default base, else first.",
+        description="hf-causal-lm / hf-vlm: model name (or path, relative to the config "
+        "file) to load; default base, else first.",
     )
     target: str | None = Field(default=None, description="callable: 'package.module:function'.")
     options: dict[str, Any] = Field(

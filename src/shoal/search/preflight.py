@@ -246,7 +246,7 @@ def _resident_tokenizer(config: RunConfig) -> Any:
     loader = config.loader
     if loader.type == "callable":
         return callable_resident(config, dict(config.models))[1]
-    path = hf_model_dir(loader.model_dump(), config.models, config.base_model)
+    path = hf_model_dir(loader.model_dump(), config.models, config.base_model, loader.type)
     import transformers
 
     auto_config: Any = transformers.AutoConfig
