@@ -9,6 +9,7 @@ causal-LM layer path, which ``tests/merge/test_layer_path.py`` checks on its own
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +206,91 @@ def test_causal_lm_baseline_without_a_vlm_source_is_refused(testbed: Path) -> No
     resident = AutoModelForImageTextToText.from_pretrained(testbed / "vlm").eval()
     with pytest.raises(MergeError, match=r"'expert'.*no model of the config is a VLM"):
         build_candidate(resident, {"model": "expert"}, _sources(testbed, ("expert",)), 0)
+
+
+# -- run configs: the hf-vlm loader, DFS and PS + DFS runs --------------------------------
+
+
+def test_hf_vlm_loader_model_resolves_against_the_config_file(
+    testbed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shoal.executors.loaders import hf_model_dir
+    from shoal.search.config import load_config
+
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    rel = os.path.relpath(testbed / "vlm", folder)
+    (folder / "run.yaml").write_text(
+        f"models: {{expert: {testbed / 'expert'}}}\n"
+        f"loader: {{type: hf-vlm, model: {rel}}}\n"
+        "tasks: {fitness: [{type: vqa, path: x.jsonl}]}\n"
+        "algorithm: {name: dfs}\n"
+    )
+    monkeypatch.chdir(testbed)  # the path must not be read from the working directory
+    config = load_config(folder / "run.yaml")
+    assert config.loader.type == "hf-vlm"
+    assert Path(config.loader.model or "").resolve() == (testbed / "vlm").resolve()
+    # without loader.model the VLM is chosen, not the (plain LM) base model
+    models = {"base": str(testbed / "base"), "vlm": str(testbed / "vlm")}
+    assert hf_model_dir({"type": "hf-vlm"}, models, "base", "hf-vlm") == testbed / "vlm"
+
+
+def _run_config(testbed: Path, algorithm: dict[str, Any]) -> dict[str, Any]:
+    data, images = testbed / "data", str(testbed / "data" / "images.npy")
+
+    def task(name: str) -> dict[str, Any]:
+        return {"type": "vqa", "path": str(data / f"{name}.jsonl"), "images": images, "limit": 4}
+
+    return {
+        "models": {n: str(testbed / n) for n in ("base", "vlm", "expert")},
+        "base_model": "base",
+        "loader": {"type": "hf-vlm", "model": "vlm"},
+        "tasks": {
+            "fitness": [task("digits-train"), task("increment-train")],
+            "test": [task("digits-test")],
+        },
+        **algorithm,
+        "budget": {"evaluations": 4},
+        "executor": {"type": "serial"},
+        "progress": False,
+        "seed": 0,
+    }
+
+
+def _check_run(run: Path, testbed: Path) -> dict[str, Any]:
+    from transformers import LlavaForConditionalGeneration
+
+    events = [json.loads(line) for log in run.rglob("events.jsonl") for line in log.open()]
+    errors = [e["error"] for e in events if e.get("error")]
+    assert not errors, errors[0]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best"]["recipe"]["merge_method"] == "layer_path"
+    best = LlavaForConditionalGeneration.from_pretrained(run / "best").state_dict()
+    vision = _vision(_disk(testbed / "vlm"))
+    assert all(torch.equal(best[n], t) for n, t in vision.items())
+    return summary
+
+
+def test_dfs_run_on_a_vlm_and_an_lm_with_baselines(testbed: Path, tmp_path: Path) -> None:
+    from shoal.search.runner import evolve
+
+    algorithm = {"name": "dfs", "models": ["vlm", "expert"], "repeats": 2, "popsize": 4}
+    config = _run_config(testbed, {"algorithm": algorithm, "baselines": True})
+    assert evolve(config, tmp_path / "run").status == "completed"
+    summary = _check_run(tmp_path / "run", testbed)
+    assert set(summary["baselines"]) == {"base", "vlm", "expert"}
+    path = summary["best"]["recipe"]["parameters"]["path"]
+    assert path[0] == ["vlm", 0] and path[-1] == ["vlm", 1]  # model A's pinned layers
+
+
+def test_ps_then_dfs_on_a_vlm(testbed: Path, tmp_path: Path) -> None:
+    from shoal.search.runner import evolve
+
+    stages = [
+        {"name": "ps", "algorithm": {"name": "ps", "models": ["vlm", "expert"], "popsize": 4}},
+        {"name": "dfs", "algorithm": {"name": "dfs", "models": ["ps", "expert"], "popsize": 4}},
+    ]
+    config = _run_config(testbed, {"stages": stages})
+    assert evolve(config, tmp_path / "run").status == "completed"
+    summary = _check_run(tmp_path / "run", testbed)
+    assert {m for m, _ in summary["best"]["recipe"]["parameters"]["path"]} <= {"ps", "expert"}
