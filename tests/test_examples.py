@@ -71,12 +71,11 @@ def test_example_runs_shortened(example: Path, tiny_testbed: Path, tmp_path: Pat
         quick = DiffusionSettings(base_steps=2, expert_steps=2, batch_size=8, classifier_steps=2)
         build_diffusion_testbed(tmp_path / "diffusion", settings=quick)
         text = text.replace("../.testbed/diffusion", str(tmp_path / "diffusion"))
-    if ".testbed/vlm-small" in text:  # the tiny VLM testbed (seconds); the loader's path too
+    if ".testbed/vlm-small" in text:  # the tiny VLM testbed (seconds): PS and DFS examples
         from shoal.testbed.vlm import build_vlm_testbed
 
         build_vlm_testbed(tmp_path / "vlm", "tiny", score=False)
         text = text.replace("../.testbed/vlm-small", str(tmp_path / "vlm"))
-        text = text.replace(".testbed/vlm-small", str(tmp_path / "vlm"))
     text = text.replace("../.testbed/small", str(tiny_testbed))
     config = yaml.safe_load(text)
     config["root"] = str(example.parent)
