@@ -1,7 +1,9 @@
 """The VLM acceptance run: build the VLM testbed, evolve the language part, score on test.
 
 Builds ``shoal testbed build-vlm`` (``small``) unless it exists, runs PS of
-``examples/vlm-ps-testbed-small.yaml`` (paths made absolute) and prints, on the held-out
+``examples/vlm-ps-testbed-small.yaml`` (``--algorithm dfs``: DFS of
+``examples/vlm-dfs-testbed-small.yaml``; ``--algorithm ps-dfs``: the two as stages, DFS
+over the PS result's and the expert's layers; paths made absolute) and prints, on the held-out
 test items, the image skill (``digits``) and the text skill (``increment``) of the VLM,
 the LM expert (scored on the questions alone: it cannot see images), the untuned task
 arithmetic merge (weights 1, 1) and the evolved model; then checks that every vision tower
@@ -9,6 +11,7 @@ and projector tensor of the evolved model equals the VLM's bit for bit. Also tim
 plain forward pass of the VLM as the floor the build time is read against.
 
     OMP_NUM_THREADS=1 python bench/vlm_testbed.py [--testbed .testbed/vlm-small] [--budget 80]
+        [--algorithm ps|dfs|ps-dfs]
 """
 
 from __future__ import annotations
@@ -23,15 +26,26 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "vlm-ps-testbed-small.yaml"
+EXAMPLES = {
+    "ps": ROOT / "examples" / "vlm-ps-testbed-small.yaml",
+    "dfs": ROOT / "examples" / "vlm-dfs-testbed-small.yaml",
+}
 
 
-def _config(testbed: Path, budget: int) -> dict[str, Any]:
+def _config(testbed: Path, budget: int, algorithm: str = "ps") -> dict[str, Any]:
     from shoal._yaml import safe_load
 
-    cfg = safe_load(EXAMPLE.read_text())
+    if algorithm == "ps-dfs":  # PS, then DFS over the PS result's layers and the expert's
+        cfg = _config(testbed, budget, "ps")
+        dfs = dict(safe_load(EXAMPLES["dfs"].read_text())["algorithm"], models=["ps", "expert"])
+        cfg["stages"] = [
+            {"name": "ps", "algorithm": cfg.pop("algorithm")},
+            {"name": "dfs", "algorithm": dfs},
+        ]
+        return cfg
+    cfg = safe_load(EXAMPLES[algorithm].read_text())
     cfg["models"] = {name: str(testbed / name) for name in cfg["models"]}
-    cfg["loader"]["options"]["model"] = str(testbed / "vlm")
+    cfg["baselines"] = False  # the sources are scored below, on the test split
     for specs in cfg["tasks"].values():
         for spec in specs:
             spec["path"] = str(testbed / "data" / Path(spec["path"]).name)
@@ -74,6 +88,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--testbed", type=Path, default=ROOT / ".testbed" / "vlm-small")
     parser.add_argument("--budget", type=int, default=80)
+    parser.add_argument(
+        "--algorithm",
+        choices=[*sorted(EXAMPLES), "ps-dfs"],
+        default="ps",
+        help="ps-dfs: PS, then DFS over its result and the expert (--budget each)",
+    )
     parser.add_argument("--run-dir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
@@ -88,7 +108,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="vlm-bench-"))
     run_dir = args.run_dir or work / "run"
     start = time.perf_counter()
-    evolve(_config(testbed, args.budget), run_dir, progress=True)
+    evolve(_config(testbed, args.budget, args.algorithm), run_dir, progress=True)
     figures["evolve_seconds"] = time.perf_counter() - start
     summary = json.loads((run_dir / "summary.json").read_text())
     evolved = {k: v for k, v in summary["best"]["scores"]["test"].items()}
@@ -108,7 +128,8 @@ def main() -> None:
     )
     paths = {"vlm": testbed / "vlm", "expert": testbed / "expert", "untuned": untuned}
     rows = score_vlm_testbed(testbed, {k: str(v) for k, v in paths.items()}, split="test")
-    rows["evolved"] = {skill: evolved[f"{skill}-test"] for skill in ("digits", "increment")}
+    skills = ("digits", "increment")
+    rows[f"evolved ({args.algorithm})"] = {skill: evolved[f"{skill}-test"] for skill in skills}
     figures["test"] = rows
     count, equal = _vision_bit_equal(run_dir / "best", testbed / "vlm")
     figures["vision_tensors"], figures["vision_bit_equal"] = count, equal
@@ -117,15 +138,19 @@ def main() -> None:
         f"test exact match (%), {meta['n']['digits']['test']} image / "
         f"{meta['n']['increment']['test']} text items"
     )
-    print(f"{'model':<10}{'digits':>8}{'increment':>11}{'mean':>8}")
+    print(f"{'model':<16}{'digits':>8}{'increment':>11}{'mean':>8}")
     for name, s in rows.items():
         mean = (s["digits"] + s["increment"]) / 2
-        print(f"{name:<10}{100 * s['digits']:8.1f}{100 * s['increment']:11.1f}{100 * mean:8.1f}")
+        print(f"{name:<16}{100 * s['digits']:8.1f}{100 * s['increment']:11.1f}{100 * mean:8.1f}")
     print(
         f"build {meta['build_seconds']:.1f} s (one forward pass of 32: "
         f"{1000 * figures['forward_seconds']:.1f} ms); evolve {figures['evolve_seconds']:.1f} s"
     )
     print(f"vision tower + projector: {count} tensors, bit-equal to the VLM's: {equal}")
+    if args.algorithm != "ps":
+        params = figures["best_recipe"]["parameters"]
+        scales = [round(x, 3) for x in params["scales"]]
+        print(f"best layer path: {params['path']}, scales {scales}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
