@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--testbed", type=Path, default=ROOT / ".testbed" / "diffusion")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-diffusion")
     parser.add_argument("--evaluations", type=int, default=None)
-    parser.add_argument("--algorithms", nargs="+", default=["ps", "m2n2"])
+    parser.add_argument("--algorithms", nargs="*", default=["ps", "m2n2"])
     args = parser.parse_args()
 
     from diffusers import DiffusionPipeline
