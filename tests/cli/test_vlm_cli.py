@@ -105,3 +105,22 @@ def test_build_vlm_refuses_an_existing_folder(tmp_path: Path, shoal_cli) -> None
     assert code == 2
     one_error_line(err, str(out), "--overwrite")
     assert list(out.iterdir()) == []
+
+
+def test_hf_vlm_loader_on_a_causal_lm(tmp_path: Path, shoal_cli) -> None:
+    """`loader: {type: hf-vlm}` naming a plain causal LM: one line, exit 2, no run folder."""
+    _save_lm(tmp_path / "lm")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "models: {lm: lm}\n"
+        "loader: {type: hf-vlm, model: lm}\n"
+        "tasks: {fitness: [{type: vqa, path: x.jsonl, images: x.npy}]}\n"
+        "algorithm: {name: dfs}\n"
+    )
+    run = tmp_path / "run"
+    code, _, err = shoal_cli(["evolve", str(config), "--run-dir", str(run)])
+    assert code == 2
+    assert err.strip().count("\n") == 0, err
+    assert "loader.model" in err and "not a vision-language model" in err
+    assert "Traceback" not in err
+    assert not run.exists()

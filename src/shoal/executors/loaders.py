@@ -59,6 +59,12 @@ def hf_model_dir(
             f"{where}: {path} is not a Hugging Face model directory (no config.json), "
             f"which the {kind} loader needs"
         )
+    if kind == "hf-vlm" and not _is_vlm(str(path)):
+        where = "loader.model" if loader.get("model") else "models"
+        raise RecipeError(
+            f"{where}: {path} is not a vision-language model (no vision_config in its "
+            "config.json), which the hf-vlm loader needs"
+        )
     return path
 
 
