@@ -103,3 +103,76 @@ def test_plain_unet_folders_merge_as_checkpoints(tmp_path: Path, shoal_cli) -> N
     assert not (out / "model.safetensors").exists()  # diffusers' name kept
     loaded = UNet2DModel.from_pretrained(str(out), use_safetensors=True)
     assert list(loaded.config.block_out_channels) == [8, 16]
+
+
+def test_export_puts_a_runs_best_unet_into_a_pipeline(tmp_path: Path, shoal_cli) -> None:
+    """`shoal export RUN --pipeline PIPE`: PIPE's files, RUN/best's U-Net, loadable."""
+    a, b = _pipeline(tmp_path / "a", 0), _pipeline(tmp_path / "b", 1)
+    run = tmp_path / "run"
+    run.mkdir()  # a run's best/ is a U-Net checkpoint: here, the merge of the two U-Nets
+    code, _, err = shoal_cli(
+        ["merge", str(_recipe(tmp_path, a / "unet", b / "unet")), str(run / "best"), "-q"]
+    )
+    assert code == 0, err
+    out = tmp_path / "shipped"
+    code, _, err = shoal_cli(["export", str(run), "--pipeline", str(a), "--out", str(out)])
+    assert code == 0, err
+    sched = "scheduler/scheduler_config.json"
+    assert (out / sched).read_bytes() == (a / sched).read_bytes()
+    pipe = DDPMPipeline.from_pretrained(str(out))
+    best = UNet2DModel.from_pretrained(str(run / "best"))
+    ua, ub = (UNet2DModel.from_pretrained(str(p / "unet")).state_dict() for p in (a, b))
+    for name, got in pipe.unet.state_dict().items():
+        assert torch.equal(got, best.state_dict()[name]), name
+        torch.testing.assert_close(got, 0.5 * ua[name] + 0.5 * ub[name])
+
+
+def test_export_without_a_best_model_is_one_line(tmp_path: Path, shoal_cli) -> None:
+    a = _pipeline(tmp_path / "a", 0)
+    (tmp_path / "run").mkdir()
+    out = tmp_path / "shipped"
+    code, _, err = shoal_cli(
+        ["export", str(tmp_path / "run"), "--pipeline", str(a), "--out", str(out)]
+    )
+    assert code == 2
+    assert "best" in one_error_line(err)
+    nothing_left(out)
+    code, _, err = shoal_cli(["export", str(tmp_path / "run"), "--pipeline", str(a), "--list"])
+    assert code == 2 and "exactly one of" in one_error_line(err)
+
+
+def test_diffusers_model_loader_in_a_run_config(tmp_path: Path) -> None:
+    """`loader: {type: diffusers-model, model: NAME}` loads the named U-Net folder (or a
+    pipeline's unet), the module candidates are built into."""
+    from shoal.executors.loaders import load_resident
+    from shoal.search.config import load_config
+
+    a = _pipeline(tmp_path / "a", 0)
+    want = UNet2DModel.from_pretrained(str(a / "unet")).state_dict()
+    for ref in (a / "unet", a):
+        (tmp_path / "run.yaml").write_text(
+            f"models: {{a: {ref}}}\nloader: {{type: diffusers-model, model: a}}\n"
+            "tasks: {fitness: [{type: python, target: 'x:y'}]}\nalgorithm: {name: ps}\n"
+        )
+        cfg = load_config(tmp_path / "run.yaml")
+        module, tokenizer = load_resident(cfg.loader.model_dump(), cfg.models, None)
+        assert tokenizer is None and isinstance(module, UNet2DModel)
+        got = module.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
+def test_diffusers_loader_on_a_folder_that_is_no_diffusers_model(tmp_path: Path, shoal_cli) -> None:
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "config.json").write_text('{"model_type": "llama"}')
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "lm" / "model.safetensors"))
+    (tmp_path / "run.yaml").write_text(
+        "models: {a: lm}\nloader: {type: diffusers-model, model: a}\n"
+        "tasks: {fitness: [{type: python, target: 'x:y'}]}\nalgorithm: {name: ps}\n"
+    )
+    run = tmp_path / "r"
+    code, _, err = shoal_cli(["evolve", str(tmp_path / "run.yaml"), "--run-dir", str(run)])
+    assert code == 2
+    assert "_class_name" in one_error_line(err)
+    nothing_left(run)

@@ -1,4 +1,5 @@
-"""``shoal export``: a CycleQD run's elites as a table, or one of them as a checkpoint."""
+"""``shoal export``: a CycleQD run's elites as a table, or one of them as a checkpoint; a run's
+best U-Net as a diffusers pipeline."""
 
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ as a loadable checkpoint with a model card.
     shoal export runs/cqd --elite gcd:3,7 --out gcd-3-7     # the elite of one cell
     shoal export runs/cqd --elite gcd:best --out gcd-best   # the archive's best
     shoal export runs/cqd --aggregate --out merged          # the softmax-weighted merge
+    shoal export runs/unet --pipeline PIPE --out merged     # best/ as PIPE's unet
 
 TASK is an archive's quality task, CELL its indices on the behaviour axes (the
 other tasks, in order) as --list prints them. The weights come from the run's
 store, so the checkpoint is the model the run scored. In a multi-stage run the
-CycleQD stage is found by itself, or name it with --stage.
+CycleQD stage is found by itself, or name it with --stage. With --pipeline, the
+run's best/ (a U-Net that shoal evolve merged) goes into a copy of the diffusers
+pipeline PIPE as its --component (default unet); every other file is PIPE's.
 """
 
 
@@ -36,12 +40,22 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(None, "--out", help="Folder to write the checkpoint to."),
         stage: str = typer.Option(None, "--stage", help="The CycleQD stage of a multi-stage run."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+        pipeline: Path = typer.Option(
+            None, "--pipeline", help="A diffusers pipeline to put the run's best/ into."
+        ),
+        component: str = typer.Option("unet", "--component", help="With --pipeline: which."),
     ) -> None:
         from shoal.errors import OutputExistsError, RecipeError
         from shoal.search.elites import open_qd_run
 
-        if sum([elite is not None, aggregate, list_]) != 1:
-            raise RecipeError("give exactly one of --list, --elite TASK:CELL, --aggregate")
+        modes = [elite is not None, aggregate, list_, pipeline is not None]
+        if sum(modes) != 1:
+            raise RecipeError(
+                "give exactly one of --list, --elite TASK:CELL, --aggregate, --pipeline PIPE"
+            )
+        if pipeline is not None:
+            _install_best(run_dir, pipeline, component, out, overwrite)
+            return
         qd = open_qd_run(run_dir, stage)
         if list_:
             _print_table(qd)
@@ -74,6 +88,21 @@ def register(app: typer.Typer) -> None:
             ]
         path = qd.export(recipe, out, evaluation=evaluation, title=title, facts=facts)
         typer.echo(f"exported: {path}")
+
+
+def _install_best(
+    run_dir: Path, pipeline: Path, component: str, out: Path | None, overwrite: bool
+) -> None:
+    from shoal.errors import RecipeError
+    from shoal.merge.pipeline import install_component
+
+    if out is None:
+        raise RecipeError("--out: give the folder to write the pipeline to")
+    best = run_dir / "best"
+    if not (best / "config.json").is_file():
+        raise RecipeError(f"{best}: no best model (is {run_dir} a finished shoal evolve run?)")
+    path = install_component(pipeline, component, best, out, overwrite=overwrite)
+    typer.echo(f"exported: {path} (pipeline {pipeline}, {component} from {best})")
 
 
 def _print_table(qd: object) -> None:

@@ -6,13 +6,13 @@
   LLaVA) from ``loader.model``, else the base model if it is a VLM, else the first model
   that is one, with its tokenizer; recipes that merge its language part with causal LMs
   build into it (``docs/vlm.md``).
-- ``callable``: ``target: "package.module:function"`` called with ``options`` as keyword
-  arguments; it returns a ``torch.nn.Module`` or a ``(module, tokenizer)`` pair. This is how
-  any torch model (e.g. the digits MLP) takes part.
 - ``diffusers-model``: a diffusers model (a pipeline's U-Net) from ``loader.model``, else the
   base, else the first model: a model folder (``unet/``) or a pipeline folder, whose
   ``unet`` is taken. :func:`diffusers_model` is the same loader as a ``callable`` target
   (``options: {path: ..., component: unet}``).
+- ``callable``: ``target: "package.module:function"`` called with ``options`` as keyword
+  arguments; it returns a ``torch.nn.Module`` or a ``(module, tokenizer)`` pair. This is how
+  any torch model (e.g. the digits MLP) takes part.
 """
 
 from __future__ import annotations
@@ -26,7 +26,14 @@ import torch
 from shoal.errors import RecipeError
 from shoal.tasks.python import import_callable
 
-__all__ = ["diffusers_model", "hf_model_dir", "hf_tokenizer", "load_resident", "load_vlm"]
+__all__ = [
+    "diffusers_class",
+    "diffusers_dir",
+    "diffusers_model",
+    "hf_model_dir",
+    "hf_tokenizer",
+    "load_resident",
+]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -101,6 +108,18 @@ def diffusers_model(path: str | Path, component: str = "unet") -> torch.nn.Modul
     Raises:
         RecipeError: no diffusers config there, or a class diffusers does not have.
     """
+    folder, cls = diffusers_class(path, component)
+    model: torch.nn.Module = cls.from_pretrained(str(folder))  # type: ignore[attr-defined]
+    return model
+
+
+def diffusers_class(path: str | Path, component: str = "unet") -> tuple[Path, type]:
+    """The folder :func:`diffusers_model` loads and the diffusers class its config names,
+    read without loading any weights (the pre-run check calls it).
+
+    Raises:
+        RecipeError: no diffusers config there, or a class diffusers does not have.
+    """
     import json
 
     folder = Path(path)
@@ -118,27 +137,24 @@ def diffusers_model(path: str | Path, component: str = "unet") -> torch.nn.Modul
     cls = getattr(diffusers, str(name), None)
     if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
         raise RecipeError(f"{cfg}: diffusers has no model class {name!r}")
-    model: torch.nn.Module = cls.from_pretrained(str(folder))  # type: ignore[attr-defined]
-    return model
+    return folder, cls
 
 
-def load_vlm(model: str, dtype: str = "float32") -> tuple[torch.nn.Module, Any]:
-    """A vision-language model directory and its tokenizer, as a ``callable`` loader's target
-    (``target: shoal.executors.loaders:load_vlm``, ``options: {model: DIR}``). Run configs
-    name ``loader: {type: hf-vlm}`` instead, whose ``model`` resolves against the config
-    file's folder; this stays for configs written before.
+def diffusers_dir(loader: Mapping[str, Any], models: Mapping[str, str], base: str | None) -> Path:
+    """The folder the ``diffusers-model`` loader reads: ``loader.model``, else the base
+    model, else the first model (a config name or a path).
 
     Raises:
-        RecipeError: ``model`` is no Hugging Face model directory.
+        RecipeError: no model at all, or an unknown name, naming the key.
     """
-    import transformers
-
-    path = Path(model)
-    if not (path / "config.json").is_file():
-        raise RecipeError(f"loader.options.model: {path} is not a Hugging Face model directory")
-    transformers.utils.logging.disable_progress_bar()
-    auto_vlm: Any = transformers.AutoModelForImageTextToText
-    return auto_vlm.from_pretrained(path, dtype=_DTYPES[dtype]), hf_tokenizer(path)
+    name = loader.get("model") or base or next(iter(models), None)
+    if name is None:
+        raise RecipeError("loader: diffusers-model needs loader.model or at least one model")
+    path = Path(models.get(name, name))
+    if name not in models and not path.exists():
+        known = ", ".join(models) or "none"
+        raise RecipeError(f"loader.model: unknown model {name!r} (known: {known})")
+    return path
 
 
 def load_resident(
@@ -179,10 +195,7 @@ def load_resident(
         model = auto_vlm.from_pretrained(path, dtype=dtype)
         tokenizer = hf_tokenizer(path)
     elif kind == "diffusers-model":
-        name = loader.get("model") or base_model or next(iter(models), None)
-        if name is None:
-            raise RecipeError("loader: diffusers-model needs loader.model or a model")
-        model = diffusers_model(models.get(name, name)).to(dtype=dtype)
+        model = diffusers_model(diffusers_dir(loader, models, base_model)).to(dtype=dtype)
     elif kind == "callable":
         fn = import_callable(str(loader.get("target")), "loader.target", RecipeError)
         try:
@@ -194,7 +207,10 @@ def load_resident(
             raise RecipeError(f"loader.target {loader.get('target')!r} returned no nn.Module")
         model = model.to(dtype=dtype)
     else:
-        raise RecipeError(f"loader.type: unknown loader {kind!r} (hf-causal-lm, hf-vlm, callable)")
+        raise RecipeError(
+            f"loader.type: unknown loader {kind!r} "
+            "(hf-causal-lm, hf-vlm, diffusers-model, callable)"
+        )
     model = model.to(device)
     model.eval()
     model.requires_grad_(False)

@@ -167,7 +167,12 @@ def rename_weights(folder: Path) -> None:
 
 
 def install_component(
-    pipeline: str | Path, component: str, weights_dir: str | Path, out_dir: str | Path
+    pipeline: str | Path,
+    component: str,
+    weights_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """Write a copy of ``pipeline`` whose ``component`` comes from ``weights_dir``.
 
@@ -177,7 +182,8 @@ def install_component(
 
     Raises:
         RecipeError: ``pipeline`` is not a pipeline or lacks ``component``.
-        OutputExistsError: ``out_dir`` exists.
+        OutputExistsError: ``out_dir`` exists and ``overwrite`` is false (with it, the old
+            folder is replaced only once the new one is complete).
     """
     src, out = Path(pipeline), Path(out_dir)
     weights = Path(weights_dir)
@@ -186,7 +192,7 @@ def install_component(
     if not any(weights.glob("*.safetensors")):
         raise RecipeError(f"{weights}: no safetensors weights to install as {component}")
     refuse_working_dir(out)
-    if out.exists():
+    if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: exists; remove it or write elsewhere")
     with atomic_dir(out) as tmp:
         shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(component))

@@ -52,16 +52,19 @@ class Budget(_Strict):
 class LoaderConfig(_Strict):
     """How a worker builds its resident model (the one every candidate is merged into)."""
 
-    type: Literal["hf-causal-lm", "hf-vlm", "callable"] = Field(
+    type: Literal["hf-causal-lm", "hf-vlm", "diffusers-model", "callable"] = Field(
         default="hf-causal-lm",
         description="hf-causal-lm: transformers AutoModelForCausalLM from a model dir; "
         "hf-vlm: a vision-language model (AutoModelForImageTextToText, e.g. LLaVA) from a "
         "model dir, whose language part recipes may merge with causal LMs (docs/vlm.md); "
+        "diffusers-model: a diffusers model (e.g. UNet2DModel) from its folder, or a "
+        "pipeline folder's unet (docs/diffusion.md); "
         "callable: `target` returns any torch.nn.Module (or (module, tokenizer)).",
     )
     model: str | None = Field(
         default=None,
-        description="hf-causal-lm / hf-vlm: model name (or path, relative to the config "
+        description="hf-causal-lm / hf-vlm / diffusers-model: model name (or path, relative "
+        "to the config "
         "file) to load; default base, else first.",
     )
     target: str | None = Field(default=None, description="callable: 'package.module:function'.")

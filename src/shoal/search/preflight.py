@@ -241,11 +241,14 @@ def _may_tie(path: str) -> bool:
 
 def _resident_tokenizer(config: RunConfig) -> Any:
     """The tokenizer tasks are built with, once the loader is known to find its model."""
-    from shoal.executors.loaders import hf_model_dir, hf_tokenizer
+    from shoal.executors.loaders import diffusers_class, diffusers_dir, hf_model_dir, hf_tokenizer
 
     loader = config.loader
     if loader.type == "callable":
         return callable_resident(config, dict(config.models))[1]
+    if loader.type == "diffusers-model":  # its config names a class; no tokenizer
+        diffusers_class(diffusers_dir(loader.model_dump(), config.models, config.base_model))
+        return None
     path = hf_model_dir(loader.model_dump(), config.models, config.base_model, loader.type)
     import transformers
 
