@@ -1,14 +1,15 @@
 """SVF against its LoRA baseline on the LM testbed: same data, same loop, same steps.
 
-    python bench/lora_baseline.py [--testbed .testbed/small-s0] [--svf-lr 1e-2]
+    python bench/lora_baseline.py [--testbed .testbed/small-s0] [--svf-lr 1e-2 3e-2]
                                   [--lora-lr 1e-3 3e-3] [--skills gcd ...]
 
 For each skill of the testbed, from its base, one run each of:
 
 - **SVF** — z vectors on every MLP and attention matrix, the supervised objective
   (next-token cross-entropy on the gold answers), the settings that trained the README's
-  experts (lr 1e-2, 200 steps of 64, validation every 10 steps, patience 10); one run
-  per ``--svf-lr``, the one with the best validation score reported;
+  experts (at most 600 steps of 64, validation every 10 steps, patience 25); one run
+  per ``--svf-lr`` (default 1e-2 and 3e-2), the one with the best validation score
+  reported;
 - **LoRA** — peft, rank 16 (α = 32) on the attention projections q, k, v, o (the paper's
   baseline), trained by the same loop with the same data, steps, batches, schedule,
   clipping and early stopping; one run per ``--lora-lr``, the one with the best
@@ -34,11 +35,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = {
     "objective": "supervised",
-    "steps": 200,
+    "steps": 600,
     "batch_size": 64,
-    "lr": 1e-2,
+    "lr": 3e-2,
     "eval_every": 10,
-    "patience": 10,
+    "patience": 25,
     "seed": 0,
 }
 
@@ -91,7 +92,7 @@ def main() -> None:
     """Train SVF and LoRA per skill, print and save the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--testbed", type=Path, default=ROOT / ".testbed" / "small-s0")
-    parser.add_argument("--svf-lr", type=float, nargs="+", default=[1e-2])
+    parser.add_argument("--svf-lr", type=float, nargs="+", default=[1e-2, 3e-2])
     parser.add_argument("--lora-lr", type=float, nargs="*", default=[1e-3, 3e-3])
     parser.add_argument("--out", type=Path, default=ROOT / ".bench" / "lora_baseline.json")
     parser.add_argument("--rank", type=int, default=16)

@@ -1,6 +1,6 @@
 """The VLM acceptance run: build the VLM testbed, evolve the language part, score on test.
 
-Builds ``shoal testbed build-vlm`` (``small``) unless it exists, runs PS of
+Builds ``shoal testbed build --kind vlm`` (``small``) unless it exists, runs PS of
 ``examples/vlm-ps-testbed-small.yaml`` (``--algorithm dfs``: DFS of
 ``examples/vlm-dfs-testbed-small.yaml``; ``--algorithm ps-dfs``: the two as stages, DFS
 over the PS result's and the expert's layers; paths made absolute) and prints, on the held-out

@@ -1,4 +1,4 @@
-"""``shoal merge`` of a VLM with a causal LM, and ``shoal testbed build-vlm``, from the
+"""``shoal merge`` of a VLM with a causal LM, and ``shoal testbed build --kind vlm``, from the
 command line: bad input ends in one line, exit 2, nothing written."""
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def test_same_architecture_merges_into_a_vlm(tmp_path: Path, shoal_cli) -> None:
 
 def test_build_vlm_unknown_size(tmp_path: Path, shoal_cli) -> None:
     out = tmp_path / "tb"
-    code, _, err = shoal_cli(["testbed", "build-vlm", str(out), "--size", "huge"])
+    code, _, err = shoal_cli(["testbed", "build", "--kind", "vlm", str(out), "--size", "huge"])
     assert code == 2
     one_error_line(err, "--size", "huge", "tiny")
     nothing_left(out)
@@ -101,7 +101,7 @@ def test_build_vlm_unknown_size(tmp_path: Path, shoal_cli) -> None:
 def test_build_vlm_refuses_an_existing_folder(tmp_path: Path, shoal_cli) -> None:
     out = tmp_path / "tb"
     out.mkdir()
-    code, _, err = shoal_cli(["testbed", "build-vlm", str(out), "--size", "tiny"])
+    code, _, err = shoal_cli(["testbed", "build", "--kind", "vlm", str(out), "--size", "tiny"])
     assert code == 2
     one_error_line(err, str(out), "--overwrite")
     assert list(out.iterdir()) == []
@@ -124,3 +124,16 @@ def test_hf_vlm_loader_on_a_causal_lm(tmp_path: Path, shoal_cli) -> None:
     assert "loader.model" in err and "not a vision-language model" in err
     assert "Traceback" not in err
     assert not run.exists()
+
+
+def test_testbed_kind_mistakes_are_one_line(tmp_path: Path, shoal_cli) -> None:
+    out = tmp_path / "tb"
+    for args, words in (
+        (["--kind", "audio"], "--kind"),
+        (["--kind", "vlm", "--threads", "2"], "--threads"),
+        (["--kind", "diffusion", "--size", "small"], "--size"),
+    ):
+        code, _, err = shoal_cli(["testbed", "build", str(out), *args])
+        assert code == 2, args
+        assert words in one_error_line(err)
+        nothing_left(out)

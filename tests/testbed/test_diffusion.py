@@ -74,7 +74,7 @@ def test_existing_output_is_refused(testbed: Path) -> None:
 
 
 def test_cli_refuses_an_existing_output_in_one_line(testbed: Path, shoal_cli) -> None:
-    code, _, err = shoal_cli(["testbed", "build-diffusion", str(testbed)])
+    code, _, err = shoal_cli(["testbed", "build", "--kind", "diffusion", str(testbed)])
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(testbed) in lines[0]

@@ -1,5 +1,6 @@
-"""``shoal testbed build|report``: the language-model testbed from the command line;
-``shoal testbed build-vlm``: the vision-language testbed (``shoal.testbed.vlm``)."""
+"""``shoal testbed build|report``: the testbeds from the command line — language skills
+(``shoal.testbed``), vision-language (``shoal.testbed.vlm``) and diffusion
+(``shoal.testbed.diffusion``), one ``--kind`` each."""
 
 from __future__ import annotations
 
@@ -14,27 +15,61 @@ def register(app: typer.Typer) -> None:
     """Add the ``testbed`` sub-app to ``app``."""
     sub = typer.Typer(
         name="testbed",
-        help="Build and score a base model and one expert per skill (reasoning-gym tasks).",
+        help="Build and score a base model and its experts: language skills (reasoning-gym "
+        "tasks), a vision-language model, or diffusion U-Nets.",
         no_args_is_help=True,
     )
 
     @sub.command("build")
     def build(
         out_dir: Path = typer.Argument(..., help="Directory to create."),
-        size: str = typer.Option("tiny", "--size", help="tiny (seconds) or small (minutes)."),
+        kind: str = typer.Option(
+            "lm",
+            "--kind",
+            help="lm: a Llama base and one expert per reasoning-gym skill; vlm: a tiny LLaVA "
+            "on digit images and an LM expert (docs/vlm.md); diffusion: digits U-Nets, a "
+            "base and two class-group experts, and their classifier (docs/diffusion.md).",
+        ),
+        size: str = typer.Option(
+            None,
+            "--size",
+            help="lm: tiny (default, seconds) or small (minutes); "
+            "vlm: tiny (seconds) or small (default, a minute); diffusion: one size.",
+        ),
         seed: int = typer.Option(0, "--seed", help="Root seed: same seed, same tensors."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
         threads: int = typer.Option(
-            1, "--threads", help="torch threads while training (part of the build: keep 1)."
+            1, "--threads", help="lm: torch threads while training (part of the build: keep 1)."
         ),
         device: str | None = typer.Option(
-            None, "--device", help="Train on cpu (default), cuda, ...; same data, same order."
+            None, "--device", help="lm: train on cpu (default), cuda, ...; same data, same order."
         ),
         report: bool = typer.Option(
-            False, "--report/--no-report", help="Score every model after building."
+            None,
+            "--report/--no-report",
+            help="Score every model after building (lm: off by default; diffusion: on, "
+            "per class on held-out seeds; vlm: always, its build scores them).",
         ),
     ) -> None:
-        """Build a testbed: data splits, tokenizer, base model and experts."""
+        """Build a testbed: data splits, base model and experts, all from fixed seeds."""
+        from shoal.errors import RecipeError
+
+        if kind not in ("lm", "vlm", "diffusion"):
+            raise RecipeError(f"--kind: unknown testbed {kind!r} (lm, vlm, diffusion)")
+        if kind != "lm" and (threads != 1 or device is not None):
+            raise RecipeError("--threads and --device: only for --kind lm")
+        if kind == "vlm":
+            _build_vlm(out_dir, size or "small", seed, overwrite)
+            return
+        if kind == "diffusion":
+            from shoal.testbed.diffusion_report import build_and_report
+
+            if size is not None:
+                raise RecipeError("--size: the diffusion testbed has one size")
+            score = True if report is None else report
+            build_and_report(out_dir, seed=seed, overwrite=overwrite, score=score)
+            return
+        size = size or "tiny"
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
         from transformers.utils import logging as hf_logging
@@ -73,7 +108,7 @@ def register(app: typer.Typer) -> None:
             )
         console.print(f"testbed written to {path}")
         print(fingerprint_line(path))
-        if report:
+        if report:  # None (not asked) is off for lm
             _report(path, "test", device)
 
     @sub.command("report")
@@ -85,35 +120,11 @@ def register(app: typer.Typer) -> None:
         """Score every model on every skill; print a table, write report.json/.md."""
         _report(testbed_dir, split, device)
 
-    @sub.command("build-vlm")
-    def build_vlm(
-        out_dir: Path = typer.Argument(..., help="Directory to create."),
-        size: str = typer.Option("small", "--size", help="tiny (seconds) or small (a minute)."),
-        seed: int = typer.Option(0, "--seed", help="Root seed: same seed, same tensors."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
-    ) -> None:
-        """Build the vision-language testbed: a tiny LLaVA on digits and an LM expert."""
-        _build_vlm(out_dir, size, seed, overwrite)
-
-    @sub.command("build-diffusion")
-    def build_diffusion(
-        out_dir: Path = typer.Argument(..., help="Directory to create."),
-        seed: int = typer.Option(0, "--seed", help="Root seed: same seed, same tensors."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
-        score: bool = typer.Option(
-            True, "--score/--no-score", help="Score every U-Net per class on held-out seeds."
-        ),
-    ) -> None:
-        """Build the diffusion testbed: digits U-Nets (a base, two class-group experts)."""
-        from shoal.testbed.diffusion_report import build_and_report
-
-        build_and_report(out_dir, seed=seed, overwrite=overwrite, score=score)
-
     app.add_typer(sub)
 
 
 def _build_vlm(out_dir: Path, size: str, seed: int, overwrite: bool) -> None:
-    """``shoal testbed build-vlm``: build, then print each model's test exact match."""
+    """``shoal testbed build --kind vlm``: build, then print each model's test exact match."""
     import json
 
     from rich.console import Console

@@ -1,4 +1,4 @@
-"""``shoal testbed build-diffusion``: build the diffusion testbed with progress bars, then
+"""``shoal testbed build --kind diffusion``: build the diffusion testbed with progress bars, then
 print each U-Net's accuracy of the intended class per digit on the held-out seeds."""
 
 from __future__ import annotations
