@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,8 @@ __all__ = [
     "expert_name",
     "kernels_pinned",
     "pinned_env",
+    "save_model",
+    "write_jsonl",
 ]
 
 FORMAT_VERSION = 1
@@ -96,15 +98,17 @@ def _generator(seed: int, *key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """One sorted-key JSON object a line (the testbeds' data splits); makes the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-def _save_model(model: Any, tokenizer: Any, path: Path) -> None:
-    """Save a loadable Hugging Face directory (inside the build's temporary tree)."""
+def save_model(model: Any, tokenizer: Any, path: Path, *, max_new_tokens: int = 16) -> None:
+    """Save a loadable Hugging Face directory (inside the build's temporary tree), with a
+    greedy generation config of ``max_new_tokens``."""
     from transformers import GenerationConfig
 
     model.generation_config = GenerationConfig(
@@ -112,7 +116,7 @@ def _save_model(model: Any, tokenizer: Any, path: Path) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         do_sample=False,
-        max_new_tokens=16,
+        max_new_tokens=max_new_tokens,
     )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -324,7 +328,7 @@ def _build_into(
         data_hashes[skill] = {}
         for split in SPLITS:
             path = root / "data" / skill / f"{split}.jsonl"
-            _write_jsonl(path, splits[skill][split])
+            write_jsonl(path, splits[skill][split])
             data_hashes[skill][split] = _sha256(path)
     timings["data"] = time.perf_counter() - t0
 
@@ -357,7 +361,7 @@ def _build_into(
         on_step=reporter("base", size.base_steps),
         device=device,
     )
-    _save_model(base, tokenizer, root / "base")
+    save_model(base, tokenizer, root / "base")
     timings["base"] = time.perf_counter() - t0
     models: dict[str, dict[str, Any]] = {
         "base": {"path": "base", "skill": None, "final_loss": base_losses[-1]}
@@ -377,7 +381,7 @@ def _build_into(
             device=device,
             lr=size.expert_lr,
         )
-        _save_model(expert, tokenizer, root / expert_name(skill))
+        save_model(expert, tokenizer, root / expert_name(skill))
         timings[expert_name(skill)] = time.perf_counter() - t0
         models[expert_name(skill)] = {
             "path": expert_name(skill),

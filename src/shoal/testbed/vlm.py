@@ -35,6 +35,7 @@ import torch
 
 from shoal._atomic import atomic_dir, refuse_working_dir, remove_stale_temp_siblings
 from shoal.errors import OutputExistsError, TaskError
+from shoal.testbed.build import save_model, write_jsonl
 from shoal.testbed.tokenizer import train_tokenizer
 
 __all__ = [
@@ -358,26 +359,6 @@ def _train(
     return loss_value
 
 
-def _save(model: Any, tokenizer: Any, path: Path) -> None:
-    from transformers import GenerationConfig
-
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-        max_new_tokens=8,
-    )
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-
-
-def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    with path.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, sort_keys=True) + "\n")
-
-
 # -- building and scoring -------------------------------------------------------------
 
 
@@ -453,7 +434,7 @@ def _build_into(
     }
     for skill, by_split in splits.items():
         for split, rows in by_split.items():
-            _write_jsonl(data / f"{skill}-{split}.jsonl", rows)
+            write_jsonl(data / f"{skill}-{split}.jsonl", rows)
     pretrain = _pretraining_items(string_split["train"])
 
     corpus = [
@@ -483,7 +464,7 @@ def _build_into(
         generator=gen["base"],
         on_step=tracker("base (text)", size.base_steps),
     )
-    _save(base, tokenizer, root / "base")
+    save_model(base, tokenizer, root / "base", max_new_tokens=8)
 
     vlm = _vlm(size, base, tokenizer, gen["vlm"])
     prefix = IMAGE_TOKEN * int(vlm.config.image_seq_length)
@@ -501,7 +482,7 @@ def _build_into(
         generator=gen["vlm"],
         on_step=tracker("vlm (image questions)", size.vlm_steps),
     )
-    _save(vlm, tokenizer, root / "vlm")
+    save_model(vlm, tokenizer, root / "vlm", max_new_tokens=8)
 
     expert = LlamaForCausalLM(base.config)
     expert.load_state_dict(base.state_dict())
@@ -516,7 +497,7 @@ def _build_into(
         generator=gen["expert"],
         on_step=tracker("expert (add one)", size.expert_steps),
     )
-    _save(expert, tokenizer, root / "expert")
+    save_model(expert, tokenizer, root / "expert", max_new_tokens=8)
     build_seconds = time.perf_counter() - started
     meta: dict[str, Any] = {
         "kind": "vlm",
