@@ -58,13 +58,7 @@ def pipeline_components(path: str | Path) -> dict[str, list[Any]]:
     Raises:
         RecipeError: the file is not a JSON object.
     """
-    index = Path(path) / PIPELINE_INDEX
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RecipeError(f"{index}: not a readable model index ({exc})") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{index}: expected a JSON object")
+    data = _read_json(Path(path) / PIPELINE_INDEX, "a readable model index")
     return {
         k: v
         for k, v in data.items()
@@ -78,11 +72,12 @@ def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if not k.startswith("_") and k not in skip}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, what: str = "readable JSON") -> dict[str, Any]:
+    """The JSON object in ``path``; :class:`RecipeError` ``{path}: not {what} (…)`` else."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise RecipeError(f"{path}: not readable JSON ({exc})") from None
+        raise RecipeError(f"{path}: not {what} ({exc})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a JSON object")
     return data
