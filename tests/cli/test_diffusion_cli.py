@@ -10,27 +10,7 @@ from cli_helpers import nothing_left, one_error_line
 
 pytest.importorskip("diffusers")
 
-from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
-
-UNET = {
-    "sample_size": 4,
-    "in_channels": 1,
-    "out_channels": 1,
-    "block_out_channels": [8, 16],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 4,
-    "num_class_embeds": 3,
-}
-
-
-def _pipeline(path: Path, seed: int, **changes: object) -> Path:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DModel(**{**UNET, **changes})
-    DDPMPipeline(unet=unet, scheduler=DDIMScheduler()).save_pretrained(str(path))
-    return path
+from diffusers import DDPMPipeline, UNet2DModel
 
 
 def _recipe(tmp: Path, a: Path, b: Path, extra: str = "") -> Path:
@@ -43,8 +23,8 @@ def _recipe(tmp: Path, a: Path, b: Path, extra: str = "") -> Path:
     return recipe
 
 
-def test_merge_of_pipelines_through_the_cli(tmp_path: Path, shoal_cli) -> None:
-    a, b = _pipeline(tmp_path / "a", 0), _pipeline(tmp_path / "b", 1)
+def test_merge_of_pipelines_through_the_cli(tmp_path: Path, shoal_cli, tiny_pipeline) -> None:
+    a, b = tiny_pipeline(tmp_path / "a", 0), tiny_pipeline(tmp_path / "b", 1)
     out = tmp_path / "out"
     code, _, err = shoal_cli(["merge", str(_recipe(tmp_path, a, b)), str(out), "-q"])
     assert code == 0, err
@@ -52,8 +32,8 @@ def test_merge_of_pipelines_through_the_cli(tmp_path: Path, shoal_cli) -> None:
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
-def test_unknown_component_is_one_line(tmp_path: Path, shoal_cli) -> None:
-    a, b = _pipeline(tmp_path / "a", 0), _pipeline(tmp_path / "b", 1)
+def test_unknown_component_is_one_line(tmp_path: Path, shoal_cli, tiny_pipeline) -> None:
+    a, b = tiny_pipeline(tmp_path / "a", 0), tiny_pipeline(tmp_path / "b", 1)
     recipe = _recipe(tmp_path, a, b, "components: [unet, text_encoder]\n")
     out = tmp_path / "out"
     code, _, err = shoal_cli(["merge", str(recipe), str(out)])
@@ -62,9 +42,9 @@ def test_unknown_component_is_one_line(tmp_path: Path, shoal_cli) -> None:
     nothing_left(out)
 
 
-def test_mismatched_unet_configs_are_one_line(tmp_path: Path, shoal_cli) -> None:
-    a = _pipeline(tmp_path / "a", 0)
-    b = _pipeline(tmp_path / "b", 1, block_out_channels=[8, 8])
+def test_mismatched_unet_configs_are_one_line(tmp_path: Path, shoal_cli, tiny_pipeline) -> None:
+    a = tiny_pipeline(tmp_path / "a", 0)
+    b = tiny_pipeline(tmp_path / "b", 1, block_out_channels=[8, 8])
     out = tmp_path / "out"
     code, _, err = shoal_cli(["merge", str(_recipe(tmp_path, a, b)), str(out)])
     assert code == 2
@@ -72,9 +52,11 @@ def test_mismatched_unet_configs_are_one_line(tmp_path: Path, shoal_cli) -> None
     nothing_left(out)
 
 
-def test_a_plain_checkpoint_among_pipelines_is_one_line(tmp_path: Path, shoal_cli) -> None:
-    a = _pipeline(tmp_path / "a", 0)
-    plain = _pipeline(tmp_path / "p", 1) / "unet"  # a model folder, not a pipeline
+def test_a_plain_checkpoint_among_pipelines_is_one_line(
+    tmp_path: Path, shoal_cli, tiny_pipeline
+) -> None:
+    a = tiny_pipeline(tmp_path / "a", 0)
+    plain = tiny_pipeline(tmp_path / "p", 1) / "unet"  # a model folder, not a pipeline
     out = tmp_path / "out"
     code, _, err = shoal_cli(["merge", str(_recipe(tmp_path, a, plain)), str(out)])
     assert code == 2
@@ -82,9 +64,9 @@ def test_a_plain_checkpoint_among_pipelines_is_one_line(tmp_path: Path, shoal_cl
     nothing_left(out)
 
 
-def test_components_without_pipelines_is_one_line(tmp_path: Path, shoal_cli) -> None:
-    a = _pipeline(tmp_path / "a", 0) / "unet"
-    b = _pipeline(tmp_path / "b", 1) / "unet"
+def test_components_without_pipelines_is_one_line(tmp_path: Path, shoal_cli, tiny_pipeline) -> None:
+    a = tiny_pipeline(tmp_path / "a", 0) / "unet"
+    b = tiny_pipeline(tmp_path / "b", 1) / "unet"
     out = tmp_path / "out"
     recipe = _recipe(tmp_path, a, b, "components: [unet]\n")
     code, _, err = shoal_cli(["merge", str(recipe), str(out)])
@@ -93,10 +75,10 @@ def test_components_without_pipelines_is_one_line(tmp_path: Path, shoal_cli) -> 
     nothing_left(out)
 
 
-def test_plain_unet_folders_merge_as_checkpoints(tmp_path: Path, shoal_cli) -> None:
+def test_plain_unet_folders_merge_as_checkpoints(tmp_path: Path, shoal_cli, tiny_pipeline) -> None:
     """A component folder alone (diffusion_pytorch_model.safetensors) is a checkpoint."""
-    a = _pipeline(tmp_path / "a", 0) / "unet"
-    b = _pipeline(tmp_path / "b", 1) / "unet"
+    a = tiny_pipeline(tmp_path / "a", 0) / "unet"
+    b = tiny_pipeline(tmp_path / "b", 1) / "unet"
     out = tmp_path / "out"
     code, _, err = shoal_cli(["merge", str(_recipe(tmp_path, a, b)), str(out), "-q"])
     assert code == 0, err
@@ -105,9 +87,11 @@ def test_plain_unet_folders_merge_as_checkpoints(tmp_path: Path, shoal_cli) -> N
     assert list(loaded.config.block_out_channels) == [8, 16]
 
 
-def test_export_puts_a_runs_best_unet_into_a_pipeline(tmp_path: Path, shoal_cli) -> None:
+def test_export_puts_a_runs_best_unet_into_a_pipeline(
+    tmp_path: Path, shoal_cli, tiny_pipeline
+) -> None:
     """`shoal export RUN --pipeline PIPE`: PIPE's files, RUN/best's U-Net, loadable."""
-    a, b = _pipeline(tmp_path / "a", 0), _pipeline(tmp_path / "b", 1)
+    a, b = tiny_pipeline(tmp_path / "a", 0), tiny_pipeline(tmp_path / "b", 1)
     run = tmp_path / "run"
     run.mkdir()  # a run's best/ is a U-Net checkpoint: here, the merge of the two U-Nets
     code, _, err = shoal_cli(
@@ -127,8 +111,8 @@ def test_export_puts_a_runs_best_unet_into_a_pipeline(tmp_path: Path, shoal_cli)
         torch.testing.assert_close(got, 0.5 * ua[name] + 0.5 * ub[name])
 
 
-def test_export_without_a_best_model_is_one_line(tmp_path: Path, shoal_cli) -> None:
-    a = _pipeline(tmp_path / "a", 0)
+def test_export_without_a_best_model_is_one_line(tmp_path: Path, shoal_cli, tiny_pipeline) -> None:
+    a = tiny_pipeline(tmp_path / "a", 0)
     (tmp_path / "run").mkdir()
     out = tmp_path / "shipped"
     code, _, err = shoal_cli(
@@ -141,13 +125,13 @@ def test_export_without_a_best_model_is_one_line(tmp_path: Path, shoal_cli) -> N
     assert code == 2 and "exactly one of" in one_error_line(err)
 
 
-def test_diffusers_model_loader_in_a_run_config(tmp_path: Path) -> None:
+def test_diffusers_model_loader_in_a_run_config(tmp_path: Path, tiny_pipeline) -> None:
     """`loader: {type: diffusers-model, model: NAME}` loads the named U-Net folder (or a
     pipeline's unet), the module candidates are built into."""
     from shoal.executors.loaders import load_resident
     from shoal.search.config import load_config
 
-    a = _pipeline(tmp_path / "a", 0)
+    a = tiny_pipeline(tmp_path / "a", 0)
     want = UNet2DModel.from_pretrained(str(a / "unet")).state_dict()
     for ref in (a / "unet", a):
         (tmp_path / "run.yaml").write_text(

@@ -14,28 +14,11 @@ from safetensors.torch import load_file
 
 pytest.importorskip("diffusers")
 
-from diffusers import (
-    DDIMScheduler,
-    DiffusionPipeline,
-    LDMPipeline,
-    UNet2DModel,
-    VQModel,
-)
+from diffusers import DDIMScheduler, DiffusionPipeline
 
 from shoal.merge import merge_to_disk
 from shoal.tasks.image_generation import generate_images
 
-UNET = {
-    "sample_size": 4,
-    "in_channels": 1,
-    "out_channels": 1,
-    "block_out_channels": [8, 16],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 4,
-    "num_class_embeds": 3,
-}
 VQ = {
     "in_channels": 1,
     "out_channels": 1,
@@ -52,16 +35,6 @@ VQ = {
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def make_pipeline(path: Path, seed: int, **unet_changes: object) -> Path:
-    """A tiny LDM pipeline whose weights are drawn with ``seed``."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DModel(**{**UNET, **unet_changes})
-        vq = VQModel(**VQ)
-    LDMPipeline(vqvae=vq, unet=unet, scheduler=DDIMScheduler()).save_pretrained(str(path))
-    return path
-
-
 def _recipe(tmp: Path, base: Path, other: Path, extra: str = "") -> Path:
     recipe = tmp / "r.yaml"
     recipe.write_text(
@@ -76,8 +49,8 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
-def test_default_merges_the_unet_and_copies_the_rest(tmp_path: Path) -> None:
-    a, b = make_pipeline(tmp_path / "a", 0), make_pipeline(tmp_path / "b", 1)
+def test_default_merges_the_unet_and_copies_the_rest(tmp_path: Path, tiny_pipeline) -> None:
+    a, b = tiny_pipeline(tmp_path / "a", 0, vqvae=VQ), tiny_pipeline(tmp_path / "b", 1, vqvae=VQ)
     out = merge_to_disk(_recipe(tmp_path, a, b), tmp_path / "out", progress=False)
 
     ua, ub = load_file(str(a / "unet" / WEIGHTS)), load_file(str(b / "unet" / WEIGHTS))
@@ -100,8 +73,8 @@ def test_default_merges_the_unet_and_copies_the_rest(tmp_path: Path) -> None:
     assert all(torch.equal(loaded[k], merged[k]) for k in merged)
 
 
-def test_components_names_what_is_merged(tmp_path: Path) -> None:
-    a, b = make_pipeline(tmp_path / "a", 0), make_pipeline(tmp_path / "b", 1)
+def test_components_names_what_is_merged(tmp_path: Path, tiny_pipeline) -> None:
+    a, b = tiny_pipeline(tmp_path / "a", 0, vqvae=VQ), tiny_pipeline(tmp_path / "b", 1, vqvae=VQ)
     recipe = _recipe(tmp_path, a, b, "components: [vqvae]\n")
     out = merge_to_disk(recipe, tmp_path / "out", progress=False)
     assert (out / "unet" / WEIGHTS).read_bytes() == (a / "unet" / WEIGHTS).read_bytes()
@@ -116,8 +89,10 @@ def test_components_names_what_is_merged(tmp_path: Path) -> None:
     assert (both / "unet" / WEIGHTS).read_bytes() != (a / "unet" / WEIGHTS).read_bytes()
 
 
-def test_a_pipeline_merged_with_itself_generates_the_same_images(tmp_path: Path) -> None:
-    a = make_pipeline(tmp_path / "a", 3)
+def test_a_pipeline_merged_with_itself_generates_the_same_images(
+    tmp_path: Path, tiny_pipeline
+) -> None:
+    a = tiny_pipeline(tmp_path / "a", 3, vqvae=VQ)
     recipe = tmp_path / "self.yaml"
     recipe.write_text(
         f"merge_method: linear\nmodels:\n  - {{model: {a}, parameters: {{weight: 0.5}}}}\n"

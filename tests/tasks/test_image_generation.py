@@ -20,24 +20,10 @@ from shoal.tasks.image_generation import (
 )
 from shoal.tasks.registry import TaskEnv, build_task
 
-UNET = {
-    "sample_size": 4,
-    "in_channels": 1,
-    "out_channels": 1,
-    "block_out_channels": [8, 16],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 4,
-    "num_class_embeds": 4,
-}
-
 
 @pytest.fixture(scope="module")
-def unet() -> UNet2DModel:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return UNet2DModel(**UNET).eval()
+def unet(tiny_unet) -> UNet2DModel:
+    return tiny_unet(0, num_class_embeds=4).eval()
 
 
 class Constant(torch.nn.Module):
