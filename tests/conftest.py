@@ -100,3 +100,75 @@ def tiny_pipeline() -> Callable[..., Path]:
         return path
 
     return save
+
+
+class TinyLlava:
+    """A tiny LLaVA (Llama or Mistral language part, CLIP vision tower on 8×8 one-channel
+    images, 4 image tokens) and a ``LlamaForCausalLM`` of the same text config; weights
+    N(0, 0.1²) drawn from a seed in name order."""
+
+    @staticmethod
+    def text_config(text_type: str = "llama") -> Any:
+        """The language part's config (``llama`` or ``mistral``)."""
+        from transformers import LlamaConfig, MistralConfig
+
+        cls = LlamaConfig if text_type == "llama" else MistralConfig
+        return cls(
+            vocab_size=48,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
+
+    @staticmethod
+    def _seeded(model: Any, seed: int) -> Any:
+        import torch
+
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        return model
+
+    def vlm(self, path: Path, seed: int, text_type: str = "llama") -> Any:
+        """A ``LlavaForConditionalGeneration`` saved at ``path`` (and returned)."""
+        from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+        vision = CLIPVisionConfig(
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=8,
+            patch_size=4,
+            num_channels=1,
+            projection_dim=8,
+        )
+        config = LlavaConfig(
+            vision_config=vision,
+            text_config=self.text_config(text_type),
+            image_token_index=47,
+            image_seq_length=4,
+        )
+        model = self._seeded(LlavaForConditionalGeneration(config), seed)
+        model.save_pretrained(path)
+        return model
+
+    def lm(self, path: Path, seed: int) -> Any:
+        """A ``LlamaForCausalLM`` of the VLM's Llama text config saved at ``path``."""
+        from transformers import LlamaForCausalLM
+
+        model = self._seeded(LlamaForCausalLM(self.text_config()), seed)
+        model.save_pretrained(path)
+        return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llava() -> TinyLlava:
+    """:class:`TinyLlava`: ``tiny_llava.vlm(path, seed, text_type)``,
+    ``tiny_llava.lm(path, seed)``, ``tiny_llava.text_config(text_type)``."""
+    return TinyLlava()

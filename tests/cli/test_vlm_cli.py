@@ -6,59 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from cli_helpers import nothing_left, one_error_line
-
-
-def _save_vlm(path: Path, text_type: str) -> None:
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        MistralConfig,
-    )
-
-    cls = LlamaConfig if text_type == "llama" else MistralConfig
-    text = cls(
-        vocab_size=32,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=8,
-        patch_size=4,
-        num_channels=1,
-    )
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=31)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        LlavaForConditionalGeneration(config).save_pretrained(path)
-
-
-def _save_lm(path: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    text = LlamaConfig(
-        vocab_size=32,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(1)
-        LlamaForCausalLM(text).save_pretrained(path)
 
 
 def _recipe(tmp_path: Path) -> Path:
@@ -71,9 +19,9 @@ def _recipe(tmp_path: Path) -> Path:
     return recipe
 
 
-def test_language_part_of_another_architecture(tmp_path: Path, shoal_cli) -> None:
-    _save_vlm(tmp_path / "vlm", "mistral")
-    _save_lm(tmp_path / "lm")
+def test_language_part_of_another_architecture(tmp_path: Path, shoal_cli, tiny_llava) -> None:
+    tiny_llava.vlm(tmp_path / "vlm", 0, text_type="mistral")
+    tiny_llava.lm(tmp_path / "lm", 1)
     out = tmp_path / "out"
     code, _, err = shoal_cli(["merge", str(_recipe(tmp_path)), str(out)])
     assert code == 2
@@ -81,9 +29,9 @@ def test_language_part_of_another_architecture(tmp_path: Path, shoal_cli) -> Non
     nothing_left(out)
 
 
-def test_same_architecture_merges_into_a_vlm(tmp_path: Path, shoal_cli) -> None:
-    _save_vlm(tmp_path / "vlm", "llama")
-    _save_lm(tmp_path / "lm")
+def test_same_architecture_merges_into_a_vlm(tmp_path: Path, shoal_cli, tiny_llava) -> None:
+    tiny_llava.vlm(tmp_path / "vlm", 0)
+    tiny_llava.lm(tmp_path / "lm", 1)
     out = tmp_path / "out"
     code, _, err = shoal_cli(["merge", str(_recipe(tmp_path)), str(out)])
     assert code == 0, err
@@ -107,9 +55,9 @@ def test_build_vlm_refuses_an_existing_folder(tmp_path: Path, shoal_cli) -> None
     assert list(out.iterdir()) == []
 
 
-def test_hf_vlm_loader_on_a_causal_lm(tmp_path: Path, shoal_cli) -> None:
+def test_hf_vlm_loader_on_a_causal_lm(tmp_path: Path, shoal_cli, tiny_llava) -> None:
     """`loader: {type: hf-vlm}` naming a plain causal LM: one line, exit 2, no run folder."""
-    _save_lm(tmp_path / "lm")
+    tiny_llava.lm(tmp_path / "lm", 1)
     config = tmp_path / "run.yaml"
     config.write_text(
         "models: {lm: lm}\n"

@@ -18,61 +18,6 @@ from shoal.merge import merge_into_module, merge_state_dicts, merge_to_disk
 from shoal.merge.vlm import LAYOUTS, detect_layout, to_language_name, to_vlm_name
 
 
-def _configs(text_type: str = "llama") -> tuple[object, object]:
-    from transformers import CLIPVisionConfig, LlamaConfig, MistralConfig
-
-    cls = LlamaConfig if text_type == "llama" else MistralConfig
-    text = cls(
-        vocab_size=48,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=8,
-        patch_size=4,
-        num_channels=1,
-        projection_dim=8,
-    )
-    return text, vision
-
-
-def _seeded(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
-
-
-def _vlm(path: Path, seed: int, text_type: str = "llama") -> torch.nn.Module:
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    text, vision = _configs(text_type)
-    config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=47, image_seq_length=4
-    )
-    model = _seeded(LlavaForConditionalGeneration(config), seed)
-    model.save_pretrained(path)
-    return model
-
-
-def _lm(path: Path, seed: int) -> torch.nn.Module:
-    from transformers import LlamaForCausalLM
-
-    model = _seeded(LlamaForCausalLM(_configs()[0]), seed)
-    model.save_pretrained(path)
-    return model
-
-
 def _read(out: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for shard in sorted(out.glob("*.safetensors")):
@@ -81,9 +26,11 @@ def _read(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture
-def pair(tmp_path: Path) -> tuple[Path, Path, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    vlm = _vlm(tmp_path / "vlm", 0)
-    lm = _lm(tmp_path / "lm", 1)
+def pair(
+    tmp_path: Path, tiny_llava
+) -> tuple[Path, Path, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    vlm = tiny_llava.vlm(tmp_path / "vlm", 0)
+    lm = tiny_llava.lm(tmp_path / "lm", 1)
     return tmp_path / "vlm", tmp_path / "lm", vlm.state_dict(), lm.state_dict()
 
 
@@ -169,11 +116,13 @@ def test_language_part_merged_vision_and_projector_bit_equal(pair, tmp_path: Pat
     assert type(auto) is LlavaForConditionalGeneration
 
 
-def test_merging_with_its_own_language_part_gives_the_vlm_back(pair, tmp_path: Path) -> None:
+def test_merging_with_its_own_language_part_gives_the_vlm_back(
+    pair, tmp_path: Path, tiny_llava
+) -> None:
     from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
 
     vlm_dir, _, vlm_sd, _ = pair
-    text = LlamaForCausalLM(_configs()[0])
+    text = LlamaForCausalLM(tiny_llava.text_config())
     text.model.load_state_dict(
         {
             k.removeprefix("model.language_model."): v
@@ -191,13 +140,13 @@ def test_merging_with_its_own_language_part_gives_the_vlm_back(pair, tmp_path: P
         torch.testing.assert_close(back[name], tensor, rtol=1e-6, atol=1e-7)
 
 
-def test_lm_as_base_still_gives_a_vlm(pair, tmp_path: Path) -> None:
+def test_lm_as_base_still_gives_a_vlm(pair, tmp_path: Path, tiny_llava) -> None:
     """``base_model`` a causal LM: the output takes config, vision tower and projector from
     the first VLM of the recipe; task arithmetic by hand: base + (vlm - base) + (lm - base)."""
     import json
 
     vlm_dir, lm_dir, vlm_sd, lm_sd = pair
-    _lm(tmp_path / "base", 2)
+    tiny_llava.lm(tmp_path / "base", 2)
     base_sd = load_file(str(tmp_path / "base" / "model.safetensors"))
     recipe = {
         "merge_method": "task_arithmetic",
@@ -219,11 +168,11 @@ def test_lm_as_base_still_gives_a_vlm(pair, tmp_path: Path) -> None:
     assert torch.equal(merged[proj], vlm_sd[proj])
 
 
-def test_two_vlms_without_an_lm_merge_whole(tmp_path: Path) -> None:
+def test_two_vlms_without_an_lm_merge_whole(tmp_path: Path, tiny_llava) -> None:
     """Component selection is automatic: only a VLM beside a causal LM is reduced to its
     language part; two VLMs merge every tensor, vision towers included."""
-    a = _vlm(tmp_path / "a", 0).state_dict()
-    b = _vlm(tmp_path / "b", 3).state_dict()
+    a = tiny_llava.vlm(tmp_path / "a", 0).state_dict()
+    b = tiny_llava.vlm(tmp_path / "b", 3).state_dict()
     merged = _read(
         merge_to_disk(
             _linear(tmp_path / "a", tmp_path / "b", 0.5, 0.5), tmp_path / "o", progress=False
@@ -260,9 +209,9 @@ def test_merge_into_a_resident_vlm(pair) -> None:
     assert all(torch.equal(sd[k], got[k]) for k in sd)
 
 
-def test_language_part_of_another_architecture_is_refused(tmp_path: Path) -> None:
-    _vlm(tmp_path / "vlm", 0, text_type="mistral")
-    _lm(tmp_path / "lm", 1)
+def test_language_part_of_another_architecture_is_refused(tmp_path: Path, tiny_llava) -> None:
+    tiny_llava.vlm(tmp_path / "vlm", 0, text_type="mistral")
+    tiny_llava.lm(tmp_path / "lm", 1)
     with pytest.raises(MergeError, match=r"language part is mistral but model .*lm is llama"):
         merge_to_disk(
             _linear(tmp_path / "vlm", tmp_path / "lm", 0.5, 0.5), tmp_path / "out", progress=False
