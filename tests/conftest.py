@@ -172,3 +172,27 @@ def tiny_llava() -> TinyLlava:
     """:class:`TinyLlava`: ``tiny_llava.vlm(path, seed, text_type)``,
     ``tiny_llava.lm(path, seed)``, ``tiny_llava.text_config(text_type)``."""
     return TinyLlava()
+
+
+@pytest.fixture(scope="session")
+def linear_recipe() -> Callable[..., Path]:
+    """``linear_recipe(folder, base, other, weights=(0.5, 0.5), extra="")``: write
+    ``folder/r.yaml``, a ``linear`` merge of ``base`` (also its ``base_model``) and ``other``
+    with ``weights``, then the YAML lines ``extra``; returns its path."""
+
+    def write(
+        folder: Path,
+        base: Path,
+        other: Path,
+        weights: tuple[float, float] = (0.5, 0.5),
+        extra: str = "",
+    ) -> Path:
+        recipe = folder / "r.yaml"
+        recipe.write_text(
+            f"merge_method: linear\nbase_model: {base}\nmodels:\n"
+            f"  - {{model: {base}, parameters: {{weight: {weights[0]}}}}}\n"
+            f"  - {{model: {other}, parameters: {{weight: {weights[1]}}}}}\n{extra}"
+        )
+        return recipe
+
+    return write

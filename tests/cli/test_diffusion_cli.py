@@ -13,28 +13,22 @@ pytest.importorskip("diffusers")
 from diffusers import DDPMPipeline, UNet2DModel
 
 
-def _recipe(tmp: Path, a: Path, b: Path, extra: str = "") -> Path:
-    recipe = tmp / "r.yaml"
-    recipe.write_text(
-        f"merge_method: linear\nbase_model: {a}\nmodels:\n"
-        f"  - {{model: {a}, parameters: {{weight: 0.5}}}}\n"
-        f"  - {{model: {b}, parameters: {{weight: 0.5}}}}\n{extra}"
-    )
-    return recipe
-
-
-def test_merge_of_pipelines_through_the_cli(tmp_path: Path, shoal_cli, tiny_pipeline) -> None:
+def test_merge_of_pipelines_through_the_cli(
+    tmp_path: Path, shoal_cli, tiny_pipeline, linear_recipe
+) -> None:
     a, b = tiny_pipeline(tmp_path / "a", 0), tiny_pipeline(tmp_path / "b", 1)
     out = tmp_path / "out"
-    code, _, err = shoal_cli(["merge", str(_recipe(tmp_path, a, b)), str(out), "-q"])
+    code, _, err = shoal_cli(["merge", str(linear_recipe(tmp_path, a, b)), str(out), "-q"])
     assert code == 0, err
     assert (out / "model_index.json").read_bytes() == (a / "model_index.json").read_bytes()
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
-def test_unknown_component_is_one_line(tmp_path: Path, shoal_cli, tiny_pipeline) -> None:
+def test_unknown_component_is_one_line(
+    tmp_path: Path, shoal_cli, tiny_pipeline, linear_recipe
+) -> None:
     a, b = tiny_pipeline(tmp_path / "a", 0), tiny_pipeline(tmp_path / "b", 1)
-    recipe = _recipe(tmp_path, a, b, "components: [unet, text_encoder]\n")
+    recipe = linear_recipe(tmp_path, a, b, extra="components: [unet, text_encoder]\n")
     out = tmp_path / "out"
     code, _, err = shoal_cli(["merge", str(recipe), str(out)])
     assert code == 2
@@ -42,45 +36,51 @@ def test_unknown_component_is_one_line(tmp_path: Path, shoal_cli, tiny_pipeline)
     nothing_left(out)
 
 
-def test_mismatched_unet_configs_are_one_line(tmp_path: Path, shoal_cli, tiny_pipeline) -> None:
+def test_mismatched_unet_configs_are_one_line(
+    tmp_path: Path, shoal_cli, tiny_pipeline, linear_recipe
+) -> None:
     a = tiny_pipeline(tmp_path / "a", 0)
     b = tiny_pipeline(tmp_path / "b", 1, block_out_channels=[8, 8])
     out = tmp_path / "out"
-    code, _, err = shoal_cli(["merge", str(_recipe(tmp_path, a, b)), str(out)])
+    code, _, err = shoal_cli(["merge", str(linear_recipe(tmp_path, a, b)), str(out)])
     assert code == 2
     one_error_line(err, "components.unet", str(b / "unet" / "config.json"), "block_out_channels")
     nothing_left(out)
 
 
 def test_a_plain_checkpoint_among_pipelines_is_one_line(
-    tmp_path: Path, shoal_cli, tiny_pipeline
+    tmp_path: Path, shoal_cli, tiny_pipeline, linear_recipe
 ) -> None:
     a = tiny_pipeline(tmp_path / "a", 0)
     plain = tiny_pipeline(tmp_path / "p", 1) / "unet"  # a model folder, not a pipeline
     out = tmp_path / "out"
-    code, _, err = shoal_cli(["merge", str(_recipe(tmp_path, a, plain)), str(out)])
+    code, _, err = shoal_cli(["merge", str(linear_recipe(tmp_path, a, plain)), str(out)])
     assert code == 2
     one_error_line(err, str(plain), "not a diffusers pipeline folder")
     nothing_left(out)
 
 
-def test_components_without_pipelines_is_one_line(tmp_path: Path, shoal_cli, tiny_pipeline) -> None:
+def test_components_without_pipelines_is_one_line(
+    tmp_path: Path, shoal_cli, tiny_pipeline, linear_recipe
+) -> None:
     a = tiny_pipeline(tmp_path / "a", 0) / "unet"
     b = tiny_pipeline(tmp_path / "b", 1) / "unet"
     out = tmp_path / "out"
-    recipe = _recipe(tmp_path, a, b, "components: [unet]\n")
+    recipe = linear_recipe(tmp_path, a, b, extra="components: [unet]\n")
     code, _, err = shoal_cli(["merge", str(recipe), str(out)])
     assert code == 2
     one_error_line(err, "components", "model_index.json")
     nothing_left(out)
 
 
-def test_plain_unet_folders_merge_as_checkpoints(tmp_path: Path, shoal_cli, tiny_pipeline) -> None:
+def test_plain_unet_folders_merge_as_checkpoints(
+    tmp_path: Path, shoal_cli, tiny_pipeline, linear_recipe
+) -> None:
     """A component folder alone (diffusion_pytorch_model.safetensors) is a checkpoint."""
     a = tiny_pipeline(tmp_path / "a", 0) / "unet"
     b = tiny_pipeline(tmp_path / "b", 1) / "unet"
     out = tmp_path / "out"
-    code, _, err = shoal_cli(["merge", str(_recipe(tmp_path, a, b)), str(out), "-q"])
+    code, _, err = shoal_cli(["merge", str(linear_recipe(tmp_path, a, b)), str(out), "-q"])
     assert code == 0, err
     assert not (out / "model.safetensors").exists()  # diffusers' name kept
     loaded = UNet2DModel.from_pretrained(str(out), use_safetensors=True)
@@ -88,14 +88,14 @@ def test_plain_unet_folders_merge_as_checkpoints(tmp_path: Path, shoal_cli, tiny
 
 
 def test_export_puts_a_runs_best_unet_into_a_pipeline(
-    tmp_path: Path, shoal_cli, tiny_pipeline
+    tmp_path: Path, shoal_cli, tiny_pipeline, linear_recipe
 ) -> None:
     """`shoal export RUN --pipeline PIPE`: PIPE's files, RUN/best's U-Net, loadable."""
     a, b = tiny_pipeline(tmp_path / "a", 0), tiny_pipeline(tmp_path / "b", 1)
     run = tmp_path / "run"
     run.mkdir()  # a run's best/ is a U-Net checkpoint: here, the merge of the two U-Nets
     code, _, err = shoal_cli(
-        ["merge", str(_recipe(tmp_path, a / "unet", b / "unet")), str(run / "best"), "-q"]
+        ["merge", str(linear_recipe(tmp_path, a / "unet", b / "unet")), str(run / "best"), "-q"]
     )
     assert code == 0, err
     out = tmp_path / "shipped"

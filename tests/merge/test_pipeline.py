@@ -35,23 +35,17 @@ VQ = {
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def _recipe(tmp: Path, base: Path, other: Path, extra: str = "") -> Path:
-    recipe = tmp / "r.yaml"
-    recipe.write_text(
-        f"merge_method: linear\nbase_model: {base}\n"
-        f"models:\n  - {{model: {base}, parameters: {{weight: 0.25}}}}\n"
-        f"  - {{model: {other}, parameters: {{weight: 0.75}}}}\n{extra}"
-    )
-    return recipe
-
-
 def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
-def test_default_merges_the_unet_and_copies_the_rest(tmp_path: Path, tiny_pipeline) -> None:
+def test_default_merges_the_unet_and_copies_the_rest(
+    tmp_path: Path, tiny_pipeline, linear_recipe
+) -> None:
     a, b = tiny_pipeline(tmp_path / "a", 0, vqvae=VQ), tiny_pipeline(tmp_path / "b", 1, vqvae=VQ)
-    out = merge_to_disk(_recipe(tmp_path, a, b), tmp_path / "out", progress=False)
+    out = merge_to_disk(
+        linear_recipe(tmp_path, a, b, (0.25, 0.75)), tmp_path / "out", progress=False
+    )
 
     ua, ub = load_file(str(a / "unet" / WEIGHTS)), load_file(str(b / "unet" / WEIGHTS))
     merged = load_file(str(out / "unet" / WEIGHTS))
@@ -73,9 +67,9 @@ def test_default_merges_the_unet_and_copies_the_rest(tmp_path: Path, tiny_pipeli
     assert all(torch.equal(loaded[k], merged[k]) for k in merged)
 
 
-def test_components_names_what_is_merged(tmp_path: Path, tiny_pipeline) -> None:
+def test_components_names_what_is_merged(tmp_path: Path, tiny_pipeline, linear_recipe) -> None:
     a, b = tiny_pipeline(tmp_path / "a", 0, vqvae=VQ), tiny_pipeline(tmp_path / "b", 1, vqvae=VQ)
-    recipe = _recipe(tmp_path, a, b, "components: [vqvae]\n")
+    recipe = linear_recipe(tmp_path, a, b, (0.25, 0.75), "components: [vqvae]\n")
     out = merge_to_disk(recipe, tmp_path / "out", progress=False)
     assert (out / "unet" / WEIGHTS).read_bytes() == (a / "unet" / WEIGHTS).read_bytes()
     va, vb = load_file(str(a / "vqvae" / WEIGHTS)), load_file(str(b / "vqvae" / WEIGHTS))
@@ -83,7 +77,9 @@ def test_components_names_what_is_merged(tmp_path: Path, tiny_pipeline) -> None:
     for name in va:
         torch.testing.assert_close(merged[name], 0.25 * va[name] + 0.75 * vb[name])
     both = merge_to_disk(
-        _recipe(tmp_path, a, b, "components: [unet, vqvae]\n"), tmp_path / "both", progress=False
+        linear_recipe(tmp_path, a, b, (0.25, 0.75), "components: [unet, vqvae]\n"),
+        tmp_path / "both",
+        progress=False,
     )
     assert (both / "vqvae" / WEIGHTS).read_bytes() == (out / "vqvae" / WEIGHTS).read_bytes()
     assert (both / "unet" / WEIGHTS).read_bytes() != (a / "unet" / WEIGHTS).read_bytes()
