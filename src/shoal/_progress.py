@@ -9,10 +9,11 @@ imported only when a bar is made.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
-__all__ = ["counting_bar", "status_bar"]
+__all__ = ["counting_bar", "phase_bars", "status_bar"]
 
 
 def counting_bar(enabled: bool) -> Any:
@@ -33,9 +34,10 @@ def counting_bar(enabled: bool) -> Any:
     )
 
 
-def status_bar() -> Any:
+def status_bar(console: Any = None) -> Any:
     """A ``description, bar, done/total, elapsed, info`` bar; give each task an ``info``
-    field (``add_task(..., info="")``) and update it as the loop goes."""
+    field (``add_task(..., info="")``) and update it as the loop goes. ``console``: a rich
+    console to draw on (default stdout)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -50,4 +52,23 @@ def status_bar() -> Any:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"),
+        console=console,
     )
+
+
+@contextmanager
+def phase_bars() -> Iterator[Callable[[str, int, int], None]]:
+    """A :func:`status_bar` on stderr with one bar per phase of a build, as the callback the
+    testbed builders take: ``progress(phase, done, total)`` adds the phase's bar on first
+    sight. stdout stays for the build's own report."""
+    from rich.console import Console
+
+    with status_bar(Console(stderr=True)) as bar:
+        bars: dict[str, Any] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in bars:
+                bars[phase] = bar.add_task(phase, total=total, info="")
+            bar.update(bars[phase], completed=done)
+
+        yield progress

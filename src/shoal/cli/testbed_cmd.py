@@ -71,9 +71,9 @@ def register(app: typer.Typer) -> None:
             return
         size = size or "tiny"
         from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
         from transformers.utils import logging as hf_logging
 
+        from shoal._progress import phase_bars
         from shoal.testbed import build_testbed
         from shoal.testbed.build import prepare_target
         from shoal.testbed.sizes import get_size
@@ -83,20 +83,7 @@ def register(app: typer.Typer) -> None:
         prepare_target(out_dir, overwrite)
         hf_logging.disable_progress_bar()
         console = Console(stderr=True)
-        with Progress(
-            TextColumn("{task.description:<24}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as bar:
-            bars: dict[str, object] = {}
-
-            def on_progress(phase: str, done: int, total: int) -> None:
-                if phase not in bars:
-                    bars[phase] = bar.add_task(phase, total=total)
-                bar.update(bars[phase], completed=done)  # type: ignore[arg-type]
-
+        with phase_bars() as on_progress:
             path = build_testbed(
                 out_dir,
                 preset,
@@ -130,21 +117,14 @@ def _build_vlm(out_dir: Path, size: str, seed: int, overwrite: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from shoal._progress import status_bar
+    from shoal._progress import phase_bars
     from shoal.errors import OutputExistsError
     from shoal.testbed.vlm import build_vlm_testbed, get_vlm_size
 
     get_vlm_size(size)  # an unknown size or an existing output fails before a bar is drawn
     if out_dir.exists() and not overwrite:
         raise OutputExistsError(f"{out_dir} exists; pass --overwrite to replace it")
-    with status_bar() as bar:
-        bars: dict[str, object] = {}
-
-        def on_progress(phase: str, done: int, total: int) -> None:
-            if phase not in bars:
-                bars[phase] = bar.add_task(phase, total=total, info="")
-            bar.update(bars[phase], completed=done)  # type: ignore[arg-type]
-
+    with phase_bars() as on_progress:
         path = build_vlm_testbed(out_dir, size, seed, overwrite=overwrite, progress=on_progress)
     meta = json.loads((path / "vlm_testbed.json").read_text())
     table = Table(title=f"exact match (%), test split, {path}")

@@ -22,20 +22,13 @@ def build_and_report(
     from rich.console import Console
     from rich.table import Table
 
-    from shoal._progress import status_bar
+    from shoal._progress import phase_bars
     from shoal.errors import OutputExistsError
     from shoal.testbed.diffusion import NULL_CLASS, TEST_SEEDS, build_diffusion_testbed
 
     if out_dir.exists() and not overwrite:
         raise OutputExistsError(f"{out_dir}: exists (pass --overwrite to replace it)")
-    with status_bar() as bar:
-        bars: dict[str, object] = {}
-
-        def on_progress(phase: str, done: int, total: int) -> None:
-            if phase not in bars:
-                bars[phase] = bar.add_task(phase, total=total, info="")
-            bar.update(bars[phase], completed=done)  # type: ignore[arg-type]
-
+    with phase_bars() as on_progress:
         path = build_diffusion_testbed(
             out_dir, seed=seed, overwrite=overwrite, progress=on_progress, score=score
         )
