@@ -129,10 +129,11 @@ def test_export_equals_the_wrapped_model_and_loads(
     assert not (tmp_path / "o").exists()
 
 
-def test_example_config_validates() -> None:
+@pytest.mark.parametrize("name", ["testbed-small.yaml", "testbed-small-supervised.yaml"])
+def test_example_configs_validate(name: str) -> None:
     import shoal.executors.testbed_task  # noqa: F401  (registers type: testbed)
 
-    example = Path(__file__).resolve().parents[2] / "examples" / "adapt" / "testbed-small.yaml"
+    example = Path(__file__).resolve().parents[2] / "examples" / "adapt" / name
     cfg = load_adapt_config(example)
     assert cfg.skills == ["chain_sum", "spell_backward", "gcd"]
     assert cfg.base.endswith(".testbed/small/base")
