@@ -118,3 +118,15 @@ def test_the_working_directory_is_refused_through_a_symlinked_parent(
     (tmp_path / "hop").symlink_to(tmp_path / "real" / "x", target_is_directory=True)
     with pytest.raises(OutputExistsError, match="working directory"):
         refuse_working_dir(tmp_path / "hop" / ".." / "sub")
+
+
+def test_a_missing_extra_is_one_line_naming_it() -> None:
+    import pytest
+
+    from shoal._extras import import_extra
+    from shoal.errors import ShoalError
+
+    assert import_extra("json", "none", "a test").dumps([1]) == "[1]"
+    with pytest.raises(ShoalError, match=r"pip install 'shoal\[demo\]'") as info:
+        import_extra("shoal_no_such_module", "demo", "the frobnicator")
+    assert "the frobnicator needs shoal_no_such_module" in str(info.value)

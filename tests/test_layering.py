@@ -10,7 +10,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "shoal"
 
 # top-level modules below every part, importable from all of them
-SHARED = {"errors", "_atomic", "_closing", "_devices", "_progress", "_yaml"}
+SHARED = {"errors", "_atomic", "_closing", "_devices", "_extras", "_progress", "_yaml"}
 
 # part -> the parts it may import (besides itself and SHARED)
 ALLOWED: dict[str, set[str]] = {

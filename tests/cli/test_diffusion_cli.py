@@ -160,3 +160,88 @@ def test_diffusers_loader_on_a_folder_that_is_no_diffusers_model(tmp_path: Path,
     assert code == 2
     assert "_class_name" in one_error_line(err)
     nothing_left(run)
+
+
+def _as_bin(pipe: Path) -> Path:
+    """Re-save a pipeline's U-Net as diffusers' ``diffusion_pytorch_model.bin``."""
+    unet = UNet2DModel.from_pretrained(str(pipe / "unet"))
+    for f in (pipe / "unet").glob("*.safetensors"):
+        f.unlink()
+    unet.save_pretrained(str(pipe / "unet"), safe_serialization=False)
+    assert (pipe / "unet" / "diffusion_pytorch_model.bin").is_file()
+    return pipe
+
+
+def test_a_bin_unet_merges_under_diffusers_name(
+    tmp_path: Path, shoal_cli, tiny_pipeline, linear_recipe
+) -> None:
+    """A U-Net saved as .bin is read, and the merge is written where diffusers looks."""
+    a = _as_bin(tiny_pipeline(tmp_path / "a", 0))
+    b = tiny_pipeline(tmp_path / "b", 1)
+    out = tmp_path / "out"
+    code, _, err = shoal_cli(["merge", str(linear_recipe(tmp_path, a, b)), str(out), "-q"])
+    assert code == 0, err
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    merged = DDPMPipeline.from_pretrained(str(out)).unet.state_dict()
+    ua = UNet2DModel.from_pretrained(str(a / "unet")).state_dict()
+    ub = UNet2DModel.from_pretrained(str(b / "unet")).state_dict()
+    for name, got in merged.items():
+        torch.testing.assert_close(got, 0.5 * ua[name] + 0.5 * ub[name])
+
+
+def test_a_nested_folder_named_like_a_component_is_copied(
+    tmp_path: Path, shoal_cli, tiny_pipeline, linear_recipe
+) -> None:
+    a, b = tiny_pipeline(tmp_path / "a", 0), tiny_pipeline(tmp_path / "b", 1)
+    (a / "extras" / "unet").mkdir(parents=True)
+    (a / "extras" / "unet" / "notes.txt").write_text("kept")
+    out = tmp_path / "out"
+    code, _, err = shoal_cli(["merge", str(linear_recipe(tmp_path, a, b)), str(out), "-q"])
+    assert code == 0, err
+    assert (out / "extras" / "unet" / "notes.txt").read_text() == "kept"
+
+
+def test_a_component_without_weights_fails_before_any_merge(
+    tmp_path: Path, shoal_cli, tiny_pipeline, linear_recipe
+) -> None:
+    a, b = tiny_pipeline(tmp_path / "a", 0), tiny_pipeline(tmp_path / "b", 1)
+    recipe = linear_recipe(tmp_path, a, b, extra="components: [unet, scheduler]\n")
+    out = tmp_path / "out"
+    code, _, err = shoal_cli(["merge", str(recipe), str(out)])
+    assert code == 2
+    line = one_error_line(err)
+    assert "components.scheduler" in line and "no weights" in line
+    nothing_left(out)
+
+
+def test_export_refuses_weights_that_are_not_the_component(
+    tmp_path: Path, shoal_cli, tiny_pipeline
+) -> None:
+    """best/ holding another model (here a U-Net of other widths) is one line, exit 2."""
+    a = tiny_pipeline(tmp_path / "a", 0)
+    other = tiny_pipeline(tmp_path / "o", 1, block_out_channels=[8, 8])
+    run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)
+    for f in (other / "unet").iterdir():
+        (run / "best" / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "shipped"
+    code, _, err = shoal_cli(["export", str(run), "--pipeline", str(a), "--out", str(out)])
+    assert code == 2
+    assert "has shape" in one_error_line(err)
+    nothing_left(out)
+
+
+def test_export_into_its_own_pipeline_is_refused(
+    tmp_path: Path, shoal_cli, tiny_pipeline, linear_recipe
+) -> None:
+    a, b = tiny_pipeline(tmp_path / "a", 0), tiny_pipeline(tmp_path / "b", 1)
+    run = tmp_path / "run"
+    run.mkdir()
+    recipe = linear_recipe(tmp_path, a / "unet", b / "unet")
+    assert shoal_cli(["merge", str(recipe), str(run / "best"), "-q"])[0] == 0
+    before = sorted(p.relative_to(a) for p in a.rglob("*"))
+    for out, extra in ((a / "sub", []), (a, ["--overwrite"])):
+        args = ["export", str(run), "--pipeline", str(a), "--out", str(out), *extra]
+        code, _, err = shoal_cli(args)
+        assert code == 2 and "inside the model" in one_error_line(err)
+    assert sorted(p.relative_to(a) for p in a.rglob("*")) == before

@@ -80,6 +80,7 @@ def test_testbed_kind_mistakes_are_one_line(tmp_path: Path, shoal_cli) -> None:
         (["--kind", "audio"], "--kind"),
         (["--kind", "vlm", "--threads", "2"], "--threads"),
         (["--kind", "diffusion", "--size", "small"], "--size"),
+        (["--kind", "vlm", "--no-report"], "--no-report"),
     ):
         code, _, err = shoal_cli(["testbed", "build", str(out), *args])
         assert code == 2, args

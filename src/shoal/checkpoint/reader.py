@@ -32,6 +32,8 @@ TORCH_SINGLE = "pytorch_model.bin"
 # a diffusers model folder (a pipeline's unet/, vae/, ...) names its weights this way
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 DIFFUSERS_SINGLE = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_TORCH_INDEX = "diffusion_pytorch_model.bin.index.json"
+DIFFUSERS_TORCH_SINGLE = "diffusion_pytorch_model.bin"
 
 
 def open_checkpoint(path: str | Path) -> CheckpointReader:
@@ -94,6 +96,10 @@ class CheckpointReader(Closing):
             self._open_index(d / TORCH_INDEX, safetensors=False)
         elif (d / TORCH_SINGLE).is_file():
             self._open_torch(d / TORCH_SINGLE)
+        elif (d / DIFFUSERS_TORCH_INDEX).is_file():
+            self._open_index(d / DIFFUSERS_TORCH_INDEX, safetensors=False)
+        elif (d / DIFFUSERS_TORCH_SINGLE).is_file():
+            self._open_torch(d / DIFFUSERS_TORCH_SINGLE)
         else:
             st = sorted(d.glob("*.safetensors"))
             pt = sorted(p for ext in ("*.pt", "*.pth", "*.bin") for p in d.glob(ext))
@@ -103,7 +109,8 @@ class CheckpointReader(Closing):
             elif not candidates:
                 raise CheckpointError(
                     f"{d}: no weights found (expected {SAFETENSORS_SINGLE}, "
-                    f"{SAFETENSORS_INDEX}, {TORCH_SINGLE}, or one *.safetensors / *.pt file)"
+                    f"{SAFETENSORS_INDEX}, {TORCH_SINGLE}, {DIFFUSERS_SINGLE}, or one "
+                    "*.safetensors / *.pt file)"
                 )
             else:
                 names = ", ".join(p.name for p in candidates)

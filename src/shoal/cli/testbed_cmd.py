@@ -59,6 +59,8 @@ def register(app: typer.Typer) -> None:
         if kind != "lm" and (threads != 1 or device is not None):
             raise RecipeError("--threads and --device: only for --kind lm")
         if kind == "vlm":
+            if report is False:
+                raise RecipeError("--no-report: the vlm testbed's build scores its models")
             _build_vlm(out_dir, size or "small", seed, overwrite)
             return
         if kind == "diffusion":

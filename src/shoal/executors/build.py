@@ -34,6 +34,7 @@ import torch
 
 from shoal.errors import CheckpointError, MergeError
 from shoal.executors.store import PREFIX, ModelStore
+from shoal.merge.vlm import is_vlm_dir
 
 __all__ = [
     "SourceLoadError",
@@ -159,19 +160,6 @@ def _copy_into(module: torch.nn.Module, tensors: Tensors, ref: str) -> None:
             target[name].copy_(tensor)
 
 
-def _is_vlm_dir(path: str | None) -> bool:
-    """Whether ``path/config.json`` has a ``vision_config`` (a vision-language model)."""
-    import json
-
-    if path is None:
-        return False
-    try:
-        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "vision_config" in config
-
-
 def _fit_to_module(
     module: torch.nn.Module, tensors: Tensors, sources: SourceMap, ref: str
 ) -> Tensors:
@@ -196,7 +184,7 @@ def _fit_to_module(
     if layout is not None:
         return {to_layout(n, layout, target): t for n, t in tensors.items()}
     names = [n for n in sources if not n.startswith(PREFIX)]
-    vlm_ref = next((n for n in names if _is_vlm_dir(sources.path_of(n))), None)
+    vlm_ref = next((n for n in names if is_vlm_dir(sources.path_of(n))), None)
     if vlm_ref is None:
         raise MergeError(
             f"model {ref!r}: a causal LM goes into the resident vision-language model as its "

@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 
+from shoal._extras import import_extra
 from shoal.errors import RecipeError
+from shoal.merge.vlm import is_vlm_dir
 from shoal.tasks.python import import_callable
 
 __all__ = [
@@ -52,7 +54,7 @@ def hf_model_dir(
     """
     name = loader.get("model") or base or next(iter(models), None)
     if kind == "hf-vlm" and not loader.get("model"):  # the base is often the plain LM
-        vlms = [n for n in ([base] if base else []) + list(models) if _is_vlm(models.get(n, n))]
+        vlms = [n for n in ([base] if base else []) + list(models) if is_vlm_dir(models.get(n, n))]
         name = vlms[0] if vlms else name
     if name is None:
         raise RecipeError(f"loader: {kind} needs loader.model or at least one model")
@@ -66,24 +68,13 @@ def hf_model_dir(
             f"{where}: {path} is not a Hugging Face model directory (no config.json), "
             f"which the {kind} loader needs"
         )
-    if kind == "hf-vlm" and not _is_vlm(str(path)):
+    if kind == "hf-vlm" and not is_vlm_dir(str(path)):
         where = "loader.model" if loader.get("model") else "models"
         raise RecipeError(
             f"{where}: {path} is not a vision-language model (no vision_config in its "
             "config.json), which the hf-vlm loader needs"
         )
     return path
-
-
-def _is_vlm(path: str) -> bool:
-    """Whether the model directory's ``config.json`` has a ``vision_config`` (a VLM)."""
-    import json
-
-    try:
-        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "vision_config" in config
 
 
 def hf_tokenizer(path: Path) -> Any:
@@ -130,7 +121,7 @@ def diffusers_class(path: str | Path, component: str = "unet") -> tuple[Path, ty
         name = json.loads(cfg.read_text(encoding="utf-8"))["_class_name"]
     except (OSError, ValueError, KeyError, TypeError):
         raise RecipeError(f"{cfg}: not a diffusers model config (no _class_name)") from None
-    import diffusers
+    diffusers = import_extra("diffusers", "diffusion", "the diffusers-model loader")
 
     # its advice on casting with .to(dtype) is noise here: the loader casts on purpose
     diffusers.utils.logging.set_verbosity_error()

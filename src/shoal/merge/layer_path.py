@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from shoal.errors import CheckpointError, MergeError, RecipeError
+from shoal.merge.vlm import is_vlm_dir
 
 __all__ = [
     "LayerPath",
@@ -397,23 +398,13 @@ def build_from_recipe(recipe: Mapping[str, Any] | LayerPath, models: Mapping[str
 
 
 # -- disk -----------------------------------------------------------------------------------
-def _is_vlm_dir(path: Path) -> bool:
-    """Whether ``path/config.json`` describes a vision-language model (a ``vision_config``
-    beside a ``text_config``, as LLaVA's does)."""
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "vision_config" in config and "text_config" in config
-
-
 def _load_hf(path: str | Path, dtype: torch.dtype | None = None) -> Any:
     import transformers
 
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{p}: not a model directory")
-    vlm = _is_vlm_dir(p)
+    vlm = is_vlm_dir(p)
     auto: Any = (
         transformers.AutoModelForImageTextToText if vlm else transformers.AutoModelForCausalLM
     )

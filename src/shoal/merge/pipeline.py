@@ -11,8 +11,9 @@ with ``DiffusionPipeline.from_pretrained``. Everything is written into a tempora
 sibling of the output and renamed at the end.
 
 Everything a user can get wrong is checked before anything is written: a model that is
-not a pipeline folder, a component that one of them lacks, merged components whose
-``config.json`` differ (other than diffusers' bookkeeping keys starting with ``_``).
+not a pipeline folder, a component that one of them lacks or holds no weights for, merged
+components whose ``config.json`` differ (other than diffusers' bookkeeping keys starting
+with ``_``), an output inside one of the pipelines.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from shoal._atomic import atomic_dir, hold_lock, refuse_working_dir, remove_stale_temp_siblings
-from shoal.errors import OutputExistsError, RecipeError
+from shoal.checkpoint import open_checkpoint
+from shoal.errors import CheckpointError, OutputExistsError, RecipeError
 from shoal.recipe import Recipe, rename_models
 
 __all__ = [
@@ -133,6 +135,7 @@ def check_pipelines(paths: Mapping[str, Path], reference: str, components: Seque
             folder = path / comp
             if not folder.is_dir():
                 raise RecipeError(f"components.{comp}: {ref} has no {comp}/ folder ({path})")
+            _tensor_shapes(folder, f"components.{comp}")  # weights there, before any work
             if ref_cfg is None:
                 continue
             cfg_path = folder / "config.json"
@@ -146,8 +149,43 @@ def check_pipelines(paths: Mapping[str, Path], reference: str, components: Seque
 
 
 def uses_diffusers_names(folder: Path) -> bool:
-    """Whether a model folder names its weights as diffusers does."""
-    return any(folder.glob(f"{_DIFFUSERS_WEIGHTS}*.safetensors*"))
+    """Whether a model folder names its weights as diffusers does (safetensors or .bin,
+    single or sharded); a merge of it is then written under diffusers' name."""
+    return any(folder.glob(f"{_DIFFUSERS_WEIGHTS}*"))
+
+
+def _tensor_shapes(folder: Path, where: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape of the model in ``folder``, from its headers.
+
+    Raises:
+        RecipeError: no readable weights there (``where`` names the key).
+    """
+    try:
+        with open_checkpoint(folder) as reader:
+            return {name: reader.shape(name) for name in reader}
+    except CheckpointError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
+
+
+def _refuse_inside(out: Path, folders: Mapping[str, Path]) -> None:
+    """An output that is, or lies inside, one of the input folders would be copied into
+    itself (or replace an input): refuse it before anything is written."""
+    target = out.resolve()
+    for ref, path in folders.items():
+        src = path.resolve()
+        if target == src or src in target.parents:
+            raise OutputExistsError(f"{out}: inside the model {ref!r} ({path}); write elsewhere")
+
+
+def _ignore_at_top(root: Path, names: Sequence[str]) -> Any:
+    """A ``shutil.copytree`` ignore that skips ``names`` in ``root`` itself only (a nested
+    file that happens to share a component's name is copied)."""
+    top = os.path.abspath(root)
+
+    def ignore(directory: str, entries: list[str]) -> list[str]:
+        return [e for e in entries if e in names] if os.path.abspath(directory) == top else []
+
+    return ignore
 
 
 def rename_weights(folder: Path) -> None:
@@ -176,9 +214,11 @@ def install_component(
     ``weights_dir``'s safetensors and ``config.json`` replace the component's.
 
     Raises:
-        RecipeError: ``pipeline`` is not a pipeline or lacks ``component``.
+        RecipeError: ``pipeline`` is not a pipeline or lacks ``component``; ``weights_dir``
+            holds no safetensors, or tensors whose names or shapes are not the component's.
         OutputExistsError: ``out_dir`` exists and ``overwrite`` is false (with it, the old
-            folder is replaced only once the new one is complete).
+            folder is replaced only once the new one is complete), or lies inside
+            ``pipeline`` or ``weights_dir``.
     """
     src, out = Path(pipeline), Path(out_dir)
     weights = Path(weights_dir)
@@ -186,11 +226,17 @@ def install_component(
         raise RecipeError(f"{src}: not a diffusers pipeline with a {component!r} component")
     if not any(weights.glob("*.safetensors")):
         raise RecipeError(f"{weights}: no safetensors weights to install as {component}")
+    _check_fits(
+        _tensor_shapes(src / component, component),
+        _tensor_shapes(weights, "weights"),
+        f"{weights} as {src / component}",
+    )
     refuse_working_dir(out)
+    _refuse_inside(out, {"pipeline": src, "weights": weights})
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: exists; remove it or write elsewhere")
     with atomic_dir(out) as tmp:
-        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(component))
+        shutil.copytree(src, tmp, ignore=_ignore_at_top(src, [component]))
         dest = tmp / component
         dest.mkdir()
         for f in weights.iterdir():
@@ -200,6 +246,22 @@ def install_component(
         if uses_diffusers_names(src / component):
             rename_weights(dest)
     return out
+
+
+def _check_fits(
+    want: Mapping[str, tuple[int, ...]], got: Mapping[str, tuple[int, ...]], what: str
+) -> None:
+    """The same tensor names with the same shapes, or one line naming the first that differs."""
+    for name, shape in want.items():
+        if name not in got:
+            raise RecipeError(f"{what}: tensor {name} is missing")
+        if got[name] != shape:
+            raise RecipeError(
+                f"{what}: tensor {name} has shape {list(got[name])}, the component's {list(shape)}"
+            )
+    extra = sorted(set(got) - set(want))
+    if extra:
+        raise RecipeError(f"{what}: tensor {extra[0]} is not the component's")
 
 
 def pipeline_paths(recipe: Recipe) -> dict[str, Path] | None:
@@ -253,8 +315,9 @@ def merge_pipeline(
     refuse_working_dir(out)
     for ref, path in paths.items():
         target = out.resolve()
-        if out.exists() and (path.resolve() == target or target in path.resolve().parents):
+        if out.exists() and target in path.resolve().parents:
             raise OutputExistsError(f"{out}: holds the recipe's model {ref!r}; write elsewhere")
+    _refuse_inside(out, paths)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: exists (pass --overwrite to replace it)")
     target = Path(os.path.abspath(out))
@@ -265,7 +328,7 @@ def merge_pipeline(
     ref_dir = paths[reference]
     lock = target.with_name(f".{target.name}.lock")
     with hold_lock(lock, str(out), remove=True), atomic_dir(target) as tmp:
-        shutil.copytree(ref_dir, tmp, ignore=shutil.ignore_patterns(*components))
+        shutil.copytree(ref_dir, tmp, ignore=_ignore_at_top(ref_dir, components))
         for comp in components:
             sub = rename_models(data, {ref: str((p / comp).resolve()) for ref, p in paths.items()})
             merge_to_disk(sub, tmp / comp, **merge_options)  # keeps diffusers' file names

@@ -23,6 +23,7 @@ import torch
 from shoal.checkpoint import layer_index, num_layers, rename_layer
 from shoal.errors import MergeError, RecipeError
 from shoal.merge.sources import TensorSource
+from shoal.merge.vlm import is_vlm_config
 from shoal.merge.vocab import is_vocab_tensor
 from shoal.recipe import (
     METHODS,
@@ -346,7 +347,7 @@ def module_order(names: Sequence[str], config: Mapping[str, Any] | None) -> list
     (``torch.save`` of a tied model), which the worker leaves out; checkpoints whose names
     differ from the module's (fused MoE experts).
     """
-    if config and isinstance(config.get("text_config"), dict) and "vision_config" in config:
+    if is_vlm_config(config):
         config = config["text_config"]  # a VLM seen through its language part (merge/vlm.py)
     if not config or "model_type" not in config:
         return list(names)

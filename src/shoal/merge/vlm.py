@@ -25,9 +25,11 @@ body under ``model.`` are covered (Llama, Mistral, Qwen2, Gemma, ...).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 
@@ -44,6 +46,8 @@ __all__ = [
     "VLMLayout",
     "detect_layout",
     "finish_vlm_plan",
+    "is_vlm_config",
+    "is_vlm_dir",
     "language_shapes",
     "language_views",
     "to_language_name",
@@ -143,6 +147,28 @@ def to_layout(name: str, src: VLMLayout, dst: VLMLayout = _MODULE) -> str:
 def _module_name(name: str, layout: VLMLayout) -> str:
     """A tensor outside the language part, named as the ``module`` layout names it."""
     return layout.rest + name
+
+
+def is_vlm_config(config: Any) -> TypeGuard[Mapping[str, Any]]:
+    """Whether a ``config.json`` (as a dict) describes a LLaVA-style vision-language model:
+    a ``vision_config`` beside a ``text_config``. The one test every part uses."""
+    return (
+        isinstance(config, Mapping)
+        and isinstance(config.get("vision_config"), Mapping)
+        and isinstance(config.get("text_config"), Mapping)
+    )
+
+
+def is_vlm_dir(path: str | Path | None) -> bool:
+    """Whether the model directory ``path`` holds a vision-language model (:func:`is_vlm_config`
+    of its ``config.json``; ``False`` when there is none or it is unreadable)."""
+    if path is None:
+        return False
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return is_vlm_config(config)
 
 
 def _text_config(config: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from shoal._extras import import_extra
 from shoal.errors import TaskError
 from shoal.tasks.base import Task
 from shoal.tasks.registry import TaskEnv, TaskOptions, register_task_type
@@ -52,7 +53,7 @@ def load_scheduler(path: str | Path, kind: str | None = None) -> Any:
     Raises:
         TaskError: no scheduler config there, or an unknown class name.
     """
-    import diffusers
+    diffusers = import_extra("diffusers", "diffusion", "the image-generation task")
 
     folder = Path(path)
     if not (folder / "scheduler_config.json").is_file() and (folder / "scheduler").is_dir():

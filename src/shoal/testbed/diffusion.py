@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from shoal._atomic import atomic_dir, refuse_working_dir, remove_stale_temp_siblings
+from shoal._extras import import_extra
 from shoal.errors import OutputExistsError, TaskError
 
 __all__ = [
@@ -161,7 +162,7 @@ def load_classifier(path: str | Path) -> DigitsClassifier:
 def testbed_unet() -> nn.Module:
     """A fresh U-Net of the testbed's architecture (the ``callable`` loader of its runs:
     every candidate's weights are built into it, so its own are never used)."""
-    import diffusers
+    diffusers = import_extra("diffusers", "diffusion", "the diffusion testbed")
 
     # its advice against casting with .to(dtype), which the loader does on purpose
     diffusers.utils.logging.set_verbosity_error()
@@ -287,7 +288,7 @@ def score_diffusion_testbed(
     root: str | Path, seeds: Sequence[int] = TEST_SEEDS
 ) -> dict[str, list[float]]:
     """Each U-Net's accuracy of the intended class, per class 0–9, on ``seeds``."""
-    from diffusers import UNet2DModel
+    UNet2DModel = import_extra("diffusers", "diffusion", "the diffusion testbed").UNet2DModel
 
     root = Path(root)
     task = generation_task(root, seeds)
@@ -328,6 +329,7 @@ def build_diffusion_testbed(
     """
     cfg = settings or DiffusionSettings()
     out = Path(out_dir)
+    import_extra("diffusers", "diffusion", "the diffusion testbed")  # before any work
     refuse_working_dir(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: exists (pass --overwrite to replace it)")
