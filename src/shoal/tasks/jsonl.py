@@ -10,6 +10,7 @@ answer (``exact``), optionally ignoring case.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -22,14 +23,14 @@ from shoal.tasks.choice import ChoiceTask
 from shoal.tasks.generation import GenerationTask
 from shoal.tasks.registry import TaskEnv, TaskOptions, register_task_type
 
-__all__ = ["JsonlOptions", "exact_match", "read_jsonl"]
+__all__ = ["JsonlOptions", "exact_match", "jsonl_rows", "read_jsonl"]
 
 
-def read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """Rows of a JSONL file (blank lines skipped); errors name file and line."""
+def jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line of a JSONL file; errors name the
+    file and the line (a missing file, a line that is no JSON object)."""
     if not path.is_file():
         raise TaskError(f"{path}: task data file not found")
-    rows: list[dict[str, Any]] = []
     with path.open(encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
@@ -40,9 +41,16 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
                 raise TaskError(f"{path}:{n}: not a JSON line ({exc.msg})") from None
             if not isinstance(row, dict):
                 raise TaskError(f"{path}:{n}: expected a JSON object")
-            rows.append(row)
-            if limit is not None and len(rows) >= limit:
-                break
+            yield n, row
+
+
+def read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Rows of a JSONL file (blank lines skipped); errors name file and line."""
+    rows: list[dict[str, Any]] = []
+    for _, row in jsonl_rows(path):
+        rows.append(row)
+        if limit is not None and len(rows) >= limit:
+            break
     if not rows:
         raise TaskError(f"{path}: no examples")
     return rows

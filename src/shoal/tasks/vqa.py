@@ -16,7 +16,6 @@ equals the item's answer.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from pydantic import Field
 from shoal.errors import TaskError
 from shoal.tasks.base import Task
 from shoal.tasks.generation import extract_answer
+from shoal.tasks.jsonl import jsonl_rows
 from shoal.tasks.registry import TaskEnv, TaskOptions, register_task_type
 
 __all__ = ["VQAItem", "VQAOptions", "VQATask", "image_prompt_prefix", "read_vqa"]
@@ -52,30 +52,21 @@ def read_vqa(path: Path, images: np.ndarray | None, limit: int | None = None) ->
         TaskError: a line that is no JSON object, lacks ``question``/``answer``, or names an
             image the array does not hold.
     """
-    if not path.is_file():
-        raise TaskError(f"{path}: task data file not found")
     count = 0 if images is None else len(images)
     items: list[VQAItem] = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskError(f"{path}:{n}: not a JSON line ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("question"), str):
-                raise TaskError(f"{path}:{n}: expected an object with a string 'question'")
-            if "answer" not in row:
-                raise TaskError(f"{path}:{n}: no 'answer'")
-            image = row.get("image")
-            if image is not None and (
-                isinstance(image, bool) or not isinstance(image, int) or not 0 <= image < count
-            ):
-                raise TaskError(f"{path}:{n}: image {image!r} is not a row of the images ({count})")
-            items.append(VQAItem(image, row["question"], str(row["answer"])))
-            if limit is not None and len(items) >= limit:
-                break
+    for n, row in jsonl_rows(path):
+        if not isinstance(row.get("question"), str):
+            raise TaskError(f"{path}:{n}: expected an object with a string 'question'")
+        if "answer" not in row:
+            raise TaskError(f"{path}:{n}: no 'answer'")
+        image = row.get("image")
+        if image is not None and (
+            isinstance(image, bool) or not isinstance(image, int) or not 0 <= image < count
+        ):
+            raise TaskError(f"{path}:{n}: image {image!r} is not a row of the images ({count})")
+        items.append(VQAItem(image, row["question"], str(row["answer"])))
+        if limit is not None and len(items) >= limit:
+            break
     if not items:
         raise TaskError(f"{path}: no examples")
     return items
