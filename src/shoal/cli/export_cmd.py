@@ -9,8 +9,11 @@ import typer
 
 __all__ = ["register"]
 
-_HELP = """List a CycleQD run's archives, or write one elite (or the aggregation)
-as a loadable checkpoint with a model card.
+_HELP = """Write a run's model as a loadable checkpoint: a CycleQD elite or \
+aggregation, or a best U-Net as a diffusers pipeline.
+
+A CycleQD run: list its archives, or write one elite (or the aggregation) as a
+checkpoint with a model card.
 
 \b
     shoal export runs/cqd --list                            # every elite, a table
