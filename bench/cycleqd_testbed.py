@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from _evolve_example import evolve_example
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "cycleqd-testbed-small.yaml"
@@ -54,15 +53,8 @@ def _floor() -> float:
 
 
 def _run(variant: str, testbed: Path, generations: int, run_dir: Path) -> None:
-    cfg = run_dir.parent / f"{run_dir.name}.yaml"
-    cfg.write_text(EXAMPLE.read_text().replace("../.testbed/small", str(testbed.resolve())))
-    command = [sys.executable, "-m", "shoal.cli.main", "evolve", str(cfg)]
-    command += ["--run-dir", str(run_dir), "--no-progress"]
-    command += ["--set", f"algorithm.generations={generations}", *VARIANTS[variant]]
-    # one thread and the AVX2 kernels, as the testbed build trains (docs/testbed.md)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
-    print(f"running {run_dir.name} ...", flush=True)
-    subprocess.run(command, check=True, env=env)
+    args = ["--set", f"algorithm.generations={generations}", *VARIANTS[variant]]
+    evolve_example(EXAMPLE, testbed, run_dir, args)
 
 
 def _mean(scores: dict[str, Any], split: str) -> float:

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from _evolve_example import evolve_example
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -37,22 +37,9 @@ VARIANTS = {
 LABELS = {"ps": "PS", "pl": "PS per_layer", "psdfs": "PS+DFS"}
 
 
-def _config(example: str, build: Path, out: Path) -> Path:
-    """The example with its testbed paths pointed at ``build``."""
-    text = (ROOT / "examples" / example).read_text()
-    out.write_text(text.replace("../.testbed/small", str(build.resolve())))
-    return out
-
-
 def _run(variant: str, build: Path, seed: int, run_dir: Path) -> None:
     example, extra = VARIANTS[variant]
-    cfg = _config(example, build, run_dir.parent / f"{run_dir.name}.yaml")
-    command = [sys.executable, "-m", "shoal.cli.main", "evolve", str(cfg)]
-    command += ["--run-dir", str(run_dir), "--no-progress", "--set", f"seed={seed}", *extra]
-    # one thread and the AVX2 kernels, as the testbed build trains (docs/testbed.md)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
-    print(f"running {run_dir.name} ...", flush=True)
-    subprocess.run(command, check=True, env=env)
+    evolve_example(ROOT / "examples" / example, build, run_dir, ["--set", f"seed={seed}", *extra])
 
 
 def _mean(scores: dict[str, Any], split: str) -> float:
