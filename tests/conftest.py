@@ -134,8 +134,9 @@ class TinyLlava:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
         return model
 
-    def vlm(self, path: Path, seed: int, text_type: str = "llama") -> Any:
-        """A ``LlavaForConditionalGeneration`` saved at ``path`` (and returned)."""
+    def vlm(self, path: Path, seed: int, text_type: str = "llama", tied: bool = False) -> Any:
+        """A ``LlavaForConditionalGeneration`` saved at ``path`` (and returned); ``tied``:
+        its text config ties ``lm_head`` to the input embeddings."""
         from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
         vision = CLIPVisionConfig(
@@ -150,7 +151,7 @@ class TinyLlava:
         )
         config = LlavaConfig(
             vision_config=vision,
-            text_config=self.text_config(text_type),
+            text_config=self.text_config(text_type).to_dict() | {"tie_word_embeddings": tied},
             image_token_index=47,
             image_seq_length=4,
         )

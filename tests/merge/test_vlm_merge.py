@@ -116,6 +116,24 @@ def test_language_part_merged_vision_and_projector_bit_equal(pair, tmp_path: Pat
     assert type(auto) is LlavaForConditionalGeneration
 
 
+def test_a_tied_vlm_stays_tied_and_the_lms_head_is_not_used(tmp_path: Path, tiny_llava) -> None:
+    """A VLM whose text config ties lm_head to embed_tokens, merged with an untied LM: the
+    output's config is the VLM's, so the head is the merged embedding (docs/vlm.md, Limits)."""
+    from transformers import LlavaForConditionalGeneration
+
+    vlm = tiny_llava.vlm(tmp_path / "vlm", 0, tied=True)
+    lm = tiny_llava.lm(tmp_path / "lm", 1)
+    assert vlm.lm_head.weight.data_ptr() == vlm.model.language_model.embed_tokens.weight.data_ptr()
+    recipe = _linear(tmp_path / "vlm", tmp_path / "lm", 0.5, 0.5)
+    out = merge_to_disk(recipe, tmp_path / "out", progress=False)
+    loaded = LlavaForConditionalGeneration.from_pretrained(out)
+    embed = loaded.model.language_model.embed_tokens.weight
+    want = (vlm.model.language_model.embed_tokens.weight + lm.model.embed_tokens.weight) / 2
+    torch.testing.assert_close(embed, want, rtol=1e-6, atol=1e-7)
+    assert torch.equal(loaded.lm_head.weight, embed)  # tied: not the LM's own head
+    assert not torch.allclose(lm.lm_head.weight, lm.model.embed_tokens.weight)
+
+
 def test_merging_with_its_own_language_part_gives_the_vlm_back(
     pair, tmp_path: Path, tiny_llava
 ) -> None:
