@@ -12,40 +12,13 @@ from safetensors.torch import load_file
 from shoal.merge import merge_to_disk
 
 
-def _tiny_llava(out: Path, seed: int) -> dict[str, torch.Tensor]:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+def test_llava_merge_keeps_every_tensor_and_loads(tmp_path: Path, tiny_llava) -> None:
     from transformers import LlavaForConditionalGeneration as Llava
 
-    vision = CLIPVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=8,
-        patch_size=4,
-        projection_dim=16,
-    )
-    text = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(seed)
-    Llava(
-        LlavaConfig(vision_config=vision, text_config=text, image_token_index=63)
-    ).save_pretrained(out)
-    return load_file(str(out / "model.safetensors"))
-
-
-def test_llava_merge_keeps_every_tensor_and_loads(tmp_path: Path) -> None:
-    from transformers import LlavaForConditionalGeneration as Llava
-
-    a = _tiny_llava(tmp_path / "a", 0)
-    b = _tiny_llava(tmp_path / "b", 1)
+    tiny_llava.vlm(tmp_path / "a", 0)
+    tiny_llava.vlm(tmp_path / "b", 1)
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))  # the names as saved
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
     recipe = {
         "merge_method": "linear",
         "models": [
@@ -63,4 +36,4 @@ def test_llava_merge_keeps_every_tensor_and_loads(tmp_path: Path) -> None:
     for name, tensor in merged.items():  # the mean, by hand
         torch.testing.assert_close(tensor, (a[name] + b[name]) / 2, rtol=1e-6, atol=1e-7)
     model = Llava.from_pretrained(out)  # loads as the model it is
-    assert model.config.text_config.vocab_size == 64
+    assert model.config.text_config.vocab_size == tiny_llava.text_config().vocab_size
