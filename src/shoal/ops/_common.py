@@ -89,3 +89,26 @@ def safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` where ``|den| >= ZERO_GUARD``; entries with a zero divisor keep ``num``."""
     den = torch.where(den.abs() < ZERO_GUARD, torch.ones_like(den), den)
     return num / den
+
+
+#: norms below this leave the kept entries unscaled (mergekit's guard of its L1 rescale)
+L1_GUARD = 1e-7
+RESCALES = ("inverse_density", "l1", "none")
+
+
+def check_rescale(rescale: str, method: str) -> None:
+    """A rescale a dropping merge (DARE, DELLA) knows, or a one-line :class:`MergeError`."""
+    if rescale not in RESCALES:
+        raise MergeError(
+            f"unknown {method} rescale {rescale!r} (expected inverse_density, l1 or none)"
+        )
+
+
+def l1_rescale_(kept: torch.Tensor, full_norm: torch.Tensor) -> torch.Tensor:
+    """Scale the kept entries of a task vector back to its L1 norm ‖τ‖₁, in place:
+    kept · ‖τ‖₁ / ‖kept‖₁ — mergekit's ``rescale``, which leaves them as they are when
+    either norm is below :data:`L1_GUARD`."""
+    kept_norm = kept.abs().sum()
+    if float(kept_norm) >= L1_GUARD and float(full_norm) >= L1_GUARD:
+        kept.mul_(full_norm / kept_norm)
+    return kept

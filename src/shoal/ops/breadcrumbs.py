@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from shoal.ops._common import checked_sparse_inputs, per_model
-from shoal.ops.consensus import Consensus, combine
+from shoal.ops.consensus import Consensus, onto_base
 from shoal.ops.masks import magnitudes, sorted_head, ties_at_cut, top_magnitudes
 
 
@@ -81,7 +81,4 @@ def breadcrumbs(
     deltas = x.sub_(b)  # x is a fresh stack: it becomes the task vectors, band-passed in place
     for i in range(k):
         deltas[i].mul_(breadcrumbs_mask(deltas[i], d[i], g[i]))  # faster than masked_fill_
-    merged = combine(deltas, w, consensus=consensus, normalize=normalize)
-    if lam != 1.0:
-        merged.mul_(lam)
-    return merged.add_(b)
+    return onto_base(b, deltas, w, lam=lam, consensus=consensus, normalize=normalize)

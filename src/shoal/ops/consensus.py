@@ -37,6 +37,24 @@ def elect_sign(weighted: torch.Tensor, majority: Majority = "sum") -> torch.Tens
 CHUNK = 1 << 20
 
 
+def onto_base(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    weights: Sequence[float],
+    *,
+    lam: float = 1.0,
+    consensus: Consensus,
+    normalize: bool,
+    majority: Majority = "sum",
+) -> torch.Tensor:
+    """θ = θ_base + λ · :func:`combine` (deltas): the last step every task-vector merge
+    (TIES, DARE, DELLA, breadcrumbs) shares. Works in place on the combined delta."""
+    merged = combine(deltas, weights, consensus=consensus, normalize=normalize, majority=majority)
+    if lam != 1.0:
+        merged.mul_(lam)
+    return merged.add_(base)
+
+
 def combine(
     deltas: torch.Tensor,
     weights: Sequence[float],

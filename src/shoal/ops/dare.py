@@ -10,15 +10,11 @@ from typing import Literal
 
 import torch
 
-from shoal.errors import MergeError
-from shoal.ops._common import checked_sparse_inputs
-from shoal.ops.consensus import Consensus, combine
+from shoal.ops._common import check_rescale, checked_sparse_inputs, l1_rescale_
+from shoal.ops.consensus import Consensus, onto_base
 from shoal.ops.masks import bernoulli_mask
 
 Rescale = Literal["inverse_density", "l1", "none"]
-
-# norms below this leave the kept entries unscaled (mergekit's guard of its L1 rescale)
-L1_GUARD = 1e-7
 
 
 def dare_sparsify(
@@ -38,8 +34,7 @@ def _sparsify_(
     delta: torch.Tensor, density: float, generator: torch.Generator, rescale: Rescale
 ) -> torch.Tensor:
     """:func:`dare_sparsify` overwriting ``delta`` (no new tensor per model: hot path)."""
-    if rescale not in ("inverse_density", "l1", "none"):
-        raise MergeError(f"unknown DARE rescale {rescale!r} (expected inverse_density, l1 or none)")
+    check_rescale(rescale, "DARE")
     if density >= 1.0:
         return delta
     if density <= 0.0:
@@ -52,10 +47,7 @@ def _sparsify_(
     if rescale == "inverse_density":
         return delta.div_(density)
     if full_norm is not None:
-        kept_norm = delta.abs().sum()
-        # mergekit leaves the kept entries unscaled when either norm is below 1e-7
-        if float(kept_norm) >= L1_GUARD and float(full_norm) >= L1_GUARD:
-            delta.mul_(full_norm / kept_norm)
+        l1_rescale_(delta, full_norm)
     return delta
 
 
@@ -99,7 +91,4 @@ def dare(
     deltas = x.sub_(b)  # x is a fresh stack: it becomes the task vectors, sparsified in turn
     for i in range(deltas.shape[0]):
         _sparsify_(deltas[i], d[i], generator, rescale)
-    merged = combine(deltas, w, consensus=consensus, normalize=normalize)
-    if lam != 1.0:
-        merged.mul_(lam)
-    return merged.add_(b)
+    return onto_base(b, deltas, w, lam=lam, consensus=consensus, normalize=normalize)

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import torch
 
 from shoal.errors import MergeError
-from shoal.ops._common import checked_sparse_inputs, per_model
-from shoal.ops.consensus import Consensus, combine
-from shoal.ops.dare import L1_GUARD, Rescale
+from shoal.ops._common import check_rescale, checked_sparse_inputs, l1_rescale_, per_model
+from shoal.ops.consensus import Consensus, onto_base
+from shoal.ops.dare import Rescale
 
 
 def _work_dtype(delta: torch.Tensor) -> torch.dtype:
@@ -93,10 +93,7 @@ def della_sparsify(
     Returns:
         a new tensor of ``delta``'s shape and dtype.
     """
-    if rescale not in ("inverse_density", "l1", "none"):
-        raise MergeError(
-            f"unknown DELLA rescale {rescale!r} (expected inverse_density, l1 or none)"
-        )
+    check_rescale(rescale, "DELLA")
     if density >= 1.0:
         return delta.clone()
     if density <= 0.0:
@@ -109,9 +106,7 @@ def della_sparsify(
     if rescale == "inverse_density":
         kept = kept / probs
     elif rescale == "l1":
-        full, part = x.abs().sum(), kept.abs().sum()
-        if float(full) >= L1_GUARD and float(part) >= L1_GUARD:
-            kept = kept * (full / part)
+        l1_rescale_(kept, x.abs().sum())
     return kept.to(delta.dtype)
 
 
@@ -159,7 +154,4 @@ def della(
     deltas = x.sub_(b)  # a fresh stack: it becomes the task vectors, sparsified in turn
     for i in range(deltas.shape[0]):
         deltas[i] = della_sparsify(deltas[i], d[i], e[i], generator, rescale)
-    merged = combine(deltas, w, consensus=consensus, normalize=normalize)
-    if lam != 1.0:
-        merged.mul_(lam)
-    return merged.add_(b)
+    return onto_base(b, deltas, w, lam=lam, consensus=consensus, normalize=normalize)

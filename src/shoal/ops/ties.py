@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from shoal.ops._common import checked_sparse_inputs
-from shoal.ops.consensus import Majority, combine
+from shoal.ops.consensus import Majority, onto_base
 from shoal.ops.masks import magnitude_mask
 
 
@@ -51,7 +51,6 @@ def ties(
     deltas = x.sub_(b)  # x is a fresh stack: it becomes the task vectors, trimmed in place
     for i in range(deltas.shape[0]):
         deltas[i].mul_(magnitude_mask(deltas[i], d[i]))  # faster than masked_fill_ on CPU
-    merged = combine(deltas, w, consensus="ties", normalize=normalize, majority=majority)
-    if lam != 1.0:
-        merged.mul_(lam)
-    return merged.add_(b)
+    return onto_base(
+        b, deltas, w, lam=lam, consensus="ties", normalize=normalize, majority=majority
+    )
