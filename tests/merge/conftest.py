@@ -31,6 +31,18 @@ def gpt2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_family(tmp_path_factory.mktemp("gpt2"), gpt2_config())
 
 
+@pytest.fixture(scope="session")
+def bf16_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Base and three fine-tunes (a, b, c) stored in bfloat16, 4 layers (the mergekit
+    cross-checks' low-precision family)."""
+    import torch
+    from mergekit_side import resave_as
+
+    names = ("base", "a", "b", "c")
+    paths = build_family(tmp_path_factory.mktemp("mkbf16"), llama_config(layers=4), names)
+    return resave_as(paths, torch.bfloat16)
+
+
 @pytest.fixture
 def write_recipe(tmp_path: Path) -> Callable[[str], Path]:
     """Write YAML text to a recipe file in the test's directory."""

@@ -19,7 +19,6 @@ from mergekit_side import (
     SKIP_REASON,
     assert_same_tensors,
     merge_both,
-    resave_as,
     run_mergekit,
     run_mergekit_python,
 )
@@ -35,13 +34,6 @@ NAMES = ("base", "a", "b", "c")
 def forty(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Base and three fine-tunes, 40 layers each (the layer count of the examples)."""
     return build_family(tmp_path_factory.mktemp("mk40"), llama_config(layers=40), NAMES)
-
-
-@pytest.fixture(scope="module")
-def bf16_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Base and three fine-tunes stored in bfloat16, 4 layers."""
-    paths = build_family(tmp_path_factory.mktemp("mkbf16"), llama_config(layers=4), NAMES)
-    return resave_as(paths, torch.bfloat16)
 
 
 def test_ties_example_fp16_gradients_filters(forty: dict[str, Path], tmp_path: Path) -> None:

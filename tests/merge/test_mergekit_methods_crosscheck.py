@@ -20,7 +20,6 @@ from mergekit_side import (
     SKIP_REASON,
     assert_same_tensors,
     merge_both,
-    resave_as,
     run_mergekit,
     ulp_distance,
 )
@@ -36,13 +35,6 @@ NAMES = ("base", "a", "b", "c")
 def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Base and three fine-tunes, float32, 4 layers."""
     return build_family(tmp_path_factory.mktemp("mkm32"), llama_config(layers=4), NAMES)
-
-
-@pytest.fixture(scope="module")
-def bf16_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Base and three fine-tunes stored in bfloat16, 4 layers."""
-    paths = build_family(tmp_path_factory.mktemp("mkmbf16"), llama_config(layers=4), NAMES)
-    return resave_as(paths, torch.bfloat16)
 
 
 def worst_difference(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> str:
