@@ -30,27 +30,25 @@ from shoal.tasks.python import import_callable
 
 __all__ = [
     "diffusers_class",
-    "diffusers_dir",
     "diffusers_model",
     "hf_model_dir",
     "hf_tokenizer",
     "load_resident",
+    "loader_model",
 ]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def hf_model_dir(
-    loader: Mapping[str, Any],
-    models: Mapping[str, str],
-    base: str | None,
-    kind: str = "hf-causal-lm",
-) -> Path:
-    """The directory the ``hf-causal-lm`` (or ``hf-vlm``, ``kind``) loader reads:
-    ``loader.model``, else the base model, else the first model (a config name or a path).
+def loader_model(
+    loader: Mapping[str, Any], models: Mapping[str, str], base: str | None, kind: str
+) -> tuple[str, Path]:
+    """The model a ``kind`` loader reads, as ``(name, path)``: ``loader.model``, else the base
+    model, else the first model (a config name or a path); ``hf-vlm`` without
+    ``loader.model`` prefers the first vision-language model among them.
 
     Raises:
-        RecipeError: An unknown name, or a directory without ``config.json``, naming the key.
+        RecipeError: no model at all, or an unknown name, naming the key.
     """
     name = loader.get("model") or base or next(iter(models), None)
     if kind == "hf-vlm" and not loader.get("model"):  # the base is often the plain LM
@@ -62,6 +60,22 @@ def hf_model_dir(
     if name not in models and not path.exists():
         known = ", ".join(models) or "none"
         raise RecipeError(f"loader.model: unknown model {name!r} (known: {known})")
+    return name, path
+
+
+def hf_model_dir(
+    loader: Mapping[str, Any],
+    models: Mapping[str, str],
+    base: str | None,
+    kind: str = "hf-causal-lm",
+) -> Path:
+    """The directory the ``hf-causal-lm`` (or ``hf-vlm``, ``kind``) loader reads
+    (:func:`loader_model`), checked to be a Hugging Face model directory of that kind.
+
+    Raises:
+        RecipeError: An unknown name, or a directory without ``config.json``, naming the key.
+    """
+    name, path = loader_model(loader, models, base, kind)
     if not (path / "config.json").is_file():
         where = "loader.model" if loader.get("model") else f"models.{name}"
         raise RecipeError(
@@ -131,23 +145,6 @@ def diffusers_class(path: str | Path, component: str = "unet") -> tuple[Path, ty
     return folder, cls
 
 
-def diffusers_dir(loader: Mapping[str, Any], models: Mapping[str, str], base: str | None) -> Path:
-    """The folder the ``diffusers-model`` loader reads: ``loader.model``, else the base
-    model, else the first model (a config name or a path).
-
-    Raises:
-        RecipeError: no model at all, or an unknown name, naming the key.
-    """
-    name = loader.get("model") or base or next(iter(models), None)
-    if name is None:
-        raise RecipeError("loader: diffusers-model needs loader.model or at least one model")
-    path = Path(models.get(name, name))
-    if name not in models and not path.exists():
-        known = ", ".join(models) or "none"
-        raise RecipeError(f"loader.model: unknown model {name!r} (known: {known})")
-    return path
-
-
 def load_resident(
     loader: Mapping[str, Any],
     models: Mapping[str, str],
@@ -186,7 +183,7 @@ def load_resident(
         model = auto_vlm.from_pretrained(path, dtype=dtype)
         tokenizer = hf_tokenizer(path)
     elif kind == "diffusers-model":
-        model = diffusers_model(diffusers_dir(loader, models, base_model)).to(dtype=dtype)
+        model = diffusers_model(loader_model(loader, models, base_model, kind)[1]).to(dtype=dtype)
     elif kind == "callable":
         fn = import_callable(str(loader.get("target")), "loader.target", RecipeError)
         try:

@@ -241,13 +241,15 @@ def _may_tie(path: str) -> bool:
 
 def _resident_tokenizer(config: RunConfig) -> Any:
     """The tokenizer tasks are built with, once the loader is known to find its model."""
-    from shoal.executors.loaders import diffusers_class, diffusers_dir, hf_model_dir, hf_tokenizer
+    from shoal.executors.loaders import diffusers_class, hf_model_dir, hf_tokenizer, loader_model
 
     loader = config.loader
     if loader.type == "callable":
         return callable_resident(config, dict(config.models))[1]
     if loader.type == "diffusers-model":  # its config names a class; no tokenizer
-        diffusers_class(diffusers_dir(loader.model_dump(), config.models, config.base_model))
+        diffusers_class(
+            loader_model(loader.model_dump(), config.models, config.base_model, loader.type)[1]
+        )
         return None
     path = hf_model_dir(loader.model_dump(), config.models, config.base_model, loader.type)
     import transformers
