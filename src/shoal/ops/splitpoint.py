@@ -14,7 +14,7 @@ import torch
 
 from shoal.errors import MergeError
 from shoal.ops._common import f32
-from shoal.ops.slerp import cosine, slerp, slerp_weights
+from shoal.ops.slerp import cosine, slerp_weights
 
 Angle = Literal["global", "segment"]
 
@@ -52,12 +52,13 @@ def splitpoint(
     own = cosine(fa, fb) if (cos_before is None or cos_after is None) else 0.0
     cb = own if cos_before is None else cos_before
     ca = own if cos_after is None else cos_after
-    parts = []
-    if s > 0:
-        parts.append(slerp(fa[:s], fb[:s], ratio, cos=cb))
-    if s < n:
-        parts.append(slerp(fa[s:], fb[s:], 1.0 - ratio, cos=ca))
-    out = torch.cat(parts) if parts else fa.clone()
+    # slerp() of each side with its angle, written into one output (M2N2 runs this once per
+    # child, where the temporaries and a cat would cost more than the maths)
+    out = torch.empty_like(fa)
+    for lo, hi, t, c in ((0, s, ratio, cb), (s, n, 1.0 - ratio, ca)):
+        if lo < hi:
+            wa, wb = slerp_weights(t, c)
+            torch.mul(fa[lo:hi], wa, out=out[lo:hi]).add_(fb[lo:hi] * wb)
     return out.reshape(a.shape)
 
 
@@ -88,11 +89,4 @@ def splitpoint_flat(
     else:  # one float64 copy of each parent, sliced for the two angles
         a64, b64 = a.to(torch.float64), b.to(torch.float64)
         cos_before, cos_after = cosine(a64[:s], b64[:s]), cosine(a64[s:], b64[s:])
-    # the same products and sums as splitpoint(), written into one output (this runs once
-    # per child in M2N2's inner loop, where the temporaries and the cat cost more than the maths)
-    out = torch.empty_like(a)
-    for lo, hi, t, c in ((0, s, ratio, cos_before), (s, n, 1.0 - ratio, cos_after)):
-        if lo < hi:
-            wa, wb = slerp_weights(t, c)
-            torch.mul(a[lo:hi], wa, out=out[lo:hi]).add_(b[lo:hi] * wb)
-    return out
+    return splitpoint(a, b, split=s, ratio=ratio, cos_before=cos_before, cos_after=cos_after)
