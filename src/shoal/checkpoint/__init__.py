@@ -5,7 +5,8 @@ The lowest part of shoal; it knows nothing of merging or search.
 * :func:`open_checkpoint` → :class:`CheckpointReader`: lazy, memory-mapped access to
   the tensors of a Hugging Face directory (single or sharded safetensors,
   ``pytorch_model.bin``), a ``.safetensors`` file or a weights-only ``.pt`` file.
-  Shapes and dtypes come from headers; data is read one tensor at a time.
+  Shapes and dtypes come from headers; data is read one tensor at a time;
+  :func:`tensor_shapes` gives a checkpoint's shapes alone.
 * :class:`ShardedWriter`: streams tensors into (sharded) safetensors in a temporary
   sibling directory and renames it into place only when everything is written.
 * :func:`copy_model_files`: config (with updates), generation config, tokenizer;
@@ -28,7 +29,7 @@ from shoal.checkpoint.files import (
 )
 from shoal.checkpoint.finite import check_finite
 from shoal.checkpoint.layers import layer_index, num_layers, rename_layer, with_num_layers
-from shoal.checkpoint.reader import CheckpointReader, open_checkpoint
+from shoal.checkpoint.reader import CheckpointReader, open_checkpoint, tensor_shapes
 from shoal.checkpoint.sizes import parse_size
 from shoal.checkpoint.st_format import TensorInfo, read_header
 from shoal.checkpoint.writer import ShardedWriter, shard_name
@@ -48,6 +49,7 @@ __all__ = [
     "read_header",
     "rename_layer",
     "shard_name",
+    "tensor_shapes",
     "tokenizer_files",
     "with_num_layers",
 ]

@@ -52,6 +52,17 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
     return CheckpointReader(Path(path))
 
 
+def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape of the checkpoint at ``path``, from its headers only (a ``.bin``
+    is loaded to learn them).
+
+    Raises:
+        CheckpointError: as :func:`open_checkpoint`.
+    """
+    with open_checkpoint(path) as reader:
+        return {name: tuple(reader.shape(name)) for name in reader}
+
+
 class CheckpointReader(Closing):
     """Tensors of one checkpoint, read lazily.
 

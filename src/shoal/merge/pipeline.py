@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal._atomic import atomic_dir, hold_lock, refuse_working_dir, remove_stale_temp_siblings
-from shoal.checkpoint import open_checkpoint
+from shoal.checkpoint import tensor_shapes
 from shoal.errors import CheckpointError, OutputExistsError, RecipeError
 from shoal.recipe import Recipe, rename_models
 
@@ -161,8 +161,7 @@ def _tensor_shapes(folder: Path, where: str) -> dict[str, tuple[int, ...]]:
         RecipeError: no readable weights there (``where`` names the key).
     """
     try:
-        with open_checkpoint(folder) as reader:
-            return {name: reader.shape(name) for name in reader}
+        return tensor_shapes(folder)
     except CheckpointError as exc:
         raise RecipeError(f"{where}: {exc}") from None
 

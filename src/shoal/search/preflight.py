@@ -177,13 +177,12 @@ def _read_headers(paths: Mapping[str, str]) -> dict[str, dict[str, tuple[int, ..
     Returns:
         Config key -> tensor name -> shape.
     """
-    from shoal.checkpoint import open_checkpoint
+    from shoal.checkpoint import tensor_shapes
 
     shapes = {}
     for key, path in paths.items():
         try:
-            with open_checkpoint(path) as reader:
-                shapes[key] = {t: tuple(reader.shape(t)) for t in reader}
+            shapes[key] = tensor_shapes(path)
         except ShoalError as exc:
             raise prefix_error(exc, key) from None
     return shapes
