@@ -121,7 +121,7 @@ EXPERTS = {"t0": "e0", "t1": "e1", "t2": "e2"}
 
 def _context(seed: int = 0) -> SearchContext:
     return SearchContext(
-        models={"base": "/b", "e0": "/0", "e1": "/1", "e2": "/2"},
+        models={"base": "/b", "e0": "/0", "e1": "/1", "e2": "/2", "ps": "/ps"},
         base_model="base",
         seed=seed,
         task_names=TASKS,
@@ -164,6 +164,29 @@ def test_seeds_fill_every_archive_with_ranges_from_the_experts():
     assert algo.last_status == [[2, 2, 2], [2, 2, 2], [2, 2, 2]]  # NEW everywhere
     cell = algo.archives[0].get((2, 0))
     assert cell is not None and cell.data["ref"] == "e1" and cell.quality == 0.25
+
+
+def test_further_seeds_follow_the_experts_and_leave_the_ranges_alone():
+    algo = _make(seeds=["ps"])
+    seeds = algo.ask(2)
+    assert seeds == [{"model": "e0"}, {"model": "e1"}]
+    algo.tell(seeds, [_toy_scores(r, np.random.default_rng(0)) for r in seeds])
+    rest = algo.ask(None)
+    assert rest == [{"model": "e2"}, {"model": "ps"}] and algo.archives is None
+    # ps: 0.1 on t0, below every expert (so it would move t0's range if it counted), 0.9 else
+    ps = {"t0": np.full(4, 0.1), "t1": np.full(4, 0.9), "t2": np.full(4, 0.9)}
+    algo.tell(rest, [_toy_scores(rest[0], np.random.default_rng(0)), ps])
+    assert algo.archives is not None
+    # ranges from the experts alone: [0.85 × 0.25, 1.15 × 1.0] on every axis
+    for archive in algo.archives:
+        assert archive.ranges == [pytest.approx((0.2125, 1.15))] * 2
+    # archive 0 (axes t1, t2): cell (2, 2) was empty; archives 1 and 2: t0 = 0.1 clips to
+    # bin 0, and ps (0.9) beats the expert there (0.25 on that archive's task)
+    assert algo.last_status[-1] == [AddStatus.NEW, AddStatus.IMPROVE, AddStatus.IMPROVE]
+    for archive, cell in zip(algo.archives, [(2, 2), (0, 2), (0, 2)], strict=True):
+        elite = archive.get(cell)
+        assert elite is not None and elite.data["ref"] == "ps"
+    assert algo.ask(None)[0]["merge_method"] == "task_arithmetic"  # then the children
 
 
 def test_quality_task_cycles_every_generation():
@@ -287,6 +310,9 @@ def test_state_round_trip_mid_run_continues_identically():
         ({"experts": EXPERTS, "range_scale": [1.2, 0.8]}, "base", "algorithm.range_scale:"),
         ({}, "base", "algorithm.experts: Field required"),
         ({"experts": EXPERTS}, None, "base_model:"),
+        ({"experts": EXPERTS, "seeds": ["nope"]}, "base", "algorithm.seeds[0]: unknown model"),
+        ({"experts": EXPERTS, "seeds": ["e1"]}, "base", "algorithm.seeds[0]: 'e1' is already"),
+        ({"experts": EXPERTS, "seeds": ["ps", "ps"]}, "base", "algorithm.seeds[1]: 'ps' is al"),
     ],
 )
 def test_bad_options_are_one_line_naming_the_key(options, context_base, needle):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -115,6 +116,54 @@ def test_process_executor_equals_serial(tmp_path, experts):
     cfg["executor"] = {"type": "process", "workers": 2}
     evolve(cfg, tmp_path / "process")
     assert _events(tmp_path / "process") == _events(tmp_path / "serial")
+
+
+def _chain(experts: dict[str, Path], seeds: list[str]) -> dict[str, Any]:
+    """PS over the three experts, then CycleQD seeded with ``seeds`` (PS's result: "ps")."""
+    cfg = _config(experts, generations=2, seeds=seeds)
+    cqd = cfg.pop("algorithm")
+    cfg.pop("budget")
+    ps = {"name": "ps", "models": ["expert-0-2", "expert-3-5", "expert-6-9"], "popsize": 4}
+    cfg["stages"] = [
+        {"name": "ps", "algorithm": ps, "budget": {"evaluations": 8}},
+        {"name": "cqd", "algorithm": cqd},
+    ]
+    return cfg
+
+
+def test_a_chain_seeds_cycleqd_with_the_earlier_stage_result(tmp_path, experts):
+    result = evolve(_chain(experts, ["ps"]), tmp_path / "run")
+    assert result.status == "completed"
+    stages = tmp_path / "run" / "stages"
+    events = RunFolder(stages / "cqd").events.read()
+    assert [e["recipe"] for e in events[:4]] == [
+        {"model": m} for m in ("expert-0-2", "expert-3-5", "expert-6-9", "ps")
+    ]
+    assert len(events) == 4 + 2 * 2 + 1  # the seeds, two generations of two, the aggregate
+    # the seed is PS's best read back from disk: it scores what PS's stage measured for it
+    ps_best = json.loads((stages / "ps" / "summary.json").read_text())["best"]["scores"]
+    for task, mean in events[3]["means"].items():
+        assert mean == pytest.approx(ps_best["fitness"][task], abs=1e-12)
+    # the behaviour ranges come from the experts alone: [0.85 × weakest, 1.15 × strongest]
+    state = _algo_state(stages / "cqd")["state"]
+    tasks = state["tasks"]
+    expert_means = [[e["means"][t] for t in tasks] for e in events[:3]]
+    for k, archive in enumerate(state["archives"]):
+        others = [j for j in range(len(tasks)) if j != k]
+        want = [
+            [0.85 * min(m[j] for m in expert_means), 1.15 * max(m[j] for m in expert_means)]
+            for j in others
+        ]
+        assert np.array(archive["ranges"]) == pytest.approx(np.array(want))
+
+
+def test_seeds_naming_a_later_stage_are_refused_before_anything_runs(shoal_cli, tmp_path, experts):
+    cfg = _chain(experts, ["cqd"])
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, err = shoal_cli(["evolve", "cfg.yaml", "--run-dir", "runs/x"], tmp_path)
+    assert code == 2, err
+    assert err.strip().count("\n") == 0 and "stages[1].algorithm.seeds: unknown model 'cqd'" in err
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow

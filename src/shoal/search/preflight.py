@@ -128,9 +128,9 @@ def model_refs(recipe: Mapping[str, Any], where: str = "") -> dict[str, str]:
 def _check_algorithm_blocks(config: RunConfig, task_names: Sequence[str]) -> bool:
     """Check each block's name and options; True if any algorithm merges tensor-wise.
 
-    A block's ``models`` must name models of the config or earlier stages (whose results
-    join the models under the stage's name), its ``tasks`` fitness tasks: a later stage
-    would otherwise fail only once the earlier ones have spent their budget.
+    A block's ``models`` and ``seeds`` must name models of the config or earlier stages
+    (whose results join the models under the stage's name), its ``tasks`` fitness tasks: a
+    later stage would otherwise fail only once the earlier ones have spent their budget.
     """
     tensorwise = False
     stages = config.stages or []
@@ -140,14 +140,15 @@ def _check_algorithm_blocks(config: RunConfig, task_names: Sequence[str]) -> boo
         cls = algorithm_class(str(block["name"]), where)
         validate_options(cls.Options, {k: v for k, v in block.items() if k != "name"}, where)
         tensorwise = tensorwise or cls.tensorwise
-        for key, names in (("models", known), ("tasks", task_names)):
+        for key, names in (("models", known), ("seeds", known), ("tasks", task_names)):
             given = block.get(key)
             if not isinstance(given, list) or not all(isinstance(n, str) for n in given):
                 continue  # an option of that name meaning something else
             unknown = [n for n in given if n not in names]
             if unknown:
+                noun = "model" if key == "seeds" else key[:-1]
                 raise RecipeError(
-                    f"{where}.{key}: unknown {key[:-1]} {unknown[0]!r} (known: {', '.join(names)})"
+                    f"{where}.{key}: unknown {noun} {unknown[0]!r} (known: {', '.join(names)})"
                 )
     return tensorwise
 

@@ -14,15 +14,16 @@ generation draws its children from archive q:
 4. every child is scored on all K tasks and inserted into every archive it improves.
 
 The seeds are the K experts, scored and inserted the same way (their scores also fix the
-default behaviour ranges). After ``generations`` generations one last candidate is asked:
-the aggregation θ_base + Σ_k β_k τ_k of the elites with β = softmax(quality / T) (the paper's
-final model; not in the reference code). Once told, it is :attr:`CycleQD.best`, so the
-runner writes it as ``best/``; before that (a run stopped by its budget) the best is the
-elite with the highest mean over the K tasks.
+default behaviour ranges), then any further ``seeds`` — an earlier stage's result, say
+PS's, named by its stage — scored and inserted like any child. After ``generations``
+generations one last candidate is asked: the aggregation θ_base + Σ_k β_k τ_k of the
+elites with β = softmax(quality / T) (the paper's final model; not in the reference code).
+Once told, it is :attr:`CycleQD.best`, so the runner writes it as ``best/``; before that (a
+run stopped by its budget) the best is the elite with the highest mean over the K tasks.
 
 Recipes (built by the executors, ``shoal.executors.build``)::
 
-    seed        {"model": EXPERT}
+    seed        {"model": EXPERT}            (then {"model": SEED} for each of ``seeds``)
     child       {"merge_method": "task_arithmetic", "base_model": BASE,
                  "models": [{"model": REF_A, "parameters": {"weight": ω_A / Σω}},
                             {"model": REF_B, "parameters": {"weight": ω_B / Σω}}],
@@ -82,6 +83,12 @@ class CycleQDOptions(AlgorithmOptions):
     )
     tasks: list[str] | None = Field(
         None, description="the skill tasks, in cycling order (None: every fitness task)"
+    )
+    seeds: list[str] = Field(
+        default_factory=list,
+        description="further models to seed the archives with after the experts (e.g. an "
+        "earlier stage's result, by the stage's name): scored and inserted like a child; "
+        "the behaviour ranges stay the experts'",
     )
     generations: int = Field(1200, ge=0, description="generations before the aggregation")
     children: int = Field(1, ge=1, description="children per generation (one ask)")
@@ -222,6 +229,7 @@ class CycleQD(Algorithm):
         self._check(models, task_names)
         self.K = len(self.tasks)
         self.expert_of = [o.experts[t] for t in self.tasks]
+        self.seed_models = [*self.expert_of, *o.seeds]  # asked in this order, first of all
         self._rng = np.random.default_rng(np.random.SeedSequence(o.seed))
         self.archives: list[GridArchive] | None = None  # made once every expert is scored
         self._seeds_asked = 0
@@ -254,6 +262,13 @@ class CycleQD(Algorithm):
                 raise RecipeError(
                     f"algorithm.experts.{t}: unknown model {m!r} (known: {', '.join(models)})"
                 )
+        for i, m in enumerate(o.seeds):
+            if models and m not in models:
+                raise RecipeError(
+                    f"algorithm.seeds[{i}]: unknown model {m!r} (known: {', '.join(models)})"
+                )
+            if m in o.experts.values() or m in o.seeds[:i]:
+                raise RecipeError(f"algorithm.seeds[{i}]: {m!r} is already a seed or an expert")
         lo_s, hi_s = o.range_scale
         if not 0 <= lo_s <= hi_s:
             raise RecipeError(f"algorithm.range_scale: [{lo_s}, {hi_s}] is inverted or negative")
@@ -341,11 +356,11 @@ class CycleQD(Algorithm):
     def _ask(self, n: int | None) -> list[dict[str, Any]]:
         if n is not None and n < 1:
             raise StateError(f"cycleqd: ask({n}) — ask for at least one recipe")
-        if self._seeds_asked < self.K:
-            count = min(n or self.K, self.K - self._seeds_asked)
-            out = [{"model": self.expert_of[self._seeds_asked + i]} for i in range(count)]
+        todo = len(self.seed_models) - self._seeds_asked
+        if todo > 0:
+            first, count = self._seeds_asked, min(n or todo, todo)
             self._seeds_asked += count
-            return out
+            return [{"model": m} for m in self.seed_models[first : first + count]]
         if self.generation < self.options.generations:
             return [self._child_recipe(self._parents()) for _ in range(n or self.options.children)]
         if self._aggregating and not self._asked_aggregate:
@@ -381,9 +396,9 @@ class CycleQD(Algorithm):
 
     def _tell(self, recipes: list[dict[str, Any]], scores: list[Scores]) -> None:
         first = self.evaluations
-        if self.archives is None:  # the experts: kept until all are scored
+        if self.archives is None:  # the seeds: kept until all are scored
             self._seed_means += [self._means(s) for s in scores]
-            if len(self._seed_means) == self.K:
+            if len(self._seed_means) == len(self.seed_models):
                 self._make_archives()
             return
         if self._asked_aggregate and self._aggregate is None:
@@ -406,7 +421,7 @@ class CycleQD(Algorithm):
     def _make_archives(self) -> None:
         o = self.options
         means = np.array(self._seed_means, dtype=np.float64)
-        ranges = default_ranges(means, o.range_scale)
+        ranges = default_ranges(means[: self.K], o.range_scale)  # the experts' alone
         for j, t in enumerate(self.tasks):
             if o.ranges and t in o.ranges:
                 ranges[j] = (float(o.ranges[t][0]), float(o.ranges[t][1]))
@@ -414,7 +429,7 @@ class CycleQD(Algorithm):
             GridArchive(o.bins, [ranges[j] for j in range(self.K) if j != k]) for k in range(self.K)
         ]
         self.last_status = [
-            self._insert({"model": self.expert_of[i]}, list(means[i]), i) for i in range(self.K)
+            self._insert({"model": m}, list(means[i]), i) for i, m in enumerate(self.seed_models)
         ]
 
     # -- results ------------------------------------------------------------------------------
