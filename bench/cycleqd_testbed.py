@@ -7,7 +7,9 @@
 Runs ``examples/cycleqd-testbed-small.yaml`` (serial, seed 0) pointed at the testbed, as
 published and with each ablation of METHODS.md §4 — Gaussian mutation instead of the SVD
 mutation, uniform instead of elite sampling, no cycling (one fixed quality task) — on the
-same budget, each into ``RUNS/<variant>`` (a finished run is read, not run again). Every
+same budget, each into ``RUNS/<variant>`` (a finished run is read, not run again).
+``after-ps`` runs ``examples/ps-cycleqd-testbed-small.yaml``: per-layer PS, then CycleQD
+with PS's result as a fourth seed (``--variants after-ps``; not in the default set). Every
 run scores the base, the experts and the untuned DARE-TIES merge itself, so the rows of a
 table compare like with like.
 
@@ -30,12 +32,16 @@ from _evolve_example import evolve_example
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "cycleqd-testbed-small.yaml"
+CHAIN = ROOT / "examples" / "ps-cycleqd-testbed-small.yaml"
+#: variant -> (example, the CycleQD block's key path, extra arguments)
 VARIANTS = {
-    "cycleqd": [],
-    "gaussian-mutation": ["--set", "algorithm.mutation=gaussian"],
-    "uniform-sampling": ["--set", "algorithm.sampling=uniform"],
-    "no-cycling": ["--set", "algorithm.cycling=false"],
+    "cycleqd": (EXAMPLE, "algorithm", []),
+    "gaussian-mutation": (EXAMPLE, "algorithm", ["--set", "algorithm.mutation=gaussian"]),
+    "uniform-sampling": (EXAMPLE, "algorithm", ["--set", "algorithm.sampling=uniform"]),
+    "no-cycling": (EXAMPLE, "algorithm", ["--set", "algorithm.cycling=false"]),
+    "after-ps": (CHAIN, "stages.1.algorithm", []),
 }
+DEFAULT_VARIANTS = ["cycleqd", "gaussian-mutation", "uniform-sampling", "no-cycling"]
 
 
 def _floor() -> float:
@@ -53,8 +59,14 @@ def _floor() -> float:
 
 
 def _run(variant: str, testbed: Path, generations: int, run_dir: Path) -> None:
-    args = ["--set", f"algorithm.generations={generations}", *VARIANTS[variant]]
-    evolve_example(EXAMPLE, testbed, run_dir, args)
+    example, key, extra = VARIANTS[variant]
+    evolve_example(example, testbed, run_dir, ["--set", f"{key}.generations={generations}", *extra])
+
+
+def _cycleqd_folder(run_dir: Path) -> Path:
+    """Where the CycleQD state and summary are: the run, or its ``cycleqd`` stage."""
+    stage = run_dir / "stages" / "cycleqd"
+    return stage if stage.is_dir() else run_dir
 
 
 def _mean(scores: dict[str, Any], split: str) -> float:
@@ -72,7 +84,7 @@ def main() -> None:
     parser.add_argument("--testbed", type=Path, default=ROOT / ".testbed" / "small")
     parser.add_argument("--runs", type=Path, default=ROOT / ".bench" / "cycleqd")
     parser.add_argument("--generations", type=int, default=400)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--no-run", action="store_true", help="only read finished runs")
     args = parser.parse_args()
     args.runs.mkdir(parents=True, exist_ok=True)
@@ -85,8 +97,10 @@ def main() -> None:
             _run(variant, args.testbed, args.generations, run_dir)
         if not (run_dir / "summary.json").is_file():
             continue
-        summary = json.loads((run_dir / "summary.json").read_text())
-        state = json.loads((run_dir / "state.json").read_text())["algorithm"]["state"]
+        folder = _cycleqd_folder(run_dir)
+        summary = json.loads((folder / "summary.json").read_text())
+        summary["baselines"] = json.loads((run_dir / "summary.json").read_text()).get("baselines")
+        state = json.loads((folder / "state.json").read_text())["algorithm"]["state"]
         rows.append((variant, summary, state))
     if not rows:
         return
@@ -99,6 +113,14 @@ def main() -> None:
     for name, scores in base.items():
         print(f"| {name} | | | {_mean(scores, 'validation'):.1f} | {_mean(scores, 'test'):.1f} |")
     for variant, summary, _ in rows:
+        ps = args.runs / variant / "stages" / "ps" / "summary.json"
+        if ps.is_file():  # the chain's first stage
+            done = json.loads(ps.read_text())
+            scores = done["best"]["scores"]
+            print(
+                f"| {variant}: its PS stage | {done['evaluations']} | {done['wall_seconds']:.0f} "
+                f"| {_mean(scores, 'validation'):.1f} | {_mean(scores, 'test'):.1f} |"
+            )
         scores = summary["best"]["scores"]
         print(
             f"| {variant}: aggregate of the elites | {summary['evaluations']} "
