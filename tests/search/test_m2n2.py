@@ -102,6 +102,24 @@ def test_parent_sampling_frequencies() -> None:
     assert all(a != b for a, b in pairs)
 
 
+@pytest.mark.parametrize("matchmaker", ["attraction", "fitness"])
+def test_select_parents_draws_as_partner_weights_say(matchmaker) -> None:
+    """select_parents reuses the fitness's example weights for g(A, ·): the same draws as
+    choosing A ∝ resource_fitness and B ∝ partner_weights, one uniform each."""
+    from shoal.search.algorithms.base import choose_index
+
+    scores = np.random.default_rng(3).random((7, 40)).round(1)  # continuous, ties, zeros
+    scores[2] = 0.0
+    rng, ref = np.random.default_rng(4), np.random.default_rng(4)
+    for _ in range(200):
+        got = select_parents(scores, rng, alpha=0.7, matchmaker=matchmaker, capacity_mode="max")
+        cap = capacity(scores, "max")
+        f = resource_fitness(scores, 0.7, 1e-8, cap)
+        a = choose_index(ref, f)
+        w = partner_weights(scores, a, f, alpha=0.7, matchmaker=matchmaker, cap=cap)
+        assert got == (a, choose_index(ref, w))
+
+
 def test_ga_setting_selects_proportional_to_accuracy() -> None:
     s = np.array([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 1.0]])
     rng = np.random.default_rng(2)

@@ -186,8 +186,16 @@ def attraction(
     cap: np.ndarray | None = None,
 ) -> np.ndarray:
     """g(A, B) = Σ_j c_j / (z_j^α + ε) · max(S_Bj − S_Aj, 0) for every B — §3 step 3 (Eq. 4)."""
-    w = example_weights(scores, alpha, eps, cap)
-    return np.maximum(scores - scores[a], 0.0) @ w
+    return _gain(scores, a, example_weights(scores, alpha, eps, cap))
+
+
+def _gain(scores: np.ndarray, a: int, weights: np.ndarray) -> np.ndarray:
+    """Σ_j w_j · max(S_Bj − S_Aj, 0) for every B: :func:`attraction` given the example weights."""
+    gain = scores - scores[a]
+    # in place: a second archive-sized temporary cost more than the product (M2N2 asks this
+    # once a child)
+    np.maximum(gain, 0.0, out=gain)
+    return gain @ weights
 
 
 def select_parents(
@@ -204,10 +212,11 @@ def select_parents(
     Fallbacks (METHODS.md §3): all attraction scores 0 → B ∝ fitness; all fitness
     0 → uniform. B is drawn among the other members (a child of A with itself is A).
     """
-    cap = capacity(scores, capacity_mode)
-    f = resource_fitness(scores, alpha, eps, cap)
+    w = example_weights(scores, alpha, eps, capacity(scores, capacity_mode))
+    f = scores @ w  # resource_fitness, its example weights kept for the attraction
     a = choose_index(rng, f) if f.sum() > 0 else int(rng.integers(scores.shape[0]))  # step 2
-    return a, partner_weights_choice(scores, a, f, rng, alpha, eps, matchmaker, cap)
+    g = _gain(scores, a, w) if matchmaker == "attraction" else f.copy()
+    return a, choose_index(rng, _with_fallbacks(g, a, f))
 
 
 def partner_weights(
@@ -229,29 +238,19 @@ def partner_weights(
         weights = attraction(scores, a, alpha, eps, cap)
     else:
         weights = fitness.copy()
+    return _with_fallbacks(weights, a, fitness)
+
+
+def _with_fallbacks(weights: np.ndarray, a: int, fitness: np.ndarray) -> np.ndarray:
+    """:func:`partner_weights` from the matchmaker's own ``weights`` (changed in place)."""
     weights[a] = 0.0
     if not weights.sum() > 0:  # no attraction anywhere: fall back to fitness
         weights = fitness.copy()
         weights[a] = 0.0
     if not weights.sum() > 0:  # nobody scores anything: uniform over the others
-        weights = np.ones(scores.shape[0])
+        weights = np.ones(fitness.shape[0])
         weights[a] = 0.0
     return weights
-
-
-def partner_weights_choice(
-    scores: np.ndarray,
-    a: int,
-    fitness: np.ndarray,
-    rng: np.random.Generator,
-    alpha: float,
-    eps: float,
-    matchmaker: str,
-    cap: np.ndarray,
-) -> int:
-    """Draw parent B with :func:`partner_weights`."""
-    w = partner_weights(scores, a, fitness, alpha=alpha, eps=eps, matchmaker=matchmaker, cap=cap)
-    return choose_index(rng, w)
 
 
 def drop_index(
@@ -425,7 +424,8 @@ class M2N2(Algorithm):
         if missing:
             raise StateError(f"m2n2: scores lack fitness task(s) {missing}")
         vec = np.concatenate([np.asarray(scores[t], dtype=np.float64) for t in self._task_names])
-        vec = np.nan_to_num(vec, nan=0.0, posinf=0.0, neginf=0.0)  # failed = worst
+        if not np.isfinite(vec).all():  # the check is cheaper than nan_to_num's copy
+            vec = np.nan_to_num(vec, nan=0.0, posinf=0.0, neginf=0.0)  # failed = worst
         if self.scores.size and vec.shape[0] != self.scores.shape[1]:
             raise StateError(
                 f"m2n2: got {vec.shape[0]} per-example scores, the archive holds "
