@@ -143,12 +143,29 @@ def test_flat_build_equals_the_general_build(recipe) -> None:
     flat = FlatModel.of(fast)
     assert flat is not None and FlatModel.handles(recipe)
     vec = flat.build(recipe, 1234, lambda ref: flat.vector(sources[ref]))
-    assert vec is not None
-    flat.load(vec)
+    assert vec is not None  # built into the module's parameters
     for (name, want), got in zip(
         general.state_dict().items(), fast.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+
+
+def test_a_child_is_built_into_the_modules_parameters() -> None:
+    """build() writes the module's own buffer (no copy to load); ``None`` leaves it as it was."""
+    module = nn.Linear(1, 2)
+    flat = FlatModel.of(module)
+    assert flat is not None
+    recipe = {"merge_method": "splitpoint", "models": TWO, "parameters": {"split": 0.5}}
+    recipe["parameters"]["ratio"] = 0.25
+    vec = flat.build({**recipe, "mutation": 0.1}, 3, {"a": A, "b": B}.__getitem__)
+    assert vec is not None
+    got = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+    torch.testing.assert_close(got, vec, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in flat.state.values()]), vec)
+    before = got.clone()
+    assert flat.build(recipe, 3, {"a": A, "b": None}.__getitem__) is None
+    after = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
 def test_other_recipes_take_the_general_path() -> None:

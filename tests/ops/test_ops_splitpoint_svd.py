@@ -55,6 +55,27 @@ def test_segment_angle() -> None:
     assert not torch.allclose(seg, splitpoint_flat(a, b, 15, 0.4, angle="global"))
 
 
+@pytest.mark.parametrize("angle", ["global", "segment"])
+def test_out_receives_the_same_child(angle) -> None:
+    """``out=`` (a flat model's parameters) gets the tensor a new output would hold."""
+    a, b = _pair(5, (30,))
+    out = torch.full((30,), float("nan"))
+    got = splitpoint_flat(a, b, 11, 0.3, angle=angle, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, splitpoint_flat(a, b, 11, 0.3, angle=angle), rtol=0, atol=0)
+    shaped = torch.empty(4, 6)
+    splitpoint(*_pair(6), split=9, ratio=0.7, out=shaped)
+    torch.testing.assert_close(shaped, splitpoint(*_pair(6), split=9, ratio=0.7), rtol=0, atol=0)
+
+
+def test_cosine_is_the_float64_angle() -> None:
+    a, b = _pair(7, (33,))
+    a64, b64 = a.double().numpy(), b.double().numpy()
+    want = float(a64 @ b64 / (np.linalg.norm(a64) * np.linalg.norm(b64)))
+    assert cosine(a, b) == pytest.approx(want, rel=1e-12)
+    assert cosine(torch.zeros(3), torch.ones(3)) == 0.0
+
+
 def test_svd_mutation_zero_is_identity() -> None:
     theta, tv = _pair(4)
     out = svd_mutation_for(theta, tv, torch.Generator().manual_seed(0), w_max=0.0)

@@ -21,7 +21,7 @@ paths tensor for tensor), so a run is the same whichever path built it. Any othe
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,7 @@ class FlatModel:
     Build one with :meth:`of`, which says whether the module qualifies.
 
     Args:
-        module: The resident model; :meth:`load` overwrites its parameters in place.
+        module: The resident model; :meth:`build` overwrites its parameters in place.
     """
 
     def __init__(self, module: nn.Module) -> None:
@@ -55,14 +55,16 @@ class FlatModel:
         self.numels = [p.numel() for _, p in self.params]
         self.n = sum(self.numels)
         self._offsets = np.cumsum([0, *self.numels])
-        # the parameters become views of one buffer, so that loading a child is one copy
+        # the parameters become views of one buffer, which a child is built straight into
         self._buffer = torch.empty(self.n, dtype=torch.float32)
         with torch.no_grad():
-            for (_, p), part in zip(
-                self.params, torch.split(self._buffer, self.numels), strict=True
-            ):
-                part.view(p.shape).copy_(p)
-                p.data = part.view(p.shape)
+            for (_, p), part in zip(self.params, self._views(self._buffer), strict=True):
+                part.copy_(p)
+                p.data = part
+        #: the module's tensors: views of the buffer, named as in its state dict
+        self.state = dict(zip(self.names, self._views(self._buffer), strict=True))
+        self._noise = torch.empty(self.n, dtype=torch.float32)  # a mutation's draws
+        self._noise_views = self._views(self._noise)
         self._chromosomes: dict[tuple[str, ...], list[torch.Tensor | None]] = {}
 
     @classmethod
@@ -153,22 +155,18 @@ class FlatModel:
             parts.append(part.reshape(-1))
         return torch.cat(parts)
 
-    def load(self, vec: torch.Tensor) -> None:
-        """Copy a flat vector into the resident module, in place."""
-        self._buffer.copy_(vec)
-
-    def normal(self, std: float, seed: int, stream: int) -> torch.Tensor:
-        """N(0, std²) for every tensor, drawn tensor by tensor as the general build draws it."""
-        gen = generator_for(seed, stream)
-        out = torch.empty(self.n, dtype=torch.float32)
-        for part, shape in zip(torch.split(out, self.numels), self.shapes, strict=True):
-            torch.randn(shape, generator=gen, out=part.view(shape))  # in place, same draws
-        return out.mul_(std)
-
-    def tensors(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A flat vector as the module's state dict: views of ``vec``, in module order."""
+    def _views(self, vec: torch.Tensor) -> list[torch.Tensor]:
+        """Each tensor's part of a flat vector, shaped as the tensor."""
         parts = torch.split(vec, self.numels)
-        return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
+        return [p.view(s) for p, s in zip(parts, self.shapes, strict=True)]
+
+    @staticmethod
+    def _normal(seed: int, stream: int, views: Iterable[torch.Tensor]) -> None:
+        """N(0, 1) into ``views`` (a vector's tensors), drawn tensor by tensor as the general
+        build draws them."""
+        gen = generator_for(seed, stream)
+        for view in views:
+            torch.randn(view.shape, generator=gen, out=view)  # in place, same draws
 
     def build(
         self,
@@ -176,7 +174,7 @@ class FlatModel:
         seed: int,
         vector_of: Callable[[str], torch.Tensor | None],
     ) -> torch.Tensor | None:
-        """The flat vector ``recipe`` describes, for the candidate seed ``seed``.
+        """Build ``recipe``, for the candidate seed ``seed``, into the module's parameters.
 
         Args:
             recipe: A recipe :meth:`handles`.
@@ -184,49 +182,56 @@ class FlatModel:
             vector_of: Model reference -> its flat vector, or ``None`` (see :meth:`vector`).
 
         Returns:
-            The vector, or ``None`` when a model it names is not one :meth:`vector` takes
-            (the general build then builds the recipe, or says why it cannot).
+            The module's flat vector, now the child's (the buffer its parameters are views
+            of: valid until the next build), or ``None``, the module untouched, when a model
+            it names is not one :meth:`vector` takes (the general build then builds the
+            recipe, or says why it cannot).
         """
         method = recipe.get("merge_method")
         params = recipe.get("parameters") or {}
-        vec: torch.Tensor | None
+        out = self._buffer
         if method is None:
             vec = vector_of(str(recipe["model"]))
-            vec = None if vec is None else vec.clone()
+            if vec is None:
+                return None
+            out.copy_(vec)
         elif method == "random_init":
             # a seed inside the recipe makes the init part of its content (store keys)
-            vec = self.normal(float(params.get("std", 0.01)), int(params.get("seed", seed)), 1)
-        else:
-            vec = self._splitpoint(recipe, params, vector_of)
-        if vec is None:
+            self._normal(int(params.get("seed", seed)), 1, self.state.values())
+            out.mul_(float(params.get("std", 0.01)))
+        elif not self._splitpoint(recipe, params, vector_of):
             return None
         sigma = float(recipe.get("mutation", 0.0) or 0.0)
         if sigma > 0:
-            vec += self.normal(sigma, seed, 2)
-        return vec
+            self._normal(seed, 2, self._noise_views)
+            out += self._noise.mul_(sigma)
+        return out
 
     def _splitpoint(
         self,
         recipe: Mapping[str, Any],
         params: Mapping[str, Any],
         vector_of: Callable[[str], torch.Tensor | None],
-    ) -> torch.Tensor | None:
+    ) -> bool:
+        """The split-point child into the buffer; ``False`` (nothing written) when a parent
+        is not a vector."""
         a = vector_of(str(recipe["models"][0]["model"]))
         b = vector_of(str(recipe["models"][1]["model"]))
         if a is None or b is None:
-            return None
+            return False
         angle = params.get("angle", "segment")
         splits, ratios = _values(params["split"]), _values(params["ratio"])
         filters = _filters(params["split"])
         chromosomes = self._chromosome_index(filters)
         if chromosomes == [None]:
-            return splitpoint_flat(a, b, round(splits[0] * self.n), ratios[0], angle)
-        child = torch.empty_like(a)
+            k = round(splits[0] * self.n)
+            splitpoint_flat(a, b, k, ratios[0], angle, out=self._buffer)
+            return True
         for c, ix in enumerate(chromosomes):
             assert ix is not None
             k = round(splits[c] * ix.numel())
-            child[ix] = splitpoint_flat(a[ix], b[ix], k, ratios[c], angle)
-        return child
+            self._buffer[ix] = splitpoint_flat(a[ix], b[ix], k, ratios[c], angle)
+        return True
 
     def _chromosome_index(self, filters: tuple[str, ...]) -> list[torch.Tensor | None]:
         """Index tensors of each chromosome: a tensor belongs to the entry a recipe's filter

@@ -102,7 +102,7 @@ class Worker:
         self._extra_built = False
         self._hf: dict[str, Any] = {}
         self.flat = FlatModel.of(self.model)  # None: the model is too big or not plain
-        self._built_flat: torch.Tensor | None = None  # the last flat build's vector
+        self._built_flat = False  # the last build was flat (the model is its buffer)
         self.threads_before = torch.get_num_threads()
         if self.flat is not None and spec.threads is None:
             # a small model's matmuls are too small to share: with two threads on a busy
@@ -139,20 +139,18 @@ class Worker:
         (:mod:`shoal.executors.flat`, the same tensors); everything else goes through
         :func:`~shoal.executors.build.build_candidate`.
         """
-        self._built_flat = None
+        self._built_flat = False
         if self.flat is not None and FlatModel.handles(recipe):
-            vec = self.flat.build(recipe, seed, self._vector)
-            if vec is not None:
-                self.flat.load(vec)
-                self._built_flat = vec
+            self._built_flat = self.flat.build(recipe, seed, self._vector) is not None
+            if self._built_flat:
                 return self.model
         return build_candidate(self.model, recipe, self.sources, seed, hf_models=self._hf_models)
 
     def _built_tensors(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The last built model's tensors: views of its flat vector when it was built flat
         (the module's state dict, without walking the module), else its state dict."""
-        if self.flat is not None and self._built_flat is not None:
-            return self.flat.tensors(self._built_flat)
+        if self.flat is not None and self._built_flat:
+            return self.flat.state
         return model.state_dict()
 
     def _vector(self, ref: str) -> torch.Tensor | None:

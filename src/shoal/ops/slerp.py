@@ -18,7 +18,8 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """
     a64 = a.reshape(-1).to(torch.float64)
     b64 = b.reshape(-1).to(torch.float64)
-    na, nb = float(a64.norm()), float(b64.norm())
+    # linalg.vector_norm is what Tensor.norm() runs for a vector, minus its Python dispatch
+    na, nb = float(torch.linalg.vector_norm(a64)), float(torch.linalg.vector_norm(b64))
     if na == 0.0 or nb == 0.0:
         return 0.0
     return max(-1.0, min(1.0, float(a64 @ b64) / (na * nb)))

@@ -27,6 +27,7 @@ def splitpoint(
     ratio: float,
     cos_before: float | None = None,
     cos_after: float | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Split-point crossover of one tensor that is a slice of the flat model vector.
 
@@ -40,9 +41,11 @@ def splitpoint(
             whole-segment angle computed by the caller); ``None``: the angle between
             ``a`` and ``b`` over this whole tensor.
         cos_after: the same for the entries after the split.
+        out: contiguous float32 tensor of ``a``'s size to write the result into (e.g. the
+            resident model's parameters); ``None``: a new one.
 
     Returns:
-        float32 tensor of the common shape.
+        float32 tensor of the common shape (``out`` when given).
     """
     if a.shape != b.shape:
         raise MergeError(f"splitpoint: shape mismatch {list(a.shape)} vs {list(b.shape)}")
@@ -54,16 +57,21 @@ def splitpoint(
     ca = own if cos_after is None else cos_after
     # slerp() of each side with its angle, written into one output (M2N2 runs this once per
     # child, where the temporaries and a cat would cost more than the maths)
-    out = torch.empty_like(fa)
+    flat = torch.empty_like(fa) if out is None else out.view(-1)
     for lo, hi, t, c in ((0, s, ratio, cb), (s, n, 1.0 - ratio, ca)):
         if lo < hi:
             wa, wb = slerp_weights(t, c)
-            torch.mul(fa[lo:hi], wa, out=out[lo:hi]).add_(fb[lo:hi] * wb)
-    return out.reshape(a.shape)
+            torch.mul(fa[lo:hi], wa, out=flat[lo:hi]).add_(fb[lo:hi] * wb)
+    return flat.view(a.shape)
 
 
 def splitpoint_flat(
-    a_vec: torch.Tensor, b_vec: torch.Tensor, split: int, ratio: float, angle: Angle = "global"
+    a_vec: torch.Tensor,
+    b_vec: torch.Tensor,
+    split: int,
+    ratio: float,
+    angle: Angle = "global",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference split-point crossover of two whole flat parameter vectors.
 
@@ -73,9 +81,10 @@ def splitpoint_flat(
         split: w_s, index into the vector.
         ratio: w_m.
         angle: ``"global"`` (one angle over the vectors) or ``"segment"`` (one per side).
+        out: 1-D float32 tensor to write the child into; ``None``: a new one.
 
     Returns:
-        float32 1-D tensor.
+        float32 1-D tensor (``out`` when given).
     """
     if a_vec.ndim != 1 or a_vec.shape != b_vec.shape:
         raise MergeError("splitpoint_flat: expects two 1-D vectors of equal length")
@@ -89,4 +98,6 @@ def splitpoint_flat(
     else:  # one float64 copy of each parent, sliced for the two angles
         a64, b64 = a.to(torch.float64), b.to(torch.float64)
         cos_before, cos_after = cosine(a64[:s], b64[:s]), cosine(a64[s:], b64[s:])
-    return splitpoint(a, b, split=s, ratio=ratio, cos_before=cos_before, cos_after=cos_after)
+    return splitpoint(
+        a, b, split=s, ratio=ratio, cos_before=cos_before, cos_after=cos_after, out=out
+    )
