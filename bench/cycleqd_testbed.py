@@ -112,7 +112,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for name, scores in base.items():
         print(f"| {name} | | | {_mean(scores, 'validation'):.1f} | {_mean(scores, 'test'):.1f} |")
-    for variant, summary, _ in rows:
+    for variant, summary, state in rows:
         ps = args.runs / variant / "stages" / "ps" / "summary.json"
         if ps.is_file():  # the chain's first stage
             done = json.loads(ps.read_text())
@@ -122,8 +122,11 @@ def main() -> None:
                 f"| {_mean(scores, 'validation'):.1f} | {_mean(scores, 'test'):.1f} |"
             )
         scores = summary["best"]["scores"]
+        final = "aggregate of the elites"
+        if state["options"]["aggregate"] == "none":
+            final = "elite with the best training mean"
         print(
-            f"| {variant}: aggregate of the elites | {summary['evaluations']} "
+            f"| {variant}: {final} | {summary['evaluations']} "
             f"| {summary['wall_seconds']:.0f} | {_mean(scores, 'validation'):.1f} "
             f"| {_mean(scores, 'test'):.1f} |"
         )
