@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from _evolve_example import evolve_example
+from shoal.search.elites import open_qd_run
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "cycleqd-testbed-small.yaml"
@@ -63,10 +64,10 @@ def _run(variant: str, testbed: Path, generations: int, run_dir: Path) -> None:
     evolve_example(example, testbed, run_dir, ["--set", f"{key}.generations={generations}", *extra])
 
 
-def _cycleqd_folder(run_dir: Path) -> Path:
-    """Where the CycleQD state and summary are: the run, or its ``cycleqd`` stage."""
-    stage = run_dir / "stages" / "cycleqd"
-    return stage if stage.is_dir() else run_dir
+def _earlier_stages(run_dir: Path, cycleqd: str | None) -> list[dict[str, Any]]:
+    """The summaries of a staged run's stages other than its CycleQD stage."""
+    stages = json.loads((run_dir / "summary.json").read_text()).get("stages") or []
+    return [s for s in stages if s.get("stage") != cycleqd]
 
 
 def _mean(scores: dict[str, Any], split: str) -> float:
@@ -97,11 +98,11 @@ def main() -> None:
             _run(variant, args.testbed, args.generations, run_dir)
         if not (run_dir / "summary.json").is_file():
             continue
-        folder = _cycleqd_folder(run_dir)
-        summary = json.loads((folder / "summary.json").read_text())
+        qd = open_qd_run(run_dir)  # the run itself, or its CycleQD stage
+        summary = json.loads(qd.folder.summary.read_text())
         summary["baselines"] = json.loads((run_dir / "summary.json").read_text()).get("baselines")
-        state = json.loads((folder / "state.json").read_text())["algorithm"]["state"]
-        rows.append((variant, summary, state))
+        summary["earlier"] = _earlier_stages(run_dir, qd.stage)
+        rows.append((variant, summary, qd.state))
     if not rows:
         return
 
@@ -113,13 +114,12 @@ def main() -> None:
     for name, scores in base.items():
         print(f"| {name} | | | {_mean(scores, 'validation'):.1f} | {_mean(scores, 'test'):.1f} |")
     for variant, summary, state in rows:
-        ps = args.runs / variant / "stages" / "ps" / "summary.json"
-        if ps.is_file():  # the chain's first stage
-            done = json.loads(ps.read_text())
+        for done in summary["earlier"]:  # a chain's stages before CycleQD (after-ps: PS)
             scores = done["best"]["scores"]
             print(
-                f"| {variant}: its PS stage | {done['evaluations']} | {done['wall_seconds']:.0f} "
-                f"| {_mean(scores, 'validation'):.1f} | {_mean(scores, 'test'):.1f} |"
+                f"| {variant}: its stage {done['stage']} | {done['evaluations']} "
+                f"| {done['wall_seconds']:.0f} | {_mean(scores, 'validation'):.1f} "
+                f"| {_mean(scores, 'test'):.1f} |"
             )
         scores = summary["best"]["scores"]
         final = "aggregate of the elites"

@@ -159,9 +159,10 @@ def test_a_child_is_built_into_the_modules_parameters() -> None:
     recipe["parameters"]["ratio"] = 0.25
     vec = flat.build({**recipe, "mutation": 0.1}, 3, {"a": A, "b": B}.__getitem__)
     assert vec is not None
+    assert vec.data_ptr() == module.weight.data_ptr()  # the parameters' own memory
     got = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
     torch.testing.assert_close(got, vec, rtol=0, atol=0)
-    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in flat.state.values()]), vec)
+    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in flat.tensors.values()]), vec)
     before = got.clone()
     assert flat.build(recipe, 3, {"a": A, "b": None}.__getitem__) is None
     after = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
@@ -293,6 +294,27 @@ def test_a_worker_builds_every_recipe_as_the_general_build_does(
         assert not isinstance(flat_on, str), flat_on
         for got, expected in zip(flat_on, want, strict=True):
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_a_kept_child_is_not_changed_by_the_next_build(tmp_path) -> None:
+    """A flat child lives in the module's buffer until the next build: the store must keep
+    a copy of it, not the views the worker hands over."""
+    from shoal.executors.work import WorkItem
+
+    worker = _worker(tmp_path)
+    assert worker.flat is not None
+    first = {**SPLIT, "parameters": {"split": 0.4, "ratio": 0.7}}
+    second = {**SPLIT, "parameters": {"split": 0.8, "ratio": 0.1}, "mutation": 0.01}
+    assert worker.evaluate(WorkItem(0, first, seed=5, keep_as="first")).error is None
+    kept = {k: v.clone() for k, v in worker.store.get("first").items()}
+    assert worker.evaluate(WorkItem(1, second, seed=6)).error is None
+    want = _outcome(_worker(tmp_path), first)  # the same child built by a fresh worker
+    assert not isinstance(want, str)
+    for got, again, expected in zip(
+        kept.values(), worker.store.get("first").values(), want, strict=True
+    ):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        torch.testing.assert_close(again, expected, rtol=0, atol=0)
 
 
 def test_a_small_model_is_scored_on_one_thread_and_the_count_given_back(tmp_path) -> None:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from shoal.errors import MergeError
 from shoal.ops import OPERATORS, cosine, slerp, splitpoint, splitpoint_flat, svd_mutation_for
 from shoal.ops.svd_mutation import svd_mutation
 
@@ -74,6 +75,21 @@ def test_cosine_is_the_float64_angle() -> None:
     want = float(a64 @ b64 / (np.linalg.norm(a64) * np.linalg.norm(b64)))
     assert cosine(a, b) == pytest.approx(want, rel=1e-12)
     assert cosine(torch.zeros(3), torch.ones(3)) == 0.0
+    # bit for bit the Tensor.norm() form the published runs' angles were computed with
+    for seed, shape in ((7, (33,)), (8, (19_210,)), (9, (64, 256))):
+        x, y = (t.reshape(-1).double() for t in _pair(seed, shape))
+        assert cosine(x, y) == float(x @ y) / (float(x.norm()) * float(y.norm()))
+
+
+def test_splitpoint_out_must_hold_the_whole_float32_result() -> None:
+    a, b = _pair(2)
+    out = torch.empty(a.numel())
+    got = splitpoint(a, b, split=5, ratio=0.3, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got, splitpoint(a, b, split=5, ratio=0.3), rtol=0, atol=0)
+    for wrong in (torch.empty(3), torch.empty(a.numel(), dtype=torch.float64)):
+        with pytest.raises(MergeError, match="out="):
+            splitpoint(a, b, split=5, ratio=0.3, out=wrong)
 
 
 def test_svd_mutation_zero_is_identity() -> None:

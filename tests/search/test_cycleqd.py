@@ -299,6 +299,39 @@ def test_state_round_trip_mid_run_continues_identically():
         other.load_state_dict(a.state_dict())
 
 
+def test_a_state_saved_midway_through_the_seeds_continues_identically():
+    a = _make(seeds=["ps"], children=2)
+    rng = np.random.default_rng(6)
+    first = a.ask(1)  # one seed told, three still to ask: no archive yet
+    a.tell(first, [_toy_scores(first[0], rng)])
+    b = _make(seeds=["ps"], children=2)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert b.archives is None and b.ask(None) == a.ask(None) == [
+        {"model": m} for m in ("e1", "e2", "ps")
+    ]
+    # a seed that failed everywhere (NaN) counts as 0 on every task, the worst
+    scores = [_toy_scores({"model": "e1"}, rng), _toy_scores({"model": "e2"}, rng)]
+    scores.append({t: np.full(4, np.nan) for t in TASKS})
+    for algo in (a, b):
+        algo.tell([{"model": m} for m in ("e1", "e2", "ps")], [dict(s) for s in scores])
+    assert a._seed_means[-1] == [0.0, 0.0, 0.0] and a.state_dict() == b.state_dict()
+    ra, rb = _drive(a, 3, np.random.default_rng(7)), _drive(b, 3, np.random.default_rng(7))
+    assert ra == rb and a.state_dict() == b.state_dict()
+
+
+def test_a_state_saved_before_seeds_existed_still_loads():
+    a = _make(children=2)
+    _drive(a, 3, np.random.default_rng(8))
+    old = json.loads(json.dumps(a.state_dict()))
+    del old["state"]["options"]["seeds"]  # what a run of the previous version saved
+    b = _make(children=2)
+    b.load_state_dict(old)
+    ra, rb = _drive(a, 2, np.random.default_rng(9)), _drive(b, 2, np.random.default_rng(9))
+    assert ra == rb
+    with pytest.raises(StateError, match="other options"):  # unless it is given seeds now
+        _make(children=2, seeds=["ps"]).load_state_dict(old)
+
+
 @pytest.mark.parametrize(
     ("options", "context_base", "needle"),
     [
@@ -310,9 +343,9 @@ def test_state_round_trip_mid_run_continues_identically():
         ({"experts": EXPERTS, "range_scale": [1.2, 0.8]}, "base", "algorithm.range_scale:"),
         ({}, "base", "algorithm.experts: Field required"),
         ({"experts": EXPERTS}, None, "base_model:"),
-        ({"experts": EXPERTS, "seeds": ["nope"]}, "base", "algorithm.seeds[0]: unknown model"),
-        ({"experts": EXPERTS, "seeds": ["e1"]}, "base", "algorithm.seeds[0]: 'e1' is already"),
-        ({"experts": EXPERTS, "seeds": ["ps", "ps"]}, "base", "algorithm.seeds[1]: 'ps' is al"),
+        ({"experts": EXPERTS, "seeds": ["nope"]}, "base", "algorithm.seeds: unknown model"),
+        ({"experts": EXPERTS, "seeds": ["e1"]}, "base", "algorithm.seeds: 'e1' (entry 0) is al"),
+        ({"experts": EXPERTS, "seeds": ["ps", "ps"]}, "base", "algorithm.seeds: 'ps' (entry 1)"),
     ],
 )
 def test_bad_options_are_one_line_naming_the_key(options, context_base, needle):

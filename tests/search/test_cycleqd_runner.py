@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from shoal.report.archives import archive_history
 from shoal.search.algorithms.base import store_key
 from shoal.search.run_folder import RunFolder
 from shoal.search.runner import evolve
@@ -155,14 +156,30 @@ def test_a_chain_seeds_cycleqd_with_the_earlier_stage_result(tmp_path, experts):
             for j in others
         ]
         assert np.array(archive["ranges"]) == pytest.approx(np.array(want))
+    # the report replays the four seeds as one step, then ends at the saved archives
+    history = archive_history(RunFolder(stages / "cqd"))
+    assert history is not None and history.evaluations[:2] == [4, 5]
+    for replayed, saved in zip(history.archives, state["archives"], strict=True):
+        assert [e["cell"] for e in replayed.state_dict()["elites"]] == [
+            e["cell"] for e in saved["elites"]
+        ]
 
 
-def test_seeds_naming_a_later_stage_are_refused_before_anything_runs(shoal_cli, tmp_path, experts):
-    cfg = _chain(experts, ["cqd"])
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+@pytest.mark.parametrize(
+    ("seeds", "needle"),
+    [
+        (["cqd"], "stages[1].algorithm.seeds: unknown model 'cqd'"),  # the stage itself
+        (["expert-0-2"], "stages[1].algorithm.seeds: 'expert-0-2' (entry 0) is already"),
+        (["ps", "ps"], "stages[1].algorithm.seeds: 'ps' (entry 1) is already"),
+    ],
+)
+def test_bad_seeds_of_a_later_stage_are_refused_before_anything_runs(
+    shoal_cli, tmp_path, experts, seeds, needle
+):
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(_chain(experts, seeds)))
     code, _, err = shoal_cli(["evolve", "cfg.yaml", "--run-dir", "runs/x"], tmp_path)
     assert code == 2, err
-    assert err.strip().count("\n") == 0 and "stages[1].algorithm.seeds: unknown model 'cqd'" in err
+    assert err.strip().count("\n") == 0 and needle in err
     assert not (tmp_path / "runs").exists()
 
 

@@ -62,7 +62,7 @@ class FlatModel:
                 part.copy_(p)
                 p.data = part
         #: the module's tensors: views of the buffer, named as in its state dict
-        self.state = dict(zip(self.names, self._views(self._buffer), strict=True))
+        self.tensors = dict(zip(self.names, self._views(self._buffer), strict=True))
         self._noise = torch.empty(self.n, dtype=torch.float32)  # a mutation's draws
         self._noise_views = self._views(self._noise)
         self._chromosomes: dict[tuple[str, ...], list[torch.Tensor | None]] = {}
@@ -197,7 +197,7 @@ class FlatModel:
             out.copy_(vec)
         elif method == "random_init":
             # a seed inside the recipe makes the init part of its content (store keys)
-            self._normal(int(params.get("seed", seed)), 1, self.state.values())
+            self._normal(int(params.get("seed", seed)), 1, self.tensors.values())
             out.mul_(float(params.get("std", 0.01)))
         elif not self._splitpoint(recipe, params, vector_of):
             return None

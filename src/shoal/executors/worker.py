@@ -150,7 +150,7 @@ class Worker:
         """The last built model's tensors: views of its flat vector when it was built flat
         (the module's state dict, without walking the module), else its state dict."""
         if self.flat is not None and self._built_flat:
-            return self.flat.state
+            return self.flat.tensors
         return model.state_dict()
 
     def _vector(self, ref: str) -> torch.Tensor | None:

@@ -42,7 +42,7 @@ def splitpoint(
             ``a`` and ``b`` over this whole tensor.
         cos_after: the same for the entries after the split.
         out: contiguous float32 tensor of ``a``'s size to write the result into (e.g. the
-            resident model's parameters); ``None``: a new one.
+            resident model's parameters), not overlapping ``a`` or ``b``; ``None``: a new one.
 
     Returns:
         float32 tensor of the common shape (``out`` when given).
@@ -57,6 +57,8 @@ def splitpoint(
     ca = own if cos_after is None else cos_after
     # slerp() of each side with its angle, written into one output (M2N2 runs this once per
     # child, where the temporaries and a cat would cost more than the maths)
+    if out is not None and (out.numel() != n or out.dtype != torch.float32):
+        raise MergeError(f"splitpoint: out= holds {out.numel()} {out.dtype}, needs {n} float32")
     flat = torch.empty_like(fa) if out is None else out.view(-1)
     for lo, hi, t, c in ((0, s, ratio, cb), (s, n, 1.0 - ratio, ca)):
         if lo < hi:

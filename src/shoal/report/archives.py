@@ -2,8 +2,9 @@
 
 The state holds only the final archives; their history is rebuilt by inserting every
 logged candidate again, in order, with the insertion rule of the run (a cell takes a
-candidate when it is empty or holds a strictly worse elite). The experts come first (the
-run's first K evaluations), and the final aggregation is left out, as in the run — so the
+candidate when it is empty or holds a strictly worse elite). The seeds come first (the
+run's first K evaluations, the experts, then one for each of ``seeds``) and enter together
+once all are scored; the final aggregation is left out, as in the run — so the
 replayed end equals the saved archives, which a test checks.
 """
 
@@ -67,7 +68,7 @@ def _copy(archives: list[GridArchive]) -> list[GridArchive]:
 def archive_history(folder: RunFolder, snapshots: int = 4) -> ArchiveHistory | None:
     """Replay a CycleQD run's events into its archives; ``None`` for other runs.
 
-    Also ``None`` while the experts are still being scored (no archive exists yet).
+    Also ``None`` while the seeds are still being scored (no archive exists yet).
     """
     saved = folder.read_state() or {}
     algo = saved.get("algorithm") or {}
@@ -84,13 +85,14 @@ def archive_history(folder: RunFolder, snapshots: int = 4) -> ArchiveHistory | N
     events = [e for e in folder.events.read() if e.get("evaluation") != aggregate]
     archives = _copy(empty)
     experts = dict((state.get("options") or {}).get("experts") or {})
-    seeds = state.get("seed_means") or []
+    seed_means = state.get("seed_means") or []  # the experts' first, then any further seeds
+    n_seeds = max(len(seed_means), K)
     history = ArchiveHistory(
         tasks,
         archives,
         [],
         experts,
-        {t: float(seeds[k][k]) for k, t in enumerate(tasks) if k < len(seeds)},
+        {t: float(seed_means[k][k]) for k, t in enumerate(tasks) if k < len(seed_means)},
     )
     marks = {round(len(events) * (i + 1) / snapshots) for i in range(snapshots)}
     for n, event in enumerate(events, 1):
@@ -98,7 +100,7 @@ def archive_history(folder: RunFolder, snapshots: int = 4) -> ArchiveHistory | N
         data = {"evaluation": event.get("evaluation")}
         for k, archive in enumerate(archives):
             archive.add_one(means[k], [means[j] for j in range(K) if j != k], data)
-        if n < K:  # the experts enter together, once all are scored
+        if n < n_seeds:  # the seeds enter together, once all are scored
             continue
         history.evaluations.append(n)
         for t, archive in zip(tasks, archives, strict=True):

@@ -33,7 +33,7 @@ class EliteRow:
         quality: Its mean on ``task`` (train).
         means: Its mean on every skill task (train).
         evaluation: The evaluation that made it.
-        ref: An expert's name or ``store:<key>``.
+        ref: A seed's model name (an expert's, or one of ``seeds``) or ``store:<key>``.
         recipe: How it was built.
     """
 

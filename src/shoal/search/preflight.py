@@ -140,13 +140,16 @@ def _check_algorithm_blocks(config: RunConfig, task_names: Sequence[str]) -> boo
         cls = algorithm_class(str(block["name"]), where)
         validate_options(cls.Options, {k: v for k, v in block.items() if k != "name"}, where)
         tensorwise = tensorwise or cls.tensorwise
-        for key, names in (("models", known), ("seeds", known), ("tasks", task_names)):
+        for key, noun, names in (
+            ("models", "model", known),
+            ("seeds", "model", known),
+            ("tasks", "task", task_names),
+        ):
             given = block.get(key)
             if not isinstance(given, list) or not all(isinstance(n, str) for n in given):
                 continue  # an option of that name meaning something else
             unknown = [n for n in given if n not in names]
             if unknown:
-                noun = "model" if key == "seeds" else key[:-1]
                 raise RecipeError(
                     f"{where}.{key}: unknown {noun} {unknown[0]!r} (known: {', '.join(names)})"
                 )

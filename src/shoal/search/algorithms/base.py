@@ -93,7 +93,7 @@ def validate_options(schema: type[BaseModel], options: Mapping[str, Any], where:
         if err["type"] == "extra_forbidden":
             known = ", ".join(sorted(schema.model_fields))
             raise RecipeError(f"{loc}: unknown option (known: {known})") from None
-        raise RecipeError(f"{loc}: {err['msg']}") from None
+        raise RecipeError(f"{loc}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 @dataclass(frozen=True)

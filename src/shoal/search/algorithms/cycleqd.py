@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from shoal.errors import RecipeError, StateError
 from shoal.search.algorithms.base import (
@@ -127,6 +127,17 @@ class CycleQDOptions(AlgorithmOptions):
     )
     temperature: float = Field(1.0, gt=0.0, description="T in β = softmax(quality / T)")
     seed: int = Field(0, ge=0, description="root seed of the algorithm's random choices")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_are_new_models(cls, seeds: list[str], info: ValidationInfo) -> list[str]:
+        """Each seed once and none an expert (it would be scored and inserted twice); checked
+        with the options, so also for a later stage before the run starts."""
+        experts = set((info.data.get("experts") or {}).values())
+        for i, m in enumerate(seeds):
+            if m in experts or m in seeds[:i]:
+                raise ValueError(f"{m!r} (entry {i}) is already a seed or an expert")
+        return seeds
 
 
 # -- the maths (METHODS.md §4), plain numpy --------------------------------------------------------
@@ -231,7 +242,9 @@ class CycleQD(Algorithm):
         self.expert_of = [o.experts[t] for t in self.tasks]
         self.seed_models = [*self.expert_of, *o.seeds]  # asked in this order, first of all
         self._rng = np.random.default_rng(np.random.SeedSequence(o.seed))
-        self.archives: list[GridArchive] | None = None  # made once every expert is scored
+        self.archives: list[GridArchive] | None = None  # made once every seed is scored
+        # the seeds are the experts, then ``options.seeds``: asked first, held until all
+        # are scored
         self._seeds_asked = 0
         self._seed_means: list[list[float]] = []
         self.generation = 0
@@ -262,13 +275,11 @@ class CycleQD(Algorithm):
                 raise RecipeError(
                     f"algorithm.experts.{t}: unknown model {m!r} (known: {', '.join(models)})"
                 )
-        for i, m in enumerate(o.seeds):
-            if models and m not in models:
-                raise RecipeError(
-                    f"algorithm.seeds[{i}]: unknown model {m!r} (known: {', '.join(models)})"
-                )
-            if m in o.experts.values() or m in o.seeds[:i]:
-                raise RecipeError(f"algorithm.seeds[{i}]: {m!r} is already a seed or an expert")
+        unknown = [m for m in o.seeds if models and m not in models]
+        if unknown:
+            raise RecipeError(
+                f"algorithm.seeds: unknown model {unknown[0]!r} (known: {', '.join(models)})"
+            )
         lo_s, hi_s = o.range_scale
         if not 0 <= lo_s <= hi_s:
             raise RecipeError(f"algorithm.range_scale: [{lo_s}, {hi_s}] is inverted or negative")
@@ -522,8 +533,9 @@ class CycleQD(Algorithm):
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
+        saved = {"seeds": [], **state["options"]}  # a state from before ``seeds`` existed
         if (
-            state["options"] != self.options.model_dump(mode="json")
+            saved != self.options.model_dump(mode="json")
             or state["base"] != self.base
             or state["tasks"] != self.tasks
         ):
