@@ -1,4 +1,4 @@
-"""parse_size, check_finite and copy_model_files."""
+"""parse_size, check_finite, copy_model_files, tensor_shapes and first_mismatch."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from shoal.checkpoint import ShardedWriter, check_finite, copy_model_files, parse_size
+from shoal.checkpoint import (
+    ShardedWriter,
+    check_finite,
+    copy_model_files,
+    first_mismatch,
+    parse_size,
+    tensor_shapes,
+)
 from shoal.errors import CheckpointError, RecipeError
 
 
@@ -82,3 +89,17 @@ def test_copy_model_files_rejects_a_bad_config(tmp_path: Path, text: str, match:
     ):
         copy_model_files(src, w)
     assert not (tmp_path / "out").exists()
+
+
+def test_tensor_shapes_and_where_two_tables_first_differ(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"b": torch.zeros(2, 3), "a": torch.zeros(4)}, str(tmp_path / "m.safetensors"))
+    shapes = tensor_shapes(tmp_path / "m.safetensors")
+    assert shapes == {"a": (4,), "b": (2, 3)}
+    assert first_mismatch(shapes, dict(shapes)) is None
+    assert first_mismatch(shapes, {"b": (2, 3)}) == ("a", "missing")
+    assert first_mismatch(shapes, {"a": (4,), "b": (3, 2)}) == ("b", "shape")
+    assert first_mismatch(shapes, {**shapes, "z": (1,), "c": (1,)}) == ("z", "extra")  # got's order
+    # a missing tensor is reported before a wrong shape further on, and before an extra one
+    assert first_mismatch({"a": (4,), "b": (1,)}, {"b": (2,), "x": (1,)}) == ("a", "missing")

@@ -6,7 +6,8 @@ The lowest part of shoal; it knows nothing of merging or search.
   the tensors of a Hugging Face directory (single or sharded safetensors,
   ``pytorch_model.bin``), a ``.safetensors`` file or a weights-only ``.pt`` file.
   Shapes and dtypes come from headers; data is read one tensor at a time;
-  :func:`tensor_shapes` gives a checkpoint's shapes alone.
+  :func:`tensor_shapes` gives a checkpoint's shapes alone, :func:`first_mismatch` where two
+  such tables first differ.
 * :class:`ShardedWriter`: streams tensors into (sharded) safetensors in a temporary
   sibling directory and renames it into place only when everything is written.
 * :func:`copy_model_files`: config (with updates), generation config, tokenizer;
@@ -29,7 +30,12 @@ from shoal.checkpoint.files import (
 )
 from shoal.checkpoint.finite import check_finite
 from shoal.checkpoint.layers import layer_index, num_layers, rename_layer, with_num_layers
-from shoal.checkpoint.reader import CheckpointReader, open_checkpoint, tensor_shapes
+from shoal.checkpoint.reader import (
+    CheckpointReader,
+    first_mismatch,
+    open_checkpoint,
+    tensor_shapes,
+)
 from shoal.checkpoint.sizes import parse_size
 from shoal.checkpoint.st_format import TensorInfo, read_header
 from shoal.checkpoint.writer import ShardedWriter, shard_name
@@ -42,6 +48,7 @@ __all__ = [
     "copy_config_files",
     "copy_model_files",
     "copy_tokenizer_files",
+    "first_mismatch",
     "layer_index",
     "num_layers",
     "open_checkpoint",

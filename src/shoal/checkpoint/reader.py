@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,23 @@ def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """
     with open_checkpoint(path) as reader:
         return {name: tuple(reader.shape(name)) for name in reader}
+
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+def first_mismatch(want: Shapes, got: Shapes) -> tuple[str, str] | None:
+    """Where two shape tables first differ: ``(name, "missing")`` for a tensor of ``want``
+    that ``got`` lacks, ``(name, "shape")`` for one of another shape (both in ``want``'s
+    order), then ``(name, "extra")`` for one only ``got`` has; ``None`` when they are equal.
+    Callers word the message (which side is the reference is theirs to say)."""
+    for name, shape in want.items():
+        if name not in got:
+            return name, "missing"
+        if tuple(got[name]) != tuple(shape):
+            return name, "shape"
+    extra = next((name for name in got if name not in want), None)
+    return None if extra is None else (extra, "extra")
 
 
 class CheckpointReader(Closing):

@@ -50,7 +50,13 @@ import torch
 from shoal._atomic import atomic_dir, hold_lock, refuse_working_dir
 from shoal._devices import resolve_device
 from shoal._progress import counting_bar
-from shoal.checkpoint import CheckpointReader, ShardedWriter, check_finite, open_checkpoint
+from shoal.checkpoint import (
+    CheckpointReader,
+    ShardedWriter,
+    check_finite,
+    first_mismatch,
+    open_checkpoint,
+)
 from shoal.errors import CheckpointError, MergeError, OutputExistsError, ShoalError
 
 __all__ = [
@@ -274,20 +280,20 @@ def _check_pair(base: CheckpointReader, model: CheckpointReader) -> dict[str, An
                 f"{model.path}/config.json: {key} is {model.config.get(key)!r}, but the "
                 f"base's ({base.path}/config.json) is {base.config.get(key)!r}"
             )
-    base_keys = set(base.keys())
-    for key in model:
-        if key not in base_keys:
-            raise MergeError(f"tensor {key!r}: in {model.path} but not in the base {base.path}")
-        if model.shape(key) != base.shape(key):
-            raise MergeError(
-                f"tensor {key!r}: shape {list(model.shape(key))} in {model.path} but "
-                f"{list(base.shape(key))} in the base {base.path}"
-            )
-    model_keys = set(model.keys())
-    for key in base:
-        if key not in model_keys:
-            raise MergeError(f"tensor {key!r}: in the base {base.path} but not in {model.path}")
-    return model.config
+    found = first_mismatch(
+        {k: tuple(model.shape(k)) for k in model}, {k: tuple(base.shape(k)) for k in base}
+    )
+    if found is None:
+        return model.config
+    key, how = found
+    if how == "missing":
+        raise MergeError(f"tensor {key!r}: in {model.path} but not in the base {base.path}")
+    if how == "shape":
+        raise MergeError(
+            f"tensor {key!r}: shape {list(model.shape(key))} in {model.path} but "
+            f"{list(base.shape(key))} in the base {base.path}"
+        )
+    raise MergeError(f"tensor {key!r}: in the base {base.path} but not in {model.path}")
 
 
 def _check_out(out: Path, overwrite: bool, inputs: Sequence[Path]) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal._atomic import atomic_dir, hold_lock, refuse_working_dir, remove_stale_temp_siblings
-from shoal.checkpoint import tensor_shapes
+from shoal.checkpoint import first_mismatch, tensor_shapes
 from shoal.errors import CheckpointError, OutputExistsError, RecipeError
 from shoal.recipe import Recipe, rename_models
 
@@ -251,16 +251,17 @@ def _check_fits(
     want: Mapping[str, tuple[int, ...]], got: Mapping[str, tuple[int, ...]], what: str
 ) -> None:
     """The same tensor names with the same shapes, or one line naming the first that differs."""
-    for name, shape in want.items():
-        if name not in got:
-            raise RecipeError(f"{what}: tensor {name} is missing")
-        if got[name] != shape:
-            raise RecipeError(
-                f"{what}: tensor {name} has shape {list(got[name])}, the component's {list(shape)}"
-            )
-    extra = sorted(set(got) - set(want))
-    if extra:
-        raise RecipeError(f"{what}: tensor {extra[0]} is not the component's")
+    found = first_mismatch(want, got)
+    if found is None:
+        return
+    name, how = found
+    if how == "missing":
+        raise RecipeError(f"{what}: tensor {name} is missing")
+    if how == "shape":
+        raise RecipeError(
+            f"{what}: tensor {name} has shape {list(got[name])}, the component's {list(want[name])}"
+        )
+    raise RecipeError(f"{what}: tensor {name} is not the component's")
 
 
 def pipeline_paths(recipe: Recipe) -> dict[str, Path] | None:
