@@ -21,7 +21,7 @@ import glob
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,6 +31,7 @@ __all__ = [
     "atomic_path",
     "hold_lock",
     "process_alive",
+    "refuse_output_holding",
     "refuse_working_dir",
     "remove_stale_temp_siblings",
     "replace_dir",
@@ -172,6 +173,23 @@ def hold_lock(
             with contextlib.suppress(OSError):
                 lock.unlink()
         os.close(fd)
+
+
+def refuse_output_holding(out: Path, inputs: Mapping[str, str | Path]) -> None:
+    """Refuse an existing ``out`` that is, or holds, one of ``inputs`` (what to call it in
+    the message -> its path): replacing ``out`` once the work is done (``--overwrite``)
+    would delete an input the work read.
+
+    Raises:
+        OutputExistsError: ``{out}: holds {label}; write elsewhere``.
+    """
+    if not out.exists():
+        return
+    target = out.resolve()
+    for label, path in inputs.items():
+        source = Path(path).resolve()
+        if source == target or target in source.parents:
+            raise OutputExistsError(f"{out}: holds {label}; write elsewhere")
 
 
 def refuse_working_dir(out: Path) -> None:

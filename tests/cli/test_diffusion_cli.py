@@ -245,3 +245,22 @@ def test_export_into_its_own_pipeline_is_refused(
         code, _, err = shoal_cli(args)
         assert code == 2 and "inside the model" in one_error_line(err)
     assert sorted(p.relative_to(a) for p in a.rglob("*")) == before
+
+
+def test_export_over_a_folder_holding_its_inputs_is_refused(
+    tmp_path: Path, shoal_cli, tiny_pipeline, linear_recipe
+) -> None:
+    """--overwrite replaces OUT once the copy is made: an OUT that holds the run's best/ or
+    the pipeline would delete them."""
+    work = tmp_path / "work"
+    a, b = tiny_pipeline(work / "a", 0), tiny_pipeline(work / "b", 1)
+    run = work / "run"
+    run.mkdir()
+    recipe = linear_recipe(tmp_path, a / "unet", b / "unet")
+    assert shoal_cli(["merge", str(recipe), str(run / "best"), "-q"])[0] == 0
+    before = sorted(p.relative_to(work) for p in work.rglob("*"))
+    for out in (work, run):
+        args = ["export", str(run), "--pipeline", str(a), "--out", str(out), "--overwrite"]
+        code, _, err = shoal_cli(args)
+        assert code == 2 and "holds the" in one_error_line(err)
+    assert sorted(p.relative_to(work) for p in work.rglob("*")) == before

@@ -25,6 +25,7 @@ import torch
 
 from shoal._extras import import_extra
 from shoal.errors import RecipeError
+from shoal.merge.pipeline import is_pipeline
 from shoal.merge.vlm import is_vlm_dir
 from shoal.tasks.python import import_callable
 
@@ -128,7 +129,7 @@ def diffusers_class(path: str | Path, component: str = "unet") -> tuple[Path, ty
     import json
 
     folder = Path(path)
-    if (folder / "model_index.json").is_file():
+    if is_pipeline(folder):
         folder = folder / component
     cfg = folder / "config.json"
     try:

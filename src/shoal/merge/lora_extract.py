@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from shoal._atomic import atomic_dir, hold_lock, refuse_working_dir
+from shoal._atomic import atomic_dir, hold_lock, refuse_output_holding, refuse_working_dir
 from shoal._devices import resolve_device
 from shoal._progress import counting_bar
 from shoal.checkpoint import (
@@ -302,12 +302,7 @@ def _check_out(out: Path, overwrite: bool, inputs: Sequence[Path]) -> None:
         raise OutputExistsError(f"{out}: output exists (pass --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a directory")
-    if out.exists():
-        target = out.resolve()
-        for path in inputs:
-            p = path.resolve()
-            if p == target or target in p.parents:
-                raise OutputExistsError(f"{out}: holds the input {path}; write elsewhere")
+    refuse_output_holding(out, {f"the input {path}": path for path in inputs})
 
 
 # -- the extraction --------------------------------------------------------------------

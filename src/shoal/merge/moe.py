@@ -75,7 +75,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shoal._atomic import hold_lock, refuse_working_dir
+from shoal._atomic import hold_lock, refuse_output_holding, refuse_working_dir
 from shoal._devices import resolve_device
 from shoal._progress import counting_bar
 from shoal.checkpoint import (
@@ -719,12 +719,7 @@ def build_moe(
     with ExitStack() as stack:
         models, arch = _open_models(config, label, folder, stack)
         paths = [models.base.path, *(r.path for r in models.experts + models.shared)]
-        if out.exists():
-            target = out.resolve()
-            for p in paths:
-                rp = Path(p).resolve()
-                if rp == target or target in rp.parents:
-                    raise OutputExistsError(f"{out}: holds the input model {p}; write elsewhere")
+        refuse_output_holding(out, {f"the input model {p}": p for p in paths})
         if len(models.experts) > 1 and not allow_same_experts:
             first = Path(models.experts[0].path).resolve()
             if all(Path(r.path).resolve() == first for r in models.experts):

@@ -25,7 +25,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from shoal._atomic import atomic_dir, hold_lock, refuse_working_dir, remove_stale_temp_siblings
+from shoal._atomic import (
+    atomic_dir,
+    hold_lock,
+    refuse_output_holding,
+    refuse_working_dir,
+    remove_stale_temp_siblings,
+)
 from shoal.checkpoint import first_mismatch, tensor_shapes
 from shoal.errors import CheckpointError, OutputExistsError, RecipeError
 from shoal.recipe import Recipe, rename_models
@@ -232,6 +238,7 @@ def install_component(
     )
     refuse_working_dir(out)
     _refuse_inside(out, {"pipeline": src, "weights": weights})
+    refuse_output_holding(out, {f"the pipeline {src}": src, f"the weights {weights}": weights})
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: exists; remove it or write elsewhere")
     with atomic_dir(out) as tmp:
@@ -313,11 +320,8 @@ def merge_pipeline(
     check_pipelines(paths, reference, components)
     out = Path(out_dir)
     refuse_working_dir(out)
-    for ref, path in paths.items():
-        target = out.resolve()
-        if out.exists() and target in path.resolve().parents:
-            raise OutputExistsError(f"{out}: holds the recipe's model {ref!r}; write elsewhere")
     _refuse_inside(out, paths)
+    refuse_output_holding(out, {f"the recipe's model {ref!r}": p for ref, p in paths.items()})
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: exists (pass --overwrite to replace it)")
     target = Path(os.path.abspath(out))

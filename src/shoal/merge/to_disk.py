@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shoal._atomic import hold_lock, refuse_working_dir
+from shoal._atomic import hold_lock, refuse_output_holding, refuse_working_dir
 from shoal._devices import resolve_device
 from shoal._yaml import safe_dump
 from shoal.checkpoint import (
@@ -73,18 +73,11 @@ def _refuse_source_as_output(
     ``--overwrite`` replaces ``out`` only after the merge; a source inside it
     would be deleted by the very merge that reads it.
     """
-    if not out.exists():
-        return
-    target = out.resolve()
-    for ref in recipe.model_refs():
-        path = getattr(sources.get(ref), "path", None)
-        if not isinstance(path, Path):
-            continue
-        path = path.resolve()
-        if path == target or target in path.parents:
-            raise OutputExistsError(
-                f"{out}: holds the recipe's model {ref!r} ({path}); write the merge elsewhere"
-            )
+    paths = {ref: getattr(sources.get(ref), "path", None) for ref in recipe.model_refs()}
+    refuse_output_holding(
+        out,
+        {f"the recipe's model {ref!r} ({p})": p for ref, p in paths.items() if isinstance(p, Path)},
+    )
 
 
 def _stored_recipe(
