@@ -56,3 +56,18 @@ def test_image_tasks_names() -> None:
 
     tasks = image_tasks(D())
     assert tasks["train"].name == "toy-train" and len(tasks["test"]) == 1
+
+
+def test_check_scores_zeroes_nan_and_refuses_out_of_range() -> None:
+    task = ClassificationTask("t", torch.zeros(4, 1), torch.zeros(4, dtype=torch.long))
+    good = np.array([0.0, 0.25, 1.0, 0.5])
+    assert np.shares_memory(check_scores(task, good), good)  # valid: passed, not copied
+    np.testing.assert_array_equal(
+        check_scores(task, np.array([np.nan, 1.0, np.inf, -np.inf])), [0.0, 1.0, 0.0, 0.0]
+    )
+    with pytest.raises(ValueError, match="'t' returned scores outside"):
+        check_scores(task, np.array([0.0, 1.5, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="'t' returned scores outside"):
+        check_scores(task, np.array([np.nan, -0.5, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="returned 3 scores for 4"):
+        check_scores(task, np.zeros(3))
