@@ -99,6 +99,52 @@ def test_state_round_trip_continues_identically() -> None:
     assert run(False) == run(True)
 
 
+def test_model_a_is_scored_first_and_the_es_never_sees_it() -> None:
+    dfs = DFS(*A3B3, seed=5, options={"repeats": 2, "popsize": 6})
+    plain = DFS(*A3B3, seed=5, options={"repeats": 2, "popsize": 6})
+    plain.start = None  # the same search without the start
+    first = dfs.ask()
+    assert first == [
+        {
+            "merge_method": "layer_path",
+            "models": [{"model": "A"}, {"model": "B"}],
+            "parameters": {"path": [["A", 0], ["A", 1], ["A", 2]], "scales": [1.0, 1.0, 1.0]},
+        }
+    ]
+    # model A scores best of all; every later candidate scores less
+    dfs.tell(first, [{"fit": np.ones(2)}])
+    assert dfs.best is not None and dfs.best.recipe == first[0] and dfs.best.evaluation == 0
+    for _ in range(3):
+        got, want = dfs.ask(), plain.ask()
+        assert got == want  # the ES's samples are those of the search without the start
+        scores = [{"fit": np.zeros(2)} for _ in got]
+        dfs.tell(got, scores)
+        plain.tell(want, scores)
+    assert np.array_equal(dfs.es.mean, plain.es.mean)
+    assert dfs.best.recipe == first[0] and dfs.evaluations == 1 + 3 * 6
+    # resumed between the start and the first generation: the start is not asked again
+    again = DFS(*A3B3, seed=5, options={"repeats": 2, "popsize": 6})
+    again.tell(again.ask(), [{"fit": np.ones(2)}])
+    resumed = DFS(*A3B3, seed=0, options={"repeats": 2, "popsize": 6})
+    resumed.load_state_dict(json.loads(json.dumps(again.state_dict())))
+    fresh = DFS(*A3B3, seed=5, options={"repeats": 2, "popsize": 6})
+    fresh.start = None
+    assert resumed.ask() == fresh.ask()
+
+
+def test_state_of_an_older_version_resumes_without_scoring_the_start() -> None:
+    dfs = DFS(*A3B3, seed=2, options={"repeats": 1, "popsize": 4})
+    dfs.start = None
+    recipes = dfs.ask()
+    dfs.tell(recipes, [_score(r) for r in recipes])
+    state = dfs.state_dict()
+    del state["state"]["start_scored"]  # as written before DFS scored its start
+    resumed = DFS(*A3B3, seed=2, options={"repeats": 1, "popsize": 4})
+    resumed.load_state_dict(state)
+    nxt = resumed.ask()
+    assert len(nxt) == 4 and nxt == dfs.ask()
+
+
 def test_from_config() -> None:
     ctx = SearchContext(
         models={"base": "/b", "A": "/a", "B": "/b2", "C": "/c"},
@@ -185,7 +231,7 @@ def test_dfs_run_end_to_end_exports_a_loadable_best(tmp_path) -> None:
 
     models = _tiny_llama_dirs(tmp_path, ["A", "B"])
     result = evolve(_dfs_config(models, popsize=6, evaluations=12), tmp_path / "run")
-    assert result.status == "completed" and result.evaluations == 12
+    assert result.status == "completed" and result.evaluations == 1 + 12  # model A, then 2 × 6
     best = result.best
     assert best is not None and best.recipe["merge_method"] == "layer_path"
     exported = load_model(result.run_dir / "best")
@@ -253,3 +299,11 @@ def test_ps_then_dfs_stages(tmp_path) -> None:
     assert ps["recipe"]["merge_method"] == "dare_ties"
     ps_model = load_model(ps["path"])
     assert float(np.mean(next_token_probability(ps_model))) == pytest.approx(ps["fitness"])
+    # DFS scored its model A, PS's result, first: the chain cannot end below PS
+    dfs = result.summary["stages"][1]
+    assert dfs["evaluations"] == 1 + 2 * 4
+    assert dfs["best"]["fitness"] >= ps["fitness"] - 1e-6
+    events = (tmp_path / "run" / "stages" / "dfs" / "events.jsonl").read_text().splitlines()
+    start = json.loads(events[0])
+    assert start["recipe"]["parameters"]["path"] == [["ps", 0], ["ps", 1], ["ps", 2]]
+    assert start["fitness"] == pytest.approx(ps["fitness"])

@@ -204,15 +204,23 @@ class GenomeCMAES(Algorithm):
     ``ask(n)`` hands out at most ``n`` candidates of the current generation and
     never crosses a generation boundary (the ES is told once a whole generation
     has scores); ``ask(None)`` hands out the rest of the generation.
+
+    A subclass that sets :attr:`start` has that vector scored first, alone, before the
+    first generation: it competes for :attr:`best` but is not told to the ES, whose
+    samples stay what they would be without it. DFS does this so that its result is
+    never below the model it starts from (model A, e.g. the PS stage before it).
     """
 
     es: CMAES
+    #: a genome scored once before the first generation (``None``: none)
+    start: np.ndarray | None = None
 
     def __init__(self) -> None:
         super().__init__()
         self._gen_x: list[list[float]] = []  # the current generation's vectors
         self._gen_f: list[float] = []  # fitness of the first len(_gen_f) of them
         self._best: Best | None = None
+        self._start_scored = False
 
     # -- to implement ---------------------------------------------------------------------
     def decode(self, x: np.ndarray) -> dict[str, Any]:
@@ -225,6 +233,8 @@ class GenomeCMAES(Algorithm):
 
     # -- Algorithm --------------------------------------------------------------------------
     def _ask(self, n: int | None) -> list[dict[str, Any]]:
+        if self._start_due:
+            return [self.decode(self.start)]  # type: ignore[arg-type]
         if not self._gen_x:
             self._gen_x = self.es.ask().tolist()
             self._gen_f = []
@@ -232,25 +242,41 @@ class GenomeCMAES(Algorithm):
         stop = len(self._gen_x) if n is None else min(len(self._gen_x), start + max(int(n), 1))
         return [self.decode(np.asarray(x)) for x in self._gen_x[start:stop]]
 
+    @property
+    def _start_due(self) -> bool:
+        return self.start is not None and not self._start_scored
+
     def _tell(self, recipes: list[dict[str, Any]], scores: list[Scores]) -> None:
+        if self._start_due:
+            self._consider(np.asarray(self.start), recipes[0], scores[0], self.evaluations)
+            self._start_scored = True
+            return
         start = len(self._gen_f)
         for i, s in enumerate(scores):
-            f = mean_over_tasks(s)
-            f = f if math.isfinite(f) else -math.inf
+            f = self._consider(
+                np.asarray(self._gen_x[start + i]), recipes[i], s, self.evaluations + i
+            )
             self._gen_f.append(f)
-            if self._best is None or f > self._best.fitness:
-                x = np.asarray(self._gen_x[start + i])
-                means = {k: float(np.mean(v)) if len(v) else 0.0 for k, v in s.items()}
-                self._best = Best(
-                    recipe=recipes[i],
-                    fitness=f,
-                    evaluation=self.evaluations + i,
-                    extra={"task_means": means, "genome": self.describe(x)},
-                )
         if len(self._gen_f) == len(self._gen_x):
             fit = [f if math.isfinite(f) else float("nan") for f in self._gen_f]
             self.es.tell(np.asarray(self._gen_x), fit)
             self._gen_x, self._gen_f = [], []
+
+    def _consider(
+        self, x: np.ndarray, recipe: dict[str, Any], scores: Scores, evaluation: int
+    ) -> float:
+        """The fitness of one scored genome; it becomes :attr:`best` if it beats it."""
+        f = mean_over_tasks(scores)
+        f = f if math.isfinite(f) else -math.inf
+        if self._best is None or f > self._best.fitness:
+            means = {k: float(np.mean(v)) if len(v) else 0.0 for k, v in scores.items()}
+            self._best = Best(
+                recipe=recipe,
+                fitness=f,
+                evaluation=evaluation,
+                extra={"task_means": means, "genome": self.describe(x)},
+            )
+        return f
 
     def stop(self) -> list[str]:
         """pycma's termination reasons, checked between generations."""
@@ -281,6 +307,7 @@ class GenomeCMAES(Algorithm):
             "gen_x": self._gen_x,
             "gen_f": [f if math.isfinite(f) else None for f in self._gen_f],
             "best": best,
+            "start_scored": self._start_scored,
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -289,6 +316,8 @@ class GenomeCMAES(Algorithm):
             self._gen_x = [list(map(float, x)) for x in state["gen_x"]]
             self._gen_f = [-math.inf if f is None else float(f) for f in state["gen_f"]]
             b = state["best"]
+            # a state saved before starts were scored goes on without scoring one
+            self._start_scored = bool(state.get("start_scored", True))
         except (KeyError, TypeError) as exc:
             raise StateError(f"{self.name}: saved state is missing {exc}") from exc
         self._best = (

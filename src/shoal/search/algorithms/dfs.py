@@ -106,6 +106,7 @@ class DFS(GenomeCMAES):
             if rep == 0 and self.layers[j][0] == a:
                 x0[s] = 2.0 * opts.sigma0  # A's layers of the first repetition are on
         x0[t:] = 1.0
+        self.start = x0.copy()  # model A itself: scored first, so DFS never ends below it
         stds = [1.0] * t + [opts.scale_sigma / opts.sigma0] * n_scales
         self.es = CMAES(
             x0,
