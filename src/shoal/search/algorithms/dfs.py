@@ -11,7 +11,9 @@ form), or by one number per slot (``scaling: slot``), or not at all (``none``).
 
 Initialisation (METHODS.md §2): I = 0 except A's layers in the first repetition at
 2σ0, W = 1; CMA-ES with population 128 by default. Embeddings, final norm, head and
-tokenizer come from model A.
+tokenizer come from model A. That start, model A, is scored once before the first
+generation without being told to CMA-ES (:attr:`GenomeCMAES.start`), so the best is never
+below model A: a DFS stage after PS keeps PS's result unless a path beats it.
 
 Candidates are ``layer_path`` recipes (validated and built by
 :mod:`shoal.merge.layer_path`)::
