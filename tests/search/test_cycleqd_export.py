@@ -119,6 +119,10 @@ def test_export_of_the_aggregate_is_best(run, tmp_path):
         (["--elite", "nope:0,0"], "no archive 'nope'"),
         (["--elite", "digits-train-0-2:x"], "CELL is i,j"),
         (["--elite", "digits-train-0-2:14,14"], "is empty"),
+        (["--elite", "digits-train-0-2:15,0"], "CELL is 2 indices in 0..14"),
+        (["--elite", "digits-train-0-2:-1,0"], "CELL is 2 indices in 0..14"),
+        (["--elite", "digits-train-0-2:0,1,2"], "one per behaviour axis (digits-train-3-5, "),
+        (["--aggregate", "--stage", "nosuch"], "has no such stage (stages: none"),
         (["--elite", "digits-train-0-2"], "give TASK:CELL"),
         ([], "give exactly one of"),
         (["--aggregate"], "--out: give the folder"),
@@ -126,7 +130,7 @@ def test_export_of_the_aggregate_is_best(run, tmp_path):
 )
 def test_bad_export_requests_are_one_line(run, tmp_path, shoal_cli, args, needle):
     out = tmp_path / "x"
-    extra = ["--out", str(out)] if "--elite" in args else []
+    extra = ["--out", str(out)] if "--elite" in args or "--stage" in args else []
     code, _, err = shoal_cli(["export", str(run), *args, *extra])
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
@@ -136,3 +140,23 @@ def test_a_run_that_is_not_cycleqd_is_named(tmp_path, shoal_cli):
     (tmp_path / "config.yaml").write_text("models: {}\n")
     code, _, err = shoal_cli(["export", str(tmp_path), "--list"])
     assert code == 2 and "no saved CycleQD state" in err
+
+
+def test_export_never_replaces_the_run_or_its_models(run, tmp_path, shoal_cli):
+    """--overwrite replaces OUT: not when OUT is the run, inside it, or holds its models."""
+    experts = run.parent / "digits-3"
+    expert_file = next(experts.glob("*.safetensors"))
+    before = sorted(p.name for p in experts.iterdir())
+    for out, needle in [
+        (run, "or inside it; write elsewhere"),
+        (run / "best", "or inside it; write elsewhere"),
+        (run / "config.yaml", "or inside it; write elsewhere"),
+        (run.parent, "holds the run folder"),
+        (experts, "holds the run's model"),
+        (expert_file, "holds the run's model"),
+    ]:
+        args = ["export", str(run), "--aggregate", "--out", str(out), "--overwrite"]
+        code, _, err = shoal_cli(args)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (out, err)
+    assert sorted(p.name for p in experts.iterdir()) == before and expert_file.is_file()
+    assert (run / "best" / "model.safetensors").is_file() and (run / "state.json").is_file()

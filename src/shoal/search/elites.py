@@ -103,6 +103,13 @@ class QDRun:
             index = tuple(int(i) for i in cell.split(","))
         except ValueError:
             raise RecipeError(f"--elite {which!r}: CELL is i,j (integers) or 'best'") from None
+        axes = [t for t in self.tasks if t != task]
+        bins = int(self.state["options"]["bins"])
+        if len(index) != len(axes) or not all(0 <= i < bins for i in index):
+            raise RecipeError(
+                f"--elite {which!r}: CELL is {len(axes)} indices in 0..{bins - 1}, one per "
+                f"behaviour axis ({', '.join(axes)})"
+            )
         for r in rows:
             if r.cell == index:
                 return r
@@ -152,6 +159,7 @@ class QDRun:
         for name in _stage_names(self.run):  # earlier stages' results, as recipes name them
             if (self.run.stage(name).best).is_dir():
                 models[name] = str(self.run.stage(name).best.resolve())
+        self._refuse_out(out, models)
         store_spec = {"kind": "dir", "path": str(self.folder.store)}
         spec = worker_spec(cfg, models, store_spec, tasks=False)
         worker = Worker(spec, store=open_store(store_spec))
@@ -163,6 +171,24 @@ class QDRun:
             model, recipe, out, tokenizer=worker.tokenizer, seed=seed, models=models, card=card
         )
         return out
+
+    def _refuse_out(self, out: Path, models: Mapping[str, str]) -> None:
+        """Refuse an output that would replace the run, its models or the working folder:
+        inside the run folder, or an existing folder or file that is or holds one of them
+        (``--overwrite`` deletes what it replaces)."""
+        from shoal._atomic import refuse_output_holding, refuse_working_dir
+        from shoal.errors import OutputExistsError
+
+        refuse_working_dir(out)
+        root = self.run.root.resolve()
+        target = out.resolve()
+        if target == root or root in target.parents:
+            raise OutputExistsError(
+                f"{out}: is the run folder {self.run.root} or inside it; write elsewhere"
+            )
+        inputs: dict[str, str | Path] = {f"the run folder {self.run.root}": self.run.root}
+        inputs |= {f"the run's model {name!r} ({path})": path for name, path in models.items()}
+        refuse_output_holding(out, inputs)
 
 
 def _stage_names(run: RunFolder) -> list[str]:
@@ -189,9 +215,17 @@ def open_qd_run(run_dir: str | Path, stage: str | None = None) -> QDRun:
     if not run.config.is_file():
         raise StateError(f"{run.root}: not a run folder (no config.yaml)")
     if stage is not None:
+        names = _stage_names(run)
+        if stage not in names:
+            have = ", ".join(names) if names else "none: a one-stage run, drop --stage"
+            raise StateError(f"--stage {stage!r}: {run.root} has no such stage (stages: {have})")
         folder = run.stage(stage)
         if not _is_qd(folder):
-            raise StateError(f"{folder.root}: no saved CycleQD state (stage {stage!r})")
+            qd = [n for n in names if _is_qd(run.stage(n))]
+            raise StateError(
+                f"--stage {stage!r}: not a CycleQD stage with a saved state "
+                f"(CycleQD stages: {', '.join(qd) or 'none'})"
+            )
         return QDRun(run, folder, stage)
     if _is_qd(run):
         return QDRun(run, run, None)
