@@ -113,3 +113,16 @@ def test_corrupt_event_line_names_file_and_line(finished_run, tmp_path, shoal_cl
     events.write_text("".join([*lines[:4], '{"recipe": {}}\n', *lines[5:]]))
     with pytest.raises(StateError, match=r"events\.jsonl:5: event lacks 'fitness'"):
         load_run(run)
+
+
+def test_archive_heatmap_puts_the_first_behaviour_axis_on_x() -> None:
+    """imshow draws rows on y: a cell (i, j) of axes (x, y) is the grid's row j, column i."""
+    from shoal.report.archives import _grid
+    from shoal.search.algorithms.qd_archive import GridArchive
+
+    archive = GridArchive(bins=4, ranges=[(0.0, 1.0), (0.0, 10.0)])
+    archive.add_one(0.5, (0.9, 1.0), {})  # x = 0.9: bin 3 of axis 0; y = 1.0: bin 0 of axis 1
+    archive.add_one(0.7, (0.1, 9.0), {})  # bin 0 of axis 0, bin 3 of axis 1
+    grid = _grid(archive)
+    assert grid[0, 3] == 0.5 and grid[3, 0] == 0.7
+    assert sum(v == v for v in grid.flat) == 2  # the rest NaN (empty)

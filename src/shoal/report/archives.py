@@ -114,11 +114,13 @@ def archive_history(folder: RunFolder, snapshots: int = 4) -> ArchiveHistory | N
 
 
 def _grid(archive: GridArchive) -> np.ndarray:
-    """Qualities on the first two behaviour axes (max over any further axes; NaN: empty)."""
+    """Qualities on the first two behaviour axes (max over any further axes; NaN: empty),
+    as ``imshow`` draws an array: rows along the y axis (behaviour axis 1), columns along
+    x (axis 0)."""
     shape = (archive.bins,) * min(archive.dims, 2)
     out = np.full(shape if archive.dims >= 2 else (1, archive.bins), np.nan)
     for cell, elite in archive:
-        idx = (cell[0], cell[1]) if archive.dims >= 2 else (0, cell[0])
+        idx = (cell[1], cell[0]) if archive.dims >= 2 else (0, cell[0])
         if not elite.quality <= out[idx]:  # NaN or lower
             out[idx] = elite.quality
     return out
