@@ -183,6 +183,37 @@ def test_bad_seeds_of_a_later_stage_are_refused_before_anything_runs(
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (
+            {"experts": {"digits-train-0-2": "expert-0-2", "digits-train-3-5": "expert-3-5"}},
+            "stages[1].algorithm.experts: task 'digits-train-6-9' has no expert model",
+        ),
+        ({"tasks": ["digits-train-0-2"]}, "stages[1].algorithm.tasks: cycleqd needs at least two"),
+        (
+            {"ranges": {"digits-train-3-5": [0.9, 0.2]}},
+            "stages[1].algorithm.ranges.digits-train-3-5: range [0.9, 0.2] is empty or inverted",
+        ),
+        ({"range_scale": [1.2, 0.8]}, "stages[1].algorithm.range_scale: [1.2, 0.8] is inverted"),
+        (
+            {"ranges": {"nosuch": [0.1, 0.2]}},
+            "stages[1].algorithm.ranges.nosuch: not one of the skill tasks",
+        ),
+    ],
+)
+def test_bad_options_of_a_later_stage_are_refused_before_anything_runs(
+    shoal_cli, tmp_path, experts, change, needle
+):
+    cfg = _chain(experts, ["ps"])
+    cfg["stages"][1]["algorithm"].update(change)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, err = shoal_cli(["evolve", "cfg.yaml", "--run-dir", "runs/x"], tmp_path)
+    assert code == 2, err
+    assert err.strip().count("\n") == 0 and needle in err and err.startswith("error: cfg.yaml: ")
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
 def test_ray_equals_serial(tmp_path, experts):
     pytest.importorskip("ray")

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -96,15 +97,26 @@ def make_algorithm(
     options = dict(block)
     cls = algorithm_class(str(options.pop("name")), where)
     context = build_context(config, models, seed, task_sizes, stage=label)
-    try:
+    with options_named_at(where):
         return cls.from_config(options, context)
+
+
+@contextmanager
+def options_named_at(where: str) -> Iterator[None]:
+    r"""Errors raised inside name ``where`` (``stages[1].algorithm``) for ``algorithm``.
+
+    Algorithms name their options ``algorithm.<key>``; a stage's block lives elsewhere.
+    Options that pass their types but not the method (``ValueError``, ``TypeError``) become
+    one-line :class:`RecipeError`\ s naming ``where``.
+    """
+    try:
+        yield
     except RecipeError as exc:
-        # algorithms name their options `algorithm.<key>`; a stage's block lives elsewhere
         text = str(exc)
         if where == "algorithm" or not text.startswith("algorithm."):
             raise
         raise RecipeError(where + text[len("algorithm") :]) from None
-    except (ValueError, TypeError) as exc:  # options that pass their types, not the method
+    except (ValueError, TypeError) as exc:
         raise RecipeError(f"{where}: {' '.join(str(exc).split())}") from None
 
 

@@ -25,6 +25,7 @@ from shoal.search.context import (
     callable_resident,
     forget_callable_residents,
     make_algorithm,
+    options_named_at,
     prefix_error,
 )
 
@@ -138,7 +139,9 @@ def _check_algorithm_blocks(config: RunConfig, task_names: Sequence[str]) -> boo
         known = [*config.models, *(s.name for s in stages[:i])]  # earlier stages' results
         where = algorithm_key(config, i)
         cls = algorithm_class(str(block["name"]), where)
-        validate_options(cls.Options, {k: v for k, v in block.items() if k != "name"}, where)
+        options = validate_options(
+            cls.Options, {k: v for k, v in block.items() if k != "name"}, where
+        )
         tensorwise = tensorwise or cls.tensorwise
         for key, noun, names in (
             ("models", "model", known),
@@ -153,6 +156,10 @@ def _check_algorithm_blocks(config: RunConfig, task_names: Sequence[str]) -> boo
                 raise RecipeError(
                     f"{where}.{key}: unknown {noun} {unknown[0]!r} (known: {', '.join(names)})"
                 )
+        with options_named_at(where):
+            cls.check_block(
+                options, models=known, task_names=task_names, base_model=config.base_model
+            )
     return tensorwise
 
 

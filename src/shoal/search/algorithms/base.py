@@ -145,6 +145,26 @@ class Algorithm(abc.ABC):
         opts = validate_options(cls.Options, options, "algorithm")
         return cls(options=opts, context=context)  # type: ignore[call-arg]
 
+    @classmethod
+    def check_block(
+        cls,
+        options: BaseModel,
+        *,
+        models: Sequence[str],
+        task_names: Sequence[str],
+        base_model: str | None,
+    ) -> None:
+        """Check validated options against the run without loading a model (default: none).
+
+        The pre-run check calls it for every stage with the models known there (the config's
+        and earlier stages'), so a later stage's mistake ends the run before the first stage
+        spends its budget. Errors name ``algorithm.<key>`` as :meth:`from_config` does.
+
+        Raises:
+            RecipeError: An option that does not fit the run.
+        """
+        return  # most algorithms' options are checked whole by their schema
+
     def __init__(self) -> None:
         self._pending: list[dict[str, Any]] | None = None
         self.evaluations = 0

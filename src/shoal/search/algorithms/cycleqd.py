@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from shoal.errors import RecipeError, StateError
 from shoal.search.algorithms.base import (
@@ -200,6 +200,43 @@ def aggregation_weights(qualities: np.ndarray, temperature: float = 1.0) -> np.n
     return e / e.sum()
 
 
+def _check_options(
+    o: CycleQDOptions, tasks: list[str], models: Sequence[str], task_names: Sequence[str]
+) -> None:
+    """Raise a one-line :class:`RecipeError` naming the option that does not fit the run."""
+    if len(tasks) < 2:
+        raise RecipeError(f"algorithm.tasks: cycleqd needs at least two skill tasks, got {tasks}")
+    if len(set(tasks)) != len(tasks):
+        raise RecipeError(f"algorithm.tasks: a task is named twice in {tasks}")
+    for t in tasks:
+        if task_names and t not in task_names:
+            raise RecipeError(
+                f"algorithm.tasks: {t!r} is not a fitness task (have {', '.join(task_names)})"
+            )
+        if t not in o.experts:
+            raise RecipeError(f"algorithm.experts: task {t!r} has no expert model")
+    for t, m in o.experts.items():
+        if t not in tasks:
+            raise RecipeError(f"algorithm.experts.{t}: not one of the skill tasks {tasks}")
+        if models and m not in models:
+            raise RecipeError(
+                f"algorithm.experts.{t}: unknown model {m!r} (known: {', '.join(models)})"
+            )
+    unknown = [m for m in o.seeds if models and m not in models]
+    if unknown:
+        raise RecipeError(
+            f"algorithm.seeds: unknown model {unknown[0]!r} (known: {', '.join(models)})"
+        )
+    lo_s, hi_s = o.range_scale
+    if not 0 <= lo_s <= hi_s:
+        raise RecipeError(f"algorithm.range_scale: [{lo_s}, {hi_s}] is inverted or negative")
+    for t, (lo, hi) in (o.ranges or {}).items():
+        if t not in tasks:
+            raise RecipeError(f"algorithm.ranges.{t}: not one of the skill tasks {tasks}")
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise RecipeError(f"algorithm.ranges.{t}: range [{lo}, {hi}] is empty or inverted")
+
+
 # -- the algorithm ---------------------------------------------------------------------------------
 
 
@@ -231,13 +268,10 @@ class CycleQD(Algorithm):
             options = validate_options(CycleQDOptions, options, "algorithm")
         assert isinstance(options, CycleQDOptions)
         self.options = o = options
-        if base_model is None:
-            raise RecipeError(
-                "base_model: cycleqd merges task vectors and needs the experts' common base"
-            )
+        self.check_block(o, models=models, task_names=task_names, base_model=base_model)
+        assert base_model is not None
         self.base = base_model
         self.tasks = list(o.tasks if o.tasks is not None else (task_names or o.experts))
-        self._check(models, task_names)
         self.K = len(self.tasks)
         self.expert_of = [o.experts[t] for t in self.tasks]
         self.seed_models = [*self.expert_of, *o.seeds]  # asked in this order, first of all
@@ -253,41 +287,26 @@ class CycleQD(Algorithm):
         self._aggregate: Best | None = None
         self.last_status: list[list[int]] = []  # per child of the last tell, per archive
 
-    def _check(self, models: Sequence[str], task_names: Sequence[str]) -> None:
-        o = self.options
-        if len(self.tasks) < 2:
+    @classmethod
+    def check_block(
+        cls,
+        options: BaseModel,
+        *,
+        models: Sequence[str],
+        task_names: Sequence[str],
+        base_model: str | None,
+    ) -> None:
+        """The checks of :meth:`__init__` that need no model: a base, two or more skill
+        tasks, an expert for each, known models, ranges that are not inverted."""
+        assert isinstance(options, CycleQDOptions)
+        if base_model is None:
             raise RecipeError(
-                f"algorithm.tasks: cycleqd needs at least two skill tasks, got {self.tasks}"
+                "base_model: cycleqd merges task vectors and needs the experts' common base"
             )
-        if len(set(self.tasks)) != len(self.tasks):
-            raise RecipeError(f"algorithm.tasks: a task is named twice in {self.tasks}")
-        for t in self.tasks:
-            if task_names and t not in task_names:
-                raise RecipeError(
-                    f"algorithm.tasks: {t!r} is not a fitness task (have {', '.join(task_names)})"
-                )
-            if t not in o.experts:
-                raise RecipeError(f"algorithm.experts: task {t!r} has no expert model")
-        for t, m in o.experts.items():
-            if t not in self.tasks:
-                raise RecipeError(f"algorithm.experts.{t}: not one of the skill tasks {self.tasks}")
-            if models and m not in models:
-                raise RecipeError(
-                    f"algorithm.experts.{t}: unknown model {m!r} (known: {', '.join(models)})"
-                )
-        unknown = [m for m in o.seeds if models and m not in models]
-        if unknown:
-            raise RecipeError(
-                f"algorithm.seeds: unknown model {unknown[0]!r} (known: {', '.join(models)})"
-            )
-        lo_s, hi_s = o.range_scale
-        if not 0 <= lo_s <= hi_s:
-            raise RecipeError(f"algorithm.range_scale: [{lo_s}, {hi_s}] is inverted or negative")
-        for t, (lo, hi) in (o.ranges or {}).items():
-            if t not in self.tasks:
-                raise RecipeError(f"algorithm.ranges.{t}: not one of the skill tasks {self.tasks}")
-            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-                raise RecipeError(f"algorithm.ranges.{t}: range [{lo}, {hi}] is empty or inverted")
+        tasks = list(
+            options.tasks if options.tasks is not None else (task_names or options.experts)
+        )
+        _check_options(options, tasks, models, task_names)
 
     @classmethod
     def from_config(cls, options: Mapping[str, Any], context: SearchContext) -> CycleQD:
