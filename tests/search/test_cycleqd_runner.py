@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from shoal.report.archives import archive_history
@@ -252,3 +253,38 @@ def test_bad_config_is_one_line_exit_2_nothing_written(shoal_cli, tmp_path, expe
     assert code == 2, err
     assert err.strip().count("\n") == 0 and needle in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_expert_lacking_a_tensor_stops_the_run_at_once(shoal_cli, tmp_path, experts):
+    """The preflight requires the ``*.weight`` tensors; a model that lacks another one (a
+    bias) cannot be the model the run builds: the first batch stops the run in one line."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(experts["expert-6-9"]))
+    bad = tmp_path / "nobias.safetensors"
+    save_file({k: v for k, v in tensors.items() if k != "2.bias"}, str(bad))
+    cfg = _config(experts, generations=2)
+    cfg["models"]["expert-6-9"] = str(bad)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, err = shoal_cli(["evolve", "cfg.yaml", "--run-dir", "runs/x"], tmp_path)
+    assert code == 2, err
+    assert err.strip().count("\n") == 0
+    assert "models.expert-6-9:" in err and "nobias.safetensors" in err and "'2.bias'" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_tensor_the_model_has_no_place_for_is_left_out(tmp_path, experts):
+    """As a merge leaves it out: the expert with one more tensor scores as the expert."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(experts["expert-6-9"]))
+    extra = tmp_path / "extra.safetensors"
+    save_file({**tensors, "extra.weight": torch.ones(3)}, str(extra))
+    cfg = _config(experts, generations=1)
+    plain = evolve(cfg, tmp_path / "plain")
+    cfg["models"]["expert-6-9"] = str(extra)
+    with_extra = evolve(cfg, tmp_path / "extra")
+    assert with_extra.summary["failed_candidates"] == 0
+    means = [e[2] for e in _events(tmp_path / "extra")]
+    assert means == [e[2] for e in _events(tmp_path / "plain")]
+    assert plain.summary["best"]["scores"] == with_extra.summary["best"]["scores"]

@@ -92,6 +92,10 @@ class SourceMap(Mapping[str, Tensors]):
         self._paths[name] = path
         self._by_path[path] = name
 
+    def name_of(self, ref: str) -> str | None:
+        """The config name of a config model (by name or path), else ``None``."""
+        return self._name(ref)
+
     def path_of(self, ref: str) -> str | None:
         """The checkpoint path of a config model (by name or path), else ``None``."""
         name = self._name(ref)
@@ -142,6 +146,11 @@ def _float_params(module: torch.nn.Module) -> Iterator[torch.Tensor]:
 
 
 def _copy_into(module: torch.nn.Module, tensors: Tensors, ref: str) -> None:
+    """Copy a model's tensors into the resident module, which must receive every tensor.
+
+    A tensor the module has no place for is left out, as a merge leaves it out (buffers
+    such as ``inv_freq`` come and go with how a checkpoint was saved).
+    """
     target = module.state_dict(keep_vars=True)
     missing = [k for k in target if k not in tensors]
     # tied weights may be stored under one name only; every other tensor must be there
@@ -151,7 +160,7 @@ def _copy_into(module: torch.nn.Module, tensors: Tensors, ref: str) -> None:
     with torch.no_grad():
         for name, tensor in tensors.items():
             if name not in target:
-                raise MergeError(f"model {ref!r}: tensor {name!r} has no place in the model")
+                continue
             if tuple(target[name].shape) != tuple(tensor.shape):
                 raise MergeError(
                     f"model {ref!r}: tensor {name!r} shape {list(tensor.shape)} differs from "
@@ -231,7 +240,16 @@ def build_candidate(
     out = module
     if method is None and set(body) == {"model"}:
         ref = str(body["model"])
-        _copy_into(module, _fit_to_module(module, sources[ref], sources, ref), ref)
+        tensors = _fit_to_module(module, sources[ref], sources, ref)
+        try:
+            _copy_into(module, tensors, ref)
+        except MergeError as exc:
+            path = sources.path_of(ref)
+            if path is None:  # a stored child: the candidate's problem
+                raise
+            # a model of the config that cannot be the model the run builds: every recipe
+            # that names it fails, so the run stops on it (one line) instead of scoring 0
+            raise SourceLoadError(f"models.{sources.name_of(ref)}: {path}: {exc}") from exc
     elif method == "random_init":
         params = body.get("parameters") or {}
         std = float(params.get("std", 0.01))
