@@ -137,6 +137,16 @@ def test_a_chain_seeds_cycleqd_with_the_earlier_stage_result(tmp_path, experts):
     result = evolve(_chain(experts, ["ps"]), tmp_path / "run")
     assert result.status == "completed"
     stages = tmp_path / "run" / "stages"
+    # the chain's summary (and so its report) carries the CycleQD stage's specialists
+    cqd_summary = json.loads((stages / "cqd" / "summary.json").read_text())
+    assert result.summary["specialists"] == cqd_summary["specialists"]
+    assert sorted(result.summary["specialists"]) == [
+        f"best-digits-train-{g}" for g in ("0-2", "3-5", "6-9")
+    ]
+    from shoal.report import write_report
+
+    summary_md = (write_report(tmp_path / "run") / "summary.md").read_text()
+    assert "| best-digits-train-0-2 |" in summary_md
     events = RunFolder(stages / "cqd").events.read()
     assert [e["recipe"] for e in events[:4]] == [
         {"model": m} for m in ("expert-0-2", "expert-3-5", "expert-6-9", "ps")

@@ -766,5 +766,14 @@ def _multi_stage_summary(folder: RunFolder, results: list[RunResult]) -> dict[st
         baselines.update(r.summary.get("baselines") or {})
     if baselines:
         summary["baselines"] = baselines
+    # CycleQD's best elite per archive, under the stage's name when several stages have them
+    with_specialists = [r.summary for r in results if r.summary.get("specialists")]
+    specialists = {
+        (name if len(with_specialists) == 1 else f"{s['stage']}:{name}"): row
+        for s in with_specialists
+        for name, row in s["specialists"].items()
+    }
+    if specialists:
+        summary["specialists"] = specialists
     write_text_atomic(folder.summary, json.dumps(summary, indent=2, default=str))
     return summary
