@@ -118,7 +118,19 @@ def register(app: typer.Typer) -> None:
     def report_cmd(
         run_dir: Path = typer.Argument(..., help="A run folder written by shoal evolve."),
     ) -> None:
-        """(Re)draw the plots and summary.md of a run folder into RUN_DIR/report/."""
+        """(Re)draw the plots and summary.md of a run folder into RUN_DIR/report/.
+
+        \b
+        summary.md      status; the best's scores beside the baselines
+        fitness.png     every candidate's fitness and the best so far
+        tasks.png       the best so far on each fitness task
+        parameters.png  how the recipe's numbers moved (PS, DFS)
+        archives.png    CycleQD: quality over the behaviour axes, over time
+        qd.png          CycleQD: coverage, best quality, QD score
+        (archives-STAGE.png, qd-STAGE.png: a chain's CycleQD stage)
+
+        A running or killed run can be drawn too: the report reads what is saved.
+        """
         from shoal.report import write_report
 
         with _disk_errors(run_dir, f"free the disk, then: shoal report {run_dir}"):

@@ -16,11 +16,11 @@ A CycleQD run: list its archives, or write one elite (or the aggregation) as a
 checkpoint with a model card.
 
 \b
-    shoal export runs/cqd --list                            # every elite, a table
-    shoal export runs/cqd --elite gcd:3,7 --out gcd-3-7     # the elite of one cell
-    shoal export runs/cqd --elite gcd:best --out gcd-best   # the archive's best
-    shoal export runs/cqd --aggregate --out merged          # the softmax-weighted merge
-    shoal export runs/unet --pipeline PIPE --out merged     # best/ as PIPE's unet
+    shoal export runs/cqd --list                     # every elite, a table
+    shoal export runs/cqd --elite gcd:3,7 --out m    # the elite of one cell
+    shoal export runs/cqd --elite gcd:best --out m   # the archive's best
+    shoal export runs/cqd --aggregate --out m        # the weighted merge
+    shoal export runs/unet --pipeline PIPE --out m   # best/ as PIPE's unet
 
 TASK is an archive's quality task, CELL its indices on the behaviour axes (the
 other tasks, in order) as --list prints them. The weights come from the run's
