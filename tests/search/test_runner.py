@@ -194,7 +194,15 @@ def test_stored_recipe_names_paths_and_says_what_merge_cannot_rebuild() -> None:
     drawn = {"merge_method": "random_init", "parameters": {"std": 0.01}}
     assert stored_recipe(drawn, 3, models).startswith("# shoal merge cannot rebuild this: it is")
     source = stored_recipe({"model": "a"}, 3, models)
-    assert source.startswith("# the best is a source model itself: /m/a")
+    assert source.startswith("# a source model itself: /m/a")
+    cqd = {
+        "merge_method": "task_arithmetic",
+        "base_model": "base",
+        "models": [{"model": "a", "parameters": {"weight": 1.0}}],
+        "svd_mutation": {"expert": "a", "base": "base", "w_max": 0.1},
+    }
+    body = yaml.safe_load(stored_recipe(cqd, 3, models))
+    assert body["svd_mutation"] == {"expert": "/m/a", "base": "/m/base", "w_max": 0.1}
     path = {"merge_method": "layer_path", "models": [{"model": "a"}], "parameters": {}}
     text = stored_recipe(path, 0, models)
     assert "shoal.load_model" in text and yaml.safe_load(text)["models"] == [{"model": "a"}]

@@ -50,8 +50,13 @@ def stored_recipe(recipe: dict[str, Any], seed: int | None, models: Mapping[str,
         return "\n".join(lines) + "\n" + safe_dump(out, sort_keys=False)
     if method is None and "model" in out:
         out["model"] = path(out["model"])
-        return f"# the best is a source model itself: {out['model']}\n" + safe_dump(out)
+        return f"# a source model itself: {out['model']}\n" + safe_dump(out)
     out = rename_models(out, models)
+    mutation = out.get("svd_mutation")
+    if isinstance(mutation, dict):  # CycleQD: the expert whose task vector's SVD steps
+        out["svd_mutation"] = {
+            k: path(v) if k in ("expert", "base") else v for k, v in mutation.items()
+        }
     if "store:" in json.dumps(out):
         why = "a parent (store:<key>) is a model of the run's store"
     elif method not in METHODS or "mutation" in out:
