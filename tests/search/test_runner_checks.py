@@ -292,7 +292,10 @@ def _write_nan(path: str) -> None:
 def test_nan_weights_in_a_source_stop_the_run_naming_its_key(tmp_path):
     sources = tp.write_sources(tmp_path / "src")
     _write_nan(sources["one"])
-    with pytest.raises(CheckpointError, match=r"^models\.one: .*one\.safetensors: tensor 'x'"):
+    # named as the pre-run check names what it finds: the config (here a dict), then the key
+    with pytest.raises(
+        CheckpointError, match=r"^config: models\.one: .*one\.safetensors: tensor 'x'"
+    ):
         evolve(tp.toy_config(sources), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
@@ -324,7 +327,7 @@ def test_a_source_broken_before_a_resume_stops_it_and_the_fixed_one_ends_as_one_
     monkeypatch.setattr(RunFolder, "write_state", original)
     good = Path(sources["one"]).read_bytes()
     _write_nan(sources["one"])
-    with pytest.raises(CheckpointError, match=r"^models\.one: .*holds 1 NaN"):
+    with pytest.raises(CheckpointError, match=r"run/config\.yaml: models\.one: .*holds 1 NaN"):
         evolve(None, tmp_path / "run", resume=True)
     assert len(RunFolder(tmp_path / "run").events.read()) == 4  # the saved batch only
     Path(sources["one"]).write_bytes(good)

@@ -644,7 +644,15 @@ def evolve(
     with _locked_run(folder, resume):
         cfg, sizes = _prepare_folder(folder, config, overrides, resume)
         show = cfg.progress if progress is None else progress
-        return _run_stages(folder, cfg, sizes, executor or cfg.executor.type, show, ray_init)
+        try:
+            return _run_stages(folder, cfg, sizes, executor or cfg.executor.type, show, ray_init)
+        except CheckpointError as exc:
+            if not str(exc).startswith("models."):
+                raise
+            # a model of the config found broken at its first use (NaN weights, a missing
+            # tensor): named like the pre-run check's errors, config file first
+            source = str(folder.config) if resume else _source_name(config)
+            raise prefix_error(exc, source) from None
 
 
 def _run_stages(
