@@ -137,3 +137,35 @@ def test_example_configs_validate(name: str) -> None:
     cfg = load_adapt_config(example)
     assert cfg.skills == ["chain_sum", "spell_backward", "gcd"]
     assert cfg.base.endswith(".testbed/small/base")
+
+
+def test_outputs_that_overwrite_would_delete_inputs_are_refused(
+    world: ToyWorld, shoal_cli: Any, tmp_path: Path
+) -> None:
+    """--overwrite replaces OUT: never the base, the expert, the config's folder or ``.``."""
+    cfg = _write(world, world.config(**FAST))
+    before = sorted(p.name for p in world.base.iterdir())
+    train = ["adapt", "train", str(cfg), "--skill", "first", "-q", "--overwrite", "--out"]
+    for out, needle in [
+        (world.base, "holds the base model"),
+        (world.root, "holds the base model"),
+        (cfg.parent, "holds the base model"),
+        (Path("."), "is the working directory"),
+    ]:
+        code, _, err = shoal_cli([*train, str(out)], tmp_path)
+        assert code == 2 and err.count("\n") == 1 and needle in err, (out, err)
+    svf = wrap_svf(world.model())
+    z = {n: torch.ones(r) for n, r in svf.lengths().items()}
+    experts = tmp_path / "experts"
+    meta = {"base_fingerprint": svf.fingerprint, "skill": "x"}
+    expert = save_expert(experts / "e.safetensors", z, meta)
+    export = ["adapt", "export", str(expert), "--base", str(world.base), "--overwrite", "--out"]
+    for out, needle in [
+        (world.base, "holds the base model"),
+        (experts, "holds the expert"),
+        (expert, "holds the expert"),
+    ]:
+        code, _, err = shoal_cli([*export, str(out)], tmp_path)
+        assert code == 2 and err.count("\n") == 1 and needle in err, (out, err)
+    assert sorted(p.name for p in world.base.iterdir()) == before and expert.is_file()
+    assert cfg.is_file()

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -544,6 +544,32 @@ def write_expert_dir(
     write_text_atomic(out / "train.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
 
 
+def _refuse_out(target: Path, inputs: Mapping[str, str | Path]) -> None:
+    """Refuse an output that ``--overwrite`` would replace together with what the command
+    reads: the working directory, or an existing folder that is or holds an input."""
+    from shoal._atomic import refuse_output_holding, refuse_working_dir
+
+    refuse_working_dir(target)
+    refuse_output_holding(target, inputs)
+
+
+def _config_inputs(config: AdaptConfig) -> dict[str, str | Path]:
+    """What a training run reads from disk: the base, the config's folder, the SVD cache and
+    every path a task spec names (resolved against the config's folder)."""
+    root = Path(config.root or ".")
+    inputs: dict[str, str | Path] = {f"the base model {config.base}": config.base}
+    inputs[f"the config's folder {root}"] = root
+    if config.cache_dir:
+        inputs[f"the SVD cache {config.cache_dir}"] = config.cache_dir
+    for skill, splits in config.tasks.items():
+        for split, spec in splits.model_dump().items():
+            for key, value in spec.items():
+                if isinstance(value, str) and key != "type" and (root / value).exists():
+                    where = f"tasks.{skill}.{split}.{key}"
+                    inputs[f"the data of {where} ({value})"] = root / value
+    return inputs
+
+
 def run_training(
     config: AdaptConfig,
     out: str | Path,
@@ -587,6 +613,7 @@ def run_training(
             raise RecipeError(f"--skill {s!r}: not a skill of the config ({known})")
     if not nested and not classifier and len(names) != 1:
         raise RecipeError("one output folder holds one expert; train all skills with nested=True")
+    _refuse_out(target, _config_inputs(config))
     if target.exists() and not overwrite:
         raise OutputExistsError(f"{target}: exists (--overwrite replaces it)")
     svf, tokenizer = load_wrapped(config)
@@ -653,6 +680,7 @@ def export_expert(
     from shoal.errors import CheckpointError, OutputExistsError
 
     target = Path(out)
+    _refuse_out(target, {f"the base model {base}": base, f"the expert {expert}": expert})
     if target.exists() and not overwrite:
         raise OutputExistsError(f"{target}: exists (--overwrite replaces it)")
     base = Path(base)
