@@ -75,6 +75,13 @@ def test_train_all_skills_then_eval(world: ToyWorld, shoal_cli: Any, tmp_path: P
     results = json.loads(js.read_text())["results"]
     assert [r["strategy"] for r in results] == ["oracle", "base"]
     assert set(results[0]["per_skill"]) == set(SKILLS)
+    # a --json that is a folder or an input is refused before anything is evaluated
+    for bad, needle in [(tmp_path, "is a folder"), (cfg, "would replace the input")]:
+        code, _, err = shoal_cli([*args, "--json", str(bad)])
+        assert code == 2 and err.count("\n") == 1 and needle in err, err
+    assert yaml.safe_load(cfg.read_text())["base"]  # the config is still the config
+    code, _, err = shoal_cli([*args, "--json", str(out / "first" / "x.json")])
+    assert code == 2 and "would replace the input" in err
     # an existing output is refused, in one line
     code, _, err = shoal_cli(["adapt", "train", str(cfg), "--out", str(out), "-q"])
     assert code == 2 and err.count("\n") == 1 and "exists" in err

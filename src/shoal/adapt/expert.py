@@ -237,7 +237,8 @@ def load_expert(
         raise AdaptError(
             f"{p}: expert trained on base {expert.base_fingerprint[:16]}…, this model is "
             f"{wrapped.fingerprint[:16]}… (full: {expert.base_fingerprint} vs "
-            f"{wrapped.fingerprint}); --allow-transfer (allow_transfer=True) applies it anyway"
+            f"{wrapped.fingerprint}); shoal adapt export --allow-transfer (in Python "
+            "allow_transfer=True) applies it anyway"
         )
     lengths = wrapped.lengths()
     for name, r in expert.lengths().items():

@@ -139,6 +139,8 @@ def register(app: typer.Typer) -> None:
 
         _prepare()
         cfg = load_adapt_config(config)
+        if json_out is not None:
+            _check_json_out(json_out, config, [experts, cfg.base, classifier])
         results = run_eval(cfg, experts, strategy, classifier=classifier)
         table = Table(title="test accuracy")
         table.add_column("strategy")
@@ -174,3 +176,17 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"exported: {path}")
 
     app.add_typer(sub)
+
+
+def _check_json_out(json_out: Path, config: Path, inputs: list[Path | str | None]) -> None:
+    """Refuse, before anything is evaluated, a --json path that is a folder, the config, or
+    a file inside what the evaluation reads (writing it would replace an input)."""
+    from shoal.errors import OutputExistsError
+
+    if json_out.is_dir():
+        raise OutputExistsError(f"--json {json_out}: is a folder; name a file")
+    target = json_out.resolve()
+    for path in [config, *(Path(p) for p in inputs if p is not None)]:
+        source = Path(path).resolve()
+        if target == source or source in target.parents:
+            raise OutputExistsError(f"--json {json_out}: would replace the input {path}")
