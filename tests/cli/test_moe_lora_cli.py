@@ -155,6 +155,11 @@ def test_moe_builds(shoal_cli, family, tmp_path: Path) -> None:
     code, _, stderr = shoal_cli(["moe", str(cfg), str(out)])
     assert code == 2
     one_error_line(stderr, str(out), "exists")
+    # the folder holding the config is no output, even with --overwrite
+    code, _, stderr = shoal_cli(["moe", str(cfg), str(tmp_path), "--overwrite"])
+    assert code == 2
+    one_error_line(stderr, str(tmp_path), "holds the config")
+    assert cfg.is_file() and (out / "config.json").is_file()
 
 
 @pytest.mark.parametrize(

@@ -119,3 +119,41 @@ def test_bad_multi_recipes_are_one_line_and_nothing_is_written(
     assert needle in str(info.value) and str(recipe) in str(info.value)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.stages").exists()
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_stage(
+    llama: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checked up front: no stage runs, no work folder is left beside OUT."""
+    from shoal.errors import OutputExistsError
+
+    recipe = _write(tmp_path, _multi(llama))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="output exists"):
+        merge_to_disk(recipe, tmp_path / "out", progress=False)
+    with pytest.raises(OutputExistsError, match="holds the recipe"):
+        merge_to_disk(recipe, tmp_path, progress=False, overwrite=True)
+    base = Path(llama["base"])
+    with pytest.raises(OutputExistsError, match="holds the recipe's model"):
+        merge_to_disk(recipe, base, progress=False, overwrite=True)
+    monkeypatch.chdir(tmp_path / "out")
+    with pytest.raises(OutputExistsError, match="working directory"):
+        merge_to_disk(recipe, ".", progress=False, overwrite=True)
+    assert recipe.is_file() and (tmp_path / "out" / "mine.txt").read_text() == "mine"
+    leftovers = [p.name for p in [*tmp_path.iterdir(), *base.parent.iterdir()]]
+    assert not [n for n in leftovers if n.endswith(".stages")]
+
+
+def test_one_recipe_is_never_merged_over_its_own_folder(
+    llama: dict[str, Path], tmp_path: Path
+) -> None:
+    from shoal.errors import OutputExistsError
+
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    recipe = folder / "r.yml"
+    recipe.write_text(MULTI.format(**llama).split("---\n")[1].replace("name: first\n", ""))
+    with pytest.raises(OutputExistsError, match="holds the recipe"):
+        merge_to_disk(recipe, folder, progress=False, overwrite=True)
+    assert recipe.is_file()

@@ -719,7 +719,10 @@ def build_moe(
     with ExitStack() as stack:
         models, arch = _open_models(config, label, folder, stack)
         paths = [models.base.path, *(r.path for r in models.experts + models.shared)]
-        refuse_output_holding(out, {f"the input model {p}": p for p in paths})
+        inputs: dict[str, str | Path] = {f"the input model {p}": p for p in paths}
+        if isinstance(source, str | Path):
+            inputs[f"the config {source}"] = source
+        refuse_output_holding(out, inputs)
         if len(models.experts) > 1 and not allow_same_experts:
             first = Path(models.experts[0].path).resolve()
             if all(Path(r.path).resolve() == first for r in models.experts):

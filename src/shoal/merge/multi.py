@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from shoal.errors import RecipeError, ShoalError
+from shoal._atomic import refuse_output_holding, refuse_working_dir
+from shoal.errors import OutputExistsError, RecipeError, ShoalError
 from shoal.recipe import Recipe, load_recipe, rename_models
 from shoal.recipe.load import _StrictLoader
 
@@ -256,8 +257,20 @@ def merge_stages(
 
     file = Path(path)
     out = Path(out_dir)
+    refuse_working_dir(out)  # before any stage runs, so nothing is left behind
     work = out.parent / f".{out.name}.stages"
     ordered, uses, recipes = _validated(file, stages, work, bool(options.get("strict", False)))
+    from shoal.merge.sources import resolve_model_path
+
+    made = {str((work / s.name).resolve()) for s in ordered if s.name}  # stages' results
+    inputs: dict[str, str | Path] = {f"the recipe {file}": file}
+    for recipe in recipes:
+        for ref in recipe.model_refs():
+            if ref not in made:
+                inputs[f"the recipe's model {ref!r}"] = resolve_model_path(ref, recipe)
+    refuse_output_holding(out, inputs)
+    if out.exists() and not options.get("overwrite", False):
+        raise OutputExistsError(f"{out}: output exists (pass --overwrite to replace it)")
     keyed = {k: v for k, v in options.items() if k in ("seed", "float32_compute", "dtype")}
     hashes: dict[str, str] = {}
     for s, recipe in zip(ordered, recipes, strict=True):

@@ -214,6 +214,7 @@ def merge_to_disk(
                 float32_compute=float32_compute,
                 strict=strict,
             )
+    recipe_file = Path(recipe) if isinstance(recipe, str | Path) else None
     recipe = load_recipe(recipe, strict=strict)
     from shoal.merge.pipeline import (
         merge_pipeline,
@@ -244,6 +245,8 @@ def merge_to_disk(
     sources, opened = open_sources(recipe)
     try:
         _refuse_source_as_output(out, recipe, sources)
+        if recipe_file is not None:
+            refuse_output_holding(out, {f"the recipe {recipe_file}": recipe_file})
         tok = recipe.vocabulary_source()
         lead = recipe.base_model or recipe.model_refs()[0]  # union: lead's files + new tokens
         tok_ref = recipe.base_model if tok is None else lead if tok in ("base", "union") else tok
