@@ -176,3 +176,30 @@ def test_outputs_that_overwrite_would_delete_inputs_are_refused(
         assert code == 2 and err.count("\n") == 1 and needle in err, (out, err)
     assert sorted(p.name for p in world.base.iterdir()) == before and expert.is_file()
     assert cfg.is_file()
+
+
+def test_a_broken_base_is_one_line(world: ToyWorld, shoal_cli: Any, tmp_path: Path) -> None:
+    """NaN weights or a truncated file: one line naming the base (and tensor), exit 2."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    nan_base, cut_base = tmp_path / "nan", tmp_path / "cut"
+    for b in (nan_base, cut_base):
+        shutil.copytree(world.base, b)
+    weights = sorted(nan_base.glob("*.safetensors"))[0]
+    tensors = load_file(str(weights))
+    name = next(k for k in sorted(tensors) if k.endswith("mlp.up_proj.weight"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    cut = sorted(cut_base.glob("*.safetensors"))[0]
+    cut.write_bytes(cut.read_bytes()[:200])
+    for base, needle in [(nan_base, f"tensor {name!r} holds NaN"), (cut_base, "cannot load")]:
+        data = {**world.config(**FAST), "base": str(base)}
+        cfg = tmp_path / f"{base.name}.yaml"
+        cfg.write_text(yaml.safe_dump(data))
+        out = tmp_path / f"out-{base.name}"
+        args = ["adapt", "train", str(cfg), "--skill", "first", "--out", str(out)]
+        code, _, err = shoal_cli(args)
+        assert code == 2 and err.count("\n") == 1 and needle in err and str(base) in err, err
+        assert not out.exists()

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 from shoal.adapt.reinforce import make_optimizer, reinforce_step, sample_answers
 from shoal.adapt.svf import AdaptError
@@ -120,9 +121,10 @@ def load_wrapped(config: AdaptConfig) -> tuple[SVFModel, Any]:
     try:
         model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(base)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # missing, truncated, foreign
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{base}: cannot load the base ({first})") from None
+    check_finite(model, base)
     model.to(device)  # type: ignore[arg-type]
     model.eval()
     svf = wrap_svf(
@@ -544,6 +546,19 @@ def write_expert_dir(
     write_text_atomic(out / "train.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
 
 
+def check_finite(model: torch.nn.Module, base: str | Path) -> None:
+    """Refuse a base with NaN or infinite weights (its SVD would fail, or adapt noise).
+
+    Raises:
+        CheckpointError: ``{base}: tensor '<name>' holds non-finite values``.
+    """
+    from shoal.errors import CheckpointError
+
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            raise CheckpointError(f"{base}: tensor {name!r} holds NaN or infinite values")
+
+
 def _refuse_out(target: Path, inputs: Mapping[str, str | Path]) -> None:
     """Refuse an output that ``--overwrite`` would replace together with what the command
     reads: the working directory, or an existing folder that is or holds an input."""
@@ -687,7 +702,12 @@ def export_expert(
     if not (base / "config.json").is_file():
         raise CheckpointError(f"{base}: not a Hugging Face model folder (no config.json)")
     names = list(read_expert(expert).z)  # read first: a bad file fails before the model loads
-    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    except (OSError, ValueError, SafetensorError) as exc:  # missing, truncated, foreign
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{base}: cannot load the base ({first})") from None
+    check_finite(model, base)
     model.eval()
     modules = dict(model.named_modules())
     unknown = [n for n in names if n not in modules]
