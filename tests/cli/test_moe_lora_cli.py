@@ -45,10 +45,23 @@ def test_extract_lora_help(shoal_cli) -> None:
 
 
 def test_extract_lora_writes_adapter_and_table(shoal_cli, family, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
     out = tmp_path / "lora"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    stale = tmp_path / f".lora.tmp-{int(dead.stdout)}"  # a killed run's, that process gone
+    stale.mkdir()
+    (stale / "adapter_model.safetensors").write_bytes(b"half")
     args = ["extract-lora", "--base", str(family["base"]), "--model", str(family["a"])]
     code, stdout, stderr = shoal_cli([*args, "--rank", "4", str(out)])
     assert code == 0, stderr
+    assert not stale.exists()
     assert {"adapter_config.json", "adapter_model.safetensors", "lora_report.json"} <= {
         p.name for p in out.iterdir()
     }

@@ -47,7 +47,13 @@ from typing import Any
 
 import torch
 
-from shoal._atomic import atomic_dir, hold_lock, refuse_output_holding, refuse_working_dir
+from shoal._atomic import (
+    atomic_dir,
+    hold_lock,
+    refuse_output_holding,
+    refuse_working_dir,
+    remove_stale_temp_siblings,
+)
 from shoal._devices import resolve_device
 from shoal._progress import counting_bar
 from shoal.checkpoint import (
@@ -573,6 +579,7 @@ def extract_lora(
         results: list[ModuleResult] = []
         unchanged = 0
         out_p.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_siblings(out_p.absolute())  # a killed run's half-written folder
         lock = out_p.absolute().with_name(f".{out_p.absolute().name}.lock")
         bar = counting_bar(progress)
         with hold_lock(lock, str(out_p), remove=True), atomic_dir(out_p) as tmp:
