@@ -55,9 +55,22 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = temp_sibling(path)
     try:
         yield tmp
+        _usual_mode(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _usual_mode(path: Path) -> None:
+    """Give a written file (or every file of a written folder) the mode ``open`` would:
+    0666 less the umask. safetensors writes its files 0600, so a model folder a user hands
+    on would otherwise be readable by its owner alone."""
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        if not f.is_symlink():
+            f.chmod(0o666 & ~mask)
 
 
 @contextmanager
@@ -73,6 +86,8 @@ def atomic_dir(out: Path, tag: str = "tmp") -> Iterator[Path]:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         yield tmp
+        if tmp.exists():
+            _usual_mode(tmp)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

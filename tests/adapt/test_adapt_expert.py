@@ -202,3 +202,28 @@ def test_mix_z_hand_example() -> None:
         mix_z([z1, {"a": torch.ones(3), "b": z2["b"]}], [1.0, 1.0])
     with pytest.raises(AdaptError, match="no experts"):
         mix_z([], [])
+
+
+def test_expert_files_are_the_same_bytes_in_every_process(tmp_path: Path) -> None:
+    """The header is written sorted (safetensors' own writer orders metadata per process),
+    and the file gets the mode ``open`` gives (safetensors writes 0600)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; from shoal.adapt.expert import save_expert; "
+        "z = {'m.a': torch.arange(3.0), 'm.b': torch.ones(2)}; "
+        "save_expert(sys.argv[1], z, {'base_fingerprint': 'f' * 64, 'skill': 's', "
+        "'k1': 'v1', 'k2': 'v2', 'k3': 'v3'})"
+    )
+    paths = [tmp_path / f"e{i}.safetensors" for i in range(3)]
+    for p in paths:
+        subprocess.run([sys.executable, "-c", code, str(p)], check=True)
+    data = [p.read_bytes() for p in paths]
+    assert data[0] == data[1] == data[2]
+    expert = read_expert(paths[0])
+    assert expert.skill == "s" and torch.equal(expert.z["m.a"], torch.arange(3.0))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert paths[0].stat().st_mode & 0o777 == 0o666 & ~mask

@@ -118,9 +118,8 @@ def save_expert(
         CheckpointError: A vector holds NaN or infinity (naming the matrix).
         OutputExistsError: ``path`` exists and ``overwrite`` is false.
     """
-    from safetensors.torch import save_file
-
     from shoal import __version__
+    from shoal.checkpoint.st_format import build_header
 
     out = Path(path)
     for key in ("base_fingerprint", "skill"):
@@ -151,8 +150,14 @@ def save_expert(
         }
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+    # written here rather than by safetensors' save_file, whose metadata order changes
+    # from process to process: the same training gives the same bytes
+    entries = [(name, tuple(t.shape), t.dtype) for name, t in sorted(tensors.items())]
+    prefix, _ = build_header(entries, header)
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        f.write(prefix)
+        for name, _shape, _dtype in entries:
+            f.write(tensors[name].numpy().astype("<f4").tobytes())
     return out
 
 

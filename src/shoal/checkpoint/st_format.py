@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,17 +148,23 @@ def _entry(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
     return TensorInfo(file=path, shape=shape, dtype=dtype, begin=begin, end=end)
 
 
-def build_header(entries: list[tuple[str, tuple[int, ...], torch.dtype]]) -> tuple[bytes, int]:
+def build_header(
+    entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+    metadata: Mapping[str, str] | None = None,
+) -> tuple[bytes, int]:
     """Lay tensors out back to back and build the header bytes for them.
 
     Args:
         entries: ``(name, shape, dtype)`` in the order their data will be written.
+        metadata: ``__metadata__`` strings besides ``format: pt``, written sorted by key (the
+            same bytes in every process, unlike safetensors' own writer).
 
     Returns:
         ``(prefix, data_size)``: the 8-byte length plus the JSON header, padded with
         spaces to a multiple of 8 bytes, and the total size of the data block.
     """
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    meta = {"format": "pt", **(metadata or {})}
+    header: dict[str, object] = {"__metadata__": dict(sorted(meta.items()))}
     offset = 0
     for name, shape, dtype in entries:
         nbytes = math.prod(shape) * dtype.itemsize
