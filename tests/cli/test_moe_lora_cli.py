@@ -91,6 +91,7 @@ def test_extract_lora_writes_adapter_and_table(shoal_cli, family, tmp_path: Path
         ("shape", ("model.layers.0.mlp.down_proj.weight", "[32, 96]")),
         ("missing-key", ("model.layers.1.mlp.up_proj.weight", "holey")),
         ("dtype", ("--dtype", "int8")),
+        ("save-module", ("--save-module 'nonexistent'", "no module")),
     ],
 )
 def test_extract_lora_refusals(
@@ -120,6 +121,8 @@ def test_extract_lora_refusals(
         save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
     elif case == "dtype":
         extra = ["--dtype", "int8"]
+    elif case == "save-module":
+        extra = ["--save-module", "nonexistent"]
     out = tmp_path / "out"
     code, _, err = shoal_cli(
         ["extract-lora", "--base", str(base), "--model", str(model), *extra, str(out)]

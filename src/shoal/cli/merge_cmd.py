@@ -77,7 +77,7 @@ def _check_dtype(value: str | None) -> str | None:
     from shoal.recipe import canonical_dtype
 
     if value is not None and canonical_dtype(value) is None:
-        raise typer.BadParameter(f"{value!r} is not float32, float16 or bfloat16")
+        raise typer.BadParameter(f"{value!r} is not float32, float16, bfloat16 or float64")
     return value
 
 
@@ -100,8 +100,8 @@ def register(app: typer.Typer) -> None:
         dtype: str | None = typer.Option(
             None,
             "--dtype",
-            help="Output dtype: float32, float16, bfloat16 (default: the recipe's, else the "
-            "sources').",
+            help="Output dtype: float32, float16, bfloat16, float64 (default: the recipe's, "
+            "else the sources').",
             callback=_check_dtype,
         ),
         seed: int = typer.Option(

@@ -561,6 +561,12 @@ def extract_lora(
         config = _check_pair(base_r, model_r)
         arch = _architecture(config, model_p)
         modules = _group(model_r.keys(), arch.kinds)
+        unmatched = [n for n in save_modules if not any(_matches(m.name, [n]) for m in modules)]
+        if unmatched:
+            raise ShoalError(
+                f"--save-module {unmatched[0]!r}: no module of {model_p} has that name (full "
+                f"or last component), e.g. {modules[0].name!r}"
+            )
         ex = _Extractor(
             base_r,
             model_r,

@@ -188,7 +188,9 @@ def _check_structure(recipe: Recipe, method: MethodSpec) -> None:
     for key in ("dtype", "out_dtype"):
         value = getattr(recipe, key)
         if value is not None and canonical_dtype(value) is None:
-            raise RecipeError(f"{key}: unknown dtype {value!r} (use float32, float16, bfloat16)")
+            raise RecipeError(
+                f"{key}: unknown dtype {value!r} (use float32, float16, bfloat16, float64)"
+            )
     _check_tokenizer(recipe)
     if recipe.chat_template is not None:
         check_chat_template(recipe.chat_template)
