@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -194,11 +195,11 @@ class AdaptConfig(_Strict):
         return list(self.tasks)
 
     def resolve(self, path: str) -> Path:
-        """``path`` made absolute against :attr:`root` (``~`` expanded)."""
+        """``path`` made absolute against :attr:`root` (``~`` expanded, ``..`` folded)."""
         p = Path(path).expanduser()
         if p.is_absolute() or self.root is None:
-            return p
-        return Path(self.root) / p
+            return Path(os.path.normpath(p))
+        return Path(os.path.normpath(Path(self.root) / p))
 
     def to_yaml(self) -> str:
         """The config as YAML (defaults filled in)."""

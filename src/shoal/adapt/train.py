@@ -498,7 +498,8 @@ def build_tasks(config: AdaptConfig, tokenizer: Any, split: str) -> dict[str, An
         try:
             out[skill] = build_task(getattr(splits, split), env, where)
         except TaskError as exc:
-            raise RecipeError(str(exc)) from None
+            text = str(exc)
+            raise RecipeError(text if where in text else f"{where}: {text}") from None
     return out
 
 
@@ -520,7 +521,7 @@ def train_summary(
     """What ``train.json`` holds: the run's numbers, the options and the base."""
     return {
         "skill": skill,
-        "base": str(config.base),
+        "base": str(config.resolve(config.base)),
         "base_fingerprint": svf.fingerprint,
         "matrices": len(svf.names),
         "trainable": svf.num_trainable(),
@@ -572,7 +573,8 @@ def _config_inputs(config: AdaptConfig) -> dict[str, str | Path]:
     """What a training run reads from disk: the base, the config's folder, the SVD cache and
     every path a task spec names (resolved against the config's folder)."""
     root = Path(config.root or ".")
-    inputs: dict[str, str | Path] = {f"the base model {config.base}": config.base}
+    base = config.resolve(config.base)
+    inputs: dict[str, str | Path] = {f"the base model {base}": base}
     inputs[f"the config's folder {root}"] = root
     if config.cache_dir:
         inputs[f"the SVD cache {config.cache_dir}"] = config.cache_dir
