@@ -43,6 +43,11 @@ the base's tokenizer; loads with transformers' AutoModelForCausalLM.
         positive_prompts: ["def fib(n):"]
         negative_prompts: ["Once upon a time"]
 
+Optional keys: `architecture:` (mixtral or qwen); per expert `noise_scale` (Gaussian
+noise added to its MLP weights) and `residual_scale` (a factor on its down
+projection); `shared_experts:` (Qwen MoE: exactly one, always active). See
+docs/moe-and-lora.md.
+
 \b
     shoal moe moe.yaml moe-model/
 """
