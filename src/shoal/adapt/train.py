@@ -108,7 +108,7 @@ def load_wrapped(config: AdaptConfig) -> tuple[SVFModel, Any]:
     Raises:
         CheckpointError: The base folder is missing or not a causal LM.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from shoal._devices import resolve_device
     from shoal.adapt.svf import wrap_svf
@@ -118,13 +118,11 @@ def load_wrapped(config: AdaptConfig) -> tuple[SVFModel, Any]:
     if not (base / "config.json").is_file():
         raise CheckpointError(f"{base}: not a Hugging Face model folder (no config.json)")
     device = resolve_device(config.device)
+    model = load_base(base)
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(base)
-    except (OSError, ValueError, SafetensorError) as exc:  # missing, truncated, foreign
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{base}: cannot load the base ({first})") from None
-    check_finite(model, base)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{base}: cannot load the base's tokenizer ({_first(exc)})") from None
     model.to(device)  # type: ignore[arg-type]
     model.eval()
     svf = wrap_svf(
@@ -547,6 +545,31 @@ def write_expert_dir(
     write_text_atomic(out / "train.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
 
 
+def load_base(base: str | Path) -> torch.nn.Module:
+    """The base causal LM in float32, its weights checked finite.
+
+    Raises:
+        CheckpointError: One line naming the base: a missing, truncated or foreign weights
+            file, or a NaN or infinite weight (naming the tensor).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from shoal.errors import CheckpointError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    except (OSError, ValueError, SafetensorError) as exc:  # missing, truncated, foreign
+        raise CheckpointError(f"{base}: cannot load the base ({_first(exc)})") from None
+    check_finite(model, base)
+    return model
+
+
+def _first(exc: Exception) -> str:
+    """An exception's first line (its type when it has no message)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def check_finite(model: torch.nn.Module, base: str | Path) -> None:
     """Refuse a base with NaN or infinite weights (its SVD would fail, or adapt noise).
 
@@ -689,7 +712,7 @@ def export_expert(
             names matrices the base lacks.
         OutputExistsError: ``out`` exists and ``overwrite`` is false.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from shoal._atomic import atomic_dir, remove_stale_temp_siblings
     from shoal.adapt.expert import load_expert, read_expert
@@ -704,12 +727,7 @@ def export_expert(
     if not (base / "config.json").is_file():
         raise CheckpointError(f"{base}: not a Hugging Face model folder (no config.json)")
     names = list(read_expert(expert).z)  # read first: a bad file fails before the model loads
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
-    except (OSError, ValueError, SafetensorError) as exc:  # missing, truncated, foreign
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{base}: cannot load the base ({first})") from None
-    check_finite(model, base)
+    model = load_base(base)
     model.eval()
     modules = dict(model.named_modules())
     unknown = [n for n in names if n not in modules]
