@@ -61,16 +61,25 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def _read_umask() -> int:
+    """The process's umask, read once at import: ``os.umask`` can only read it by setting
+    it, which a thread creating a file at that moment would see."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def _usual_mode(path: Path) -> None:
     """Give a written file (or every file of a written folder) the mode ``open`` would:
     0666 less the umask. safetensors writes its files 0600, so a model folder a user hands
     on would otherwise be readable by its owner alone."""
-    mask = os.umask(0)
-    os.umask(mask)
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     for f in files:
         if not f.is_symlink():
-            f.chmod(0o666 & ~mask)
+            f.chmod(0o666 & ~_UMASK)
 
 
 @contextmanager
