@@ -603,8 +603,8 @@ def _config_inputs(config: AdaptConfig) -> dict[str, str | Path]:
         inputs[f"the SVD cache {config.cache_dir}"] = config.cache_dir
     for skill, splits in config.tasks.items():
         for split, spec in splits.model_dump().items():
-            for key, value in spec.items():
-                if isinstance(value, str) and key != "type" and (root / value).exists():
+            for key, value in spec.items():  # the keys task types give paths under
+                if key in ("path", "dir") and isinstance(value, str) and (root / value).exists():
                     where = f"tasks.{skill}.{split}.{key}"
                     inputs[f"the data of {where} ({value})"] = root / value
     return inputs
