@@ -78,8 +78,10 @@ def _usual_mode(path: Path) -> None:
     on would otherwise be readable by its owner alone."""
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     for f in files:
-        if not f.is_symlink():
-            f.chmod(0o666 & ~_UMASK)
+        if f.is_symlink():
+            continue
+        with contextlib.suppress(OSError):  # a filesystem without modes (vfat, some mounts)
+            f.chmod((f.stat().st_mode & 0o111 | 0o666) & ~_UMASK)
 
 
 @contextmanager

@@ -80,7 +80,7 @@ def test_train_all_skills_then_eval(world: ToyWorld, shoal_cli: Any, tmp_path: P
         code, _, err = shoal_cli([*args, "--json", str(bad)])
         assert code == 2 and err.count("\n") == 1 and needle in err, err
     assert yaml.safe_load(cfg.read_text())["base"]  # the config is still the config
-    code, _, err = shoal_cli([*args, "--json", str(out / "first" / "x.json")])
+    code, _, err = shoal_cli([*args, "--json", str(out / "first" / "expert.safetensors")])
     assert code == 2 and "would replace the input" in err
     # an existing output is refused, in one line
     code, _, err = shoal_cli(["adapt", "train", str(cfg), "--out", str(out), "-q"])

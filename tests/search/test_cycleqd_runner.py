@@ -284,18 +284,19 @@ def test_an_expert_lacking_a_tensor_stops_the_run_at_once(shoal_cli, tmp_path, e
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_tensor_the_model_has_no_place_for_is_left_out(tmp_path, experts):
-    """As a merge leaves it out: the expert with one more tensor scores as the expert."""
+def test_an_expert_with_a_tensor_the_model_has_no_place_for_stops_the_run(
+    shoal_cli, tmp_path, experts
+):
+    """Not cut off silently (a deeper model's layers would be): one line, exit 2."""
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(experts["expert-6-9"]))
     extra = tmp_path / "extra.safetensors"
     save_file({**tensors, "extra.weight": torch.ones(3)}, str(extra))
     cfg = _config(experts, generations=1)
-    plain = evolve(cfg, tmp_path / "plain")
     cfg["models"]["expert-6-9"] = str(extra)
-    with_extra = evolve(cfg, tmp_path / "extra")
-    assert with_extra.summary["failed_candidates"] == 0
-    means = [e[2] for e in _events(tmp_path / "extra")]
-    assert means == [e[2] for e in _events(tmp_path / "plain")]
-    assert plain.summary["best"]["scores"] == with_extra.summary["best"]["scores"]
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, err = shoal_cli(["evolve", "cfg.yaml", "--run-dir", "runs/x"], tmp_path)
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert err.startswith("error: cfg.yaml: models.expert-6-9: ") and "'extra.weight'" in err
+    assert not (tmp_path / "runs").exists()

@@ -61,7 +61,9 @@ def test_image_tasks_names() -> None:
 def test_check_scores_zeroes_nan_and_refuses_out_of_range() -> None:
     task = ClassificationTask("t", torch.zeros(4, 1), torch.zeros(4, dtype=torch.long))
     good = np.array([0.0, 0.25, 1.0, 0.5])
-    assert np.shares_memory(check_scores(task, good), good)  # valid: passed, not copied
+    checked = check_scores(task, good)
+    np.testing.assert_array_equal(checked, good)
+    assert not np.shares_memory(checked, good)  # the task may reuse its array
     np.testing.assert_array_equal(
         check_scores(task, np.array([np.nan, 1.0, np.inf, -np.inf])), [0.0, 1.0, 0.0, 0.0]
     )
@@ -71,3 +73,11 @@ def test_check_scores_zeroes_nan_and_refuses_out_of_range() -> None:
         check_scores(task, np.array([np.nan, -0.5, 0.0, 0.0]))
     with pytest.raises(ValueError, match="returned 3 scores for 4"):
         check_scores(task, np.zeros(3))
+
+
+def test_an_empty_task_never_calls_the_model() -> None:
+    def refuse(x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("called on an empty batch")
+
+    task = ClassificationTask("empty", torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    assert task.score(refuse).shape == (0,) and task.accuracy(refuse) == 0.0

@@ -604,9 +604,11 @@ def _config_inputs(config: AdaptConfig) -> dict[str, str | Path]:
     for skill, splits in config.tasks.items():
         for split, spec in splits.model_dump().items():
             for key, value in spec.items():  # the keys task types give paths under
-                if key in ("path", "dir") and isinstance(value, str) and (root / value).exists():
+                if key not in ("path", "dir", "images", "include_path", "scheduler"):
+                    continue
+                if isinstance(value, str) and config.resolve(value).exists():
                     where = f"tasks.{skill}.{split}.{key}"
-                    inputs[f"the data of {where} ({value})"] = root / value
+                    inputs[f"the data of {where} ({value})"] = config.resolve(value)
     return inputs
 
 

@@ -180,7 +180,7 @@ def register(app: typer.Typer) -> None:
 
 def _check_json_out(json_out: Path, config: Path, inputs: list[Path | str | None]) -> None:
     """Refuse, before anything is evaluated, a --json path that is a folder, the config, or
-    a file inside what the evaluation reads (writing it would replace an input)."""
+    an existing file among what the evaluation reads (writing it would replace an input)."""
     from shoal.errors import OutputExistsError
 
     if json_out.is_dir():
@@ -188,5 +188,5 @@ def _check_json_out(json_out: Path, config: Path, inputs: list[Path | str | None
     target = json_out.resolve()
     for path in [config, *(Path(p) for p in inputs if p is not None)]:
         source = Path(path).resolve()
-        if target == source or source in target.parents:
+        if target == source or (json_out.exists() and source in target.parents):
             raise OutputExistsError(f"--json {json_out}: would replace the input {path}")

@@ -146,11 +146,8 @@ def _float_params(module: torch.nn.Module) -> Iterator[torch.Tensor]:
 
 
 def _copy_into(module: torch.nn.Module, tensors: Tensors, ref: str) -> None:
-    """Copy a model's tensors into the resident module, which must receive every tensor.
-
-    A tensor the module has no place for is left out, as a merge leaves it out (buffers
-    such as ``inv_freq`` come and go with how a checkpoint was saved).
-    """
+    """Copy a model's tensors into the resident module: every tensor of the module, and
+    none it has no place for (a deeper model's layers must not be cut off silently)."""
     target = module.state_dict(keep_vars=True)
     missing = [k for k in target if k not in tensors]
     # tied weights may be stored under one name only; every other tensor must be there
@@ -160,7 +157,7 @@ def _copy_into(module: torch.nn.Module, tensors: Tensors, ref: str) -> None:
     with torch.no_grad():
         for name, tensor in tensors.items():
             if name not in target:
-                continue
+                raise MergeError(f"model {ref!r}: tensor {name!r} has no place in the model")
             if tuple(target[name].shape) != tuple(tensor.shape):
                 raise MergeError(
                     f"model {ref!r}: tensor {name!r} shape {list(tensor.shape)} differs from "

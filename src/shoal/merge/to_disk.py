@@ -216,6 +216,9 @@ def merge_to_disk(
             )
     recipe_file = Path(recipe) if isinstance(recipe, str | Path) else None
     recipe = load_recipe(recipe, strict=strict)
+    refuse_working_dir(Path(out_dir))  # before anything is read: --overwrite would delete it
+    if recipe_file is not None:  # nor the recipe being merged
+        refuse_output_holding(Path(out_dir), {f"the recipe {recipe_file}": recipe_file})
     from shoal.merge.pipeline import (
         merge_pipeline,
         pipeline_paths,
@@ -240,13 +243,10 @@ def merge_to_disk(
             strict=strict,
         )
     out = Path(out_dir)
-    refuse_working_dir(out)  # before anything is read: --overwrite would delete it
     max_bytes = parse_size(out_shard_size)
     sources, opened = open_sources(recipe)
     try:
         _refuse_source_as_output(out, recipe, sources)
-        if recipe_file is not None:
-            refuse_output_holding(out, {f"the recipe {recipe_file}": recipe_file})
         tok = recipe.vocabulary_source()
         lead = recipe.base_model or recipe.model_refs()[0]  # union: lead's files + new tokens
         tok_ref = recipe.base_model if tok is None else lead if tok in ("base", "union") else tok

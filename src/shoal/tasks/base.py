@@ -44,13 +44,13 @@ class Task(Protocol):
 
 def check_scores(task: Task, scores: np.ndarray) -> np.ndarray:
     """Validate a task's output; NaN (a failed example) counts as the worst score, 0."""
-    out = np.asarray(scores, dtype=np.float64).reshape(-1)
+    out = np.array(scores, dtype=np.float64).reshape(-1)  # a copy: the task may reuse its own
     if out.shape != (len(task),):
         raise ValueError(
             f"task {task.name!r} returned {out.shape[0]} scores for {len(task)} examples"
         )
     if out.size and out.min() >= 0.0 and out.max() <= 1.0:
-        return out  # the common case, checked without a copy (NaN fails both comparisons)
+        return out  # the common case: no nan_to_num pass (NaN fails both comparisons)
     out = np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
     if out.min(initial=0.0) < 0.0 or out.max(initial=0.0) > 1.0:
         raise ValueError(f"task {task.name!r} returned scores outside [0, 1]")

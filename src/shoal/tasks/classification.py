@@ -59,7 +59,7 @@ class ClassificationTask:
         n = len(self)
         step = self.batch_size or max(n, 1)
         with torch.no_grad():
-            if step >= n:  # one pass, no chunk buffer (M2N2 scores this once a child)
+            if 0 < n <= step:  # one pass, no chunk buffer (M2N2 scores this once a child)
                 hits = self.correct(model(self.x.to(device))).cpu()
             else:
                 hits = torch.empty(n, dtype=torch.bool)
