@@ -202,13 +202,15 @@ def hold_lock(
 
 
 def refuse_output_holding(out: Path, inputs: Mapping[str, str | Path]) -> None:
-    """Refuse an existing ``out`` that is, or holds, one of ``inputs`` (what to call it in
-    the message -> its path): replacing ``out`` once the work is done (``--overwrite``)
-    would delete an input the work read.
+    """Refuse an existing ``out`` that is, or holds, the working directory or one of
+    ``inputs`` (what to call it in the message -> its path): replacing ``out`` once the work
+    is done (``--overwrite``) would delete what the user stands in or the work read.
 
     Raises:
-        OutputExistsError: ``{out}: holds {label}; write elsewhere``.
+        OutputExistsError: :func:`refuse_working_dir`'s line, or
+            ``{out}: holds {label}; write elsewhere``.
     """
+    refuse_working_dir(out)
     if not out.exists():
         return
     target = out.resolve()

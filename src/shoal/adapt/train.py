@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 
+from shoal._atomic import refuse_output_holding
 from shoal.adapt.reinforce import make_optimizer, reinforce_step, sample_answers
 from shoal.adapt.svf import AdaptError
 from shoal.tasks.generation import GenerationTask, extract_answer
@@ -583,15 +584,6 @@ def check_finite(model: torch.nn.Module, base: str | Path) -> None:
             raise CheckpointError(f"{base}: tensor {name!r} holds NaN or infinite values")
 
 
-def _refuse_out(target: Path, inputs: Mapping[str, str | Path]) -> None:
-    """Refuse an output that ``--overwrite`` would replace together with what the command
-    reads: the working directory, or an existing folder that is or holds an input."""
-    from shoal._atomic import refuse_output_holding, refuse_working_dir
-
-    refuse_working_dir(target)
-    refuse_output_holding(target, inputs)
-
-
 def _config_inputs(config: AdaptConfig) -> dict[str, str | Path]:
     """What a training run reads from disk: the base, the config's folder, the SVD cache and
     every path a task spec names (resolved against the config's folder)."""
@@ -606,9 +598,9 @@ def _config_inputs(config: AdaptConfig) -> dict[str, str | Path]:
             for key, value in spec.items():  # the keys task types give paths under
                 if key not in ("path", "dir", "images", "include_path", "scheduler"):
                     continue
-                if isinstance(value, str) and config.resolve(value).exists():
-                    where = f"tasks.{skill}.{split}.{key}"
-                    inputs[f"the data of {where} ({value})"] = config.resolve(value)
+                path = config.resolve(value) if isinstance(value, str) else None
+                if path is not None and path.exists():
+                    inputs[f"the data of tasks.{skill}.{split}.{key} ({value})"] = path
     return inputs
 
 
@@ -655,7 +647,7 @@ def run_training(
             raise RecipeError(f"--skill {s!r}: not a skill of the config ({known})")
     if not nested and not classifier and len(names) != 1:
         raise RecipeError("one output folder holds one expert; train all skills with nested=True")
-    _refuse_out(target, _config_inputs(config))
+    refuse_output_holding(target, _config_inputs(config))
     if target.exists() and not overwrite:
         raise OutputExistsError(f"{target}: exists (--overwrite replaces it)")
     svf, tokenizer = load_wrapped(config)
@@ -722,7 +714,7 @@ def export_expert(
     from shoal.errors import CheckpointError, OutputExistsError
 
     target = Path(out)
-    _refuse_out(target, {f"the base model {base}": base, f"the expert {expert}": expert})
+    refuse_output_holding(target, {f"the base model {base}": base, f"the expert {expert}": expert})
     if target.exists() and not overwrite:
         raise OutputExistsError(f"{target}: exists (--overwrite replaces it)")
     base = Path(base)

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from shoal._atomic import refuse_output_holding, refuse_working_dir
+from shoal._atomic import refuse_output_holding
 from shoal.errors import OutputExistsError, RecipeError, ShoalError
 from shoal.recipe import Recipe, load_recipe, rename_models
 from shoal.recipe.load import _StrictLoader
@@ -253,15 +253,14 @@ def merge_stages(
         RecipeError: a stage is invalid, stages form a cycle, or there is no single final
             stage; every stage is checked before any is run.
     """
+    from shoal.merge.sources import resolve_model_path
     from shoal.merge.to_disk import merge_to_disk
 
     file = Path(path)
     out = Path(out_dir)
-    refuse_working_dir(out)  # before any stage runs, so nothing is left behind
     work = out.parent / f".{out.name}.stages"
     ordered, uses, recipes = _validated(file, stages, work, bool(options.get("strict", False)))
-    from shoal.merge.sources import resolve_model_path
-
+    # the output is checked before any stage runs, so a refused one leaves nothing behind
     made = {str((work / s.name).resolve()) for s in ordered if s.name}  # stages' results
     inputs: dict[str, str | Path] = {f"the recipe {file}": file}
     for recipe in recipes:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shoal._atomic import hold_lock, refuse_output_holding, refuse_working_dir
+from shoal._atomic import hold_lock, refuse_output_holding
 from shoal._devices import resolve_device
 from shoal._yaml import safe_dump
 from shoal.checkpoint import (
@@ -216,9 +216,9 @@ def merge_to_disk(
             )
     recipe_file = Path(recipe) if isinstance(recipe, str | Path) else None
     recipe = load_recipe(recipe, strict=strict)
-    refuse_working_dir(Path(out_dir))  # before anything is read: --overwrite would delete it
-    if recipe_file is not None:  # nor the recipe being merged
-        refuse_output_holding(Path(out_dir), {f"the recipe {recipe_file}": recipe_file})
+    out = Path(out_dir)
+    # before any model is read: --overwrite would delete the working directory or the recipe
+    refuse_output_holding(out, {f"the recipe {recipe_file}": recipe_file} if recipe_file else {})
     from shoal.merge.pipeline import (
         merge_pipeline,
         pipeline_paths,
@@ -242,7 +242,6 @@ def merge_to_disk(
             float32_compute=float32_compute,
             strict=strict,
         )
-    out = Path(out_dir)
     max_bytes = parse_size(out_shard_size)
     sources, opened = open_sources(recipe)
     try:

@@ -176,10 +176,9 @@ class QDRun:
         """Refuse an output that would replace the run, its models or the working folder:
         inside the run folder, or an existing folder or file that is or holds one of them
         (``--overwrite`` deletes what it replaces)."""
-        from shoal._atomic import refuse_output_holding, refuse_working_dir
+        from shoal._atomic import refuse_output_holding
         from shoal.errors import OutputExistsError
 
-        refuse_working_dir(out)
         root = self.run.root.resolve()
         target = out.resolve()
         if target == root or root in target.parents:
