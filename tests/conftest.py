@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# the suite runs on two processes (-n 2): a serial worker that timed one and two torch
+# threads (shoal.executors.threads) would oversubscribe the cores, so the count is fixed,
+# here and in every shoal process a test starts; tests/executors/test_threads.py lifts it
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")

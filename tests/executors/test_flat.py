@@ -12,7 +12,7 @@ from torch import nn
 
 from shoal.executors import flat as flat_module
 from shoal.executors.build import SourceMap, build_candidate, generator_for
-from shoal.executors.flat import FlatModel
+from shoal.executors.flat import FlatModel, FlatVector
 from shoal.executors.work import WorkerSpec
 from shoal.executors.worker import Worker
 from shoal.testbed.images import build_mlp
@@ -40,7 +40,7 @@ def _child(split, ratio, angle: str = "segment", seed: int = 0, **extra) -> torc
         **extra,
     }
     assert FlatModel.handles(recipe)
-    return _tiny().build(recipe, seed, {"a": A, "b": B}.__getitem__)
+    return _tiny().build(recipe, seed, {"a": FlatVector(A), "b": FlatVector(B)}.__getitem__)
 
 
 def test_splitpoint_segment_angle_by_hand() -> None:
@@ -157,14 +157,15 @@ def test_a_child_is_built_into_the_modules_parameters() -> None:
     assert flat is not None
     recipe = {"merge_method": "splitpoint", "models": TWO, "parameters": {"split": 0.5}}
     recipe["parameters"]["ratio"] = 0.25
-    vec = flat.build({**recipe, "mutation": 0.1}, 3, {"a": A, "b": B}.__getitem__)
+    parents = {"a": FlatVector(A), "b": FlatVector(B)}
+    vec = flat.build({**recipe, "mutation": 0.1}, 3, parents.__getitem__)
     assert vec is not None
     assert vec.data_ptr() == module.weight.data_ptr()  # the parameters' own memory
     got = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
     torch.testing.assert_close(got, vec, rtol=0, atol=0)
     torch.testing.assert_close(torch.cat([t.reshape(-1) for t in flat.tensors.values()]), vec)
     before = got.clone()
-    assert flat.build(recipe, 3, {"a": A, "b": None}.__getitem__) is None
+    assert flat.build(recipe, 3, {"a": FlatVector(A), "b": None}.__getitem__) is None
     after = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
@@ -191,7 +192,7 @@ def test_a_model_that_is_not_the_modules_float32_tensors_is_no_vector() -> None:
     assert flat.vector({"weight": weight.half(), "bias": bias.half()}) is None
     recipe = {"merge_method": "splitpoint", "models": [{"model": "a"}, {"model": "b"}]}
     recipe["parameters"] = {"split": 0.5, "ratio": 0.5}
-    assert _tiny().build(recipe, 0, {"a": A, "b": None}.__getitem__) is None
+    assert _tiny().build(recipe, 0, {"a": FlatVector(A), "b": None}.__getitem__) is None
 
 
 TWO = [{"model": "a"}, {"model": "b"}]
@@ -317,9 +318,15 @@ def test_a_kept_child_is_not_changed_by_the_next_build(tmp_path) -> None:
         torch.testing.assert_close(again, expected, rtol=0, atol=0)
 
 
-def test_a_small_model_is_scored_on_one_thread_and_the_count_given_back(tmp_path) -> None:
-    """Two threads that wait for each other on a busy host ran the digits demo 18x slower."""
-    from shoal.executors import make_executor
+def test_a_small_model_starts_on_one_thread_and_the_count_is_given_back(
+    tmp_path, monkeypatch
+) -> None:
+    """Two threads that wait for each other on a busy host ran the digits demo 18x slower:
+    a serial worker starts on one and tries two only by timing (executors/threads.py)."""
+    from shoal.executors import make_executor, threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
 
     spec = WorkerSpec(
         loader={"type": "callable", "target": "shoal.testbed.images:digits_mlp"},
@@ -330,8 +337,43 @@ def test_a_small_model_is_scored_on_one_thread_and_the_count_given_back(tmp_path
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with make_executor("serial", spec):
+        with make_executor("serial", spec) as executor:
             assert torch.get_num_threads() == 1
+            assert executor.worker.threads.counts == (1, 2)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_parents_vector_is_kept_while_the_store_holds_the_same_tensors(
+    tmp_path, monkeypatch
+) -> None:
+    """The worker makes a model's flat vector once and hands it out again while the
+    sources give the same tensors; other tensors under the ref get a new vector, and the
+    kept vectors stay within VECTOR_CACHE_BYTES."""
+    from shoal.executors import worker as worker_module
+
+    w = _worker(tmp_path)
+    first = build_mlp(seed=1).state_dict()
+    w.store.put("k1", first)
+    v1 = w._vector("store:k1")
+    assert v1 is not None and w._vector("store:k1") is v1
+    torch.testing.assert_close(v1.f32, torch.cat([t.reshape(-1) for t in first.values()]))
+    torch.testing.assert_close(v1.f64, v1.f32.double(), rtol=0, atol=0)
+    # the store drops k1 and later holds other tensors under it: a new vector
+    w.store.retain([])
+    second = build_mlp(seed=2).state_dict()
+    w.store.put("k1", second)
+    v2 = w._vector("store:k1")
+    assert v2 is not v1
+    torch.testing.assert_close(v2.f32, torch.cat([t.reshape(-1) for t in second.values()]))
+    # room for two: the least recently used goes
+    monkeypatch.setattr(worker_module, "VECTOR_CACHE_BYTES", 2 * 16 * 19_210)
+    w = _worker(tmp_path)
+    for k in ("a", "b", "c"):
+        w.store.put(k, build_mlp(seed=3).state_dict())
+    va = w._vector("store:a")
+    w._vector("store:b")
+    assert w._vector("store:a") is va  # a used last
+    w._vector("store:c")  # b goes
+    assert list(w._vectors) == ["store:a", "store:c"]

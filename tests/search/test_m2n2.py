@@ -314,3 +314,76 @@ def test_scores_concatenate_fitness_tasks_in_order() -> None:
     np.testing.assert_array_equal(algo.scores, [[0, 1, 1], [1, 1, 0]])
     with pytest.raises(StateError, match="lack fitness task"):
         algo.tell(algo.ask(), [{"a": np.array([1.0])}])
+
+
+def test_column_sums_grow_by_a_row_to_the_last_bit() -> None:
+    """M2N2 keeps its archive's column sums: S.sum(axis=0) + v must be the sum of S with
+    v appended, bit for bit, for continuous scores too (numpy adds a column's rows in order)."""
+    rng = np.random.default_rng(0)
+    for rows in (1, 2, 7, 20, 21, 64):
+        s = rng.random((rows, 1437)) * rng.choice([1e-3, 1.0, 1e3], size=(rows, 1))
+        v = rng.random(1437)
+        np.testing.assert_array_equal(s.sum(axis=0) + v, np.vstack([s, v]).sum(axis=0))
+
+
+def _reference_run(opts: dict, scores_of, steps: int) -> tuple[list[dict], np.ndarray]:
+    """M2N2's steady state written straight from the functions (no kept statistics): the
+    second implementation the state machine is checked against."""
+    algo = M2N2(opts, seeds=["a", "b"])  # only for its recipes and random stream
+    o = algo.options
+    recipes, scores, births, seen = [], [], [], []
+    for i in range(steps):
+        if i < 2:
+            recipe = {"model": "ab"[i]}
+        else:
+            mode = "binary" if np.all((np.array(scores) == 0) | (np.array(scores) == 1)) else "max"
+            a, b = select_parents(
+                np.array(scores),
+                algo._rng,
+                alpha=o.alpha,
+                matchmaker=o.matchmaker,
+                capacity_mode=mode,
+            )
+            algo.refs = [
+                "a"
+                if r == {"model": "a"}
+                else "b"
+                if r == {"model": "b"}
+                else "store:" + store_key(r)
+                for r in recipes
+            ]
+            recipe = algo._child_recipe(a, b)
+        seen.append(recipe)
+        vec = scores_of(recipe)
+        recipes.append(recipe)
+        scores.append(vec)
+        births.append(i)
+        if len(recipes) > o.archive_size:
+            full = np.array(scores)
+            mode = "binary" if np.all((full == 0) | (full == 1)) else "max"
+            d = drop_index(full, births, alpha=o.alpha, capacity_mode=mode)
+            for lst in (recipes, scores, births):
+                del lst[d]
+    return seen, np.array(scores)
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_state_machine_equals_the_functions_step_by_step(binary: bool) -> None:
+    """The archive M2N2 keeps (its statistics carried from step to step, a dropped child
+    leaving them as they were) is the one the plain functions give, to the last bit."""
+
+    def scores_of(recipe: dict) -> np.ndarray:
+        rng = np.random.default_rng(int(store_key(recipe), 16) % 2**32)
+        v = rng.random(40)
+        return (v < 0.4).astype(float) if binary else v**3
+
+    opts = {"archive_size": 5, "seed": 3, "alpha": 0.7}
+    want_seen, want_scores = _reference_run(opts, scores_of, 300)
+    algo = M2N2(opts, seeds=["a", "b"])
+    seen = []
+    while algo.evaluations < 300:
+        recipes = algo.ask()
+        algo.tell(recipes, [{"train": scores_of(r)} for r in recipes])
+        seen.extend(recipes)
+    assert seen == want_seen
+    np.testing.assert_array_equal(algo.scores, want_scores)

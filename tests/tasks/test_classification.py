@@ -81,3 +81,17 @@ def test_an_empty_task_never_calls_the_model() -> None:
 
     task = ClassificationTask("empty", torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
     assert task.score(refuse).shape == (0,) and task.accuracy(refuse) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_ties_and_nan_count_as_torch_argmax_counts_them(dtype: torch.dtype) -> None:
+    """The arg-max is numpy's: against torch's (the first maximum; NaN is the maximum) on
+    logits full of ties and NaNs, in every dtype a model may return."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (500, 4), generator=g).to(dtype)  # many ties
+    logits[torch.rand(500, 4, generator=g) < 0.1] = float("nan")
+    y = torch.randint(0, 4, (500,), generator=g)
+    task = ClassificationTask("t", torch.arange(500.0)[:, None], y)
+    want = (logits.argmax(-1) == y).numpy()  # torch, in the logits' own dtype
+    np.testing.assert_array_equal(task.correct(logits), want)
+    np.testing.assert_array_equal(task.score(_Fixed(logits)), want.astype(float))

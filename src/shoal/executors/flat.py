@@ -29,13 +29,38 @@ import torch
 from torch import nn
 
 from shoal.executors.build import generator_for
-from shoal.ops.splitpoint import splitpoint_flat
+from shoal.ops.slerp import cosine
+from shoal.ops.splitpoint import segment_cosines, splitpoint, splitpoint_flat
 
-__all__ = ["MAX_PARAMETERS", "FlatModel"]
+__all__ = ["MAX_PARAMETERS", "FlatModel", "FlatVector"]
 
 #: largest model (parameters) built as a flat vector; a bigger one takes the general path,
 #: whose per-tensor streaming keeps memory at one tensor beyond the model
 MAX_PARAMETERS = 50_000_000
+
+
+class FlatVector:
+    """A model as one float32 vector, with the float64 copy its SLERP angles are taken in.
+
+    The copy is made on first use and kept: an M2N2 archive member is a parent of many
+    children, and converting both parents for each child cost more than the angles.
+
+    Args:
+        f32: The vector, 1-D float32; not to be changed while this object is in use.
+    """
+
+    __slots__ = ("_f64", "f32")
+
+    def __init__(self, f32: torch.Tensor) -> None:
+        self.f32 = f32
+        self._f64: torch.Tensor | None = None
+
+    @property
+    def f64(self) -> torch.Tensor:
+        """The vector in float64."""
+        if self._f64 is None:
+            self._f64 = self.f32.to(torch.float64)
+        return self._f64
 
 
 class FlatModel:
@@ -138,7 +163,7 @@ class FlatModel:
             and _filters(split) == _filters(ratio)
         )
 
-    def vector(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    def vector(self, tensors: Mapping[str, torch.Tensor]) -> FlatVector | None:
         """A source's or stored model's tensors as one float32 vector in the module's order.
 
         ``None`` unless the tensors are exactly the module's, float32 and of its shapes:
@@ -153,7 +178,7 @@ class FlatModel:
             if part is None or part.dtype != torch.float32 or part.shape != shape:
                 return None
             parts.append(part.reshape(-1))
-        return torch.cat(parts)
+        return FlatVector(torch.cat(parts))
 
     def _views(self, vec: torch.Tensor) -> list[torch.Tensor]:
         """Each tensor's part of a flat vector, shaped as the tensor."""
@@ -172,7 +197,7 @@ class FlatModel:
         self,
         recipe: Mapping[str, Any],
         seed: int,
-        vector_of: Callable[[str], torch.Tensor | None],
+        vector_of: Callable[[str], FlatVector | None],
     ) -> torch.Tensor | None:
         """Build ``recipe``, for the candidate seed ``seed``, into the module's parameters.
 
@@ -194,7 +219,7 @@ class FlatModel:
             vec = vector_of(str(recipe["model"]))
             if vec is None:
                 return None
-            out.copy_(vec)
+            out.copy_(vec.f32)
         elif method == "random_init":
             # a seed inside the recipe makes the init part of its content (store keys)
             self._normal(int(params.get("seed", seed)), 1, self.tensors.values())
@@ -211,7 +236,7 @@ class FlatModel:
         self,
         recipe: Mapping[str, Any],
         params: Mapping[str, Any],
-        vector_of: Callable[[str], torch.Tensor | None],
+        vector_of: Callable[[str], FlatVector | None],
     ) -> bool:
         """The split-point child into the buffer; ``False`` (nothing written) when a parent
         is not a vector."""
@@ -223,14 +248,26 @@ class FlatModel:
         splits, ratios = _values(params["split"]), _values(params["ratio"])
         filters = _filters(params["split"])
         chromosomes = self._chromosome_index(filters)
-        if chromosomes == [None]:
-            k = round(splits[0] * self.n)
-            splitpoint_flat(a, b, k, ratios[0], angle, out=self._buffer)
+        if chromosomes == [None]:  # splitpoint_flat, its angles from the kept float64 copies
+            k = max(0, min(round(splits[0] * self.n), self.n))
+            if angle == "global":
+                cos_before = cos_after = cosine(a.f64, b.f64)
+            else:
+                cos_before, cos_after = segment_cosines(a.f64, b.f64, k)
+            splitpoint(
+                a.f32,
+                b.f32,
+                split=k,
+                ratio=ratios[0],
+                cos_before=cos_before,
+                cos_after=cos_after,
+                out=self._buffer,
+            )
             return True
         for c, ix in enumerate(chromosomes):
             assert ix is not None
             k = round(splits[c] * ix.numel())
-            self._buffer[ix] = splitpoint_flat(a[ix], b[ix], k, ratios[c], angle)
+            self._buffer[ix] = splitpoint_flat(a.f32[ix], b.f32[ix], k, ratios[c], angle)
         return True
 
     def _chromosome_index(self, filters: tuple[str, ...]) -> list[torch.Tensor | None]:

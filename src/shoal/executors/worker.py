@@ -11,6 +11,7 @@ import os
 import socket
 import time
 import traceback
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,22 @@ import torch
 
 from shoal.errors import CheckpointError, TaskError
 from shoal.executors.build import SourceLoadError, SourceMap, build_candidate
-from shoal.executors.flat import FlatModel
+from shoal.executors.flat import FlatModel, FlatVector
 from shoal.executors.loaders import load_resident
 from shoal.executors.store import ModelStore, distinct_tensors, open_store
+from shoal.executors.threads import ThreadChooser
 from shoal.executors.work import WorkerSpec, WorkItem, WorkResult
 from shoal.tasks.base import Task, check_scores
 from shoal.tasks.registry import TaskEnv, add_task
 
-__all__ = ["Worker", "load_tensors"]
+__all__ = ["VECTOR_CACHE_BYTES", "Worker", "load_tensors"]
+
+#: memory for the flat vectors of the models a small model's children are built from, 16
+#: bytes a parameter (float32 and float64 copies, and the tensors they were made from,
+#: which an entry keeps alive): 64 MiB keep 218 of the digits MLP's (M2N2 needs its
+#: archive's 20) and none of a model over 4.2 M parameters, whose build and scoring
+#: outweigh making its parents' vectors again
+VECTOR_CACHE_BYTES = 64 * 2**20
 
 
 def load_tensors(path: str) -> dict[str, torch.Tensor]:
@@ -102,13 +111,17 @@ class Worker:
         self._extra_built = False
         self._hf: dict[str, Any] = {}
         self.flat = FlatModel.of(self.model)  # None: the model is too big or not plain
+        # ref -> (the tensors it was made from, the vector); float32 and float64 copies
+        self._vectors: OrderedDict[str, tuple[Any, FlatVector]] = OrderedDict()
+        self._vectors_max = VECTOR_CACHE_BYTES // (16 * self.flat.n) if self.flat else 0
         self._built_flat = False  # the last build was flat (the model is its buffer)
         self.threads_before = torch.get_num_threads()
+        #: for a small model left to choose its threads: the count, chosen by timing
+        self.threads: ThreadChooser | None = None
         if self.flat is not None and spec.threads is None:
-            # a small model's matmuls are too small to share: with two threads on a busy
-            # 2-core host they waited for each other and the digits demo ran at 26
-            # evaluations/s, against 467/s on one thread (2026-12-06)
-            torch.set_num_threads(1)
+            # a second thread helps a small model on a quiet host and ruins it on a busy
+            # one (executors/threads.py), so the worker measures which it is
+            self.threads = ThreadChooser.for_host()
 
     def task_names(self, include_extra: bool = False) -> tuple[str, ...]:
         """Names of the fitness tasks (and the extra/test ones if asked)."""
@@ -153,8 +166,13 @@ class Worker:
             return self.flat.tensors
         return model.state_dict()
 
-    def _vector(self, ref: str) -> torch.Tensor | None:
-        """The flat vector of a source or stored model, or ``None`` (general build)."""
+    def _vector(self, ref: str) -> FlatVector | None:
+        """The flat vector of a source or stored model, or ``None`` (general build).
+
+        Kept for the next time the model is a parent while its tensors are the ones the
+        sources hand out (the same objects: a stored model's tensors never change), for
+        as many models as fit :data:`VECTOR_CACHE_BYTES`.
+        """
         assert self.flat is not None
         try:
             tensors = self.sources[ref]
@@ -162,7 +180,16 @@ class Worker:
             if isinstance(exc, SourceLoadError):
                 raise  # a broken model of the config stops the run, whichever build
             return None  # unknown: the general build names it
-        return self.flat.vector(tensors)
+        kept = self._vectors.get(ref)
+        if kept is not None and kept[0] is tensors:
+            self._vectors.move_to_end(ref)
+            return kept[1]
+        vec = self.flat.vector(tensors)
+        if vec is not None and self._vectors_max:
+            self._vectors[ref] = (tensors, vec)
+            while len(self._vectors) > self._vectors_max:
+                self._vectors.popitem(last=False)  # the least recently used
+        return vec
 
     @torch.inference_mode()
     def score(self, model: torch.nn.Module, names: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -180,6 +207,8 @@ class Worker:
     def evaluate(self, item: WorkItem) -> WorkResult:
         """Build and score one item. A failure scores 0 on every example (STYLE.md)."""
         names = item.tasks if item.tasks is not None else self.fitness_names
+        if self.threads is not None:
+            self.threads.tick()
         start = time.perf_counter()
         built = start
         fatal = False

@@ -67,6 +67,12 @@ def splitpoint(
     return flat.view(a.shape)
 
 
+def segment_cosines(a: torch.Tensor, b: torch.Tensor, split: int) -> tuple[float, float]:
+    """``angle="segment"``: cos Ω of the parts before and after index ``split`` of two
+    vectors (pass float64 vectors to take the angles without a copy; see :func:`cosine`)."""
+    return cosine(a[:split], b[:split]), cosine(a[split:], b[split:])
+
+
 def splitpoint_flat(
     a_vec: torch.Tensor,
     b_vec: torch.Tensor,
@@ -98,8 +104,7 @@ def splitpoint_flat(
     if angle == "global":
         cos_before = cos_after = cosine(a, b)
     else:  # one float64 copy of each parent, sliced for the two angles
-        a64, b64 = a.to(torch.float64), b.to(torch.float64)
-        cos_before, cos_after = cosine(a64[:s], b64[:s]), cosine(a64[s:], b64[s:])
+        cos_before, cos_after = segment_cosines(a.to(torch.float64), b.to(torch.float64), s)
     return splitpoint(
         a, b, split=s, ratio=ratio, cos_before=cos_before, cos_after=cos_after, out=out
     )

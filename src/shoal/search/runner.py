@@ -144,13 +144,15 @@ def _means(scores: dict[str, np.ndarray]) -> dict[str, float]:
 
 def _event(item: WorkItem, res: WorkResult, generation: int) -> dict[str, Any]:
     means = _means(res.scores)
+    values = list(means.values())
     return {
         "evaluation": item.index,
         "generation": generation,
         "recipe": item.recipe,
         "seed": item.seed,
         "means": means,
-        "fitness": float(np.mean(list(means.values()))) if means else 0.0,
+        # one task's mean is its own (np.mean of one value, without the call)
+        "fitness": values[0] if len(values) == 1 else float(np.mean(values)) if values else 0.0,
         "seconds": round(res.seconds, 6),
         "build_seconds": round(res.build_seconds, 6),
         "worker": res.worker,
@@ -174,6 +176,7 @@ class _Stage:
     ray_init: dict[str, Any] | None = None
     key: str = "algorithm"  # config key of the algorithm block, for messages
     task_sizes: dict[str, int] = field(default_factory=dict)  # fitness tasks, from the checks
+    best_key: tuple[dict[str, Any], str] | None = None  # the best's recipe and store key
 
 
 def worker_spec(
@@ -360,7 +363,9 @@ def _one_batch(
     if keep:
         refs = set(algo.references())
         if best is not None:
-            refs.add(store_key(best.recipe))
+            if st.best_key is None or st.best_key[0] is not best.recipe:
+                st.best_key = (best.recipe, store_key(best.recipe))  # once per new best
+            refs.add(st.best_key[1])
         store.retain(refs)
     return [_event(it, res, gen) for it, res in zip(items, results, strict=True)], best
 

@@ -39,15 +39,23 @@ class ClassificationTask:
         self.name = name
         self.x = x
         self.y = y.to(torch.int64)
+        self._labels = self.y.numpy()
         self.batch_size = batch_size
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
-    def correct(self, logits: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Boolean correctness from logits ``(..., m, classes)`` of examples ``start…start+m``."""
-        y = self.y[start : start + logits.shape[-2]]
-        return logits.argmax(-1) == y.to(logits.device)
+    def correct(self, logits: torch.Tensor, start: int = 0) -> np.ndarray:
+        """Boolean correctness from logits ``(..., m, classes)`` of examples ``start…start+m``.
+
+        The arg-max is numpy's on the CPU (the first maximum, as torch's; a NaN counts as
+        the maximum in both), a third of torch's time for M2N2's 1,437 × 10 logits.
+        """
+        m = logits.shape[-2]
+        on_cpu = logits.detach().cpu()
+        if on_cpu.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+            on_cpu = on_cpu.float()
+        return on_cpu.numpy().argmax(-1) == self._labels[start : start + m]
 
     def score(self, model: Any) -> np.ndarray:
         """Per-example correctness of ``model`` (an ``nn.Module`` or any callable on tensors).
@@ -60,13 +68,13 @@ class ClassificationTask:
         step = self.batch_size or max(n, 1)
         with torch.no_grad():
             if 0 < n <= step:  # one pass, no chunk buffer (M2N2 scores this once a child)
-                hits = self.correct(model(self.x.to(device))).cpu()
+                hits = self.correct(model(self.x.to(device)))
             else:
-                hits = torch.empty(n, dtype=torch.bool)
+                hits = np.empty(n, dtype=bool)
                 for start in range(0, n, step):
                     xb = self.x[start : start + step].to(device)
-                    hits[start : start + step] = self.correct(model(xb), start).cpu()
-        return hits.numpy().astype(np.float64)
+                    hits[start : start + step] = self.correct(model(xb), start)
+        return hits.astype(np.float64)
 
     def accuracy(self, model: Any) -> float:
         """Mean of :meth:`score`."""

@@ -128,7 +128,10 @@ def build_mlp(
             with a ``torch.Generator`` seeded by it; when ``None`` the parameters are zeros.
         std: standard deviation of the initialisation (0.01 published).
     """
-    model = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
+    # ReLU in place: the hidden activations are not copied again (M2N2 scores ~800 a second)
+    model = nn.Sequential(
+        nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, n_classes)
+    )
     with torch.no_grad():
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for p in model.parameters():

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -60,6 +61,7 @@ __all__ = [
     "capacity",
     "coverage",
     "drop_index",
+    "least_fit",
     "mean_entropy",
     "partner_weights",
     "resource_fitness",
@@ -162,10 +164,17 @@ def capacity(scores: np.ndarray, mode: str = "auto") -> np.ndarray:
 
 
 def example_weights(
-    scores: np.ndarray, alpha: float, eps: float, cap: np.ndarray | None = None
+    scores: np.ndarray,
+    alpha: float,
+    eps: float,
+    cap: np.ndarray | None = None,
+    z: np.ndarray | None = None,
 ) -> np.ndarray:
-    """w_j = c_j / (z_j^α + ε), z_j = Σ_k S_kj — the value of one unit of example j."""
-    z = scores.sum(axis=0)
+    """w_j = c_j / (z_j^α + ε), z_j = Σ_k S_kj — the value of one unit of example j.
+
+    ``z``: the column sums when known (M2N2 keeps them as its archive changes).
+    """
+    z = scores.sum(axis=0) if z is None else z
     c = capacity(scores) if cap is None else cap
     zp = z if alpha == 1.0 else np.power(z, alpha)  # numpy: 0^0 = 1, so α = 0 is no competition
     return c / (zp + eps)
@@ -206,14 +215,19 @@ def select_parents(
     eps: float = 1e-8,
     matchmaker: str = "attraction",
     capacity_mode: str = "auto",
+    weights: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[int, int]:
     """Parent A ∝ fitness, parent B ∝ attraction to A (or ∝ fitness); B ≠ A.
 
     Fallbacks (METHODS.md §3): all attraction scores 0 → B ∝ fitness; all fitness
     0 → uniform. B is drawn among the other members (a child of A with itself is A).
+    ``weights``: the example weights and the fitness of ``scores``, when known.
     """
-    w = example_weights(scores, alpha, eps, capacity(scores, capacity_mode))
-    f = scores @ w  # resource_fitness, its example weights kept for the attraction
+    if weights is None:
+        w = example_weights(scores, alpha, eps, capacity(scores, capacity_mode))
+        f = scores @ w  # resource_fitness, its example weights kept for the attraction
+    else:
+        w, f = weights
     a = choose_index(rng, f) if f.sum() > 0 else int(rng.integers(scores.shape[0]))  # step 2
     g = _gain(scores, a, w) if matchmaker == "attraction" else f.copy()
     return a, choose_index(rng, _with_fallbacks(g, a, f))
@@ -262,8 +276,12 @@ def drop_index(
     capacity_mode: str = "auto",
 ) -> int:
     """Replacement (§3 step 5): drop the lowest fitness among all P + 1; ties drop the oldest."""
-    f = resource_fitness(scores, alpha, eps, capacity(scores, capacity_mode))
-    lowest = [int(i) for i in np.flatnonzero(f == f.min())]
+    return least_fit(resource_fitness(scores, alpha, eps, capacity(scores, capacity_mode)), births)
+
+
+def least_fit(fitness: np.ndarray, births: Sequence[int]) -> int:
+    """:func:`drop_index` given the fitness: the lowest, the oldest among equals."""
+    lowest = [int(i) for i in np.flatnonzero(fitness == fitness.min())]
     return min(lowest, key=lambda i: births[i])
 
 
@@ -327,6 +345,8 @@ class M2N2(Algorithm):
         self._task_names: list[str] | None = None
         self._started = 0  # initial members handed out (seeds or random inits)
         self._binary = True  # every score told so far is 0 or 1
+        self._stats: _ArchiveStats | None = None  # of self.scores; None: to compute
+        self._asked: list[tuple[dict[str, Any], str]] = []  # recipes out, with their refs
 
     @classmethod
     def from_config(cls, options: Mapping[str, Any], context: SearchContext) -> M2N2:
@@ -388,14 +408,29 @@ class M2N2(Algorithm):
             a = int(self._rng.integers(k))
             b = int(self._rng.integers(k - 1))
             return a, b + (b >= a)
+        stats = self._archive_stats()
         return select_parents(
             self.scores,
             self._rng,
             alpha=o.alpha,
             eps=o.eps,
             matchmaker=o.matchmaker,
-            capacity_mode=self._capacity_mode,
+            weights=(stats.weights, stats.fitness),
         )
+
+    def _archive_stats(self) -> _ArchiveStats:
+        """Column sums, capacities, example weights and fitness of the archive as it is.
+
+        Kept until the archive changes. Most children are dropped at once (93 % of
+        50,000 on digits), which leaves the archive, and so all of these, as they were.
+        """
+        mode = self._capacity_mode
+        if self._stats is None or self._stats.mode != mode:
+            z = self.scores.sum(axis=0)
+            cap = capacity(self.scores, mode)
+            w = example_weights(self.scores, self.options.alpha, self.options.eps, cap, z)
+            self._stats = _ArchiveStats(mode, z, cap, w, self.scores @ w)
+        return self._stats
 
     @property
     def _capacity_mode(self) -> str:
@@ -414,7 +449,10 @@ class M2N2(Algorithm):
             out = [self._initial_recipe(self._started + i) for i in range(count)]
             self._started += count
             return out
-        return [self._child_recipe(*self._parents()) for _ in range(n)]
+        out = [self._child_recipe(*self._parents()) for _ in range(n)]
+        # their store refs, made once: tell gets these recipes back
+        self._asked = [(r, STORE_PREFIX + store_key(r)) for r in out]
+        return out
 
     def _vector(self, scores: Scores) -> np.ndarray:
         names = self.options.tasks or sorted(scores)
@@ -440,25 +478,38 @@ class M2N2(Algorithm):
             self._binary = self._binary and bool(np.all((vec == 0.0) | (vec == 1.0)))
             birth = self.evaluations + i
             ref = self._ref_of(recipe)
+            if len(self.refs) < o.archive_size:  # room left: the child joins
+                grown = np.vstack([self.scores, vec]) if self.scores.size else vec[None, :]
+                self.scores = grown
+            else:  # step 5: drop the least fit of P + 1
+                stacked = np.vstack([self.scores, vec])
+                d = self._least_fit(stacked, vec, birth)
+                if d == len(self.refs):
+                    continue  # the child itself: the archive stays as it was
+                for lst in (self.refs, self.recipes, self.births):
+                    del lst[d]
+                self.scores = np.delete(stacked, d, axis=0)
             self.refs.append(ref)
             self.recipes.append(recipe)
             self.births.append(birth)
-            self.scores = vec[None, :] if not self.scores.size else np.vstack([self.scores, vec])
-            if len(self.refs) > o.archive_size:  # step 5: drop the least fit of P + 1
-                d = drop_index(
-                    self.scores,
-                    self.births,
-                    alpha=o.alpha,
-                    eps=o.eps,
-                    capacity_mode=self._capacity_mode,
-                )
-                for lst in (self.refs, self.recipes, self.births):
-                    del lst[d]
-                self.scores = np.delete(self.scores, d, axis=0)
+            self._stats = None
+        self._asked = []
+
+    def _least_fit(self, stacked: np.ndarray, vec: np.ndarray, birth: int) -> int:
+        """:func:`drop_index` of ``stacked``, the archive with ``vec`` appended, from the
+        archive's kept column sums: ``S.sum(axis=0) + vec`` is the new sum to the last bit
+        (numpy adds the rows of a column in order; tests/search/test_m2n2.py checks it)."""
+        o, stats = self.options, self._archive_stats()
+        cap = stats.capacity if stats.mode == "binary" else np.maximum(stats.capacity, vec)
+        w = example_weights(stacked, o.alpha, o.eps, cap, stats.sums + vec)
+        return least_fit(stacked @ w, [*self.births, birth])
 
     def _ref_of(self, recipe: dict[str, Any]) -> str:
         if "merge_method" not in recipe:
             return str(recipe["model"])  # a seed model, by name
+        for asked, ref in self._asked:
+            if asked is recipe:
+                return ref
         return STORE_PREFIX + store_key(recipe)
 
     # -- results ------------------------------------------------------------------------------
@@ -519,6 +570,18 @@ class M2N2(Algorithm):
         self._started = int(state["started"])
         self._binary = bool(state["binary"])
         self._rng.bit_generator.state = state["rng"]
+        self._stats, self._asked = None, []
+
+
+@dataclass(frozen=True)
+class _ArchiveStats:
+    """What M2N2's steps need of its archive S, computed once per archive."""
+
+    mode: str  # the capacity mode they were computed under
+    sums: np.ndarray  # z_j = Σ_k S_kj
+    capacity: np.ndarray  # c_j
+    weights: np.ndarray  # c_j / (z_j^α + ε)
+    fitness: np.ndarray  # f_k = Σ_j S_kj · weights_j
 
 
 def _per_chromosome(names: list[str], values: list[float]) -> list[dict[str, Any]]:

@@ -1,0 +1,155 @@
+"""Torch's thread count for a small model, chosen while the run goes, by timing it.
+
+A small model's matmuls gain from a second thread on a quiet host and collapse when
+another process holds the other core: OpenMP's threads spin, waiting for each other.
+M2N2 on digits (``examples/m2n2-digits-scratch.yaml``, 2 cores, 2026-12-06) ran at
+570–586 evaluations/s on one thread and 736–749/s on two on a quiet host, but at 148/s
+on two with the other core busy. No fixed count is right on a shared host, so a serial
+worker times itself: :class:`ThreadChooser` keeps the count that gives the shortest
+time between candidates and, now and then, tries each other one for a few candidates —
+soon again after a trial won, later and later after trials lost. ``OMP_NUM_THREADS``
+in the environment fixes the count.
+
+The count changes the speed only. The worker uses the chooser for the models it builds
+as one flat vector (:mod:`shoal.executors.flat`), whose scores are the same at any count
+(tests/test_threads.py runs a search both ways and compares every score).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__ = ["ThreadChooser", "available_cores"]
+
+
+def available_cores() -> int:
+    """CPUs this process may run on (its affinity mask, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows: no affinity mask
+        return os.cpu_count() or 1
+
+
+class ThreadChooser:
+    """Keeps the fastest of a few torch thread counts, by the time between candidates.
+
+    Call :meth:`tick` once per candidate, before building it. The interval since the
+    previous tick (build, score and the loop's own work) is filed under the count in
+    force. A count's speed is the mean of its last ``window`` intervals, the longest
+    left out: a checkpoint's pause does not sway it, while the stalls of threads that
+    wait for a busy core do (a median hid them: on a busy host two threads had the
+    lower median and half the throughput).
+
+    Args:
+        counts: Thread counts to choose among; the first is used from the start.
+        window: Intervals that make one measurement.
+        settle: Intervals dropped after each switch (a new OpenMP team starts up).
+        patience: Candidates at the chosen count before the next trial; doubled after
+            each trial that loses (up to ``max_patience``), reset after one that wins.
+        max_patience: The longest wait between trials.
+        clock: Seconds, monotonic (tests pass a fake one).
+        apply: Sets the thread count (default :func:`torch.set_num_threads`).
+    """
+
+    def __init__(
+        self,
+        counts: Sequence[int] = (1, 2),
+        *,
+        window: int = 32,
+        settle: int = 2,
+        patience: int = 256,
+        max_patience: int = 8192,
+        clock: Callable[[], float] = time.perf_counter,
+        apply: Callable[[int], None] = torch.set_num_threads,
+    ) -> None:
+        if not counts or len(set(counts)) != len(counts) or min(counts) < 1:
+            raise ValueError(f"thread counts must be distinct and ≥ 1, got {list(counts)}")
+        if window < 1 or settle < 0 or not 1 <= patience <= max_patience:
+            raise ValueError("window ≥ 1, settle ≥ 0 and 1 ≤ patience ≤ max_patience")
+        self.counts = tuple(counts)
+        self.window, self.settle = window, settle
+        self.base_patience, self.max_patience = patience, max_patience
+        self.patience = patience
+        self._clock, self._apply = clock, apply
+        self._times: dict[int, deque[float]] = {c: deque(maxlen=window) for c in self.counts}
+        self._last: float | None = None
+        self._skip = 0
+        self._next = 0  # index into counts of the next count to try
+        self.chosen = self.counts[0]  # the count that won the last comparison
+        self.current = self.chosen  # the count in force (differs during a trial)
+        self._wait = window if len(self.counts) > 1 else -1  # candidates before a trial
+        #: candidates evaluated at each count, for reports
+        self.used: Counter[int] = Counter()
+        self._apply(self.current)
+
+    @classmethod
+    def for_host(cls, **kwargs: object) -> ThreadChooser:
+        """A chooser between one thread and two, where this process may use two cores.
+
+        ``OMP_NUM_THREADS`` set to a count in the environment fixes the count instead.
+        """
+        fixed = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if fixed.isdigit() and int(fixed) >= 1:
+            counts: tuple[int, ...] = (int(fixed),)
+        else:
+            counts = (1, 2) if available_cores() >= 2 else (1,)
+        return cls(counts, **kwargs)  # type: ignore[arg-type]
+
+    def tick(self) -> None:
+        """Note the time since the last candidate; switch counts when a step calls for it."""
+        now = self._clock()
+        if self._last is not None:
+            if self._skip:
+                self._skip -= 1
+            else:
+                self._times[self.current].append(now - self._last)
+        self._last = now
+        self.used[self.current] += 1
+        if self._wait < 0:
+            return
+        if self.current != self.chosen:  # a trial: decide once it has a full window
+            if len(self._times[self.current]) == self.window:
+                self._decide()
+        elif len(self._times[self.chosen]) == self.window:
+            self._wait -= 1
+            if self._wait <= 0:
+                self._start_trial()
+
+    def speed(self, count: int) -> float | None:
+        """Mean seconds per candidate measured at ``count``, its longest interval left out
+        (``None``: not measured)."""
+        times = self._times[count]
+        if not times:
+            return None
+        if len(times) == 1:
+            return times[0]
+        return (sum(times) - max(times)) / (len(times) - 1)
+
+    def _start_trial(self) -> None:
+        others = [c for c in self.counts if c != self.chosen]
+        trial = others[self._next % len(others)]
+        self._next += 1
+        self._times[trial].clear()  # a new measurement: the host may have changed
+        self._switch(trial)
+
+    def _decide(self) -> None:
+        trial, chosen = self.speed(self.current), self.speed(self.chosen)
+        assert trial is not None and chosen is not None
+        if trial < chosen:
+            self.chosen = self.current
+            self.patience = self.base_patience
+        else:
+            self.patience = min(2 * self.patience, self.max_patience)
+            self._switch(self.chosen)
+            self._times[self.chosen].clear()  # measured again before the next trial
+        self._wait = self.patience
+
+    def _switch(self, count: int) -> None:
+        self.current = count
+        self._skip = self.settle
+        self._apply(count)

@@ -1,0 +1,156 @@
+"""The thread chooser: timed choices against hand-made timings, and runs equal at any count."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from shoal.executors import threads
+from shoal.executors.threads import ThreadChooser
+from shoal.search.runner import evolve
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "m2n2-digits-scratch.yaml"
+
+
+class _Host:
+    """A fake clock whose candidates take ``cost(threads, tick)`` seconds each."""
+
+    def __init__(self, cost) -> None:
+        self.cost, self.now, self.threads, self.ticks = cost, 0.0, None, 0
+        self.switches: list[int] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def apply(self, count: int) -> None:
+        self.threads = count
+        self.switches.append(count)
+
+    def run(self, chooser: ThreadChooser, candidates: int) -> None:
+        for _ in range(candidates):
+            chooser.tick()
+            self.now += self.cost(self.threads, self.ticks)
+            self.ticks += 1
+
+
+def _chooser(host: _Host, **kw) -> ThreadChooser:
+    opts = {"window": 4, "settle": 1, "patience": 8, "max_patience": 32, **kw}
+    return ThreadChooser((1, 2), clock=host.clock, apply=host.apply, **opts)
+
+
+def test_the_faster_count_wins_and_stays() -> None:
+    host = _Host(lambda t, i: 1.0 if t == 1 else 0.6)
+    chooser = _chooser(host)
+    host.run(chooser, 200)
+    assert chooser.chosen == 2 and host.threads == 2
+    # after the win, trials of 1 thread come back every 8 candidates (patience reset) and
+    # lose, so the waits grow: 8, 16, 32, 32, ...
+    assert chooser.patience == 32
+    assert chooser.used[2] > 150
+
+
+def test_a_slower_count_is_tried_ever_more_rarely() -> None:
+    host = _Host(lambda t, i: 1.0 if t == 1 else 3.0)
+    chooser = _chooser(host, max_patience=1024)
+    host.run(chooser, 600)
+    assert chooser.chosen == 1 and host.threads == 1
+    # a trial costs settle + window = 5 candidates at 2 threads; patience 8 → 16 → ...
+    # → 512 after six lost trials, each followed by a window refilled at 1 thread
+    trials = host.switches.count(2)
+    assert trials == chooser.used[2] // 5
+    assert 4 <= trials <= 6
+
+
+def test_stalls_count_though_most_candidates_are_quick() -> None:
+    """Two threads on a busy host: most candidates quicker, one in four stalled. The mean
+    sees the stalls (a median would pick two threads and lose throughput)."""
+    host = _Host(lambda t, i: 1.0 if t == 1 else (0.8 if i % 4 else 4.0))
+    chooser = _chooser(host, window=8)
+    host.run(chooser, 300)
+    assert chooser.chosen == 1
+
+
+def test_one_long_pause_does_not_decide() -> None:
+    """A checkpoint's pause falls in one interval: the longest is left out of the mean."""
+    host = _Host(lambda t, i: 50.0 if i == 20 else 1.0 if t == 1 else 1.1)
+    chooser = _chooser(host)
+    host.run(chooser, 40)
+    assert chooser.chosen == 1
+
+
+def test_a_host_that_changes_is_followed() -> None:
+    """Quiet (two threads faster), then busy (two threads slower): the choice follows."""
+    host = _Host(lambda t, i: (0.6 if t == 2 else 1.0) if i < 300 else (3.0 if t == 2 else 1.0))
+    chooser = _chooser(host)
+    host.run(chooser, 300)
+    assert chooser.chosen == 2
+    host.run(chooser, 200)
+    assert chooser.chosen == 1
+
+
+def test_bad_settings_are_refused() -> None:
+    for counts in ((), (1, 1), (0, 2)):
+        with pytest.raises(ValueError, match="distinct"):
+            ThreadChooser(counts, apply=lambda n: None)
+    with pytest.raises(ValueError, match="patience"):
+        ThreadChooser((1, 2), patience=10, max_patience=5, apply=lambda n: None)
+
+
+def test_omp_num_threads_fixes_the_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert ThreadChooser.for_host(apply=lambda n: None).counts == (3,)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+    assert ThreadChooser.for_host(apply=lambda n: None).counts == (1, 2)
+    monkeypatch.setattr(threads, "available_cores", lambda: 1)
+    assert ThreadChooser.for_host(apply=lambda n: None).counts == (1,)
+
+
+def _run(tmp_path: Path, name: str) -> tuple[list, dict]:
+    cfg = yaml.safe_load(EXAMPLE.read_text())
+    cfg["budget"] = {"evaluations": 400}
+    cfg["progress"] = False
+    run = tmp_path / name
+    evolve(cfg, run)
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    state = json.loads((run / "state.json").read_text())["algorithm"]
+    return [(e["recipe"], e["seed"], e["means"]) for e in events], state
+
+
+def test_a_run_is_the_same_at_one_thread_and_switching(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Digits M2N2 at one thread against a worker that switches between one and two
+    threads every few candidates: the same recipes, scores and archive."""
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        want = _run(tmp_path, "one")
+        made: list[ThreadChooser] = []
+
+        def switching(**kw) -> ThreadChooser:
+            # patience 1 and a clock that favours whichever count is on trial: a switch
+            # every few candidates
+            ticks = iter(range(10**9))
+            made.append(
+                ThreadChooser(
+                    (1, 2),
+                    window=2,
+                    settle=0,
+                    patience=1,
+                    max_patience=1,
+                    clock=lambda: -(float(next(ticks)) ** 1.0001),
+                )
+            )
+            return made[-1]
+
+        monkeypatch.setattr(ThreadChooser, "for_host", staticmethod(switching))
+        got = _run(tmp_path, "switching")
+        assert made and made[0].used[1] > 50 and made[0].used[2] > 50
+        assert got == want
+    finally:
+        torch.set_num_threads(before)
