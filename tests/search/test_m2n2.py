@@ -387,3 +387,14 @@ def test_state_machine_equals_the_functions_step_by_step(binary: bool) -> None:
         seen.extend(recipes)
     assert seen == want_seen
     np.testing.assert_array_equal(algo.scores, want_scores)
+
+
+def test_attraction_of_binary_scores_by_the_short_product_is_the_same_to_the_bit() -> None:
+    from shoal.search.algorithms.m2n2 import _gain
+
+    rng = np.random.default_rng(1)
+    for rows, cols in ((2, 5), (20, 1437), (33, 100)):
+        s = (rng.random((rows, cols)) < 0.5).astype(float)
+        w = rng.random(cols) * rng.choice([1e-6, 1.0, 1e6], size=cols)
+        for a in range(rows):
+            np.testing.assert_array_equal(_gain(s, a, w, binary=True), _gain(s, a, w))

@@ -19,7 +19,7 @@ ZERO_GUARD = 1e-8
 
 def f32(t: torch.Tensor) -> torch.Tensor:
     """``t`` as float32 (a copy only when a cast is needed)."""
-    return t.to(torch.float32)
+    return t if t.dtype == torch.float32 else t.to(torch.float32)
 
 
 def stack_f32(

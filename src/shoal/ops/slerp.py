@@ -16,8 +16,8 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     Computed in float64; a float64 input is used as it is (no copy), so a caller that
     takes several angles over slices of one vector converts it once.
     """
-    a64 = a.reshape(-1).to(torch.float64)
-    b64 = b.reshape(-1).to(torch.float64)
+    a64 = a.reshape(-1) if a.dtype == torch.float64 else a.reshape(-1).to(torch.float64)
+    b64 = b.reshape(-1) if b.dtype == torch.float64 else b.reshape(-1).to(torch.float64)
     # linalg.vector_norm is what Tensor.norm() runs for a vector, minus its Python dispatch
     na, nb = float(torch.linalg.vector_norm(a64)), float(torch.linalg.vector_norm(b64))
     if na == 0.0 or nb == 0.0:

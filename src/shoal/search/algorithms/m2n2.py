@@ -198,8 +198,15 @@ def attraction(
     return _gain(scores, a, example_weights(scores, alpha, eps, cap))
 
 
-def _gain(scores: np.ndarray, a: int, weights: np.ndarray) -> np.ndarray:
-    """Σ_j w_j · max(S_Bj − S_Aj, 0) for every B: :func:`attraction` given the example weights."""
+def _gain(scores: np.ndarray, a: int, weights: np.ndarray, binary: bool = False) -> np.ndarray:
+    """Σ_j w_j · max(S_Bj − S_Aj, 0) for every B: :func:`attraction` given the example weights.
+
+    ``binary``: every score is 0 or 1, where max(S_Bj − S_Aj, 0) = S_Bj · (1 − S_Aj), so the
+    gain is one product with the weights of the examples A misses: the same terms in the
+    same order, without an archive-sized temporary.
+    """
+    if binary:
+        return scores @ (weights * (1.0 - scores[a]))
     gain = scores - scores[a]
     # in place: a second archive-sized temporary cost more than the product (M2N2 asks this
     # once a child)
@@ -216,12 +223,14 @@ def select_parents(
     matchmaker: str = "attraction",
     capacity_mode: str = "auto",
     weights: tuple[np.ndarray, np.ndarray] | None = None,
+    binary: bool = False,
 ) -> tuple[int, int]:
     """Parent A ∝ fitness, parent B ∝ attraction to A (or ∝ fitness); B ≠ A.
 
     Fallbacks (METHODS.md §3): all attraction scores 0 → B ∝ fitness; all fitness
     0 → uniform. B is drawn among the other members (a child of A with itself is A).
-    ``weights``: the example weights and the fitness of ``scores``, when known.
+    ``weights``: the example weights and the fitness of ``scores``, when known;
+    ``binary``: every score is known to be 0 or 1 (the same draws, computed faster).
     """
     if weights is None:
         w = example_weights(scores, alpha, eps, capacity(scores, capacity_mode))
@@ -229,7 +238,7 @@ def select_parents(
     else:
         w, f = weights
     a = choose_index(rng, f) if f.sum() > 0 else int(rng.integers(scores.shape[0]))  # step 2
-    g = _gain(scores, a, w) if matchmaker == "attraction" else f.copy()
+    g = _gain(scores, a, w, binary) if matchmaker == "attraction" else f.copy()
     return a, choose_index(rng, _with_fallbacks(g, a, f))
 
 
@@ -346,6 +355,8 @@ class M2N2(Algorithm):
         self._started = 0  # initial members handed out (seeds or random inits)
         self._binary = True  # every score told so far is 0 or 1
         self._stats: _ArchiveStats | None = None  # of self.scores; None: to compute
+        self._best: Best | None = None  # of the archive as it is; None: to find
+        self._stored: set[str] | None = None  # its members' store keys; None: to list
         self._asked: list[tuple[dict[str, Any], str]] = []  # recipes out, with their refs
 
     @classmethod
@@ -416,6 +427,7 @@ class M2N2(Algorithm):
             eps=o.eps,
             matchmaker=o.matchmaker,
             weights=(stats.weights, stats.fitness),
+            binary=self._binary,
         )
 
     def _archive_stats(self) -> _ArchiveStats:
@@ -492,7 +504,7 @@ class M2N2(Algorithm):
             self.refs.append(ref)
             self.recipes.append(recipe)
             self.births.append(birth)
-            self._stats = None
+            self._stats = self._best = self._stored = None
         self._asked = []
 
     def _least_fit(self, stacked: np.ndarray, vec: np.ndarray, birth: int) -> int:
@@ -526,20 +538,24 @@ class M2N2(Algorithm):
         """The archive member with the best mean fitness-task score (training accuracy)."""
         if not self.refs:
             return None
-        means = self.scores.mean(axis=1)
-        i = int(np.argmax(means))  # first maximum: the earliest-placed member
-        return Best(
-            recipe=self.recipes[i],
-            fitness=float(means[i]),
-            evaluation=self.births[i],
-            # the run loop asks for the best after every batch: nothing costly here
-            # (coverage and mean_entropy of the archive are functions of self.scores)
-            extra={"ref": self.refs[i]},
-        )
+        if self._best is None:  # the run loop asks after every batch: once per archive
+            means = self.scores.mean(axis=1)
+            i = int(np.argmax(means))  # first maximum: the earliest-placed member
+            self._best = Best(
+                recipe=self.recipes[i],
+                fitness=float(means[i]),
+                evaluation=self.births[i],
+                # nothing costly here (coverage and mean_entropy of the archive are
+                # functions of self.scores)
+                extra={"ref": self.refs[i]},
+            )
+        return self._best
 
     def references(self) -> set[str]:
         """Store hashes of the archive members that live in the store."""
-        return {r[len(STORE_PREFIX) :] for r in self.refs if r.startswith(STORE_PREFIX)}
+        if self._stored is None:  # the run loop asks after every batch: once per archive
+            self._stored = {r[len(STORE_PREFIX) :] for r in self.refs if r.startswith(STORE_PREFIX)}
+        return set(self._stored)
 
     # -- state --------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -570,7 +586,7 @@ class M2N2(Algorithm):
         self._started = int(state["started"])
         self._binary = bool(state["binary"])
         self._rng.bit_generator.state = state["rng"]
-        self._stats, self._asked = None, []
+        self._stats, self._best, self._stored, self._asked = None, None, None, []
 
 
 @dataclass(frozen=True)
