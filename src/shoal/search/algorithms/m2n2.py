@@ -357,7 +357,6 @@ class M2N2(Algorithm):
         self._stats: _ArchiveStats | None = None  # of self.scores; None: to compute
         self._best: Best | None = None  # of the archive as it is; None: to find
         self._stored: set[str] | None = None  # its members' store keys; None: to list
-        self._asked: list[tuple[dict[str, Any], str]] = []  # recipes out, with their refs
 
     @classmethod
     def from_config(cls, options: Mapping[str, Any], context: SearchContext) -> M2N2:
@@ -461,10 +460,7 @@ class M2N2(Algorithm):
             out = [self._initial_recipe(self._started + i) for i in range(count)]
             self._started += count
             return out
-        out = [self._child_recipe(*self._parents()) for _ in range(n)]
-        # their store refs, made once: tell gets these recipes back
-        self._asked = [(r, STORE_PREFIX + store_key(r)) for r in out]
-        return out
+        return [self._child_recipe(*self._parents()) for _ in range(n)]
 
     def _vector(self, scores: Scores) -> np.ndarray:
         names = self.options.tasks or sorted(scores)
@@ -489,7 +485,6 @@ class M2N2(Algorithm):
             vec = self._vector(sc)
             self._binary = self._binary and bool(np.all((vec == 0.0) | (vec == 1.0)))
             birth = self.evaluations + i
-            ref = self._ref_of(recipe)
             if len(self.refs) < o.archive_size:  # room left: the child joins
                 grown = np.vstack([self.scores, vec]) if self.scores.size else vec[None, :]
                 self.scores = grown
@@ -501,11 +496,10 @@ class M2N2(Algorithm):
                 for lst in (self.refs, self.recipes, self.births):
                     del lst[d]
                 self.scores = np.delete(stacked, d, axis=0)
-            self.refs.append(ref)
+            self.refs.append(self._ref_of(recipe))  # only for a child that stays
             self.recipes.append(recipe)
             self.births.append(birth)
             self._stats = self._best = self._stored = None
-        self._asked = []
 
     def _least_fit(self, stacked: np.ndarray, vec: np.ndarray, birth: int) -> int:
         """:func:`drop_index` of ``stacked``, the archive with ``vec`` appended, from the
@@ -519,9 +513,6 @@ class M2N2(Algorithm):
     def _ref_of(self, recipe: dict[str, Any]) -> str:
         if "merge_method" not in recipe:
             return str(recipe["model"])  # a seed model, by name
-        for asked, ref in self._asked:
-            if asked is recipe:
-                return ref
         return STORE_PREFIX + store_key(recipe)
 
     # -- results ------------------------------------------------------------------------------
@@ -586,7 +577,7 @@ class M2N2(Algorithm):
         self._started = int(state["started"])
         self._binary = bool(state["binary"])
         self._rng.bit_generator.state = state["rng"]
-        self._stats, self._best, self._stored, self._asked = None, None, None, []
+        self._stats, self._best, self._stored = None, None, None
 
 
 @dataclass(frozen=True)
