@@ -249,6 +249,14 @@ def test_ray_equals_serial(tmp_path, experts):
             ["algorithm.experts={digits-train-0-2: expert-0-2, digits-train-3-5: expert-3-5}"],
             "algorithm.experts: task 'digits-train-6-9' has no expert model",
         ),
+        (
+            [
+                "algorithm.experts={digits-train-0-2: expert-0-2, digits-train-3-5: expert-3-5,"
+                " digits-train-6-9: expert-0-2}"
+            ],
+            "algorithm.experts.digits-train-6-9: 'expert-0-2' is already the expert of "
+            "'digits-train-0-2'",
+        ),
         (["algorithm.bins=0"], "algorithm.bins:"),
         (["algorithm.ranges={digits-train-3-5: [0.9, 0.2]}"], "algorithm.ranges.digits-train-3-5:"),
         (["base_model=null"], "base_model:"),

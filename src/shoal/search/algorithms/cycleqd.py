@@ -215,9 +215,16 @@ def _check_options(
             )
         if t not in o.experts:
             raise RecipeError(f"algorithm.experts: task {t!r} has no expert model")
+    owner: dict[str, str] = {}
     for t, m in o.experts.items():
         if t not in tasks:
             raise RecipeError(f"algorithm.experts.{t}: not one of the skill tasks {tasks}")
+        if m in owner:  # it would be seeded twice, and two archives would share a vector
+            raise RecipeError(
+                f"algorithm.experts.{t}: {m!r} is already the expert of {owner[m]!r} "
+                "(each task needs its own expert model)"
+            )
+        owner[m] = t
         if models and m not in models:
             raise RecipeError(
                 f"algorithm.experts.{t}: unknown model {m!r} (known: {', '.join(models)})"
