@@ -21,12 +21,12 @@ strategy's expert (it answers a prompt's skill name) goes to OUT/. OUT
 appears only when everything is written.
 
 \b
-    base: ../.testbed/small/base
+    base: tb/base
     tasks:
       gcd:
-        train:      {type: testbed, dir: ../.testbed/small, skill: gcd, split: train}
-        validation: {type: testbed, dir: ../.testbed/small, skill: gcd, split: validation}
-        test:       {type: testbed, dir: ../.testbed/small, skill: gcd, split: test}
+        train:      {type: testbed, dir: tb, skill: gcd, split: train}
+        validation: {type: testbed, dir: tb, skill: gcd, split: validation}
+        test:       {type: testbed, dir: tb, skill: gcd, split: test}
     train: {objective: reinforce, steps: 200, batch_size: 64, kl: 0.1}
 
 \b
@@ -43,15 +43,18 @@ examples of each skill), oracle (each skill's own expert), base (no expert).
 Prints per-skill and mean test accuracy; --json writes them too.
 
 \b
-    shoal adapt eval adapt.yaml --experts experts --strategy oracle --strategy base
-    shoal adapt eval adapt.yaml --experts experts --strategy prompt --json eval.json
+    shoal adapt eval adapt.yaml --experts experts --strategy oracle \\
+        --strategy base
+    shoal adapt eval adapt.yaml --experts experts --strategy prompt \\
+        --json eval.json
 """
 
 _EXPORT_HELP = """Fold an expert's z into plain weights: a model folder that
 from_pretrained loads, with the base's tokenizer, and no trace of SVF.
 
 \b
-    shoal adapt export experts/gcd/expert.safetensors --base tb/base --out gcd-svf
+    shoal adapt export experts/gcd/expert.safetensors --base tb/base \\
+        --out gcd-svf
 """
 
 

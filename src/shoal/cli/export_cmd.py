@@ -25,10 +25,10 @@ checkpoint with a model card.
 TASK is an archive's quality task, CELL its indices on the behaviour axes (the
 other tasks, in order) as --list prints them. The weights come from the run's
 store, so the checkpoint is the model the run scored. In a multi-stage run the
-CycleQD stage is found by itself, or name it with --stage. With --pipeline, the
-run's best/ (a U-Net that shoal evolve merged) goes into a copy of the diffusers
-pipeline PIPE as its --component (default unet); every other file is PIPE's.
-"""
+CycleQD stage is found by itself, or name it with --stage. With --pipeline,
+the run's best/ (a U-Net that shoal evolve merged) goes into a copy of the
+diffusers pipeline PIPE as its --component (default unet); every other file is
+PIPE's."""
 
 
 def register(app: typer.Typer) -> None:

@@ -19,18 +19,18 @@ __all__ = ["register"]
 
 _HELP = """Extract a LoRA adapter (PEFT format) of MODEL − BASE into OUT_DIR.
 
-Every linear layer whose weight differs is factorised by a truncated SVD of the
-difference Δ = U Σ Vᵀ: lora_A = Σ½ Vᵀ, lora_B = U Σ½ (rank --rank, capped at the
-layer's own rank), so that PEFT's W + lora_B·lora_A is the fine-tuned weight up to the
-dropped singular values. Embeddings and the output head are saved whole (or factorised
-with --embed-lora); changed norms and other non-linear modules are saved whole (or left
-out with --skip-undecomposable); a linear whose bias changed is saved whole. Unchanged
-modules are left out.
+Every linear layer whose weight differs is factorised by a truncated SVD of
+the difference Δ = U Σ Vᵀ: lora_A = Σ½ Vᵀ, lora_B = U Σ½ (rank --rank, capped
+at the layer's own rank), so that PEFT's W + lora_B·lora_A is the fine-tuned
+weight up to the dropped singular values. Embeddings and the output head are
+saved whole (or factorised with --embed-lora); changed norms and other
+non-linear modules are saved whole (or left out with --skip-undecomposable); a
+linear whose bias changed is saved whole. Unchanged modules are left out.
 
 OUT_DIR gets adapter_config.json, adapter_model.safetensors, README.md and
-lora_report.json (per module: rank and relative error ‖Δ − lora_B·lora_A‖/‖Δ‖); the
-same table is printed. Tensors are read one module at a time; OUT_DIR appears only
-when complete.
+lora_report.json (per module: rank and relative error ‖Δ −
+lora_B·lora_A‖/‖Δ‖); the same table is printed. Tensors are read one module at
+a time; OUT_DIR appears only when complete.
 
 \b
     shoal extract-lora --base ./base --model ./fine-tuned --rank 32 lora/

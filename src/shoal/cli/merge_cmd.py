@@ -6,6 +6,7 @@ nothing at ``shoal --help`` time.
 
 from __future__ import annotations
 
+import textwrap
 import time
 from pathlib import Path
 
@@ -20,7 +21,9 @@ def _methods_help() -> str:
     lines = []
     for spec in METHODS.values():
         params = ", ".join(spec.param_names) or "no parameters"
-        lines.append(f"  {spec.name}: {spec.help} ({params})")
+        entry = f"  {spec.name}: {spec.help} ({params})"
+        # an unwrapped block (\b): wrapped here to fit an 80-column help panel
+        lines += textwrap.wrap(entry, width=78, subsequent_indent="      ")
     return "\b\n" + "\n".join(lines)
 
 

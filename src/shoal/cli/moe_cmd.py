@@ -13,23 +13,27 @@ import typer
 
 __all__ = ["register"]
 
-_HELP = """Build a mixture-of-experts model as CONFIG (mergekit-moe YAML) says, into OUT_DIR.
+_HELP = """Build a mixture-of-experts model as CONFIG (mergekit-moe YAML) says, into
+OUT_DIR.
 
-Every layer of the output keeps the base model's attention, norms and embeddings and
-gets one expert per `experts` entry: that model's MLP (gate/up/down projections). The
-router row of expert e in layer l is its gate vector, set by gate_mode:
+Every layer of the output keeps the base model's attention, norms and
+embeddings and gets one expert per `experts` entry: that model's MLP
+(gate/up/down projections). The router row of expert e in layer l is its gate
+vector, set by gate_mode:
 
 \b
-  hidden       base model's hidden state at layer l's input, last token, averaged
-               over the positive prompts minus the negative ones, unit length
+  hidden       base model's hidden state at layer l's input, last token,
+               averaged over the positive prompts minus the negative ones,
+               unit length
   hidden_avg   the same, each prompt averaged over its tokens
   cheap_embed  sum of the prompts' token embeddings, unit length (every layer)
   random       N(0, 1) entries (seeded by --seed)
   uniform_random (or uniform)  U(-1/√hidden, 1/√hidden) entries (seeded)
 
-Output: Mixtral (Llama/Mistral models, no shared experts) or Qwen MoE (one shared
-expert), chosen as mergekit does or by `architecture:`; config.json, safetensors and
-the base's tokenizer; loads with transformers' AutoModelForCausalLM.
+Output: Mixtral (Llama/Mistral models, no shared experts) or Qwen MoE (one
+shared expert), chosen as mergekit does or by `architecture:`; config.json,
+safetensors and the base's tokenizer; loads with transformers'
+AutoModelForCausalLM.
 
 \b
     base_model: ./base
@@ -43,10 +47,10 @@ the base's tokenizer; loads with transformers' AutoModelForCausalLM.
         positive_prompts: ["def fib(n):"]
         negative_prompts: ["Once upon a time"]
 
-Optional keys: `architecture:` (mixtral or qwen); per expert `noise_scale` (Gaussian
-noise added to its MLP weights) and `residual_scale` (a factor on its down
-projection); `shared_experts:` (Qwen MoE: exactly one, always active). See
-docs/moe-and-lora.md.
+Optional keys: `architecture:` (mixtral or qwen); per expert `noise_scale`
+(Gaussian noise added to its MLP weights) and `residual_scale` (a factor on
+its down projection); `shared_experts:` (Qwen MoE: exactly one, always
+active). See docs/moe-and-lora.md.
 
 \b
     shoal moe moe.yaml moe-model/
