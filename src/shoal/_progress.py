@@ -53,6 +53,9 @@ def status_bar(console: Any = None) -> Any:
         TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"),
         console=console,
+        # redrawn twice a second, not ten times: drawing holds the GIL, and at ten a
+        # second it cost the digits search 3-10 % of its candidates
+        refresh_per_second=2,
     )
 
 
