@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 # the suite runs on two processes (-n 2): a serial worker that timed one and two torch
-# threads (shoal.executors.threads) would oversubscribe the cores, so the count is fixed,
-# here and in every shoal process a test starts; tests/executors/test_threads.py lifts it
+# threads (shoal.executors.threads) would oversubscribe the cores, so one thread it is,
+# here and in every shoal process a test starts (tests/executors/test_threads.py and
+# test_flat.py's thread test set their own)
 os.environ["OMP_NUM_THREADS"] = "1"
 
 

@@ -1,4 +1,4 @@
-"""Torch's thread count for a small model, chosen while the run goes, by timing it.
+"""Torch's thread count for scoring a small model, chosen while the run goes, by timing it.
 
 A small model's matmuls gain from a second thread on a quiet host and collapse when
 another process holds the other core: OpenMP's threads spin, waiting for each other.
@@ -7,12 +7,15 @@ M2N2 on digits (``examples/m2n2-digits-scratch.yaml``, 2 cores, 2026-12-06) ran 
 on two with the other core busy. No fixed count is right on a shared host, so a serial
 worker times itself: :class:`ThreadChooser` keeps the count that gives the shortest
 time between candidates and, now and then, tries each other one for a few candidates —
-soon again after a trial won, later and later after trials lost. ``OMP_NUM_THREADS``
-in the environment fixes the count.
+soon again after a trial won, later and later after trials lost.
 
-The count changes the speed only. The worker uses the chooser for the models it builds
-as one flat vector (:mod:`shoal.executors.flat`), whose scores are the same at any count
-(tests/test_threads.py runs a search both ways and compares every score).
+The count applies while a candidate is scored (:meth:`ThreadChooser.scoring`); building
+it runs on one thread, as it did before the chooser: a float64 dot product of the SLERP
+angles comes out of MKL with other rounding on two threads, while the digits MLP's
+logits are the same on one and two. So the count changes the speed only
+(tests/executors/test_threads.py runs a search that switches against one that does not
+and compares events, state and the best model's bytes). ``OMP_NUM_THREADS=1`` in the
+environment keeps one thread throughout.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -38,7 +42,9 @@ def available_cores() -> int:
 class ThreadChooser:
     """Keeps the fastest of a few torch thread counts, by the time between candidates.
 
-    Call :meth:`tick` once per candidate, before building it. The interval since the
+    Call :meth:`tick` once per candidate, before building it, and score it inside
+    :meth:`scoring`; the first count is the one in force the rest of the time. The first
+    trial of another count comes after ``2 × window`` candidates. The interval since the
     previous tick (build, score and the loop's own work) is filed under the count in
     force. A count's speed is the mean of its last ``window`` intervals, the longest
     left out: a checkpoint's pause does not sway it, while the stalls of threads that
@@ -79,26 +85,35 @@ class ThreadChooser:
         self._times: dict[int, deque[float]] = {c: deque(maxlen=window) for c in self.counts}
         self._last: float | None = None
         self._skip = 0
-        self._next = 0  # index into counts of the next count to try
+        self._next = 0  # how many trials have started: picks the next of the other counts
         self.chosen = self.counts[0]  # the count that won the last comparison
-        self.current = self.chosen  # the count in force (differs during a trial)
+        self.current = self.chosen  # the count scoring uses (differs during a trial)
         self._wait = window if len(self.counts) > 1 else -1  # candidates before a trial
-        #: candidates evaluated at each count, for reports
+        #: candidates scored at each count
         self.used: Counter[int] = Counter()
-        self._apply(self.current)
+        self._apply(self.counts[0])
 
     @classmethod
     def for_host(cls, **kwargs: object) -> ThreadChooser:
-        """A chooser between one thread and two, where this process may use two cores.
+        """A chooser between one thread and two, where this process may use two cores and
+        ``OMP_NUM_THREADS`` (a cap here: images often set it to every core) allows two."""
+        cores = available_cores()
+        cap = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if cap.isdigit() and int(cap) >= 1:
+            cores = min(cores, int(cap))
+        return cls((1, 2) if cores >= 2 else (1,), **kwargs)  # type: ignore[arg-type]
 
-        ``OMP_NUM_THREADS`` set to a count in the environment fixes the count instead.
-        """
-        fixed = os.environ.get("OMP_NUM_THREADS", "").strip()
-        if fixed.isdigit() and int(fixed) >= 1:
-            counts: tuple[int, ...] = (int(fixed),)
-        else:
-            counts = (1, 2) if available_cores() >= 2 else (1,)
-        return cls(counts, **kwargs)  # type: ignore[arg-type]
+    @contextmanager
+    def scoring(self) -> Iterator[None]:
+        """Score a candidate at the current count; the first count again afterwards."""
+        if self.current == self.counts[0]:
+            yield
+            return
+        self._apply(self.current)
+        try:
+            yield
+        finally:
+            self._apply(self.counts[0])
 
     def tick(self) -> None:
         """Note the time since the last candidate; switch counts when a step calls for it."""
@@ -109,16 +124,15 @@ class ThreadChooser:
             else:
                 self._times[self.current].append(now - self._last)
         self._last = now
-        self.used[self.current] += 1
-        if self._wait < 0:
-            return
-        if self.current != self.chosen:  # a trial: decide once it has a full window
-            if len(self._times[self.current]) == self.window:
-                self._decide()
-        elif len(self._times[self.chosen]) == self.window:
-            self._wait -= 1
-            if self._wait <= 0:
-                self._start_trial()
+        if self._wait >= 0:
+            if self.current != self.chosen:  # a trial: decide once it has a full window
+                if len(self._times[self.current]) == self.window:
+                    self._decide()
+            elif len(self._times[self.chosen]) == self.window:
+                self._wait -= 1
+                if self._wait <= 0:
+                    self._start_trial()
+        self.used[self.current] += 1  # the count this candidate will be scored at
 
     def speed(self, count: int) -> float | None:
         """Mean seconds per candidate measured at ``count``, its longest interval left out
@@ -152,4 +166,3 @@ class ThreadChooser:
     def _switch(self, count: int) -> None:
         self.current = count
         self._skip = self.settle
-        self._apply(count)

@@ -12,6 +12,7 @@ import socket
 import time
 import traceback
 from collections import OrderedDict
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +120,8 @@ class Worker:
         #: for a small model left to choose its threads: the count, chosen by timing
         self.threads: ThreadChooser | None = None
         if self.flat is not None and spec.threads is None:
-            # a second thread helps a small model on a quiet host and ruins it on a busy
-            # one (executors/threads.py), so the worker measures which it is
+            # a second thread helps a small model's scoring on a quiet host and ruins it
+            # on a busy one (executors/threads.py), so the worker measures which it is
             self.threads = ThreadChooser.for_host()
 
     def task_names(self, include_extra: bool = False) -> tuple[str, ...]:
@@ -215,7 +216,8 @@ class Worker:
         try:
             model = self.build(item.recipe, item.seed)
             built = time.perf_counter()
-            scores = self.score(model, names)
+            with self.threads.scoring() if self.threads is not None else nullcontext():
+                scores = self.score(model, names)
             if item.keep_as is not None:
                 self.store.put(item.keep_as, self._built_tensors(model))
             error = None

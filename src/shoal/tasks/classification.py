@@ -39,7 +39,7 @@ class ClassificationTask:
         self.name = name
         self.x = x
         self.y = y.to(torch.int64)
-        self._labels = self.y.numpy()
+        self._labels = self.y.cpu().numpy()
         self.batch_size = batch_size
 
     def __len__(self) -> int:

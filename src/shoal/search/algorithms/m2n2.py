@@ -222,21 +222,23 @@ def select_parents(
     eps: float = 1e-8,
     matchmaker: str = "attraction",
     capacity_mode: str = "auto",
-    weights: tuple[np.ndarray, np.ndarray] | None = None,
+    weights: np.ndarray | None = None,
+    fitness: np.ndarray | None = None,
     binary: bool = False,
 ) -> tuple[int, int]:
     """Parent A ∝ fitness, parent B ∝ attraction to A (or ∝ fitness); B ≠ A.
 
     Fallbacks (METHODS.md §3): all attraction scores 0 → B ∝ fitness; all fitness
     0 → uniform. B is drawn among the other members (a child of A with itself is A).
-    ``weights``: the example weights and the fitness of ``scores``, when known;
-    ``binary``: every score is known to be 0 or 1 (the same draws, computed faster).
+    ``weights`` and ``fitness``: the example weights and fitness of ``scores`` when known
+    (both or neither; ``capacity_mode`` is then not used); ``binary``: every score is
+    known to be 0 or 1 (the same draws, computed faster).
     """
-    if weights is None:
+    if weights is None or fitness is None:
         w = example_weights(scores, alpha, eps, capacity(scores, capacity_mode))
         f = scores @ w  # resource_fitness, its example weights kept for the attraction
     else:
-        w, f = weights
+        w, f = weights, fitness
     a = choose_index(rng, f) if f.sum() > 0 else int(rng.integers(scores.shape[0]))  # step 2
     g = _gain(scores, a, w, binary) if matchmaker == "attraction" else f.copy()
     return a, choose_index(rng, _with_fallbacks(g, a, f))
@@ -425,7 +427,8 @@ class M2N2(Algorithm):
             alpha=o.alpha,
             eps=o.eps,
             matchmaker=o.matchmaker,
-            weights=(stats.weights, stats.fitness),
+            weights=stats.weights,
+            fitness=stats.fitness,
             binary=self._binary,
         )
 
@@ -486,22 +489,24 @@ class M2N2(Algorithm):
             self._binary = self._binary and bool(np.all((vec == 0.0) | (vec == 1.0)))
             birth = self.evaluations + i
             if len(self.refs) < o.archive_size:  # room left: the child joins
+                ref = self._ref_of(recipe)
                 grown = np.vstack([self.scores, vec]) if self.scores.size else vec[None, :]
                 self.scores = grown
             else:  # step 5: drop the least fit of P + 1
                 stacked = np.vstack([self.scores, vec])
-                d = self._least_fit(stacked, vec, birth)
+                d = self._drop_index_with(stacked, vec, birth)
                 if d == len(self.refs):
                     continue  # the child itself: the archive stays as it was
+                ref = self._ref_of(recipe)  # only for a child that stays; before any change
                 for lst in (self.refs, self.recipes, self.births):
                     del lst[d]
                 self.scores = np.delete(stacked, d, axis=0)
-            self.refs.append(self._ref_of(recipe))  # only for a child that stays
+            self.refs.append(ref)
             self.recipes.append(recipe)
             self.births.append(birth)
             self._stats = self._best = self._stored = None
 
-    def _least_fit(self, stacked: np.ndarray, vec: np.ndarray, birth: int) -> int:
+    def _drop_index_with(self, stacked: np.ndarray, vec: np.ndarray, birth: int) -> int:
         """:func:`drop_index` of ``stacked``, the archive with ``vec`` appended, from the
         archive's kept column sums: ``S.sum(axis=0) + vec`` is the new sum to the last bit
         (numpy adds the rows of a column in order; tests/search/test_m2n2.py checks it)."""
