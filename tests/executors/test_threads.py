@@ -163,3 +163,38 @@ def test_a_run_is_the_same_at_one_thread_and_switching(
         assert got == want
     finally:
         torch.set_num_threads(before)
+
+
+def test_only_linear_models_get_the_choice() -> None:
+    """A diffusion U-Net's outputs change with the thread count: models of other layers
+    than linear ones and element-wise activations keep one thread."""
+    from torch import nn
+
+    from shoal.executors.threads import same_at_any_count
+    from shoal.testbed.images import digits_mlp
+
+    assert same_at_any_count(digits_mlp())
+    assert same_at_any_count(nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.GELU()))
+    assert not same_at_any_count(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()))
+    assert not same_at_any_count(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)))
+
+
+def test_a_small_conv_model_keeps_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shoal.executors.work import WorkerSpec
+    from shoal.executors.worker import Worker
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+    loader = {
+        "type": "callable",
+        "target": "torch.nn:Conv2d",
+        "options": {"in_channels": 1, "out_channels": 2, "kernel_size": 3},
+    }
+    before = torch.get_num_threads()
+    try:
+        worker = Worker(WorkerSpec(loader=loader, models={}, base_model=None, tasks=[]))
+        assert worker.flat is not None  # built as one vector, but
+        assert worker.threads is not None and worker.threads.counts == (1,)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -24,7 +24,7 @@ from shoal.executors.build import SourceLoadError, SourceMap, build_candidate
 from shoal.executors.flat import FlatModel, FlatVector
 from shoal.executors.loaders import load_resident
 from shoal.executors.store import ModelStore, distinct_tensors, open_store
-from shoal.executors.threads import ThreadChooser
+from shoal.executors.threads import ThreadChooser, same_at_any_count
 from shoal.executors.work import WorkerSpec, WorkItem, WorkResult
 from shoal.tasks.base import Task, check_scores
 from shoal.tasks.registry import TaskEnv, add_task
@@ -120,9 +120,13 @@ class Worker:
         #: for a small model left to choose its threads: the count, chosen by timing
         self.threads: ThreadChooser | None = None
         if self.flat is not None and spec.threads is None:
-            # a second thread helps a small model's scoring on a quiet host and ruins it
-            # on a busy one (executors/threads.py), so the worker measures which it is
-            self.threads = ThreadChooser.for_host()
+            # a second thread helps a small MLP's scoring on a quiet host and ruins it on
+            # a busy one (executors/threads.py), so the worker measures which it is; a
+            # small model of other layers keeps one thread (its scores would change)
+            if same_at_any_count(self.model):
+                self.threads = ThreadChooser.for_host()
+            else:
+                self.threads = ThreadChooser((1,))
 
     def task_names(self, include_extra: bool = False) -> tuple[str, ...]:
         """Names of the fitness tasks (and the extra/test ones if asked)."""
