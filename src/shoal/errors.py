@@ -40,3 +40,10 @@ class TaskError(ShoalError):
 
 class DeviceError(ShoalError):
     """A device name torch does not know, or a device this machine lacks."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's text, for a one-line message (library errors run to
+    many lines); the exception's type when it has no text."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -38,7 +38,7 @@ import torch
 
 from shoal._atomic import atomic_path
 from shoal.adapt.svf import AdaptError
-from shoal.errors import CheckpointError, OutputExistsError
+from shoal.errors import CheckpointError, OutputExistsError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from shoal.adapt.svf import SVFModel
@@ -75,11 +75,6 @@ class Expert:
     def lengths(self) -> dict[str, int]:
         """Matrix name → z length."""
         return {n: int(v.numel()) for n, v in self.z.items()}
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _check_finite(where: str, name: str, v: torch.Tensor) -> None:
@@ -202,7 +197,7 @@ def read_expert(path: str | Path) -> Expert:
     try:
         tensors = load_file(str(p))
     except Exception as exc:  # the library's own errors run to many lines
-        raise CheckpointError(f"{p}: unreadable expert ({_one_line(exc)})") from None
+        raise CheckpointError(f"{p}: unreadable expert ({first_line(exc)})") from None
     z = {name: tensors[_PREFIX + name] for name in lengths}
     for name, v in z.items():
         _check_finite(str(p), name, v)

@@ -41,6 +41,7 @@ from safetensors import SafetensorError
 from shoal._atomic import refuse_output_holding
 from shoal.adapt.reinforce import make_optimizer, reinforce_step, sample_answers
 from shoal.adapt.svf import AdaptError
+from shoal.errors import first_line
 from shoal.tasks.generation import GenerationTask, extract_answer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -123,7 +124,8 @@ def load_wrapped(config: AdaptConfig) -> tuple[SVFModel, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{base}: cannot load the base's tokenizer ({_first(exc)})") from None
+        why = first_line(exc)
+        raise CheckpointError(f"{base}: cannot load the base's tokenizer ({why})") from None
     model.to(device)  # type: ignore[arg-type]
     model.eval()
     svf = wrap_svf(
@@ -560,15 +562,9 @@ def load_base(base: str | Path) -> torch.nn.Module:
     try:
         model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
     except (OSError, ValueError, SafetensorError) as exc:  # missing, truncated, foreign
-        raise CheckpointError(f"{base}: cannot load the base ({_first(exc)})") from None
+        raise CheckpointError(f"{base}: cannot load the base ({first_line(exc)})") from None
     check_finite(model, base)
     return model
-
-
-def _first(exc: Exception) -> str:
-    """An exception's first line (its type when it has no message)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def check_finite(model: torch.nn.Module, base: str | Path) -> None:

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from shoal._closing import Closing
 from shoal.checkpoint.files import read_config
 from shoal.checkpoint.st_format import TensorInfo, read_header
-from shoal.errors import CheckpointError
+from shoal.errors import CheckpointError, first_line
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -212,17 +212,17 @@ class CheckpointReader(Closing):
             raise _not_plain_tensors(f) from exc
         except RuntimeError as exc:
             if "mmap" not in str(exc).lower() and "zip" not in str(exc).lower():
-                raise CheckpointError(f"{f}: cannot load ({_first_line(exc)})") from exc
+                raise CheckpointError(f"{f}: cannot load ({first_line(exc)})") from exc
             # legacy (non-zip) torch.save format cannot be memory-mapped
             try:
                 obj = torch.load(f, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as exc2:
                 raise _not_plain_tensors(f) from exc2
             except Exception as exc2:
-                raise CheckpointError(f"{f}: cannot load ({_first_line(exc2)})") from exc2
+                raise CheckpointError(f"{f}: cannot load ({first_line(exc2)})") from exc2
         except Exception as exc:
             raise CheckpointError(
-                f"{f}: cannot load as a weights-only state dict ({_first_line(exc)})"
+                f"{f}: cannot load as a weights-only state dict ({first_line(exc)})"
             ) from exc
         if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
             inner = obj.get("state_dict", obj.get("model"))
@@ -338,9 +338,3 @@ def _not_plain_tensors(f: Path) -> CheckpointError:
         f"{f}: not plain tensors (the pickle holds Python objects, which shoal never "
         "runs); convert it to safetensors"
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's text (library errors run to many lines)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -63,7 +63,7 @@ from shoal.checkpoint import (
     first_mismatch,
     open_checkpoint,
 )
-from shoal.errors import CheckpointError, MergeError, OutputExistsError, ShoalError
+from shoal.errors import CheckpointError, MergeError, OutputExistsError, ShoalError, first_line
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -200,7 +200,7 @@ def _architecture(config: dict[str, Any], where: Path) -> _Arch:
             else:
                 model = transformers.AutoModelForCausalLM.from_config(cfg)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CheckpointError(
             f"{where}: transformers cannot build the model its config.json describes "
             f"({arch or config.get('model_type')}: {first})"
