@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from shoal.executors.build import generator_for
-from shoal.ops.slerp import cosine
-from shoal.ops.splitpoint import segment_cosines, splitpoint, splitpoint_flat
+from shoal.ops.splitpoint import splitpoint, splitpoint_cosines, splitpoint_flat
 
 __all__ = ["MAX_PARAMETERS", "FlatModel", "FlatVector"]
 
@@ -250,10 +249,7 @@ class FlatModel:
         chromosomes = self._chromosome_index(filters)
         if chromosomes == [None]:  # splitpoint_flat, its angles from the kept float64 copies
             k = max(0, min(round(splits[0] * self.n), self.n))
-            if angle == "global":
-                cos_before = cos_after = cosine(a.f64, b.f64)
-            else:
-                cos_before, cos_after = segment_cosines(a.f64, b.f64, k)
+            cos_before, cos_after = splitpoint_cosines(a.f64, b.f64, k, angle)
             splitpoint(
                 a.f32,
                 b.f32,

@@ -67,9 +67,15 @@ def splitpoint(
     return flat.view(a.shape)
 
 
-def segment_cosines(a: torch.Tensor, b: torch.Tensor, split: int) -> tuple[float, float]:
-    """``angle="segment"``: cos Ω of the parts before and after index ``split`` of two
-    vectors (pass float64 vectors to take the angles without a copy; see :func:`cosine`)."""
+def splitpoint_cosines(
+    a: torch.Tensor, b: torch.Tensor, split: int, angle: Angle
+) -> tuple[float, float]:
+    """cos Ω for the entries before and after index ``split`` of two flat vectors: one
+    angle over the whole vectors (``"global"``) or one per side (``"segment"``). Pass
+    float64 vectors to take the angles without a copy (see :func:`cosine`)."""
+    if angle == "global":
+        whole = cosine(a, b)
+        return whole, whole
     return cosine(a[:split], b[:split]), cosine(a[split:], b[split:])
 
 
@@ -101,10 +107,8 @@ def splitpoint_flat(
     a, b = f32(a_vec), f32(b_vec)
     n = a.numel()
     s = max(0, min(int(split), n))
-    if angle == "global":
-        cos_before = cos_after = cosine(a, b)
-    else:  # one float64 copy of each parent, sliced for the two angles
-        cos_before, cos_after = segment_cosines(a.to(torch.float64), b.to(torch.float64), s)
+    # one float64 copy of each parent, sliced for the two angles
+    cos_before, cos_after = splitpoint_cosines(a.to(torch.float64), b.to(torch.float64), s, angle)
     return splitpoint(
         a, b, split=s, ratio=ratio, cos_before=cos_before, cos_after=cos_after, out=out
     )
