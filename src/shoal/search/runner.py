@@ -361,7 +361,7 @@ def _one_batch(
             if it.recipe == best.recipe:
                 counters["best_seed"], counters["best_evaluation"] = it.seed, it.index
     if keep:
-        refs = set(algo.references())
+        refs = algo.references()  # a new set: the best's key joins it
         if best is not None:
             if st.best_key is None or st.best_key[0] is not best.recipe:
                 st.best_key = (best.recipe, store_key(best.recipe))  # once per new best

@@ -220,7 +220,8 @@ class Algorithm(abc.ABC):
         return {}
 
     def references(self) -> set[str]:
-        """Store keys (content hashes) of models the algorithm still needs; default none."""
+        """Store keys (content hashes) of models the algorithm still needs, as a new set the
+        caller may change; default none."""
         return set()
 
     def state_dict(self) -> dict[str, Any]:

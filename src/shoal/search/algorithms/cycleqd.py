@@ -200,6 +200,12 @@ def aggregation_weights(qualities: np.ndarray, temperature: float = 1.0) -> np.n
     return e / e.sum()
 
 
+def _skill_tasks(o: CycleQDOptions, task_names: Sequence[str]) -> list[str]:
+    """The skill tasks, in cycling order: ``tasks`` if given, else the run's fitness tasks,
+    else the experts' tasks."""
+    return list(o.tasks if o.tasks is not None else (task_names or o.experts))
+
+
 def _check_options(
     o: CycleQDOptions, tasks: list[str], models: Sequence[str], task_names: Sequence[str]
 ) -> None:
@@ -278,7 +284,7 @@ class CycleQD(Algorithm):
         self.check_block(o, models=models, task_names=task_names, base_model=base_model)
         assert base_model is not None
         self.base = base_model
-        self.tasks = list(o.tasks if o.tasks is not None else (task_names or o.experts))
+        self.tasks = _skill_tasks(o, task_names)
         self.K = len(self.tasks)
         self.expert_of = [o.experts[t] for t in self.tasks]
         self.seed_models = [*self.expert_of, *o.seeds]  # asked in this order, first of all
@@ -310,10 +316,7 @@ class CycleQD(Algorithm):
             raise RecipeError(
                 "base_model: cycleqd merges task vectors and needs the experts' common base"
             )
-        tasks = list(
-            options.tasks if options.tasks is not None else (task_names or options.experts)
-        )
-        _check_options(options, tasks, models, task_names)
+        _check_options(options, _skill_tasks(options, task_names), models, task_names)
 
     @classmethod
     def from_config(cls, options: Mapping[str, Any], context: SearchContext) -> CycleQD:
