@@ -194,7 +194,10 @@ def test_a_broken_base_is_one_line(world: ToyWorld, shoal_cli: Any, tmp_path: Pa
     save_file(tensors, str(weights), metadata={"format": "pt"})
     cut = sorted(cut_base.glob("*.safetensors"))[0]
     cut.write_bytes(cut.read_bytes()[:200])
-    for base, needle in [(nan_base, f"tensor {name!r} holds NaN"), (cut_base, "cannot load")]:
+    for base, needle in [
+        (nan_base, f"tensor {name!r} holds 1 NaN and 0 infinite"),
+        (cut_base, "cannot load"),
+    ]:
         data = {**world.config(**FAST), "base": str(base)}
         cfg = tmp_path / f"{base.name}.yaml"
         cfg.write_text(yaml.safe_dump(data))

@@ -41,6 +41,7 @@ from safetensors import SafetensorError
 from shoal._atomic import refuse_output_holding
 from shoal.adapt.reinforce import make_optimizer, reinforce_step, sample_answers
 from shoal.adapt.svf import AdaptError
+from shoal.checkpoint import check_finite
 from shoal.errors import first_line
 from shoal.tasks.generation import GenerationTask, extract_answer
 
@@ -563,21 +564,9 @@ def load_base(base: str | Path) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
     except (OSError, ValueError, SafetensorError) as exc:  # missing, truncated, foreign
         raise CheckpointError(f"{base}: cannot load the base ({first_line(exc)})") from None
-    check_finite(model, base)
+    for name, param in model.named_parameters():  # a NaN base would fail the SVD
+        check_finite(param.detach(), name=name, source=base)
     return model
-
-
-def check_finite(model: torch.nn.Module, base: str | Path) -> None:
-    """Refuse a base with NaN or infinite weights (its SVD would fail, or adapt noise).
-
-    Raises:
-        CheckpointError: ``{base}: tensor '<name>' holds non-finite values``.
-    """
-    from shoal.errors import CheckpointError
-
-    for name, param in model.named_parameters():
-        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
-            raise CheckpointError(f"{base}: tensor {name!r} holds NaN or infinite values")
 
 
 def _config_inputs(config: AdaptConfig) -> dict[str, str | Path]:
