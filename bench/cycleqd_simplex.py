@@ -1,21 +1,27 @@
 """How far CycleQD's merges can reach: every mixture of the experts on a simplex grid.
 
     python bench/cycleqd_simplex.py --testbed .testbed/small [--step 0.1] \\
-        [--plot docs/img/cycleqd-simplex.png] [--json .bench/simplex.json]
+        [--plot docs/img/cycleqd-simplex.png] [--json .bench/simplex.json] \\
+        [--run .bench/cycleqd/cycleqd]
 
 CycleQD's crossover θ_base + Σ ω_i τ_i / Σ ω_i (METHODS.md §4) keeps the weights of its
-parents summing to one, and so does its final softmax aggregate: short of the SVD
-mutation's steps (at most ``w_max`` = 10 % of one expert's singular values each), every
-model the method makes is a *convex* mixture θ_base + Σ_k w_k τ_k of the experts' task
-vectors, w on the simplex. This script builds each mixture on a grid of the simplex
-(step 0.1: 66 models for three experts) with shoal's own ``task_arithmetic`` merge, the
-recipe the crossover writes, and scores it on the fitness items the search sees (the
-first 100 training items a skill), validation and test (150 held-out items a skill).
+parents summing to one, and so does its final softmax aggregate: leaving out the SVD
+mutation's steps (each at most ``w_max`` = 10 % of one expert's singular values, though
+they add up along a lineage), every model the method makes is a *convex* mixture
+θ_base + Σ_k w_k τ_k of the experts' task vectors, w on the simplex. This script builds
+each mixture on a grid of the simplex (step 0.1: 66 models for three experts) with
+shoal's own ``task_arithmetic`` merge, the recipe the crossover writes, and scores it on
+the fitness items the search sees (the first 100 training items a skill), validation
+and test (150 held-out items a skill).
 
 Printed: the experts, then the mixture a search would pick on the training items, the
 one a user would pick on validation, and the best on test — an oracle no method can
 beat while choosing on other data — each with its three splits; and how many mixtures
-beat the best expert on test. The wall time is printed beside a floor measured in the
+beat the best expert on test; and how many of the items the search scores recur in the
+train split. With ``--run`` (a CycleQD run on the same testbed, the experts its only
+seeds) it follows every candidate's recipe back to weights on the experts and prints
+where the final aggregate lies, and the elite nearest the mixture picked on validation
+with its scores. The wall time is printed beside a floor measured in the
 same process (3,000 float32 384 × 384 GEMMs on one thread). Runs on the build's pinned
 kernels (one thread, AVX2), so the scores are the testbed's own.
 """
@@ -31,7 +37,9 @@ os.environ.update(PINNED_KERNELS)  # before torch is imported: its kernels read 
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -66,7 +74,9 @@ def _floor() -> float:
 
 
 def _plot(rows: list[dict], skills: list[str], best_expert: float, path: Path) -> None:
-    """A ternary heatmap of the test mean over the simplex (three experts only)."""
+    """A ternary heatmap of the test mean over the simplex (three experts only): the
+    contour of the best expert's score, the simplex's centre (where a near-uniform
+    aggregate lands) and the mixture picked on validation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,20 +84,23 @@ def _plot(rows: list[dict], skills: list[str], best_expert: float, path: Path) -
     import matplotlib.tri as mtri
 
     corners = [(0.0, 0.0), (1.0, 0.0), (0.5, 3**0.5 / 2)]
-    xy = [
-        (
-            sum(w * c[0] for w, c in zip(r["w"], corners, strict=True)),
-            sum(w * c[1] for w, c in zip(r["w"], corners, strict=True)),
+
+    def at(w: list[float]) -> tuple[float, float]:
+        return (
+            sum(x * c[0] for x, c in zip(w, corners, strict=True)),
+            sum(x * c[1] for x, c in zip(w, corners, strict=True)),
         )
-        for r in rows
-    ]
+
+    xy = [at(r["w"]) for r in rows]
     tri = mtri.Triangulation([p[0] for p in xy], [p[1] for p in xy])
-    fig, ax = plt.subplots(figsize=(6.4, 5.6))
-    shade = ax.tripcolor(tri, [r["test"] for r in rows], shading="gouraud", cmap="viridis")
-    ax.tricontour(
-        tri, [r["test"] for r in rows], levels=[best_expert], colors="white", linewidths=1.2
-    )
+    test = [r["test"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 5.4))
+    shade = ax.tripcolor(tri, test, shading="gouraud", cmap="viridis")
+    ax.tricontour(tri, test, levels=[best_expert], colors="white", linewidths=1.2)
     ax.plot([p[0] for p in xy], [p[1] for p in xy], ".", color="black", markersize=2)
+    ax.plot(*at([1 / 3] * 3), "x", color="red", markersize=9, label="⅓ each")
+    picked = max(rows, key=lambda r: r["validation"])
+    ax.plot(*at(picked["w"]), "*", color="red", markersize=12, label="picked on validation")
     for (x, y), name in zip(corners, skills, strict=True):
         ax.annotate(
             f"expert-{name}",
@@ -97,16 +110,138 @@ def _plot(rows: list[dict], skills: list[str], best_expert: float, path: Path) -
             xytext=(0, 6 if y else -6),
             textcoords="offset points",
         )
-    fig.colorbar(shade, ax=ax, label="test mean over the three skills, %")
+    fig.colorbar(shade, ax=ax, pad=0.08, label="test mean over the three skills, %")
+    ax.legend(loc="upper right", fontsize=8, frameon=False)
     ax.set_title(
-        f"θ_base + Σ w_k τ_k, w on the simplex; white: the best expert ({best_expert:.1f})",
+        f"θ_base + Σ w_k τ_k, w on the simplex\nwhite line: the best expert's {best_expert:.1f}",
         fontsize=9,
+        pad=22,
     )
+    ax.set_xlim(-0.18, 1.18)
+    ax.set_ylim(-0.1, 0.95)
     ax.set_axis_off()
     ax.set_aspect("equal")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def score_grid(
+    model: Any, experts: list[str], sources: dict[str, Any], tasks: Any, steps: int
+) -> list[dict[str, Any]]:
+    """Build every mixture of the simplex grid into ``model`` and score it."""
+    rows = []
+    grid = simplex(len(experts), steps)
+    for n, w in enumerate(grid, 1):
+        recipe = {  # CycleQD's crossover recipe with the mixture's weights
+            "merge_method": "task_arithmetic",
+            "base_model": "base",
+            "models": [
+                {"model": e, "parameters": {"weight": x}} for e, x in zip(experts, w, strict=True)
+            ],
+            "parameters": {"lambda": 1.0, "normalize": False},
+        }
+        merge_into_module(model, recipe, sources)
+        rows.append({"w": list(w), **_score(model, tasks)})
+        print(f"\r{n}/{len(grid)} mixtures scored", end="", flush=True)
+    return rows
+
+
+def _score(model: Any, tasks: dict[str, list[Any]]) -> dict[str, Any]:
+    """Mean % per split (and per skill under ``<split>_per_skill``)."""
+    row: dict[str, Any] = {}
+    with torch.inference_mode():
+        for split, split_tasks in tasks.items():
+            row[f"{split}_per_skill"] = [100 * float(t.score(model).mean()) for t in split_tasks]
+            row[split] = sum(row[f"{split}_per_skill"]) / len(split_tasks)
+    return row
+
+
+def crossover_weights(run_dir: Path, experts: list[str]) -> tuple[dict[str, list[float]], Any]:
+    """Each candidate of a CycleQD run as weights on the experts' task vectors.
+
+    A child's recipe is a task_arithmetic over its parents (experts or ``store:`` keys of
+    earlier candidates) with weights summing to one, so its weights on the experts follow
+    by recursion through the event log; the SVD mutation's steps are left out.
+
+    Returns:
+        store reference -> weights (every candidate and the final aggregate), and the run.
+    """
+    from shoal.search.algorithms.base import store_key
+    from shoal.search.elites import open_qd_run
+
+    qd = open_qd_run(run_dir)
+    weights: dict[str, list[float]] = {e: [float(e == x) for x in experts] for e in experts}
+
+    def of(recipe: dict[str, Any]) -> list[float]:
+        if "model" in recipe:
+            return weights[recipe["model"]]
+        lam = float(recipe.get("parameters", {}).get("lambda", 1.0))
+        out = [0.0] * len(experts)
+        for m in recipe["models"]:
+            w = lam * float(m["parameters"]["weight"])
+            out = [a + w * b for a, b in zip(out, weights[m["model"]], strict=True)]
+        return out
+
+    for event in qd.folder.events.read():
+        weights[f"store:{store_key(event['recipe'])}"] = of(event["recipe"])
+    weights["aggregate"] = of(qd.aggregate_recipe())
+    return weights, qd
+
+
+def _run_report(
+    run_dir: Path, experts: list[str], rows: list[dict], model: Any, tasks: Any
+) -> None:
+    """Where a CycleQD run's final aggregate and its elites lie on the simplex."""
+    from safetensors.torch import load_file
+
+    weights, qd = crossover_weights(run_dir, experts)
+
+    def nearest(w: list[float]) -> dict:
+        return min(rows, key=lambda r: sum(abs(a - b) for a, b in zip(r["w"], w, strict=True)))
+
+    def text(w: list[float]) -> str:
+        return "(" + ", ".join(f"{x:.2f}" for x in w) + ")"
+
+    summary = json.loads(qd.folder.summary.read_text())
+    scores = summary["best"]["scores"]
+    agg, grid = weights["aggregate"], nearest(weights["aggregate"])
+    print(f"\nrun {run_dir}: the final aggregate's crossover weights {text(agg)}")
+    print(
+        f"  it scored {100 * scores['validation']['mean']:.1f} validation, "
+        f"{100 * scores['test']['mean']:.1f} test; the nearest grid mixture {text(grid['w'])} "
+        f"{grid['validation']:.1f} / {grid['test']:.1f}"
+    )
+    picked = max(rows, key=lambda r: r["validation"])
+    elites = qd.elites()
+    elite = min(
+        elites,
+        key=lambda e: sum(abs(a - b) for a, b in zip(weights[e.ref], picked["w"], strict=True)),
+    )
+    tensors = load_file(str(qd.folder.store / f"{elite.ref.removeprefix('store:')}.safetensors"))
+    model.load_state_dict(tensors, strict=False)  # the store leaves out the tied lm_head
+    got = _score(model, {k: v for k, v in tasks.items() if k != "train"})
+    print(
+        f"  of its {len(elites)} elites, the nearest to the mixture picked on validation "
+        f"{text(picked['w'])}: {elite.task}:{elite.cell_text} at {text(weights[elite.ref])}, "
+        f"{got['validation']:.1f} validation, {got['test']:.1f} test"
+    )
+
+
+def _fitness_questions(testbed: Any, skills: list[str]) -> None:
+    """Why "picked on train" and "picked on validation" differ: the train split keeps
+    repeated questions (they are its distribution; testbed/skills.py), so the fitness items
+    are mostly questions the experts were fine-tuned on, while validation and test hold
+    only questions that appear nowhere in train."""
+    print("\nthe fitness items (the first 100 of train) against the whole train split:")
+    for skill in skills:
+        train = testbed.examples(skill, "train")
+        counts = Counter(e["question"] for e in train)
+        recur = sum(counts[e["question"]] > 1 for e in train[: SPLITS["train"]])
+        print(
+            f"  {skill}: {recur} of {SPLITS['train']} questions recur elsewhere in train; "
+            f"train holds {len(counts):,} distinct questions in {len(train):,} items"
+        )
 
 
 def main() -> None:
@@ -115,6 +250,10 @@ def main() -> None:
     parser.add_argument("--step", type=float, default=0.1, help="grid step on each weight")
     parser.add_argument("--plot", type=Path, help="write the ternary heatmap here")
     parser.add_argument("--json", type=Path, help="write every mixture's scores here")
+    parser.add_argument("--grid", type=Path, help="read the grid's scores from an earlier --json")
+    parser.add_argument(
+        "--run", type=Path, help="a CycleQD run on this testbed: place its aggregate and elites"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     floor = _floor()
@@ -134,30 +273,17 @@ def main() -> None:
         for split, limit in SPLITS.items()
     }
 
-    t0 = time.perf_counter()
-    rows = []
-    grid = simplex(len(skills), round(1 / args.step))
-    for n, w in enumerate(grid, 1):
-        recipe = {  # CycleQD's crossover recipe with the mixture's weights
-            "merge_method": "task_arithmetic",
-            "base_model": "base",
-            "models": [
-                {"model": e, "parameters": {"weight": x}} for e, x in zip(experts, w, strict=True)
-            ],
-            "parameters": {"lambda": 1.0, "normalize": False},
-        }
-        merge_into_module(model, recipe, sources)
-        row: dict = {"w": list(w)}
-        with torch.inference_mode():
-            for split, split_tasks in tasks.items():
-                row[f"{split}_per_skill"] = [
-                    100 * float(t.score(model).mean()) for t in split_tasks
-                ]
-                row[split] = sum(row[f"{split}_per_skill"]) / len(skills)
-        rows.append(row)
-        print(f"\r{n}/{len(grid)} mixtures scored", end="", flush=True)
-    wall = time.perf_counter() - t0
-    print(f"\n{len(grid)} mixtures in {wall:.0f} s ({wall / floor:.0f} floors)\n")
+    if args.grid:
+        rows = json.loads(args.grid.read_text())["rows"]
+        print(f"the grid's scores: {args.grid}\n")
+    else:
+        t0 = time.perf_counter()
+        rows = score_grid(model, experts, sources, tasks, round(1 / args.step))
+        wall = time.perf_counter() - t0
+        print(f"\n{len(rows)} mixtures in {wall:.0f} s ({wall / floor:.0f} floors)\n")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"skills": skills, "floor_s": floor, "rows": rows}))
 
     def line(label: str, r: dict) -> str:
         w = ", ".join(f"{x:.1f}" for x in r["w"])
@@ -180,9 +306,9 @@ def main() -> None:
     best_expert = max(r["test"] for r in corners)
     ahead = sum(r["test"] > best_expert for r in rows)
     print(f"\n{ahead} of {len(rows)} mixtures beat the best expert's test mean ({best_expert:.1f})")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"skills": skills, "floor_s": floor, "rows": rows}))
+    _fitness_questions(testbed, skills)
+    if args.run:
+        _run_report(args.run, experts, rows, model, tasks)
     if args.plot and len(skills) == 3:
         _plot(rows, skills, best_expert, args.plot)
         print(f"plot: {args.plot}")
