@@ -8,6 +8,7 @@ on a line of their own. So only a paragraph's last line may be longer.
 from __future__ import annotations
 
 import click
+import pytest
 import typer
 
 from shoal.cli.main import app
@@ -34,3 +35,29 @@ def test_no_help_line_is_wider_than_an_80_column_panel() -> None:
     ]
     assert len(list(_commands(root))) > 10
     assert not too_long, too_long
+
+
+def test_each_command_summary_is_one_paragraph_line() -> None:
+    """The commands panel shows a help text's first paragraph and keeps its line breaks,
+    so a break inside it strands a word on a line of its own (`\\` continues a line)."""
+    root = typer.main.get_command(app)
+    broken = [
+        path for path, cmd in _commands(root) if "\n" in (cmd.help or "").split("\n\n")[0].strip()
+    ]
+    assert not broken, broken
+
+
+def test_no_option_name_is_cut_at_80_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rich shortens option names with '…' when the table has no room: every --help,
+    rendered 80 columns wide, shows every name whole."""
+    from typer.testing import CliRunner
+
+    monkeypatch.setenv("COLUMNS", "80")
+    root = typer.main.get_command(app)
+    cut = []
+    for path, _ in _commands(root):
+        result = CliRunner().invoke(app, [*path.split()[1:], "--help"])
+        assert result.exit_code == 0, (path, result.output)
+        assert max(map(len, result.output.splitlines())) <= 80, path
+        cut += [(path, line) for line in result.output.splitlines() if "…" in line]
+    assert not cut, cut

@@ -179,6 +179,23 @@ def test_moe_builds(shoal_cli, family, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "flag", ["--allow-same-experts", "--i-understand-this-is-not-useful-without-training"]
+)
+def test_moe_of_one_model_needs_the_flag(shoal_cli, family, tmp_path: Path, flag: str) -> None:
+    """Every expert the same model: refused (one line, exit 2, nothing written), built with
+    shoal's flag or with mergekit's name for it (hidden from --help: too long for the table)."""
+    cfg = _moe_yaml(tmp_path / "moe.yaml", family["base"], [family["a"], family["a"]])
+    out = tmp_path / "moe"
+    code, _, stderr = shoal_cli(["moe", str(cfg), str(out), "-q"])
+    assert code == 2
+    one_error_line(stderr, "all are the same model")
+    nothing_left(out)
+    code, _, stderr = shoal_cli(["moe", str(cfg), str(out), "-q", flag])
+    assert code == 0, stderr
+    assert json.loads((out / "config.json").read_text())["num_local_experts"] == 2
+
+
+@pytest.mark.parametrize(
     ("case", "needles"),
     [
         ("gate_mode", ("moe.yaml", "gate_mode", "'sparse'")),

@@ -49,7 +49,7 @@ Prints per-skill and mean test accuracy; --json writes them too.
         --json eval.json
 """
 
-_EXPORT_HELP = """Fold an expert's z into plain weights: a model folder that
+_EXPORT_HELP = """Fold an expert's z into plain weights: a model folder that \
 from_pretrained loads, with the base's tokenizer, and no trace of SVF.
 
 \b

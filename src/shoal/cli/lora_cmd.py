@@ -110,10 +110,10 @@ def register(app: typer.Typer) -> None:
         rank: int = typer.Option(
             128, "--rank", "--max-rank", help="LoRA rank (each layer's is capped at its own)."
         ),
-        distribute_scale: bool = typer.Option(
-            True,
-            "--distribute-scale/--no-distribute-scale",
-            help="Split Σ as Σ½ on lora_A and lora_B (else all of Σ on lora_A).",
+        all_scale_on_a: bool = typer.Option(
+            False,
+            "--no-distribute-scale",
+            help="Put all of Σ on lora_A (default: Σ½ on lora_A and on lora_B).",
         ),
         embed_lora: bool = typer.Option(
             False, "--embed-lora", help="Factorise embeddings and the head instead of saving them."
@@ -153,7 +153,7 @@ def register(app: typer.Typer) -> None:
             model,
             out_dir,
             rank=rank,
-            distribute_scale=distribute_scale,
+            distribute_scale=not all_scale_on_a,
             embed_lora=embed_lora,
             save_modules=save_modules,
             include=include,

@@ -13,7 +13,7 @@ import typer
 
 __all__ = ["register"]
 
-_HELP = """Build a mixture-of-experts model as CONFIG (mergekit-moe YAML) says, into
+_HELP = """Build a mixture-of-experts model as CONFIG (mergekit-moe YAML) says, into \
 OUT_DIR.
 
 Every layer of the output keeps the base model's attention, norms and
@@ -88,8 +88,10 @@ def register(app: typer.Typer) -> None:
         allow_same_experts: bool = typer.Option(
             False,
             "--allow-same-experts",
-            "--i-understand-this-is-not-useful-without-training",
             help="Build even if every expert is the same model (useful only to train it).",
+        ),
+        mergekit_allow_same: bool = typer.Option(  # mergekit's name: too long for a help table
+            False, "--i-understand-this-is-not-useful-without-training", hidden=True
         ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     ) -> None:
@@ -103,7 +105,7 @@ def register(app: typer.Typer) -> None:
             seed=seed,
             out_shard_size=out_shard_size,
             overwrite=overwrite,
-            allow_same_experts=allow_same_experts,
+            allow_same_experts=allow_same_experts or mergekit_allow_same,
             progress=not quiet,
         )
         if not quiet:
