@@ -231,7 +231,7 @@ def _run_report(
 def _fitness_questions(testbed: Any, skills: list[str]) -> None:
     """Why "picked on train" and "picked on validation" differ: the train split keeps
     repeated questions (they are its distribution; testbed/skills.py), so the fitness items
-    are mostly questions the experts were fine-tuned on, while validation and test hold
+    are mostly questions their skill's expert was fine-tuned on, while validation and test hold
     only questions that appear nowhere in train."""
     print("\nthe fitness items (the first 100 of train) against the whole train split:")
     for skill in skills:
