@@ -157,7 +157,7 @@ def _score(model: Any, tasks: dict[str, list[Any]]) -> dict[str, Any]:
     return row
 
 
-def crossover_weights(run_dir: Path, experts: list[str]) -> tuple[dict[str, list[float]], Any]:
+def expert_weights(run_dir: Path, experts: list[str]) -> tuple[dict[str, list[float]], Any]:
     """Each candidate of a CycleQD run as weights on the experts' task vectors.
 
     A child's recipe is a task_arithmetic over its parents (experts or ``store:`` keys of
@@ -195,7 +195,7 @@ def _run_report(
     """Where a CycleQD run's final aggregate and its elites lie on the simplex."""
     from safetensors.torch import load_file
 
-    weights, qd = crossover_weights(run_dir, experts)
+    weights, qd = expert_weights(run_dir, experts)
 
     def nearest(w: list[float]) -> dict:
         return min(rows, key=lambda r: sum(abs(a - b) for a, b in zip(r["w"], w, strict=True)))
