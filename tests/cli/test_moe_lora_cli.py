@@ -80,6 +80,40 @@ def test_extract_lora_writes_adapter_and_table(shoal_cli, family, tmp_path: Path
     assert code == 0 and stdout == ""
 
 
+def test_extract_lora_scale_flags(shoal_cli, family, tmp_path: Path) -> None:
+    """Σ½ on each factor by default and with mergekit's --distribute-scale; all of Σ on
+    lora_A with --no-distribute-scale (lora_B = U, orthonormal columns); lora_B·lora_A
+    the same either way; both flags at once: one line, exit 2, nothing written."""
+    import torch
+    from safetensors.torch import load_file
+
+    args = ["extract-lora", "--base", str(family["base"]), "--model", str(family["a"]), "-q"]
+    factors = {}
+    for name, extra in [
+        ("default", []),
+        ("on", ["--distribute-scale"]),
+        ("off", ["--no-distribute-scale"]),
+    ]:
+        code, _, stderr = shoal_cli([*args, "--rank", "4", *extra, str(tmp_path / name)])
+        assert code == 0, stderr
+        factors[name] = load_file(str(tmp_path / name / "adapter_model.safetensors"))
+    key = next(k for k in factors["default"] if k.endswith("q_proj.lora_A.weight"))
+    a, b = (
+        {n: f[key] for n, f in factors.items()},
+        {n: f[key.replace("lora_A", "lora_B")] for n, f in factors.items()},
+    )
+    assert torch.equal(a["default"], a["on"]) and torch.equal(b["default"], b["on"])
+    assert not torch.allclose(a["default"], a["off"])
+    eye = torch.eye(b["off"].shape[1])
+    assert torch.allclose(b["off"].T @ b["off"], eye, atol=1e-5)
+    assert torch.allclose(b["default"] @ a["default"], b["off"] @ a["off"], atol=1e-5)
+    both = tmp_path / "both"
+    code, _, stderr = shoal_cli([*args, "--distribute-scale", "--no-distribute-scale", str(both)])
+    assert code == 2
+    one_error_line(stderr, "not both")
+    nothing_left(both)
+
+
 @pytest.mark.parametrize(
     ("case", "needles"),
     [

@@ -115,6 +115,9 @@ def register(app: typer.Typer) -> None:
             "--no-distribute-scale",
             help="Put all of Σ on lora_A (default: Σ½ on lora_A and on lora_B).",
         ),
+        # mergekit's name for the default, which its examples spell out; hidden, so that
+        # its pairing with --no-distribute-scale does not squeeze the help table
+        distribute_scale: bool = typer.Option(False, "--distribute-scale", hidden=True),
         embed_lora: bool = typer.Option(
             False, "--embed-lora", help="Factorise embeddings and the head instead of saving them."
         ),
@@ -146,6 +149,12 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
     ) -> None:
         from shoal.merge.lora_extract import extract_lora
+
+        if distribute_scale and all_scale_on_a:
+            raise typer.BadParameter(
+                "give --distribute-scale or --no-distribute-scale, not both",
+                param_hint="--no-distribute-scale",
+            )
 
         start = time.perf_counter()
         result = extract_lora(
