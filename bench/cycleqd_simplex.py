@@ -157,23 +157,30 @@ def _score(model: Any, tasks: dict[str, list[Any]]) -> dict[str, Any]:
     return row
 
 
-def expert_weights(run_dir: Path, experts: list[str]) -> tuple[dict[str, list[float]], Any]:
+def expert_weights(qd: Any, skills: list[str]) -> dict[str, list[float]]:
     """Each candidate of a CycleQD run as weights on the experts' task vectors.
 
     A child's recipe is a task_arithmetic over its parents (experts or ``store:`` keys of
     earlier candidates) with weights summing to one, so its weights on the experts follow
-    by recursion through the event log; the SVD mutation's steps are left out.
+    from its parents', read in the event log's order; the SVD mutation's steps are left
+    out. Only a run seeded with the experts alone is a mixture of them.
 
     Returns:
-        store reference -> weights (every candidate and the final aggregate), and the run.
+        model reference (an expert's name or ``store:<key>``) -> weights, in skill order.
     """
     from shoal.search.algorithms.base import store_key
-    from shoal.search.elites import open_qd_run
 
-    qd = open_qd_run(run_dir)
-    weights: dict[str, list[float]] = {e: [float(e == x) for x in experts] for e in experts}
+    experts = [qd.state["options"]["experts"][s] for s in skills]
+    weights = {e: [float(e == x) for x in experts] for e in experts}
 
     def of(recipe: dict[str, Any]) -> list[float]:
+        names = [recipe["model"]] if "model" in recipe else [m["model"] for m in recipe["models"]]
+        unknown = [n for n in names if n not in weights]
+        if unknown:
+            raise SystemExit(
+                f"{qd.folder.root}: {unknown[0]!r} is no mixture of the experts; "
+                "--run takes a CycleQD run seeded with the experts alone"
+            )
         if "model" in recipe:
             return weights[recipe["model"]]
         lam = float(recipe.get("parameters", {}).get("lambda", 1.0))
@@ -185,45 +192,54 @@ def expert_weights(run_dir: Path, experts: list[str]) -> tuple[dict[str, list[fl
 
     for event in qd.folder.events.read():
         weights[f"store:{store_key(event['recipe'])}"] = of(event["recipe"])
-    weights["aggregate"] = of(qd.aggregate_recipe())
-    return weights, qd
+    return weights
 
 
-def _run_report(
-    run_dir: Path, experts: list[str], rows: list[dict], model: Any, tasks: Any
-) -> None:
+def _run_report(run_dir: Path, skills: list[str], rows: list[dict], model: Any, tasks: Any) -> None:
     """Where a CycleQD run's final aggregate and its elites lie on the simplex."""
     from safetensors.torch import load_file
 
-    weights, qd = expert_weights(run_dir, experts)
+    from shoal.search.algorithms.base import store_key
+    from shoal.search.elites import open_qd_run
 
-    def nearest(w: list[float]) -> dict:
-        return min(rows, key=lambda r: sum(abs(a - b) for a, b in zip(r["w"], w, strict=True)))
+    qd = open_qd_run(run_dir)
+    weights = expert_weights(qd, skills)
+
+    def distance(w: list[float], v: list[float]) -> float:
+        return sum(abs(a - b) for a, b in zip(w, v, strict=True))
 
     def text(w: list[float]) -> str:
         return "(" + ", ".join(f"{x:.2f}" for x in w) + ")"
 
-    summary = json.loads(qd.folder.summary.read_text())
-    scores = summary["best"]["scores"]
-    agg, grid = weights["aggregate"], nearest(weights["aggregate"])
-    print(f"\nrun {run_dir}: the final aggregate's crossover weights {text(agg)}")
-    print(
-        f"  it scored {100 * scores['validation']['mean']:.1f} validation, "
-        f"{100 * scores['test']['mean']:.1f} test; the nearest grid mixture {text(grid['w'])} "
-        f"{grid['validation']:.1f} / {grid['test']:.1f}"
-    )
+    print(f"\nrun {run_dir}:")
+    told = qd.state.get("aggregate")  # the final aggregate, once scored
+    if told:
+        agg = weights[f"store:{store_key(told['recipe'])}"]
+        scores = json.loads(qd.folder.summary.read_text())["best"]["scores"]
+        near = sorted(rows, key=lambda r: distance(r["w"], agg))[:2]
+        print(
+            f"  the final aggregate's weights on the experts {text(agg)}: "
+            f"{100 * scores['validation']['mean']:.1f} validation, "
+            f"{100 * scores['test']['mean']:.1f} test; the nearest grid mixtures "
+            + ", ".join(f"{text(r['w'])} {r['validation']:.1f} / {r['test']:.1f}" for r in near)
+        )
+    else:
+        print("  no final aggregate was scored (aggregate: none, or the budget ran out)")
     picked = max(rows, key=lambda r: r["validation"])
     elites = qd.elites()
-    elite = min(
-        elites,
-        key=lambda e: sum(abs(a - b) for a, b in zip(weights[e.ref], picked["w"], strict=True)),
-    )
-    tensors = load_file(str(qd.folder.store / f"{elite.ref.removeprefix('store:')}.safetensors"))
-    model.load_state_dict(tensors, strict=False)  # the store leaves out the tied lm_head
-    got = _score(model, {k: v for k, v in tasks.items() if k != "train"})
+    elite = min(elites, key=lambda e: distance(weights[e.ref], picked["w"]))
+    if elite.ref.startswith("store:"):
+        path = qd.folder.store / f"{elite.ref.removeprefix('store:')}.safetensors"
+        missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+        if set(missing) - {"lm_head.weight"} or unexpected:  # only the tied head may be absent
+            raise SystemExit(f"{path}: not this testbed's model ({(missing or unexpected)[0]})")
+        got = _score(model, {k: v for k, v in tasks.items() if k != "train"})
+    else:  # an expert kept its cell: its scores are the grid's corner
+        got = next(r for r in rows if distance(r["w"], weights[elite.ref]) == 0)
     print(
-        f"  of its {len(elites)} elites, the nearest to the mixture picked on validation "
-        f"{text(picked['w'])}: {elite.task}:{elite.cell_text} at {text(weights[elite.ref])}, "
+        f"  of its {len(elites)} archive entries, the one nearest the mixture picked on "
+        f"validation {text(picked['w'])}: {elite.task}:{elite.cell_text} "
+        f"({elite.ref}) at {text(weights[elite.ref])}, "
         f"{got['validation']:.1f} validation, {got['test']:.1f} test"
     )
 
@@ -255,6 +271,9 @@ def main() -> None:
         "--run", type=Path, help="a CycleQD run on this testbed: place its aggregate and elites"
     )
     args = parser.parse_args()
+    steps = round(1 / args.step)
+    if abs(steps * args.step - 1) > 1e-9:
+        parser.error(f"--step {args.step}: 1/step must be a whole number (0.1, 0.05, 0.25, ...)")
     torch.manual_seed(0)
     floor = _floor()
     print(f"floor: 3,000 float32 384x384 GEMMs on one thread in {floor:.2f} s")
@@ -278,7 +297,7 @@ def main() -> None:
         print(f"the grid's scores: {args.grid}\n")
     else:
         t0 = time.perf_counter()
-        rows = score_grid(model, experts, sources, tasks, round(1 / args.step))
+        rows = score_grid(model, experts, sources, tasks, steps)
         wall = time.perf_counter() - t0
         print(f"\n{len(rows)} mixtures in {wall:.0f} s ({wall / floor:.0f} floors)\n")
     if args.json:
@@ -308,7 +327,7 @@ def main() -> None:
     print(f"\n{ahead} of {len(rows)} mixtures beat the best expert's test mean ({best_expert:.1f})")
     _fitness_questions(testbed, skills)
     if args.run:
-        _run_report(args.run, experts, rows, model, tasks)
+        _run_report(args.run, skills, rows, model, tasks)
     if args.plot and len(skills) == 3:
         _plot(rows, skills, best_expert, args.plot)
         print(f"plot: {args.plot}")
