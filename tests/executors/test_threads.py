@@ -198,3 +198,27 @@ def test_a_small_conv_model_keeps_one_thread(monkeypatch: pytest.MonkeyPatch) ->
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_worker_gives_back_the_thread_count_it_found() -> None:
+    """A worker sets the process's torch threads (spec.threads, or one for a small model
+    choosing its own); close() restores what was there before it."""
+    from shoal.executors.work import WorkerSpec
+    from shoal.executors.worker import Worker
+
+    loader = {
+        "type": "callable",
+        "target": "torch.nn:Linear",
+        "options": {"in_features": 4, "out_features": 2},
+    }
+    before = torch.get_num_threads()
+    try:
+        for threads, want in [(3, 3), (None, 1)]:
+            torch.set_num_threads(2)
+            spec = WorkerSpec(loader=loader, models={}, base_model=None, tasks=[], threads=threads)
+            worker = Worker(spec)
+            assert torch.get_num_threads() == want
+            worker.close()
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

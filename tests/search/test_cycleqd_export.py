@@ -105,8 +105,15 @@ def test_export_of_an_elite_is_the_stored_model(run, tmp_path):
 
 
 def test_export_of_the_aggregate_is_best(run, tmp_path):
+    """...and leaves the caller's torch thread count as it was (its worker picks its own)."""
     out = tmp_path / "agg"
-    res = CliRunner().invoke(app, ["export", str(run), "--aggregate", "--out", str(out)])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # not what the digits worker sets (one thread under the suite)
+    try:
+        res = CliRunner().invoke(app, ["export", str(run), "--aggregate", "--out", str(out)])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     assert res.exit_code == 0, res.output
     got = load_file(str(out / "model.safetensors"))
     want = load_file(str(run / "best" / "model.safetensors"))

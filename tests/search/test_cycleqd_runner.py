@@ -113,10 +113,15 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, experts, monkeypat
 
 
 def test_process_executor_equals_serial(tmp_path, experts):
+    """Same events; and either run leaves the caller's torch thread count as it found it
+    (the serial worker and the one that scores the best set their own)."""
     cfg = _config(experts, generations=2)
+    torch.set_num_threads(2)  # the fixture restores the suite's count after the test
     evolve(cfg, tmp_path / "serial")
+    assert torch.get_num_threads() == 2
     cfg["executor"] = {"type": "process", "workers": 2}
     evolve(cfg, tmp_path / "process")
+    assert torch.get_num_threads() == 2
     assert _events(tmp_path / "process") == _events(tmp_path / "serial")
 
 

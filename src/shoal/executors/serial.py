@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from shoal.executors.base import Executor
 from shoal.executors.store import ModelStore
 from shoal.executors.work import WorkerSpec, WorkItem, WorkResult
@@ -33,4 +31,4 @@ class SerialExecutor(Executor):
 
     def close(self) -> None:
         """Give this process back the torch thread count the worker found."""
-        torch.set_num_threads(self.worker.threads_before)
+        self.worker.close()

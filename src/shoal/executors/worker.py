@@ -85,6 +85,8 @@ class Worker:
         # the testbed task type registers itself on import (testbed sits above tasks)
         import shoal.executors.testbed_task  # noqa: F401
 
+        #: the process's torch thread count before this worker set its own (see close)
+        self.threads_before = torch.get_num_threads()
         if spec.threads is not None:
             torch.set_num_threads(spec.threads)
         self.spec = spec
@@ -116,7 +118,6 @@ class Worker:
         self._vectors: OrderedDict[str, tuple[Any, FlatVector]] = OrderedDict()
         self._vectors_max = VECTOR_CACHE_BYTES // (16 * self.flat.n) if self.flat else 0
         self._built_flat = False  # the last build was flat (the model is its buffer)
-        self.threads_before = torch.get_num_threads()
         #: for a small model left to choose its threads: the count, chosen by timing
         self.threads: ThreadChooser | None = None
         if self.flat is not None and spec.threads is None:
@@ -127,6 +128,14 @@ class Worker:
                 self.threads = ThreadChooser.for_host()
             else:
                 self.threads = ThreadChooser((1,))
+
+    def close(self) -> None:
+        """Give the process back the torch thread count it had before this worker.
+
+        A worker sets the count (``spec.threads``, or one thread for a small model that
+        chooses its own), which would otherwise outlive it in the caller's process.
+        """
+        torch.set_num_threads(self.threads_before)
 
     def task_names(self, include_extra: bool = False) -> tuple[str, ...]:
         """Names of the fitness tasks (and the extra/test ones if asked)."""

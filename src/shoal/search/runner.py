@@ -430,45 +430,49 @@ def _finish(
         summary["first_failure"] = failures[0]
     if best is not None:
         worker = _final_worker(local, spec)
-        n_val = len(st.config.tasks.validation)
-        seed = int(counters["best_seed"] or 0)
-        recipe = best.recipe
-        model = worker.build(_stored_or_recipe(algo, store, recipe), seed)
-        export_model(
-            model, recipe, folder.best, tokenizer=worker.tokenizer, seed=seed, models=st.models
-        )
-        scores = worker.score(model, worker.task_names(include_extra=True))
-        summary["best"] = {
-            "evaluation": best.evaluation,
-            "fitness": best.fitness,
-            "recipe": recipe,
-            "seed": seed,
-            "path": str(folder.best),
-            "scores": _split_means(worker, scores, spec, n_val),
-        }
-        if st.config.baselines:
-            summary["baselines"] = {}
-            extra = st.config.baselines if isinstance(st.config.baselines, dict) else {}
-            named = {name: {"model": name} for name in st.models} | extra
-            for name, baseline in named.items():
-                for ref in model_refs(baseline).values():  # a model named by its path
-                    if ref not in worker.sources:
-                        worker.sources.add(ref, str(st.config.resolve(ref)))
-                m = worker.build(baseline, 0)
-                s = worker.score(m, worker.task_names(include_extra=True))
-                summary["baselines"][name] = _split_means(worker, s, spec, n_val)
-        specialists = algo.specialists()
-        if specialists:
-            summary["specialists"] = {}
-        for name, sp in specialists.items():
-            seed = folder.events.seed_of(sp.evaluation)
-            m = worker.build(_stored_or_recipe(algo, store, sp.recipe), seed)
-            s = worker.score(m, worker.task_names(include_extra=True))
-            summary["specialists"][name] = {
-                "evaluation": sp.evaluation,
+        try:
+            n_val = len(st.config.tasks.validation)
+            seed = int(counters["best_seed"] or 0)
+            recipe = best.recipe
+            model = worker.build(_stored_or_recipe(algo, store, recipe), seed)
+            export_model(
+                model, recipe, folder.best, tokenizer=worker.tokenizer, seed=seed, models=st.models
+            )
+            scores = worker.score(model, worker.task_names(include_extra=True))
+            summary["best"] = {
+                "evaluation": best.evaluation,
+                "fitness": best.fitness,
+                "recipe": recipe,
                 "seed": seed,
-                "scores": _split_means(worker, s, spec, n_val),
+                "path": str(folder.best),
+                "scores": _split_means(worker, scores, spec, n_val),
             }
+            if st.config.baselines:
+                summary["baselines"] = {}
+                extra = st.config.baselines if isinstance(st.config.baselines, dict) else {}
+                named = {name: {"model": name} for name in st.models} | extra
+                for name, baseline in named.items():
+                    for ref in model_refs(baseline).values():  # a model named by its path
+                        if ref not in worker.sources:
+                            worker.sources.add(ref, str(st.config.resolve(ref)))
+                    m = worker.build(baseline, 0)
+                    s = worker.score(m, worker.task_names(include_extra=True))
+                    summary["baselines"][name] = _split_means(worker, s, spec, n_val)
+            specialists = algo.specialists()
+            if specialists:
+                summary["specialists"] = {}
+            for name, sp in specialists.items():
+                seed = folder.events.seed_of(sp.evaluation)
+                m = worker.build(_stored_or_recipe(algo, store, sp.recipe), seed)
+                s = worker.score(m, worker.task_names(include_extra=True))
+                summary["specialists"][name] = {
+                    "evaluation": sp.evaluation,
+                    "seed": seed,
+                    "scores": _split_means(worker, s, spec, n_val),
+                }
+        finally:
+            if local is None:  # made for this: the caller's thread count comes back
+                worker.close()
 
     write_text_atomic(folder.summary, json.dumps(summary, indent=2, sort_keys=False, default=str))
     return summary
