@@ -19,7 +19,7 @@ one a user would pick on validation, and the best on test — an oracle no metho
 beat while choosing on other data — each with its three splits; and how many mixtures
 beat the best expert on test; and how many of the items the search scores recur in the
 train split. With ``--run`` (a CycleQD run on the same testbed, the experts its only
-seeds) it follows every candidate's recipe back to weights on the experts and prints
+seeds) it places every candidate on the simplex (`shoal.report.mixtures`) and prints
 where the final aggregate lies, and the elite nearest the mixture picked on validation
 with its scores. The wall time is printed beside a floor measured in the
 same process (3,000 float32 384 × 384 GEMMs on one thread). Runs on the build's pinned
@@ -157,53 +157,19 @@ def _score(model: Any, tasks: dict[str, list[Any]]) -> dict[str, Any]:
     return row
 
 
-def expert_weights(qd: Any, skills: list[str]) -> dict[str, list[float]]:
-    """Each candidate of a CycleQD run as weights on the experts' task vectors.
-
-    A child's recipe is a task_arithmetic over its parents (experts or ``store:`` keys of
-    earlier candidates) with weights summing to one, so its weights on the experts follow
-    from its parents', read in the event log's order; the SVD mutation's steps are left
-    out. Only a run seeded with the experts alone is a mixture of them.
-
-    Returns:
-        model reference (an expert's name or ``store:<key>``) -> weights, in skill order.
-    """
-    from shoal.search.algorithms.base import store_key
-
-    experts = [qd.state["options"]["experts"][s] for s in skills]
-    weights = {e: [float(e == x) for x in experts] for e in experts}
-
-    def of(recipe: dict[str, Any]) -> list[float]:
-        names = [recipe["model"]] if "model" in recipe else [m["model"] for m in recipe["models"]]
-        unknown = [n for n in names if n not in weights]
-        if unknown:
-            raise SystemExit(
-                f"{qd.folder.root}: {unknown[0]!r} is no mixture of the experts; "
-                "--run takes a CycleQD run seeded with the experts alone"
-            )
-        if "model" in recipe:
-            return weights[recipe["model"]]
-        lam = float(recipe.get("parameters", {}).get("lambda", 1.0))
-        out = [0.0] * len(experts)
-        for m in recipe["models"]:
-            w = lam * float(m["parameters"]["weight"])
-            out = [a + w * b for a, b in zip(out, weights[m["model"]], strict=True)]
-        return out
-
-    for event in qd.folder.events.read():
-        weights[f"store:{store_key(event['recipe'])}"] = of(event["recipe"])
-    return weights
-
-
 def _run_report(run_dir: Path, skills: list[str], rows: list[dict], model: Any, tasks: Any) -> None:
     """Where a CycleQD run's final aggregate and its elites lie on the simplex."""
     from safetensors.torch import load_file
 
-    from shoal.search.algorithms.base import store_key
+    from shoal.report.mixtures import expert_mixtures
     from shoal.search.elites import open_qd_run
 
     qd = open_qd_run(run_dir)
-    weights = expert_weights(qd, skills)
+    mixtures = expert_mixtures(qd.folder)
+    if mixtures is None:
+        raise SystemExit(f"{run_dir}: --run takes a CycleQD run seeded with the experts alone")
+    order = [mixtures.tasks.index(s) for s in skills]  # the grid's order: the testbed's skills
+    weights = {ref: [w[i] for i in order] for ref, w in mixtures.weights.items()}
 
     def distance(w: list[float], v: list[float]) -> float:
         return sum(abs(a - b) for a, b in zip(w, v, strict=True))
@@ -212,9 +178,8 @@ def _run_report(run_dir: Path, skills: list[str], rows: list[dict], model: Any, 
         return "(" + ", ".join(f"{x:.2f}" for x in w) + ")"
 
     print(f"\nrun {run_dir}:")
-    told = qd.state.get("aggregate")  # the final aggregate, once scored
-    if told:
-        agg = weights[f"store:{store_key(told['recipe'])}"]
+    if mixtures.aggregate is not None:  # the final aggregate, once scored
+        agg = [mixtures.aggregate[i] for i in order]
         scores = json.loads(qd.folder.summary.read_text())["best"]["scores"]
         near = sorted(rows, key=lambda r: distance(r["w"], agg))[:2]
         print(

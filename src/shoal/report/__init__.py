@@ -7,8 +7,10 @@ fitness and test splits, with baselines), ``parameters.png`` (traces of the reci
 parameters that varied most) and ``summary.md``. A CycleQD run (or stage) adds
 ``archives[-STAGE].png`` (each archive as a quality heatmap over its behaviour axes, at four
 points of the run) and ``qd[-STAGE].png`` (coverage, best quality and QD score against
-evaluations), and its archives and specialists in the summary. ``shoal report RUN_DIR``
-redraws it.
+evaluations), and its archives and specialists in the summary; with three experts as its
+only seeds, also ``mixtures[-STAGE].png`` (every candidate as weights on the experts' task
+vectors, the elites coloured by their training mean, the final aggregate marked).
+``shoal report RUN_DIR`` redraws it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from shoal._atomic import atomic_dir
 from shoal.report.archives import archive_history, plot_archives, plot_qd_curves
 from shoal.report.data import RunData, load_run, numeric_leaves
+from shoal.report.mixtures import expert_mixtures, plot_mixtures
 from shoal.report.plots import plot_fitness, plot_parameters, plot_tasks
 from shoal.report.summary import summary_markdown
 
@@ -44,6 +47,9 @@ def write_report(run_dir: str | Path) -> Path:
                 suffix = f"-{stage}" if stage else ""
                 plot_archives(history, tmp / f"archives{suffix}.png", stage or "")
                 plot_qd_curves(history, tmp / f"qd{suffix}.png", stage or "")
+                mixtures = expert_mixtures(folder)
+                if mixtures is not None and len(mixtures.experts) == 3:
+                    plot_mixtures(mixtures, tmp / f"mixtures{suffix}.png", stage or "")
                 data.archives[stage] = history
         (tmp / "summary.md").write_text(summary_markdown(data))
     return out
