@@ -220,5 +220,10 @@ def test_a_worker_gives_back_the_thread_count_it_found() -> None:
             assert torch.get_num_threads() == want
             worker.close()
             assert torch.get_num_threads() == 2
+        torch.set_num_threads(2)  # a worker whose model cannot load leaves the count too
+        broken = {"type": "callable", "target": "torch.nn:NoSuchLayer"}
+        with pytest.raises(Exception, match="NoSuchLayer"):
+            Worker(WorkerSpec(loader=broken, models={}, base_model=None, tasks=[], threads=3))
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

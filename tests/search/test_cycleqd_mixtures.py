@@ -89,3 +89,17 @@ def test_a_seed_that_is_no_expert_cannot_be_placed(run, tmp_path: Path) -> None:
     (copy / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     assert expert_mixtures(RunFolder(folder)) is not None
     assert expert_mixtures(RunFolder(copy)) is None
+
+
+def test_a_failed_candidate_is_no_point(run, tmp_path: Path) -> None:
+    """A candidate that failed to build or score is left out of the drawing."""
+    folder, _ = run
+    copy = tmp_path / "run"
+    copy.mkdir()
+    shutil.copy(folder / "state.json", copy / "state.json")
+    events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
+    events[5]["error"], events[5]["means"] = "RuntimeError: boom", None
+    (copy / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    whole, cut = expert_mixtures(RunFolder(folder)), expert_mixtures(RunFolder(copy))
+    assert whole is not None and cut is not None
+    assert len(cut.candidates) == len(whole.candidates) - 1

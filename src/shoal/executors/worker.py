@@ -89,6 +89,14 @@ class Worker:
         self.threads_before = torch.get_num_threads()
         if spec.threads is not None:
             torch.set_num_threads(spec.threads)
+        try:
+            self._load(spec, store, worker_id)
+        except BaseException:  # a worker that never was leaves the count as it found it
+            self.close()
+            raise
+
+    def _load(self, spec: WorkerSpec, store: ModelStore | None, worker_id: str | None) -> None:
+        """The resident model, the store, the sources and the tasks (``__init__``'s body)."""
         self.spec = spec
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.model, self.tokenizer = load_resident(

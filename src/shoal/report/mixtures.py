@@ -49,9 +49,10 @@ def _weights(recipe: dict[str, Any], known: dict[str, list[float]], k: int) -> l
     """A recipe's weights on the experts, or ``None`` if it names anything else."""
     if "model" in recipe:
         return known.get(recipe["model"])
-    if recipe.get("merge_method") != "task_arithmetic":
+    params = recipe.get("parameters") or {}
+    if recipe.get("merge_method") != "task_arithmetic" or params.get("normalize"):
         return None
-    lam = float((recipe.get("parameters") or {}).get("lambda", 1.0))
+    lam = float(params.get("lambda", 1.0))
     out = np.zeros(k)
     for m in recipe["models"]:
         parent = known.get(m["model"])
@@ -86,7 +87,7 @@ def expert_mixtures(folder: RunFolder) -> Mixtures | None:
             return None
         ref = event["recipe"].get("model") or f"store:{store_key(event['recipe'])}"
         known[ref] = w
-        if ref != aggregate_key:
+        if ref != aggregate_key and not event.get("error"):  # a failed one is no model
             means = [float(event["means"].get(t) or 0.0) for t in tasks] if event["means"] else []
             candidates.append((w, float(np.mean(means)) if means else 0.0, ref in elites))
     aggregate = known.get(aggregate_key) if aggregate_key else None
