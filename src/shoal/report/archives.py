@@ -20,7 +20,13 @@ import numpy as np
 from shoal.search.algorithms.qd_archive import GridArchive
 from shoal.search.run_folder import RunFolder
 
-__all__ = ["ArchiveHistory", "archive_history", "plot_archives", "plot_qd_curves"]
+__all__ = [
+    "ArchiveHistory",
+    "archive_history",
+    "cycleqd_state",
+    "plot_archives",
+    "plot_qd_curves",
+]
 
 
 @dataclass
@@ -65,15 +71,23 @@ def _copy(archives: list[GridArchive]) -> list[GridArchive]:
     return [GridArchive.from_state_dict(a.state_dict()) for a in archives]
 
 
+def cycleqd_state(folder: RunFolder) -> dict[str, Any] | None:
+    """The saved state of a CycleQD run (or stage) once it has archives; else ``None``
+    (another algorithm, or the seeds still being scored)."""
+    algo = (folder.read_state() or {}).get("algorithm") or {}
+    state = algo.get("state") or {}
+    if algo.get("algorithm") != "cycleqd" or not state.get("archives"):
+        return None
+    return dict(state)
+
+
 def archive_history(folder: RunFolder, snapshots: int = 4) -> ArchiveHistory | None:
     """Replay a CycleQD run's events into its archives; ``None`` for other runs.
 
     Also ``None`` while the seeds are still being scored (no archive exists yet).
     """
-    saved = folder.read_state() or {}
-    algo = saved.get("algorithm") or {}
-    state = algo.get("state") or {}
-    if algo.get("algorithm") != "cycleqd" or not state.get("archives"):
+    state = cycleqd_state(folder)
+    if state is None:
         return None
     tasks = [str(t) for t in state["tasks"]]
     K = len(tasks)

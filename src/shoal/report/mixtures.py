@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from shoal.report.archives import cycleqd_state
 from shoal.search.algorithms.base import store_key
 from shoal.search.run_folder import RunFolder
 
@@ -68,10 +69,8 @@ def expert_mixtures(folder: RunFolder) -> Mixtures | None:
     Returns ``None`` for other runs, and for a CycleQD run with a seed that is not a
     mixture of the experts (an earlier stage's result, say), whose descendants are not.
     """
-    saved = folder.read_state() or {}
-    algo = saved.get("algorithm") or {}
-    state = algo.get("state") or {}
-    if algo.get("algorithm") != "cycleqd" or not state.get("archives"):
+    state = cycleqd_state(folder)
+    if state is None:
         return None
     tasks = [str(t) for t in state["tasks"]]
     experts = [str(state["options"]["experts"][t]) for t in tasks]
