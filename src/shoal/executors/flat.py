@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from shoal.executors.build import generator_for
-from shoal.ops.splitpoint import splitpoint, splitpoint_cosines, splitpoint_flat
+from shoal.ops.splitpoint import splitpoint_flat
 
 __all__ = ["MAX_PARAMETERS", "FlatModel", "FlatVector"]
 
@@ -247,18 +247,10 @@ class FlatModel:
         splits, ratios = _values(params["split"]), _values(params["ratio"])
         filters = _filters(params["split"])
         chromosomes = self._chromosome_index(filters)
-        if chromosomes == [None]:  # splitpoint_flat, its angles from the kept float64 copies
-            k = max(0, min(round(splits[0] * self.n), self.n))
-            cos_before, cos_after = splitpoint_cosines(a.f64, b.f64, k, angle)
-            splitpoint(
-                a.f32,
-                b.f32,
-                split=k,
-                ratio=ratios[0],
-                cos_before=cos_before,
-                cos_after=cos_after,
-                out=self._buffer,
-            )
+        if chromosomes == [None]:  # its angles from the parents' kept float64 copies
+            k = round(splits[0] * self.n)
+            f64 = (a.f64, b.f64)
+            splitpoint_flat(a.f32, b.f32, k, ratios[0], angle, out=self._buffer, f64=f64)
             return True
         for c, ix in enumerate(chromosomes):
             assert ix is not None

@@ -145,6 +145,12 @@ class Worker:
         """
         torch.set_num_threads(self.threads_before)
 
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def task_names(self, include_extra: bool = False) -> tuple[str, ...]:
         """Names of the fitness tasks (and the extra/test ones if asked)."""
         if include_extra:

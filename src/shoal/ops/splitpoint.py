@@ -86,6 +86,7 @@ def splitpoint_flat(
     ratio: float,
     angle: Angle = "global",
     out: torch.Tensor | None = None,
+    f64: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Reference split-point crossover of two whole flat parameter vectors.
 
@@ -96,6 +97,8 @@ def splitpoint_flat(
         ratio: w_m.
         angle: ``"global"`` (one angle over the vectors) or ``"segment"`` (one per side).
         out: 1-D float32 tensor to write the child into; ``None``: a new one.
+        f64: the parents in float64, when the caller keeps such copies (the angles are
+            taken in float64; without them each parent is converted here).
 
     Returns:
         float32 1-D tensor (``out`` when given).
@@ -107,8 +110,8 @@ def splitpoint_flat(
     a, b = f32(a_vec), f32(b_vec)
     n = a.numel()
     s = max(0, min(int(split), n))
-    # one float64 copy of each parent, sliced for the two angles
-    cos_before, cos_after = splitpoint_cosines(a.to(torch.float64), b.to(torch.float64), s, angle)
+    a64, b64 = f64 if f64 is not None else (a.to(torch.float64), b.to(torch.float64))
+    cos_before, cos_after = splitpoint_cosines(a64, b64, s, angle)
     return splitpoint(
         a, b, split=s, ratio=ratio, cos_before=cos_before, cos_after=cos_after, out=out
     )

@@ -162,8 +162,7 @@ class QDRun:
         self._refuse_out(out, models)
         store_spec = {"kind": "dir", "path": str(self.folder.store)}
         spec = worker_spec(cfg, models, store_spec, tasks=False)
-        worker = Worker(spec, store=open_store(store_spec))
-        try:
+        with Worker(spec, store=open_store(store_spec)) as worker:
             build = {"model": store_ref(recipe)} if store_key(recipe) in worker.store else recipe
             seed = self.folder.events.seed_of(evaluation)
             model = worker.build(build, seed)
@@ -171,8 +170,6 @@ class QDRun:
             export_model(
                 model, recipe, out, tokenizer=worker.tokenizer, seed=seed, models=models, card=card
             )
-        finally:
-            worker.close()
         return out
 
     def _refuse_out(self, out: Path, models: Mapping[str, str]) -> None:

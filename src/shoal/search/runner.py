@@ -370,10 +370,15 @@ def _one_batch(
     return [_event(it, res, gen) for it, res in zip(items, results, strict=True)], best
 
 
-def _final_worker(local: Worker | None, spec: WorkerSpec) -> Worker:
+@contextmanager
+def _final_worker(local: Worker | None, spec: WorkerSpec) -> Iterator[Worker]:
+    """The serial executor's worker, or one made for the end of the run and closed after
+    it (the caller's torch thread count comes back)."""
     if local is not None:
-        return local
-    return Worker(spec, worker_id="main")
+        yield local
+        return
+    with Worker(spec, worker_id="main") as worker:
+        yield worker
 
 
 def _stored_or_recipe(algo: Algorithm, store: Any, recipe: dict[str, Any]) -> dict[str, Any]:
@@ -429,8 +434,7 @@ def _finish(
     if failures:
         summary["first_failure"] = failures[0]
     if best is not None:
-        worker = _final_worker(local, spec)
-        try:
+        with _final_worker(local, spec) as worker:
             n_val = len(st.config.tasks.validation)
             seed = int(counters["best_seed"] or 0)
             recipe = best.recipe
@@ -470,9 +474,6 @@ def _finish(
                     "seed": seed,
                     "scores": _split_means(worker, s, spec, n_val),
                 }
-        finally:
-            if local is None:  # made for this: the caller's thread count comes back
-                worker.close()
 
     write_text_atomic(folder.summary, json.dumps(summary, indent=2, sort_keys=False, default=str))
     return summary
