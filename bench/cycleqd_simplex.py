@@ -83,33 +83,21 @@ def _plot(rows: list[dict], skills: list[str], best_expert: float, path: Path) -
     import matplotlib.pyplot as plt
     import matplotlib.tri as mtri
 
-    corners = [(0.0, 0.0), (1.0, 0.0), (0.5, 3**0.5 / 2)]
+    from shoal.report.mixtures import frame_triangle, triangle_xy
 
-    def at(w: list[float]) -> tuple[float, float]:
-        return (
-            sum(x * c[0] for x, c in zip(w, corners, strict=True)),
-            sum(x * c[1] for x, c in zip(w, corners, strict=True)),
-        )
-
-    xy = [at(r["w"]) for r in rows]
-    tri = mtri.Triangulation([p[0] for p in xy], [p[1] for p in xy])
+    xy = triangle_xy([r["w"] for r in rows])
+    tri = mtri.Triangulation(xy[:, 0], xy[:, 1])
     test = [r["test"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 5.4))
     shade = ax.tripcolor(tri, test, shading="gouraud", cmap="viridis")
     ax.tricontour(tri, test, levels=[best_expert], colors="white", linewidths=1.2)
-    ax.plot([p[0] for p in xy], [p[1] for p in xy], ".", color="black", markersize=2)
-    ax.plot(*at([1 / 3] * 3), "x", color="red", markersize=9, label="⅓ each")
+    ax.plot(xy[:, 0], xy[:, 1], ".", color="black", markersize=2)
+    ax.plot(*triangle_xy([1 / 3] * 3), "x", color="red", markersize=9, label="⅓ each")
     picked = max(rows, key=lambda r: r["validation"])
-    ax.plot(*at(picked["w"]), "*", color="red", markersize=12, label="picked on validation")
-    for (x, y), name in zip(corners, skills, strict=True):
-        ax.annotate(
-            f"expert-{name}",
-            (x, y),
-            ha="center",
-            va="bottom" if y else "top",
-            xytext=(0, 6 if y else -6),
-            textcoords="offset points",
-        )
+    ax.plot(
+        *triangle_xy(picked["w"]), "*", color="red", markersize=12, label="picked on validation"
+    )
+    frame_triangle(ax, [f"expert-{s}" for s in skills])
     fig.colorbar(shade, ax=ax, pad=0.08, label="test mean over the three skills, %")
     ax.legend(loc="upper right", fontsize=8, frameon=False)
     ax.set_title(
@@ -117,10 +105,6 @@ def _plot(rows: list[dict], skills: list[str], best_expert: float, path: Path) -
         fontsize=9,
         pad=22,
     )
-    ax.set_xlim(-0.18, 1.18)
-    ax.set_ylim(-0.1, 0.95)
-    ax.set_axis_off()
-    ax.set_aspect("equal")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -23,7 +23,10 @@ from shoal.report.archives import cycleqd_state
 from shoal.search.algorithms.base import store_key
 from shoal.search.run_folder import RunFolder
 
-__all__ = ["Mixtures", "expert_mixtures", "plot_mixtures"]
+__all__ = ["Mixtures", "expert_mixtures", "frame_triangle", "plot_mixtures", "triangle_xy"]
+
+#: where each of three experts sits in the plane: an equilateral triangle
+CORNERS = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, 3**0.5 / 2]])
 
 
 @dataclass
@@ -93,6 +96,28 @@ def expert_mixtures(folder: RunFolder) -> Mixtures | None:
     return Mixtures(tasks, experts, known, candidates, aggregate)
 
 
+def triangle_xy(weights: Any) -> np.ndarray:
+    """Points in the plane of weights on three experts (one row per mixture, or one)."""
+    return np.asarray(weights, dtype=float) @ CORNERS
+
+
+def frame_triangle(ax: Any, names: list[str]) -> None:
+    """Name each corner after its expert, leave room for the names, hide the axes."""
+    for (x, y), name in zip(CORNERS, names, strict=True):
+        ax.annotate(
+            name,
+            (x, y),
+            ha="center",
+            va="bottom" if y else "top",
+            xytext=(0, 6 if y else -6),
+            textcoords="offset points",
+        )
+    ax.set_xlim(-0.18, 1.18)
+    ax.set_ylim(-0.1, 0.95)
+    ax.set_axis_off()
+    ax.set_aspect("equal")
+
+
 def plot_mixtures(m: Mixtures, path: Path, stage: str = "") -> None:
     """Draw the candidates of a three-expert run in the triangle of the experts' weights:
     every candidate grey, the final archives' elites coloured by their training mean, the
@@ -102,13 +127,11 @@ def plot_mixtures(m: Mixtures, path: Path, stage: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    corners = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, 3**0.5 / 2]])
-    w = np.array([c[0] for c in m.candidates]).reshape(-1, 3)
-    xy = w @ corners
+    xy = triangle_xy([c[0] for c in m.candidates]).reshape(-1, 2)
     elite = np.array([c[2] for c in m.candidates], dtype=bool)
     means = np.array([c[1] for c in m.candidates])
     fig, ax = plt.subplots(figsize=(6.4, 5.4))
-    ax.fill(*corners.T, color="0.95", zorder=0)
+    ax.fill(*CORNERS.T, color="0.95", zorder=0)
     ax.scatter(xy[~elite, 0], xy[~elite, 1], s=6, color="0.6", label="other candidates", zorder=1)
     dots = ax.scatter(
         xy[elite, 0],
@@ -122,7 +145,7 @@ def plot_mixtures(m: Mixtures, path: Path, stage: str = "") -> None:
     fig.colorbar(dots, ax=ax, pad=0.08, label="elite's training mean over the tasks, %")
     if m.aggregate is not None:
         ax.plot(
-            *(np.array(m.aggregate) @ corners),
+            *triangle_xy(m.aggregate),
             "x",
             color="red",
             markersize=11,
@@ -130,21 +153,9 @@ def plot_mixtures(m: Mixtures, path: Path, stage: str = "") -> None:
             label="final aggregate",
             zorder=3,
         )
-    for (x, y), name in zip(corners, m.experts, strict=True):
-        ax.annotate(
-            name,
-            (x, y),
-            ha="center",
-            va="bottom" if y else "top",
-            xytext=(0, 6 if y else -6),
-            textcoords="offset points",
-        )
+    frame_triangle(ax, m.experts)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=8, frameon=False)
     title = "candidates as weights on the experts' task vectors (mutations left out)"
     ax.set_title(f"{stage}: {title}" if stage else title, fontsize=9, pad=22)
-    ax.set_xlim(-0.18, 1.18)
-    ax.set_ylim(-0.1, 0.95)
-    ax.set_axis_off()
-    ax.set_aspect("equal")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
