@@ -15,9 +15,8 @@ angles comes out of MKL with other rounding on two threads, while the digits MLP
 logits are the same on one and two. Only models of linear layers and element-wise
 activations (:func:`same_at_any_count`) get the choice; a diffusion U-Net's outputs
 change with the count, so such a model keeps one thread. So the count changes the speed
-only
-(tests/executors/test_threads.py runs a search that switches against one that does not
-and compares events, state and the best model's bytes). ``OMP_NUM_THREADS=1`` in the
+only (tests/executors/test_threads.py runs a search that switches against one that does
+not and compares events, state and the best model's bytes). ``OMP_NUM_THREADS=1`` in the
 environment keeps one thread throughout.
 """
 
