@@ -41,6 +41,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -209,6 +210,30 @@ def _fitness_questions(testbed: Any, skills: list[str]) -> None:
         )
 
 
+def _aggregate_of_bests(rows: list[dict], skills: list[str]) -> None:
+    """Where CycleQD's temperature-1 aggregate would land if every archive held the whole
+    grid: each skill's best mixture on that skill, merged with β = softmax(quality)
+    (qualities as fractions, as the runs score them). Choosing on train is what the
+    search does; choosing on validation is what a fitness split held out of training
+    would do — the question is whether such a split would move the aggregate."""
+    from shoal.search.algorithms.cycleqd import aggregation_weights
+
+    print("\nthe aggregate of each skill's best mixture (T = 1), its nearest grid mixture:")
+    for split in ("train", "validation"):
+        key = f"{split}_per_skill"
+        bests = [max(rows, key=lambda r, k=k: r[key][k]) for k in range(len(skills))]
+        quality = np.array([r[key][k] / 100 for k, r in enumerate(bests)])
+        beta = aggregation_weights(quality)
+        w = beta @ np.array([r["w"] for r in bests])
+        near = min(rows, key=lambda r: float(np.abs(np.array(r["w"]) - w).sum()))
+        print(
+            f"  best per skill on {split}: "
+            + ", ".join("(" + ", ".join(f"{x:.1f}" for x in r["w"]) + ")" for r in bests)
+            + f" -> weights ({', '.join(f'{x:.2f}' for x in w)}), nearest grid mixture "
+            f"{near['validation']:.1f} validation, {near['test']:.1f} test"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--testbed", type=Path, default=ROOT / ".testbed" / "small")
@@ -275,6 +300,7 @@ def main() -> None:
     ahead = sum(r["test"] > best_expert for r in rows)
     print(f"\n{ahead} of {len(rows)} mixtures beat the best expert's test mean ({best_expert:.1f})")
     _fitness_questions(testbed, skills)
+    _aggregate_of_bests(rows, skills)
     if args.run:
         _run_report(args.run, skills, rows, model, tasks)
     if args.plot and len(skills) == 3:
