@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from shoal.errors import RecipeError, StateError
+from shoal.errors import RecipeError, StateError, TaskError
 from shoal.search.algorithms.base import SearchContext, store_key
 from shoal.search.algorithms.cycleqd import (
     CycleQD,
@@ -309,12 +309,14 @@ def test_a_state_saved_midway_through_the_seeds_continues_identically():
     assert b.archives is None and b.ask(None) == a.ask(None) == [
         {"model": m} for m in ("e1", "e2", "ps")
     ]
-    # a seed that failed everywhere (NaN) counts as 0 on every task, the worst
+    # a seed that failed (the runner tells NaN) is kept as failed and enters no archive
     scores = [_toy_scores({"model": "e1"}, rng), _toy_scores({"model": "e2"}, rng)]
     scores.append({t: np.full(4, np.nan) for t in TASKS})
     for algo in (a, b):
         algo.tell([{"model": m} for m in ("e1", "e2", "ps")], [dict(s) for s in scores])
-    assert a._seed_means[-1] == [0.0, 0.0, 0.0] and a.state_dict() == b.state_dict()
+    assert a._seed_means[-1] is None and a.state_dict() == b.state_dict()
+    assert a.last_status[-1] == [0, 0, 0]
+    assert "ps" not in {e.data["ref"] for arch in a.archives for _, e in arch}
     ra, rb = _drive(a, 3, np.random.default_rng(7)), _drive(b, 3, np.random.default_rng(7))
     assert ra == rb and a.state_dict() == b.state_dict()
 
@@ -354,3 +356,53 @@ def test_bad_options_are_one_line_naming_the_key(options, context_base, needle):
     with pytest.raises(RecipeError) as exc:
         CycleQD.from_config(options, ctx)
     assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def _failed(recipes: list[dict]) -> list[dict[str, np.ndarray]]:
+    """What the runner tells for candidates that failed to build or score."""
+    return [{t: np.full(4, np.nan) for t in TASKS} for _ in recipes]
+
+
+def test_a_failed_child_enters_no_archive_even_an_empty_cell():
+    # ranges [0.3, 1.0], 3 bins: the experts (0.6 off their task) sit in cell (1, 1) of
+    # every archive, and cell (0, 0) — where a failure scored 0 used to clip — is empty
+    algo = _make(children=2, ranges=dict.fromkeys(TASKS, (0.3, 1.0)))
+    seeds = algo.ask(None)
+    algo.tell(
+        seeds,
+        [{t: np.full(4, 1.0 if t[1] == r["model"][1] else 0.6) for t in TASKS} for r in seeds],
+    )
+    assert all(a.get((1, 1)) is not None and a.get((0, 0)) is None for a in algo.archives)
+    before = [a.state_dict() for a in algo.archives]
+    refs, best = algo.references(), algo.best
+    children = algo.ask(None)
+    algo.tell(children, _failed(children))
+    assert algo.last_status == [[0, 0, 0], [0, 0, 0]]
+    assert [a.state_dict() for a in algo.archives] == before
+    assert algo.references() == refs and algo.best == best
+    assert algo.generation == 1 and algo.q == 1  # the generation counts; the quality cycles
+    # a child that scored 0 everywhere (a real model) does take the empty cell
+    children = algo.ask(None)
+    algo.tell(children, [{t: np.zeros(4) for t in TASKS} for _ in children])
+    assert [s[0] for s in algo.last_status] == [2, 0]  # NEW, then no better than the first
+    assert all(a.get((0, 0)) is not None for a in algo.archives)
+
+
+def test_a_failed_expert_ends_the_run_with_its_name():
+    algo = _make()
+    seeds = algo.ask(None)
+    scores = [_toy_scores(r, np.random.default_rng(0)) for r in seeds]
+    scores[1] = _failed([seeds[1]])[0]
+    with pytest.raises(TaskError, match=r"cycleqd: expert 'e1' failed to build or score"):
+        algo.tell(seeds, scores)
+
+
+def test_a_failed_aggregate_leaves_the_best_elite_as_best():
+    algo = _make(generations=2, children=2)
+    _drive(algo, 3, np.random.default_rng(12))  # the experts, then two generations
+    best_elite = algo.best
+    assert algo.stop() == []  # the aggregate is still to ask
+    agg = algo.ask(None)
+    assert agg == [algo.aggregate_recipe()]
+    algo.tell(agg, _failed(agg))
+    assert algo.best == best_elite and algo.stop() == ["2 generations done"]

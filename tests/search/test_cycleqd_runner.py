@@ -113,6 +113,67 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, experts, monkeypat
     assert best[0]["recipe"] == best[1]["recipe"] and best[0]["scores"] == best[1]["scores"]
 
 
+def test_a_child_that_fails_enters_no_archive(tmp_path, experts, monkeypatch):
+    """One child fails to build (an out-of-memory, say): the run goes on and ends with
+    its aggregate, the child in no archive. Scores are lifted to 0.5 + 0.5 x (chance on a
+    two-way choice), so the low corner cell where a failure's zeros used to land is empty.
+    The experts are scored by name and never copied into the store."""
+    from shoal.executors.store import DirStore, MemoryStore
+    from shoal.executors.worker import Worker
+
+    build, score = Worker.build, Worker.score
+    children = {"n": 0}
+    stored: list[str] = []
+
+    def failing_build(self: Worker, recipe: dict[str, Any], seed: int) -> Any:
+        if "svd_mutation" in recipe:
+            children["n"] += 1
+            if children["n"] == 5:  # the first child of generation 3
+                raise RuntimeError("simulated out of memory")
+        return build(self, recipe, seed)
+
+    def lifted(self: Worker, model: Any, names: Any) -> dict[str, np.ndarray]:
+        return {k: 0.5 + 0.5 * v for k, v in score(self, model, names).items()}
+
+    def recording(put: Any) -> Any:
+        def recording_put(self: Any, key: str, tensors: Any) -> None:
+            stored.append(key)
+            put(self, key, tensors)
+
+        return recording_put
+
+    monkeypatch.setattr(Worker, "build", failing_build)
+    monkeypatch.setattr(Worker, "score", lifted)
+    for store in (DirStore, MemoryStore):
+        monkeypatch.setattr(store, "put", recording(store.put))
+    result = evolve(_config(experts, generations=4), tmp_path / "run")
+    assert result.status == "completed" and result.summary["failed_candidates"] == 1
+    assert "simulated out of memory" in result.summary["first_failure"]
+    events = RunFolder(tmp_path / "run").events.read()
+    failed = [e for e in events if e["error"]]
+    assert [e["evaluation"] for e in failed] == [3 + 2 * 2]
+    state = _algo_state(tmp_path / "run")["state"]
+    elites = [e["data"]["evaluation"] for a in state["archives"] for e in a["elites"]]
+    assert failed[0]["evaluation"] not in elites
+    assert all(e["means"] for e in events)  # the failure's zeros are still logged
+    low = {tuple(e["cell"]) for a in state["archives"] for e in a["elites"]}
+    assert (0, 0) not in low  # no model scored in the lowest cell: only a failure could
+    best = result.summary["best"]
+    assert best["evaluation"] == len(events) - 1  # the aggregate, which did not fail
+    assert best["seed"] == events[-1]["seed"]
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+    # only merges were copied into the store
+    merges = {store_key(e["recipe"]) for e in events if "merge_method" in e["recipe"]}
+    assert stored and set(stored) <= merges
+    # the report's replay skips the failure too: it ends at the saved archives
+    history = archive_history(RunFolder(tmp_path / "run"))
+    assert history is not None
+    for replayed, saved in zip(history.archives, state["archives"], strict=True):
+        assert replayed.state_dict()["elites"] == [
+            {**e, "data": {"evaluation": e["data"]["evaluation"]}} for e in saved["elites"]
+        ]
+
+
 def test_process_executor_equals_serial(tmp_path, experts):
     """Same events; and either run leaves the caller's torch thread count as it found it
     (the serial worker and the one that scores the best set their own)."""

@@ -58,13 +58,14 @@ class ArchiveHistory:
     qd_score: dict[str, list[float]] = field(default_factory=dict)
 
 
-def _mean(value: Any) -> float:
-    """A logged task mean as CycleQD used it: a failed or missing score counts as 0."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return 0.0
-    return x if math.isfinite(x) else 0.0
+def _logged_means(event: dict[str, Any], tasks: list[str]) -> list[float] | None:
+    """A logged candidate's task means as CycleQD was told them; ``None`` for one that
+    failed (it entered no archive) or whose means are not all logged."""
+    logged = event.get("means") or {}
+    if event.get("error") or any(t not in logged for t in tasks):
+        return None
+    means = [float(logged[t]) for t in tasks]
+    return means if all(map(math.isfinite, means)) else None
 
 
 def _copy(archives: list[GridArchive]) -> list[GridArchive]:
@@ -110,9 +111,9 @@ def archive_history(folder: RunFolder, snapshots: int = 4) -> ArchiveHistory | N
     )
     marks = {round(len(events) * (i + 1) / snapshots) for i in range(snapshots)}
     for n, event in enumerate(events, 1):
-        means = [_mean((event.get("means") or {}).get(t)) for t in tasks]
+        means = _logged_means(event, tasks)
         data = {"evaluation": event.get("evaluation")}
-        for k, archive in enumerate(archives):
+        for k, archive in enumerate(archives if means is not None else []):
             archive.add_one(means[k], [means[j] for j in range(K) if j != k], data)
         if n < n_seeds:  # the seeds enter together, once all are scored
             continue

@@ -228,8 +228,6 @@ def _run_stage(st: _Stage) -> RunResult:
         "generation": 0,
         "evaluations": 0,
         "wall_seconds": 0.0,
-        "best_seed": None,
-        "best_evaluation": None,
     }
     flag = _Interrupt()
     with make_executor(
@@ -342,7 +340,7 @@ def _one_batch(
             index=start + i,
             recipe=r,
             seed=candidate_seed(st.seed, gen, i),
-            keep_as=store_key(r) if keep else None,
+            keep_as=store_key(r) if keep and "merge_method" in r else None,  # not a seed
         )
         for i, r in enumerate(recipes)
     ]
@@ -352,14 +350,10 @@ def _one_batch(
         raise CheckpointError(fatal)
     if start == 0 and results and all(r.error for r in results):
         raise TaskError(f"every candidate of the first batch failed; first: {results[0].error}")
-    algo.tell(recipes, [r.scores for r in results])
+    algo.tell(recipes, [_as_told(r) for r in results])
     counters["generation"] = gen + 1
     counters["evaluations"] = start + len(items)
     best = algo.best
-    if best is not None:
-        for it in items:
-            if it.recipe == best.recipe:
-                counters["best_seed"], counters["best_evaluation"] = it.seed, it.index
     if keep:
         refs = algo.references()  # a new set: the best's key joins it
         if best is not None:
@@ -368,6 +362,14 @@ def _one_batch(
             refs.add(st.best_key[1])
         store.retain(refs)
     return [_event(it, res, gen) for it, res in zip(items, results, strict=True)], best
+
+
+def _as_told(result: WorkResult) -> dict[str, np.ndarray]:
+    """The scores an algorithm is told: a failed candidate's as NaN, which every algorithm
+    counts as the worst (STYLE.md) and none mistakes for a model that scored 0."""
+    if result.error is None:
+        return result.scores
+    return {name: np.full(len(v), np.nan) for name, v in result.scores.items()}
 
 
 @contextmanager
@@ -436,7 +438,7 @@ def _finish(
     if best is not None:
         with _final_worker(local, spec) as worker:
             n_val = len(st.config.tasks.validation)
-            seed = int(counters["best_seed"] or 0)
+            seed = folder.events.seed_of(best.evaluation)
             recipe = best.recipe
             model = worker.build(_stored_or_recipe(algo, store, recipe), seed)
             export_model(

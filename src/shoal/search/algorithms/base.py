@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -43,6 +44,12 @@ def store_key(recipe: Mapping[str, Any]) -> str:
 def store_ref(recipe: Mapping[str, Any]) -> str:
     """The model reference (``store:<key>``) of the model ``recipe`` builds."""
     return STORE_PREFIX + store_key(recipe)
+
+
+def model_ref(recipe: Mapping[str, Any]) -> str:
+    """How an archive names the model ``recipe`` builds: a plain ``{"model": name}`` (a
+    seed) by that name, a merge by its :func:`store_ref` (the runner stores merges only)."""
+    return store_ref(recipe) if "merge_method" in recipe else str(recipe["model"])
 
 
 @dataclass(frozen=True)
@@ -186,7 +193,11 @@ class Algorithm(abc.ABC):
         return recipes
 
     def tell(self, recipes: Sequence[dict[str, Any]], scores: Sequence[Scores]) -> None:
-        """Report the scores of the recipes from the last :meth:`ask`, in the same order."""
+        """Report the scores of the recipes from the last :meth:`ask`, in the same order.
+
+        A candidate that failed to build or score is told as NaN on every example: it
+        counts as the worst (STYLE.md), and it has no model an algorithm could keep.
+        """
         if self._pending is None:
             raise StateError(f"{self.name}: tell() without ask(); call ask() first")
         if len(recipes) != len(self._pending) or len(scores) != len(recipes):
@@ -278,11 +289,13 @@ ScoreReducer = Callable[[Scores], float]
 
 
 def mean_over_tasks(scores: Scores) -> float:
-    """Fitness used by mean-based algorithms: the mean over tasks of each task's mean score."""
+    """Fitness used by mean-based algorithms: the mean over tasks of each task's mean score;
+    ``-inf``, the worst, for a candidate told as failed (NaN scores) or with no scores."""
     if not scores:
         return float("-inf")
     means = [float(v.mean()) if len(v) else 0.0 for v in scores.values()]
-    return sum(means) / len(means)
+    f = sum(means) / len(means)
+    return f if math.isfinite(f) else float("-inf")
 
 
 def choose_index(rng: np.random.Generator, weights: np.ndarray) -> int:

@@ -266,8 +266,7 @@ class GenomeCMAES(Algorithm):
         self, x: np.ndarray, recipe: dict[str, Any], scores: Scores, evaluation: int
     ) -> float:
         """The fitness of one scored genome; it becomes :attr:`best` if it beats it."""
-        f = mean_over_tasks(scores)
-        f = f if math.isfinite(f) else -math.inf
+        f = mean_over_tasks(scores)  # -inf for a failed candidate
         if self._best is None or f > self._best.fitness:
             means = {k: float(np.mean(v)) if len(v) else 0.0 for k, v in scores.items()}
             self._best = Best(

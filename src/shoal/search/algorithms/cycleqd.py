@@ -45,7 +45,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from shoal.errors import RecipeError, StateError
+from shoal.errors import RecipeError, StateError, TaskError
 from shoal.search.algorithms.base import (
     STORE_PREFIX,
     Algorithm,
@@ -53,8 +53,8 @@ from shoal.search.algorithms.base import (
     Best,
     SearchContext,
     choose_index,
+    model_ref,
     register,
-    store_key,
     validate_options,
 )
 from shoal.search.algorithms.qd_archive import Elite, GridArchive
@@ -293,7 +293,7 @@ class CycleQD(Algorithm):
         # the seeds are the experts, then ``options.seeds``: asked first, held until all
         # are scored
         self._seeds_asked = 0
-        self._seed_means: list[list[float]] = []
+        self._seed_means: list[list[float] | None] = []  # None: a seed that failed
         self.generation = 0
         self.q = 0  # the current quality task
         self._asked_aggregate = False
@@ -406,23 +406,25 @@ class CycleQD(Algorithm):
         if self._aggregating and not self._asked_aggregate:
             self._asked_aggregate = True
             return [self.aggregate_recipe()]
-        raise StateError("cycleqd: finished (see stop()); raise algorithm.generations to go on")
+        raise StateError("cycleqd: finished (see stop()); nothing is left to ask")
 
-    def _means(self, scores: Scores) -> list[float]:
+    def _means(self, scores: Scores) -> list[float] | None:
+        """The skill tasks' means, or ``None`` for a candidate that failed (the runner
+        tells a failure as NaN scores: it built no model, so it may enter no archive)."""
         missing = [t for t in self.tasks if t not in scores]
         if missing:
             raise StateError(f"cycleqd: scores lack skill task(s) {missing}")
-        out = []
-        for t in self.tasks:
-            v = np.asarray(scores[t], dtype=np.float64)
-            m = float(v.mean()) if v.size else 0.0
-            out.append(m if math.isfinite(m) else 0.0)  # a failed evaluation: the worst
-        return out
+        means = [float(np.mean(scores[t])) if len(scores[t]) else 0.0 for t in self.tasks]
+        return means if all(map(math.isfinite, means)) else None
 
-    def _insert(self, recipe: dict[str, Any], means: list[float], evaluation: int) -> list[int]:
+    def _insert(
+        self, recipe: dict[str, Any], means: list[float] | None, evaluation: int
+    ) -> list[int]:
         """§4 step 4: into every archive whose cell is empty or holds a worse elite."""
         assert self.archives is not None
-        ref = str(recipe["model"]) if "merge_method" not in recipe else self._store_ref(recipe)
+        if means is None:  # failed
+            return [0] * self.K
+        ref = model_ref(recipe)
         data = {"ref": ref, "recipe": recipe, "means": means, "evaluation": evaluation}
         status = []
         for k, archive in enumerate(self.archives):
@@ -430,25 +432,22 @@ class CycleQD(Algorithm):
             status.append(int(archive.add_one(means[k], behaviour, data)))
         return status
 
-    @staticmethod
-    def _store_ref(recipe: dict[str, Any]) -> str:
-        return STORE_PREFIX + store_key(recipe)
-
     def _tell(self, recipes: list[dict[str, Any]], scores: list[Scores]) -> None:
         first = self.evaluations
         if self.archives is None:  # the seeds: kept until all are scored
-            self._seed_means += [self._means(s) for s in scores]
+            self._seed_means += [self._means(s) for s in scores]  # None: failed
             if len(self._seed_means) == len(self.seed_models):
                 self._make_archives()
             return
         if self._asked_aggregate and self._aggregate is None:
             means = self._means(scores[0])
-            self._aggregate = Best(
-                recipe=recipes[0],
-                fitness=float(np.mean(means)),
-                evaluation=first,
-                extra={"means": dict(zip(self.tasks, means, strict=True)), "aggregate": True},
-            )
+            if means is not None:  # a failed aggregate leaves the best elite as the best
+                self._aggregate = Best(
+                    recipe=recipes[0],
+                    fitness=float(np.mean(means)),
+                    evaluation=first,
+                    extra={"means": dict(zip(self.tasks, means, strict=True)), "aggregate": True},
+                )
             return
         self.last_status = [
             self._insert(r, self._means(s), first + i)
@@ -460,8 +459,14 @@ class CycleQD(Algorithm):
 
     def _make_archives(self) -> None:
         o = self.options
-        means = np.array(self._seed_means, dtype=np.float64)
-        ranges = default_ranges(means[: self.K], o.range_scale)  # the experts' alone
+        experts = self._seed_means[: self.K]
+        failed = [m for m, means in zip(self.seed_models, experts, strict=False) if means is None]
+        if failed:
+            raise TaskError(
+                f"cycleqd: expert {failed[0]!r} failed to build or score (events.jsonl says "
+                "why); the archives' ranges are set from every expert's scores"
+            )
+        ranges = default_ranges(np.array(experts, dtype=np.float64), o.range_scale)
         for j, t in enumerate(self.tasks):
             if o.ranges and t in o.ranges:
                 ranges[j] = (float(o.ranges[t][0]), float(o.ranges[t][1]))
@@ -469,7 +474,8 @@ class CycleQD(Algorithm):
             GridArchive(o.bins, [ranges[j] for j in range(self.K) if j != k]) for k in range(self.K)
         ]
         self.last_status = [
-            self._insert({"model": m}, list(means[i]), i) for i, m in enumerate(self.seed_models)
+            self._insert({"model": m}, self._seed_means[i], i)
+            for i, m in enumerate(self.seed_models)
         ]
 
     # -- results ------------------------------------------------------------------------------
@@ -477,7 +483,7 @@ class CycleQD(Algorithm):
         """Done once the generations (and the aggregation, if any) are evaluated."""
         if self.archives is None or self.generation < self.options.generations:
             return []
-        if self._aggregating and self._aggregate is None:
+        if self._aggregating and not self._asked_aggregate:  # asked and told in one batch
             return []
         return [f"{self.options.generations} generations done"]
 
@@ -570,7 +576,7 @@ class CycleQD(Algorithm):
         ):
             raise StateError("cycleqd: saved state was made with other options, base or tasks")
         self._seeds_asked = int(state["seeds_asked"])
-        self._seed_means = [list(map(float, m)) for m in state["seed_means"]]
+        self._seed_means = [None if m is None else list(map(float, m)) for m in state["seed_means"]]
         arch = state["archives"]
         self.archives = None if arch is None else [GridArchive.from_state_dict(a) for a in arch]
         self.generation = int(state["generation"])

@@ -48,8 +48,8 @@ from shoal.search.algorithms.base import (
     Best,
     SearchContext,
     choose_index,
+    model_ref,
     register,
-    store_key,
     validate_options,
 )
 from shoal.tasks.base import Scores
@@ -489,7 +489,7 @@ class M2N2(Algorithm):
             self._binary = self._binary and bool(np.all((vec == 0.0) | (vec == 1.0)))
             birth = self.evaluations + i
             if len(self.refs) < o.archive_size:  # room left: the child joins
-                ref = self._ref_of(recipe)
+                ref = model_ref(recipe)
                 grown = np.vstack([self.scores, vec]) if self.scores.size else vec[None, :]
                 self.scores = grown
             else:  # step 5: drop the least fit of P + 1
@@ -497,7 +497,7 @@ class M2N2(Algorithm):
                 d = self._drop_index_with(stacked, vec, birth)
                 if d == len(self.refs):
                     continue  # the child itself: the archive stays as it was
-                ref = self._ref_of(recipe)  # only for a child that stays; before any change
+                ref = model_ref(recipe)  # only for a child that stays; before any change
                 for lst in (self.refs, self.recipes, self.births):
                     del lst[d]
                 self.scores = np.delete(stacked, d, axis=0)
@@ -514,11 +514,6 @@ class M2N2(Algorithm):
         cap = stats.capacity if stats.mode == "binary" else np.maximum(stats.capacity, vec)
         w = example_weights(stacked, o.alpha, o.eps, cap, stats.sums + vec)
         return least_fit(stacked @ w, [*self.births, birth])
-
-    def _ref_of(self, recipe: dict[str, Any]) -> str:
-        if "merge_method" not in recipe:
-            return str(recipe["model"])  # a seed model, by name
-        return STORE_PREFIX + store_key(recipe)
 
     # -- results ------------------------------------------------------------------------------
     def fitness(self) -> np.ndarray:
