@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 
-from _evolve_example import PINNED_KERNELS
+from _evolve_example import PINNED_KERNELS, gemm_floor
 
 os.environ.update(PINNED_KERNELS)  # before torch is imported: its kernels read them
 
@@ -64,14 +64,6 @@ def _compositions(k: int, total: int) -> list[tuple[int, ...]]:
     if k == 1:
         return [(total,)]
     return [(i, *rest) for i in range(total + 1) for rest in _compositions(k - 1, total - i)]
-
-
-def _floor() -> float:
-    a = torch.randn(384, 384, generator=torch.Generator().manual_seed(0))
-    t0 = time.perf_counter()
-    for _ in range(3000):
-        a @ a
-    return time.perf_counter() - t0
 
 
 def _plot(rows: list[dict], skills: list[str], best_expert: float, path: Path) -> None:
@@ -249,7 +241,7 @@ def main() -> None:
     if abs(steps * args.step - 1) > 1e-9:
         parser.error(f"--step {args.step}: 1/step must be a whole number (0.1, 0.05, 0.25, ...)")
     torch.manual_seed(0)
-    floor = _floor()
+    floor = gemm_floor()
     print(f"floor: 3,000 float32 384x384 GEMMs on one thread in {floor:.2f} s")
 
     testbed = load_testbed(args.testbed)

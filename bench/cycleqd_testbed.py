@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
-from _evolve_example import evolve_example
+from _evolve_example import evolve_example, gemm_floor
 from shoal.search.elites import open_qd_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,20 +42,6 @@ VARIANTS = {
     "after-ps": (CHAIN, "stages.1.algorithm", []),
 }
 DEFAULT_VARIANTS = ["cycleqd", "gaussian-mutation", "uniform-sampling", "no-cycling"]
-
-
-def _floor() -> float:
-    """Seconds for 3,000 float32 384 × 384 GEMMs on one thread (the host's speed)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    a = torch.randn(384, 384, generator=torch.Generator().manual_seed(0))
-    t0 = time.perf_counter()
-    for _ in range(3000):
-        a @ a
-    torch.set_num_threads(threads)
-    return time.perf_counter() - t0
 
 
 def _run(variant: str, testbed: Path, generations: int, run_dir: Path) -> None:
@@ -89,7 +74,7 @@ def main() -> None:
     parser.add_argument("--no-run", action="store_true", help="only read finished runs")
     args = parser.parse_args()
     args.runs.mkdir(parents=True, exist_ok=True)
-    print(f"floor: 3,000 float32 384x384 GEMMs on one thread in {_floor():.2f} s")
+    print(f"floor: 3,000 float32 384x384 GEMMs on one thread in {gemm_floor():.2f} s")
 
     rows = []
     for variant in args.variants:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -406,3 +407,36 @@ def test_a_failed_aggregate_leaves_the_best_elite_as_best():
     assert agg == [algo.aggregate_recipe()]
     algo.tell(agg, _failed(agg))
     assert algo.best == best_elite and algo.stop() == ["2 generations done"]
+
+
+def test_a_childs_crossover_weights_spread_as_omega_does():
+    """w_A = ω_A / (ω_A + ω_B) with ω ~ N(1, 0.01²): to first order 1/2 + (ω_A − ω_B)/4,
+    so its standard deviation is 0.01 · √2 / 4 ≈ 0.00354."""
+    algo = _make(children=4000, mutation="none")
+    _drive(algo, 1, np.random.default_rng(13))  # the experts
+    w = np.array([[m["parameters"]["weight"] for m in r["models"]] for r in algo.ask(None)])
+    assert w.sum(axis=1) == pytest.approx(np.ones(len(w)))
+    assert w[:, 0].mean() == pytest.approx(0.5, abs=3 * 0.00354 / np.sqrt(len(w)))
+    assert w[:, 0].std() == pytest.approx(0.01 * np.sqrt(2) / 4, rel=0.05)
+
+
+@pytest.mark.parametrize("sampling", ["paper", "reference", "uniform"])
+def test_the_first_parent_is_drawn_as_the_sampling_option_says(sampling):
+    """The first parent of each child is drawn ∝ its elite weight in the quality task's
+    archive (1 each for uniform sampling); the bounds make the three options differ."""
+    algo = _make(children=20000, mutation="none", sampling=sampling)
+    seeds = algo.ask(None)
+    algo.tell(seeds, [_toy_scores(r, np.random.default_rng(0)) for r in seeds])
+    children = algo.ask(2)  # two more elites of archive t0, unlike the experts
+    algo.tell(children, [{t: np.full(4, v) for t in TASKS} for v in (0.6, 0.9)])
+    elites = [e for _, e in algo.archives[algo.q]]
+    assert len(elites) == 5
+    cols = np.array([[e.quality, *e.behaviour] for e in elites])
+    low, high = {"paper": (0.5, 0.8), "reference": (0.5, 1.3), "uniform": (1.0, 1.0)}[sampling]
+    want = elite_weights(cols, low, high)  # (hand-checked above); uniform: all ones
+    want = want / want.sum()
+    first = Counter(r["models"][0]["model"] for r in algo.ask(None))
+    got = np.array([first[e.data["ref"]] for e in elites]) / 20000
+    assert np.abs(got - want).max() < 0.015
+    if sampling != "uniform":
+        assert np.abs(want - 1 / len(elites)).max() > 0.05  # distinguishable from uniform

@@ -52,9 +52,13 @@ def test_replayed_archives_end_as_the_saved_ones(run):
         assert [e["data"]["evaluation"] for e in replayed["elites"]] == [
             e["data"]["evaluation"] for e in state["elites"]
         ]
-    # snapshots: after round(23 i / 4) candidates (3 experts + 20 children), i = 1..4;
+    # snapshots: after the 3 experts and round(20 i / 4) of the 20 children, i = 1..4;
     # coverage never shrinks
-    assert [n for n, _ in history.snapshots] == [6, 12, 17, 23]
+    assert [n for n, _ in history.snapshots] == [8, 13, 18, 23]
+    many = archive_history(RunFolder(run), snapshots=12)  # none falls among the seeds
+    assert many is not None and [n for n, _ in many.snapshots] == [
+        3 + round(20 * i / 12) for i in range(1, 13)
+    ]
     for task in history.tasks:
         cov = history.coverage[task]
         assert cov == sorted(cov) and cov[0] == pytest.approx(3 / 225)

@@ -109,7 +109,8 @@ def archive_history(folder: RunFolder, snapshots: int = 4) -> ArchiveHistory | N
         experts,
         {t: float(seed_means[k][k]) for k, t in enumerate(tasks) if k < len(seed_means)},
     )
-    marks = {round(len(events) * (i + 1) / snapshots) for i in range(snapshots)}
+    children = len(events) - n_seeds  # the snapshots are spread over what follows the seeds
+    marks = {n_seeds + round(children * (i + 1) / snapshots) for i in range(snapshots)}
     for n, event in enumerate(events, 1):
         means = _logged_means(event, tasks)
         data = {"evaluation": event.get("evaluation")}

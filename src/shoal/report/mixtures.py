@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from shoal.report.archives import cycleqd_state
-from shoal.search.algorithms.base import store_key
+from shoal.search.algorithms.base import model_ref, store_ref
 from shoal.search.run_folder import RunFolder
 
 __all__ = ["Mixtures", "expert_mixtures", "frame_triangle", "plot_mixtures", "triangle_xy"]
@@ -82,12 +82,12 @@ def expert_mixtures(folder: RunFolder) -> Mixtures | None:
     candidates = []
     elites = {e["data"]["ref"] for a in state["archives"] for e in a["elites"]}
     told = state.get("aggregate") or {}
-    aggregate_key = f"store:{store_key(told['recipe'])}" if told.get("recipe") else None
+    aggregate_key = store_ref(told["recipe"]) if told.get("recipe") else None
     for event in folder.events.read():
         w = _weights(event["recipe"], known, k)
         if w is None:
             return None
-        ref = event["recipe"].get("model") or f"store:{store_key(event['recipe'])}"
+        ref = model_ref(event["recipe"])
         known[ref] = w
         if ref != aggregate_key and not event.get("error"):  # a failed one is no model
             means = [float(event["means"].get(t) or 0.0) for t in tasks] if event["means"] else []

@@ -172,7 +172,8 @@ def elite_weights(columns: np.ndarray, a_low: float = 0.5, a_high: float = 0.8) 
 
 
 def sample_parents(weights: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
-    """Two distinct indices: the first ∝ w, the second ∝ w among the rest.
+    """Two distinct indices: the first ∝ w, the second ∝ w among the rest (w > 0, as
+    :func:`elite_weights` and uniform sampling give).
 
     P(first = i, second = j) = w_i / Σw · w_j / (Σw − w_i). With one elite both are it
     (the crossover then gives that elite back and the mutation explores).
@@ -182,9 +183,6 @@ def sample_parents(weights: np.ndarray, rng: np.random.Generator) -> tuple[int, 
         return a, a
     rest = weights.astype(np.float64).copy()
     rest[a] = 0.0
-    if not rest.sum() > 0:
-        rest = np.ones_like(rest)
-        rest[a] = 0.0
     return a, choose_index(rng, rest)
 
 
