@@ -123,6 +123,13 @@ def test_export_without_a_best_model_is_one_line(tmp_path: Path, shoal_cli, tiny
     nothing_left(out)
     code, _, err = shoal_cli(["export", str(tmp_path / "run"), "--pipeline", str(a), "--list"])
     assert code == 2 and "exactly one of" in one_error_line(err)
+    # with a best/, a folder that is no pipeline is named as such
+    (tmp_path / "run" / "best").mkdir()
+    code, _, err = shoal_cli(
+        ["export", str(tmp_path / "run"), "--pipeline", str(tmp_path / "nope"), "--out", str(out)]
+    )
+    assert code == 2 and "nope: not a diffusers pipeline" in one_error_line(err)
+    nothing_left(out)
 
 
 def test_diffusers_model_loader_in_a_run_config(tmp_path: Path, tiny_pipeline) -> None:

@@ -126,3 +126,16 @@ def test_archive_heatmap_puts_the_first_behaviour_axis_on_x() -> None:
     grid = _grid(archive)
     assert grid[0, 3] == 0.5 and grid[3, 0] == 0.7
     assert sum(v == v for v in grid.flat) == 2  # the rest NaN (empty)
+
+
+def test_a_run_stopped_before_its_state_counts_only_what_resume_keeps(finished_run, tmp_path):
+    """A run stopped between a checkpoint's event lines and its state has logged events
+    that ``--resume`` will cut and run again: the report counts the saved ones."""
+    run = _copy(finished_run, tmp_path)
+    (run / "summary.json").unlink()  # not finished
+    state = json.loads((run / "state.json").read_text())
+    state["runner"]["evaluations"] = 8  # of the 12 logged
+    (run / "state.json").write_text(json.dumps(state))
+    events = load_run(run).events
+    assert [e["evaluation"] for e in events] == list(range(8))
+    assert "- evaluations: 8\n" in (write_report(run) / "summary.md").read_text()

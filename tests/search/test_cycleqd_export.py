@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,7 @@ def test_replayed_archives_end_as_the_saved_ones(run):
     }
 
 
-def test_report_draws_the_archives_and_lists_the_specialists(run):
+def test_report_draws_the_archives_and_lists_the_specialists(run, tmp_path):
     out = write_report(run)
     assert (out / "archives.png").stat().st_size > 10_000
     assert (out / "qd.png").stat().st_size > 10_000
@@ -82,6 +83,12 @@ def test_report_draws_the_archives_and_lists_the_specialists(run):
         quality = max(e["quality"] for e in _state(run)["archives"][k]["elites"])
         got = summary["specialists"][f"best-{t}"]["scores"]["fitness"][t]
         assert got == pytest.approx(quality, abs=1e-12)
+    assert "scored on every split in the table above" in text
+    # an unfinished run has no scores table to point at
+    skip = shutil.ignore_patterns("report", "store", "summary.json")
+    unfinished = Path(shutil.copytree(run, tmp_path / "unfinished", ignore=skip))
+    text = (write_report(unfinished) / "summary.md").read_text()
+    assert "table above" not in text and "scored on every split once the run ends" in text
 
 
 def test_export_of_an_elite_is_the_stored_model(run, tmp_path):
@@ -149,8 +156,20 @@ def test_bad_export_requests_are_one_line(run, tmp_path, shoal_cli, args, needle
 
 def test_a_run_that_is_not_cycleqd_is_named(tmp_path, shoal_cli):
     (tmp_path / "config.yaml").write_text("models: {}\n")
+    (tmp_path / "state.json").write_text('{"algorithm": {"algorithm": "ps", "state": {}}}')
     code, _, err = shoal_cli(["export", str(tmp_path), "--list"])
     assert code == 2 and "no saved CycleQD state" in err
+
+
+def test_a_run_killed_before_its_first_save_says_so(run, tmp_path, shoal_cli):
+    """Killed before its first checkpoint: a config and some events, no state."""
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    for name in ("config.yaml", "events.jsonl"):
+        shutil.copy(run / name, killed / name)
+    code, _, err = shoal_cli(["export", str(killed), "--list"])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "nothing saved yet (no state.json)" in err and "shoal evolve --resume" in err
 
 
 def test_export_never_replaces_the_run_or_its_models(run, tmp_path, shoal_cli):

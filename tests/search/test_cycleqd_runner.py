@@ -328,6 +328,11 @@ def test_ray_equals_serial(tmp_path, experts):
             "'digits-train-0-2'",
         ),
         (["algorithm.bins=0"], "algorithm.bins:"),
+        (["algorithm.bins=1001"], "algorithm.bins: Input should be less than or equal to 1000"),
+        (
+            ["algorithm.experts.digits-train-0-2=base"],
+            "algorithm.experts.digits-train-0-2: 'base' is the base model",
+        ),
         (["algorithm.ranges={digits-train-3-5: [0.9, 0.2]}"], "algorithm.ranges.digits-train-3-5:"),
         (["base_model=null"], "base_model:"),
     ],

@@ -102,7 +102,7 @@ def _install_best(
     if out is None:
         raise RecipeError("--out: give the folder to write the pipeline to")
     best = run_dir / "best"
-    if not (best / "config.json").is_file():
+    if not best.is_dir():  # its weights are checked against the component's by the install
         raise RecipeError(f"{best}: no best model (is {run_dir} a finished shoal evolve run?)")
     path = install_component(pipeline, component, best, out, overwrite=overwrite)
     typer.echo(f"exported: {path} (pipeline {pipeline}, {component} from {best})")

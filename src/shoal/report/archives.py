@@ -97,7 +97,7 @@ def archive_history(folder: RunFolder, snapshots: int = 4) -> ArchiveHistory | N
         for a in state["archives"]
     ]
     aggregate = (state.get("aggregate") or {}).get("evaluation")
-    events = [e for e in folder.events.read() if e.get("evaluation") != aggregate]
+    events = [e for e in folder.saved_events() if e.get("evaluation") != aggregate]
     archives = _copy(empty)
     experts = dict((state.get("options") or {}).get("experts") or {})
     seed_means = state.get("seed_means") or []  # the experts' first, then any further seeds

@@ -61,7 +61,7 @@ def load_run(run_dir: str | Path) -> RunData:
         stage_dirs.extend((n, folder.stage(n)) for n in names)
     events: list[dict[str, Any]] = []
     for name, sf in stage_dirs:
-        for n, e in enumerate(sf.events.read(), 1):
+        for n, e in enumerate(sf.saved_events(), 1):
             _check_event(e, f"{sf.events.path}:{n}")
             events.append({**e, "stage": name, "step": len(events)})
     return RunData(folder.root, events, summary, [n for n, _ in stage_dirs])

@@ -83,7 +83,7 @@ def expert_mixtures(folder: RunFolder) -> Mixtures | None:
     elites = {e["data"]["ref"] for a in state["archives"] for e in a["elites"]}
     told = state.get("aggregate") or {}
     aggregate_key = store_ref(told["recipe"]) if told.get("recipe") else None
-    for event in folder.events.read():
+    for event in folder.saved_events():
         w = _weights(event["recipe"], known, k)
         if w is None:
             return None

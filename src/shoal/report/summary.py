@@ -51,8 +51,9 @@ def _against_baselines(best: dict[str, dict[str, float]], baselines: dict[str, A
     return lines
 
 
-def _archive_lines(stage: str | None, history: ArchiveHistory) -> list[str]:
-    """One line per archive: elites, coverage, best quality against its expert's, QD score."""
+def _archive_lines(stage: str | None, history: ArchiveHistory, scored: bool) -> list[str]:
+    """One line per archive: elites, coverage, best quality against its expert's, QD score;
+    ``scored``: the run's summary scored each archive's best elite (a finished run)."""
     where = f" (stage {stage})" if stage else ""
     lines = ["", f"## CycleQD archives{where}", ""]
     lines += [
@@ -68,10 +69,15 @@ def _archive_lines(stage: str | None, history: ArchiveHistory) -> list[str]:
             f"| {st.best_quality:.4f} | {expert} {seeded:.4f} | {st.qd_score:.2f} |"
         )
     lines.append("")
+    scores = (
+        "The best elite of each archive is scored on every split in the table above "
+        "(`best-<task>`). "
+        if scored
+        else "The best elite of each archive is scored on every split once the run ends. "
+    )
     lines.append(
-        "Qualities are train means. The best elite of each archive is scored on every "
-        "split in the table above (`best-<task>`); `shoal export RUN --list` lists every "
-        "elite and `--elite TASK:CELL` writes one as a checkpoint."
+        f"Qualities are train means. {scores}`shoal export RUN --list` lists every elite "
+        "and `--elite TASK:CELL` writes one as a checkpoint."
     )
     suffix = f"-{stage}" if stage else ""
     lines += ["", f"![archives](archives{suffix}.png)", f"![qd](qd{suffix}.png)"]
@@ -109,6 +115,6 @@ def summary_markdown(data: RunData) -> str:
         if against:
             lines += ["", *against]
     for stage, history in data.archives.items():
-        lines += _archive_lines(stage, history)
+        lines += _archive_lines(stage, history, scored=bool(s.get("specialists")))
     lines += ["", "![fitness](fitness.png)", "![tasks](tasks.png)", "![parameters](parameters.png)"]
     return "\n".join(lines) + "\n"

@@ -233,6 +233,11 @@ def open_qd_run(run_dir: str | Path, stage: str | None = None) -> QDRun:
         return QDRun(run, run.stage(found[0]), found[0])
     if found:
         raise StateError(f"{run.root}: several CycleQD stages ({', '.join(found)}); name one")
+    if not any(f.state.is_file() for f in (run, *map(run.stage, _stage_names(run)))):
+        raise StateError(
+            f"{run.root}: nothing saved yet (no state.json); continue the run with "
+            f"`shoal evolve --resume --run-dir {run.root}`"
+        )
     raise StateError(f"{run.root}: no saved CycleQD state (export reads CycleQD runs)")
 
 

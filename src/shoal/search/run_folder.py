@@ -158,6 +158,14 @@ class RunFolder:
         """
         return _read_json(self.state)
 
+    def saved_events(self) -> list[dict[str, Any]]:
+        """The events the saved state counts — those ``--resume`` keeps (a run stopped
+        between a checkpoint's event lines and its state logged more); all of them when
+        no state is saved."""
+        events = self.events.read()
+        runner = (self.read_state() or {}).get("runner") or {}
+        return events[: int(runner.get("evaluations", len(events)))]
+
     def write_state(self, state: dict[str, Any]) -> None:
         """Save the state atomically.
 

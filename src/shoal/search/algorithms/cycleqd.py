@@ -92,7 +92,9 @@ class CycleQDOptions(AlgorithmOptions):
     )
     generations: int = Field(1200, ge=0, description="generations before the aggregation")
     children: int = Field(1, ge=1, description="children per generation (one ask)")
-    bins: int = Field(15, gt=0, description="bins per behaviour axis")
+    bins: int = Field(
+        15, gt=0, le=1000, description="bins per behaviour axis (the report draws bins² grids)"
+    )
     range_scale: tuple[float, float] = Field(
         (0.85, 1.15),
         description="default behaviour range of a task: [lo × weakest expert, hi × strongest "
@@ -308,12 +310,18 @@ class CycleQD(Algorithm):
         base_model: str | None,
     ) -> None:
         """The checks of :meth:`__init__` that need no model: a base, two or more skill
-        tasks, an expert for each, known models, ranges that are not inverted."""
+        tasks, an expert for each (not the base), known models, ranges not inverted."""
         assert isinstance(options, CycleQDOptions)
         if base_model is None:
             raise RecipeError(
                 "base_model: cycleqd merges task vectors and needs the experts' common base"
             )
+        for t, m in options.experts.items():
+            if m == base_model:
+                raise RecipeError(
+                    f"algorithm.experts.{t}: {m!r} is the base model, whose task vector is "
+                    "zero (an expert is a fine-tune of the base)"
+                )
         _check_options(options, _skill_tasks(options, task_names), models, task_names)
 
     @classmethod
