@@ -316,6 +316,22 @@ def test_scores_concatenate_fitness_tasks_in_order() -> None:
         algo.tell(algo.ask(), [{"a": np.array([1.0])}])
 
 
+def test_a_failed_candidate_never_joins_the_archive() -> None:
+    """Told as NaN everywhere (how the runner tells a failure), a child takes no free
+    place and displaces no member: it left no stored model for a crossover to name."""
+    algo = M2N2({"tasks": ["a"], "archive_size": 3}, seeds=["s", "t"])
+    failed = {"a": np.full(2, np.nan)}
+    for told in ({"a": np.array([1.0, 0.0])}, {"a": np.array([0.0, 1.0])}, failed):
+        algo.tell(algo.ask(), [told])
+    assert algo.refs == ["s", "t"]  # a place was free; the failure did not take it
+    algo.tell(algo.ask(), [{"a": np.array([1.0, 1.0])}])
+    full = list(algo.refs)
+    assert len(full) == 3
+    algo.tell(algo.ask(), [failed])
+    assert algo.refs == full
+    np.testing.assert_array_equal(algo.scores, [[1, 0], [0, 1], [1, 1]])
+
+
 def test_column_sums_grow_by_a_row_to_the_last_bit() -> None:
     """M2N2 keeps its archive's column sums: S.sum(axis=0) + v must be the sum of S with
     v appended, bit for bit, for continuous scores too (numpy adds a column's rows in order)."""

@@ -465,7 +465,9 @@ class M2N2(Algorithm):
             return out
         return [self._child_recipe(*self._parents()) for _ in range(n)]
 
-    def _vector(self, scores: Scores) -> np.ndarray:
+    def _vector(self, scores: Scores) -> np.ndarray | None:
+        """The per-example scores over the fitness tasks in order; ``None`` for a failed
+        candidate (told as NaN everywhere); a lone non-finite score counts as 0."""
         names = self.options.tasks or sorted(scores)
         if self._task_names is None:
             self._task_names = list(names)
@@ -474,7 +476,9 @@ class M2N2(Algorithm):
             raise StateError(f"m2n2: scores lack fitness task(s) {missing}")
         vec = np.concatenate([np.asarray(scores[t], dtype=np.float64) for t in self._task_names])
         if not np.isfinite(vec).all():  # the check is cheaper than nan_to_num's copy
-            vec = np.nan_to_num(vec, nan=0.0, posinf=0.0, neginf=0.0)  # failed = worst
+            if not np.isfinite(vec).any():
+                return None
+            vec = np.nan_to_num(vec, nan=0.0, posinf=0.0, neginf=0.0)  # the worst
         if self.scores.size and vec.shape[0] != self.scores.shape[1]:
             raise StateError(
                 f"m2n2: got {vec.shape[0]} per-example scores, the archive holds "
@@ -486,6 +490,8 @@ class M2N2(Algorithm):
         o = self.options
         for i, (recipe, sc) in enumerate(zip(recipes, scores, strict=True)):
             vec = self._vector(sc)
+            if vec is None:  # failed: it left no stored model for a crossover to name
+                continue
             self._binary = self._binary and bool(np.all((vec == 0.0) | (vec == 1.0)))
             birth = self.evaluations + i
             if len(self.refs) < o.archive_size:  # room left: the child joins
