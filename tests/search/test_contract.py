@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from shoal.errors import StateError
-from shoal.search.algorithms.base import ALGORITHMS, Algorithm, SearchContext
+from shoal.search.algorithms.base import ALGORITHMS, Algorithm, SearchContext, store_key
 from shoal.search.context import import_algorithms
 
 import_algorithms()
@@ -121,3 +121,20 @@ def test_load_state_rejects_another_algorithm(name):
     state["algorithm"] = "something-else"
     with pytest.raises(StateError):
         _make(name).load_state_dict(state)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_failed_batch_is_the_worst_and_kept_by_nobody(name):
+    """The runner tells a failed candidate as NaN on every example: no algorithm makes it
+    its best, names it among the models it still needs, or writes a NaN into its state."""
+    rng = np.random.default_rng(4)
+    algo = _make(name)
+    _drive(algo, 2, rng)
+    failed = algo.ask(None)
+    algo.tell(failed, [{t: np.full(k, np.nan) for t, k in TASKS.items()} for _ in failed])
+    _drive(algo, 2, rng)
+    best = algo.best
+    assert best is not None and np.isfinite(best.fitness) and best.recipe not in failed
+    keys = {store_key(r) for r in failed}
+    assert not keys & algo.references()
+    json.dumps(algo.state_dict(), allow_nan=False)

@@ -174,6 +174,53 @@ def test_a_child_that_fails_enters_no_archive(tmp_path, experts, monkeypatch):
         ]
 
 
+def test_an_expert_that_fails_ends_the_run_with_its_name_and_error(
+    shoal_cli, tmp_path, experts, monkeypatch
+):
+    from shoal.executors.worker import Worker
+
+    build = Worker.build
+
+    def failing_build(self: Worker, recipe: dict[str, Any], seed: int) -> Any:
+        if recipe == {"model": "expert-3-5"}:
+            raise RuntimeError("simulated out of memory")
+        return build(self, recipe, seed)
+
+    monkeypatch.setattr(Worker, "build", failing_build)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(_config(experts, generations=2)))
+    code, _, err = shoal_cli(["evolve", "cfg.yaml", "--run-dir", "runs/x"], tmp_path)
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert "cycleqd: expert 'expert-3-5' failed to build or score" in err
+    assert "first failure: RuntimeError: simulated out of memory" in err
+    assert not (tmp_path / "runs" / "x").exists()  # nothing was saved: nothing is left
+
+
+def test_a_failed_aggregate_leaves_the_best_elite_as_best(tmp_path, experts, monkeypatch):
+    from shoal.executors.worker import Worker
+
+    build = Worker.build
+
+    def failing_build(self: Worker, recipe: dict[str, Any], seed: int) -> Any:
+        if "merge_method" in recipe and "svd_mutation" not in recipe:  # the aggregate
+            raise RuntimeError("simulated out of memory")
+        return build(self, recipe, seed)
+
+    monkeypatch.setattr(Worker, "build", failing_build)
+    result = evolve(_config(experts, generations=4), tmp_path / "run")
+    assert result.status == "completed" and result.summary["failed_candidates"] == 1
+    events = RunFolder(tmp_path / "run").events.read()
+    assert events[-1]["error"] and len(events) == 3 + 4 * 2 + 1
+    # the best is the elite with the best mean over the tasks (the first such)
+    elites = [
+        e["data"] for a in _algo_state(tmp_path / "run")["state"]["archives"] for e in a["elites"]
+    ]
+    want = max(elites, key=lambda d: (np.mean(d["means"]), -d["evaluation"]))
+    best = result.summary["best"]
+    assert best["evaluation"] == want["evaluation"] and best["recipe"] == want["recipe"]
+    assert best["seed"] == events[want["evaluation"]]["seed"] != events[-1]["seed"]
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+
+
 def test_process_executor_equals_serial(tmp_path, experts):
     """Same events; and either run leaves the caller's torch thread count as it found it
     (the serial worker and the one that scores the best set their own)."""

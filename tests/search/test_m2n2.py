@@ -182,6 +182,18 @@ def test_seed_warmup_then_steady_state() -> None:
     assert all(0.0 <= r["parameters"]["split"] <= 1.0 for r in seen[2:])
 
 
+def test_warmup_merges_only_the_initial_members_that_did_not_fail() -> None:
+    algo = M2N2({"archive_size": 5, "seed": 3, "warmup": "random"}, seeds=["a", "b", "c"])
+    for told in (_toy_scores({"model": "a"}), {"train": np.full(12, np.nan)}):
+        algo.tell(algo.ask(), [told])
+    algo.tell(algo.ask(), [_toy_scores({"model": "c"})])
+    assert algo.refs == ["a", "c"]  # b failed
+    for _ in range(3):  # the warm-up merges the two that joined, and only them
+        (child,) = algo.ask()
+        assert {m["model"] for m in child["models"]} == {"a", "c"}
+        algo.tell([child], [_toy_scores(child)])
+
+
 def test_scratch_init_and_mutation() -> None:
     algo = M2N2({"init": "scratch", "archive_size": 4, "seed": 0, "initial": 3})
     seen = _drive(algo, 8)

@@ -7,6 +7,7 @@ the linear merge with weights (1 - t, t) has x = t. The task scores example j as
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 from pathlib import Path
@@ -159,7 +160,7 @@ class ToyRandomSearch(Algorithm):
     def _tell(self, recipes: list[dict[str, Any]], scores: list[Any]) -> None:
         for i, (r, s) in enumerate(zip(recipes, scores, strict=True)):
             f = mean_over_tasks(s)
-            if self._best is None or f > self._best.fitness:
+            if math.isfinite(f) and (self._best is None or f > self._best.fitness):
                 self._best = Best(r, f, self.evaluations + i)
 
     @property

@@ -233,7 +233,8 @@ class Worker:
         return out
 
     def evaluate(self, item: WorkItem) -> WorkResult:
-        """Build and score one item. A failure scores 0 on every example (STYLE.md)."""
+        """Build and score one item. A failure scores 0 on every example, with its error
+        (the runner tells it to the algorithm as NaN)."""
         names = item.tasks if item.tasks is not None else self.fitness_names
         if self.threads is not None:
             self.threads.tick()

@@ -114,8 +114,9 @@ def archive_history(folder: RunFolder, snapshots: int = 4) -> ArchiveHistory | N
     for n, event in enumerate(events, 1):
         means = _logged_means(event, tasks)
         data = {"evaluation": event.get("evaluation")}
-        for k, archive in enumerate(archives if means is not None else []):
-            archive.add_one(means[k], [means[j] for j in range(K) if j != k], data)
+        for k, archive in enumerate(archives):
+            if means is not None:  # a failure entered no archive
+                archive.add_one(means[k], [means[j] for j in range(K) if j != k], data)
         if n < n_seeds:  # the seeds enter together, once all are scored
             continue
         history.evaluations.append(n)

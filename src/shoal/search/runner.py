@@ -247,7 +247,7 @@ def _run_stage(st: _Stage) -> RunResult:
             if saved.get("format_version") != STATE_FORMAT:
                 raise StateError(f"{folder.state}: unknown format_version")
             algo.load_state_dict(saved["algorithm"])
-            counters.update(saved["runner"])
+            counters.update({k: v for k, v in saved["runner"].items() if k in counters})
         folder.events.truncate(int(counters["evaluations"]))
         progress = RunProgress(st.label, st.budget, enabled=st.progress)
         best = algo.best  # computed once a batch: M2N2's scans its whole archive
@@ -350,7 +350,13 @@ def _one_batch(
         raise CheckpointError(fatal)
     if start == 0 and results and all(r.error for r in results):
         raise TaskError(f"every candidate of the first batch failed; first: {results[0].error}")
-    algo.tell(recipes, [_as_told(r) for r in results])
+    try:
+        algo.tell(recipes, [_as_told(r) for r in results])
+    except ShoalError as exc:  # the algorithm cannot go on (CycleQD: an expert failed)
+        first = next((r.error for r in results if r.error), None)
+        if first is None:
+            raise
+        raise type(exc)(f"{exc}; this batch's first failure: {first}") from None
     counters["generation"] = gen + 1
     counters["evaluations"] = start + len(items)
     best = algo.best
@@ -366,7 +372,7 @@ def _one_batch(
 
 def _as_told(result: WorkResult) -> dict[str, np.ndarray]:
     """The scores an algorithm is told: a failed candidate's as NaN, which every algorithm
-    counts as the worst (STYLE.md) and none mistakes for a model that scored 0."""
+    counts as the worst and none mistakes for a model that scored 0."""
     if result.error is None:
         return result.scores
     return {name: np.full(len(v), np.nan) for name, v in result.scores.items()}

@@ -34,8 +34,9 @@ STORE_PREFIX = "store:"
 def store_key(recipe: Mapping[str, Any]) -> str:
     """Content key of the model a recipe builds: sha256 of its canonical JSON, 16 hex digits.
 
-    The runner saves every candidate of an algorithm with :attr:`Algorithm.keep_models` under
-    this key, so later recipes may name it as ``"store:" + store_key(recipe)``.
+    The runner saves every merged candidate of an algorithm with
+    :attr:`Algorithm.keep_models` under this key, so later recipes may name it as
+    ``"store:" + store_key(recipe)`` (a seed, ``{"model": name}``, is named as it is).
     """
     text = json.dumps(recipe, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -133,7 +134,7 @@ class Algorithm(abc.ABC):
     format_version: ClassVar[int] = 1
     #: pydantic schema of the options :meth:`from_config` accepts
     Options: ClassVar[type[BaseModel]] = AlgorithmOptions
-    #: save every evaluated candidate in the model store under :func:`store_key` (M2N2)
+    #: save every merged candidate in the model store under :func:`store_key` (M2N2)
     keep_models: ClassVar[bool] = False
     #: its recipes combine tensors of one name across models, so the models must agree on
     #: every shape (False for layer stacking, which takes embeddings and head from one model)
@@ -196,7 +197,7 @@ class Algorithm(abc.ABC):
         """Report the scores of the recipes from the last :meth:`ask`, in the same order.
 
         A candidate that failed to build or score is told as NaN on every example: it
-        counts as the worst (STYLE.md), and it has no model an algorithm could keep.
+        counts as the worst, and it has no model an algorithm could keep.
         """
         if self._pending is None:
             raise StateError(f"{self.name}: tell() without ask(); call ask() first")

@@ -258,16 +258,16 @@ class GenomeCMAES(Algorithm):
             )
             self._gen_f.append(f)
         if len(self._gen_f) == len(self._gen_x):
-            fit = [f if math.isfinite(f) else float("nan") for f in self._gen_f]
-            self.es.tell(np.asarray(self._gen_x), fit)
+            self.es.tell(np.asarray(self._gen_x), self._gen_f)  # -inf: the worst
             self._gen_x, self._gen_f = [], []
 
     def _consider(
         self, x: np.ndarray, recipe: dict[str, Any], scores: Scores, evaluation: int
     ) -> float:
-        """The fitness of one scored genome; it becomes :attr:`best` if it beats it."""
-        f = mean_over_tasks(scores)  # -inf for a failed candidate
-        if self._best is None or f > self._best.fitness:
+        """The fitness of one scored genome; it becomes :attr:`best` if it beats it (a
+        failed one, -inf, never does)."""
+        f = mean_over_tasks(scores)
+        if math.isfinite(f) and (self._best is None or f > self._best.fitness):
             means = {k: float(np.mean(v)) if len(v) else 0.0 for k, v in scores.items()}
             self._best = Best(
                 recipe=recipe,

@@ -32,8 +32,8 @@ Recipes (built by the executors, ``shoal.executors.build``)::
                                   "rank": null, "seed": s}}      # or "mutation": σ
     aggregate   task_arithmetic over the elites' references with weights β
 
-REF is an expert's name or ``store:<key>`` of an elite (``keep_models``: every candidate
-is stored; :meth:`CycleQD.references` names those still in some archive).
+REF is an expert's name or ``store:<key>`` of an elite (``keep_models``: every merged
+candidate is stored; :meth:`CycleQD.references` names those still in some archive).
 """
 
 from __future__ import annotations
@@ -469,8 +469,8 @@ class CycleQD(Algorithm):
         failed = [m for m, means in zip(self.seed_models, experts, strict=False) if means is None]
         if failed:
             raise TaskError(
-                f"cycleqd: expert {failed[0]!r} failed to build or score (events.jsonl says "
-                "why); the archives' ranges are set from every expert's scores"
+                f"cycleqd: expert {failed[0]!r} failed to build or score, and the archives' "
+                "ranges are set from every expert's scores"
             )
         ranges = default_ranges(np.array(experts, dtype=np.float64), o.range_scale)
         for j, t in enumerate(self.tasks):

@@ -415,8 +415,11 @@ class M2N2(Algorithm):
     def _parents(self) -> tuple[int, int]:
         o = self.options
         if len(self.refs) < o.archive_size and o.warmup == "random":
-            # warm-up: random merges among the initial members until the archive is full
-            k = self.n_initial
+            # warm-up: random merges among the initial members until the archive is full;
+            # they lead the archive (none is dropped before it is full), less any that failed
+            k = sum(birth < self.n_initial for birth in self.births)
+            if k < 2:
+                return 0, 0
             a = int(self._rng.integers(k))
             b = int(self._rng.integers(k - 1))
             return a, b + (b >= a)
