@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -86,6 +87,15 @@ def test_nan_counts_as_worst() -> None:
 
     assert np.array_equal(run(float("nan")), run(-1e9))
     assert np.array_equal(run(float("inf")), run(-1e9))
+
+
+def test_a_generation_that_fails_whole_leaves_the_best_as_it_was() -> None:
+    es = CMAES(np.zeros(3), 1.0, seed=2)
+    xs = es.ask()
+    es.tell(xs, [-10.0 - i for i in range(len(xs))])
+    assert es.best_fitness == -10.0 and np.array_equal(es.best_x, xs[0])
+    es.tell(es.ask(), [float("nan")] * es.popsize)  # every candidate failed
+    assert es.best_fitness == -10.0 and np.array_equal(es.best_x, xs[0])
 
 
 def test_load_state_rejects_other_dimension() -> None:
@@ -172,3 +182,56 @@ def test_cma_options_take_pycma_spellings_and_refuse_unknown_keys() -> None:
     assert es._es.opts["CMA_diagonal"] is True and es._es.opts["maxiter"] == 3
     with pytest.raises(ValueError, match=r"unknown pycma option\(s\) bogus"):
         CMAES([0.5, 0.5], 0.2, seed=0, options={"bogus": 1})
+
+
+_RESUME_SCRIPT = """
+import json, sys
+import numpy as np
+from shoal.search.algorithms.cmaes import CMAES
+
+def f(xs):
+    return [-float(np.sum((x - 0.3) ** 2)) for x in xs]
+
+mode, path = sys.argv[1], sys.argv[2]
+es = CMAES(np.full(4, 0.5), 0.3, seed=0, bounds=(0.0, 1.0))
+if mode == "whole":
+    xs = es.ask()
+    es.tell(xs, f(xs))
+    print(json.dumps(es.ask().tolist()))
+elif mode == "save":
+    xs = es.ask()
+    json.dump({"state": es.state_dict(), "xs": xs.tolist()}, open(path, "w"))
+else:
+    saved = json.load(open(path))
+    es.load_state_dict(saved["state"])
+    xs = np.array(saved["xs"])
+    es.tell(xs, f(xs))
+    print(json.dumps(es.ask().tolist()))
+"""
+
+
+def test_a_generation_asked_before_a_kill_is_told_alike_in_a_new_process(tmp_path):
+    """pycma files asked solutions under Python's per-process ``hash``: a state saved
+    between ask and tell and loaded by another process (another PYTHONHASHSEED, as a
+    resumed run has) must continue exactly as the uninterrupted process does."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "resume.py"
+    script.write_text(_RESUME_SCRIPT)
+    state = tmp_path / "state.json"
+
+    def run(mode: str, hash_seed: str) -> str:
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(
+            [sys.executable, str(script), mode, str(state)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stdout
+
+    whole = run("whole", "1")
+    run("save", "1")
+    assert run("load", "2") == whole

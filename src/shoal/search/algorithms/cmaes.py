@@ -134,11 +134,11 @@ class CMAES:
         if xs.shape[0] != f.size:
             raise StateError(f"cmaes: tell() got {xs.shape[0]} vectors and {f.size} values")
         finite = np.isfinite(f)
-        worst = float(f[finite].min()) - 1.0 - abs(float(f[finite].min())) if finite.any() else 0.0
-        f = np.where(finite, f, worst)
-        for x, v in zip(xs, f, strict=True):
+        for x, v in zip(xs[finite], f[finite], strict=True):  # a failed vector is no best
             if v > self.best_fitness:
                 self.best_fitness, self.best_x = float(v), x.copy()
+        worst = float(f[finite].min()) - 1.0 - abs(float(f[finite].min())) if finite.any() else 0.0
+        f = np.where(finite, f, worst)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self._es.tell([x for x in xs], (-f).tolist())  # pycma minimises
@@ -180,6 +180,7 @@ class CMAES:
             raise StateError(f"cmaes: saved pycma state does not load: {exc}") from exc
         if int(es.N) != self.n:
             raise StateError(f"cmaes: saved state has {es.N} dimensions, this search has {self.n}")
+        _file_again(es)
         self._es = es
         self.generation = int(state["generation"])
         self.evaluations = int(state["evaluations"])
@@ -187,6 +188,29 @@ class CMAES:
         self.best_x = None if bx is None else np.asarray(bx, dtype=np.float64)
         bf = state.get("best_fitness")
         self.best_fitness = -math.inf if bf is None else float(bf)
+
+
+def _file_again(es: Any) -> None:
+    """File pycma's archives of asked solutions under this process's keys.
+
+    pycma keys a solution by Python's ``hash`` of its bytes, which differs from process to
+    process (``PYTHONHASHSEED``). In a state unpickled by a resumed run the generation
+    asked before the kill would no longer be found when it is told, and pycma would update
+    as if it were foreign: the run would leave the uninterrupted one's path. Written by
+    hand because pycma offers no re-keying; each archive keeps the solution itself beside
+    its key (``_unhashed_keys``), so the new key is computed the way pycma computes it.
+    """
+    from cma.utilities.utils import SolutionDict
+
+    for archive in vars(es).values():
+        if not isinstance(archive, SolutionDict):
+            continue
+        new = {old: archive.key(x) for old, x in archive._unhashed_keys.items()}
+        archive.data = type(archive.data)((new.get(k, k), v) for k, v in archive.data.items())
+        archive.data_with_same_key = {
+            new.get(k, k): v for k, v in archive.data_with_same_key.items()
+        }
+        archive._unhashed_keys = {new[k]: x for k, x in archive._unhashed_keys.items()}
 
 
 def _bound(b: Any) -> Any:
