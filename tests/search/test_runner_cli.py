@@ -102,6 +102,30 @@ def test_failed_candidates_are_counted_and_warned_about(shoal_cli, tmp_path):
     assert f"warning: {len(failed)} candidates failed" in err
 
 
+def test_a_task_failing_at_the_end_is_reported_and_the_run_completes(shoal_cli, tmp_path):
+    """The search is done when the best and the baselines are scored on every split: a
+    task that raises then is named in the summary and a warning, not a traceback, and the
+    run completes (best/ is written before it is scored)."""
+    sources = tp.write_sources(tmp_path / "src")
+    cfg = tp.toy_config(sources, baselines=True)
+    cfg["tasks"]["test"][0]["target"] = "toy_problem:raise_always"
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, err = shoal_cli(
+        ["evolve", "cfg.yaml", "--run-dir", "runs/e", "--no-progress"], tmp_path
+    )
+    assert code == 0, err
+    assert "Traceback" not in err
+    warning = "could not be built or scored at the end: ValueError: this task always fails"
+    assert f"warning: best {warning}" in err and f"warning: zero {warning}" in err
+    run = tmp_path / "runs" / "e"
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["failed_at_the_end"]) == {"best", "zero", "one"}
+    assert "scores" not in summary["best"] and tmp_path / summary["best"]["path"] == run / "best"
+    assert (run / "best").is_dir() and summary.get("baselines") == {}
+    text = (run / "report" / "summary.md").read_text()
+    assert "- could not be built or scored at the end: best (ValueError: this task" in text
+
+
 def test_ctrl_c_stop_exits_130_with_the_resume_line_and_no_abort(shoal_cli, tmp_path):
     """An orderly stop (first Ctrl-C) says how to continue; 'aborted' is for an abort."""
     from test_runner import _events, _weight_of_one

@@ -63,6 +63,11 @@ def score(model: Scalar) -> np.ndarray:
     return np.clip(1.0 - np.abs(x - CENTRES), 0.0, 1.0)
 
 
+def raise_always(model: Scalar) -> np.ndarray:
+    """A task that fails on every model (its test split, say, is unreadable)."""
+    raise ValueError("this task always fails")
+
+
 def score_or_raise(model: Scalar) -> np.ndarray:
     """Like :func:`score`, but a model with x > 0.6 is an error (a candidate that fails)."""
     if float(model.x.detach()[0]) > 0.6:

@@ -188,13 +188,15 @@ def run_and_report(
     failed = int(result.summary.get("failed_candidates", 0))
     if failed:
         typer.echo(
-            f"warning: {failed} candidates failed and scored 0 (first: "
+            f"warning: {failed} candidates failed and counted as the worst (first: "
             f"{result.summary.get('first_failure')}); see events.jsonl",
             err=True,
         )
+    for name, error in (result.summary.get("failed_at_the_end") or {}).items():
+        typer.echo(f"warning: {name} could not be built or scored at the end: {error}", err=True)
     if best:
         scores = best.get("scores", {})
         parts = [f"{split} {vals.get('mean', float('nan')):.4f}" for split, vals in scores.items()]
-        typer.echo(f"best: {best.get('path')} ({', '.join(parts)})")
+        typer.echo(f"best: {best.get('path') or 'not written'} ({', '.join(parts)})")
     typer.echo(f"report: {report / 'summary.md'}")
     return result.summary

@@ -102,6 +102,8 @@ def summary_markdown(data: RunData) -> str:
     errors = sum(1 for e in data.events if e.get("error"))
     if errors:
         lines.append(f"- failed candidates: {errors}")
+    for name, error in (s.get("failed_at_the_end") or {}).items():
+        lines.append(f"- could not be built or scored at the end: {name} ({error})")
     best = s.get("best") or {}
     if best:
         lines += ["", "## Best", ""]

@@ -22,9 +22,10 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -444,20 +445,44 @@ def _finish(
     if best is not None:
         with _final_worker(local, spec) as worker:
             n_val = len(st.config.tasks.validation)
+            failed: dict[str, str] = {}  # what could not be built or scored now
+
+            def scores(name: str, build: Callable[[], Any]) -> dict[str, Any] | None:
+                """Means by split of the model ``build`` returns; ``None`` if building or
+                scoring it fails now (a task's own exception): the search is done, and its
+                summary is written all the same. A user's mistake still ends the run."""
+                try:
+                    s = worker.score(build(), worker.task_names(include_extra=True))
+                except ShoalError:
+                    raise
+                except Exception as exc:
+                    failed[name] = f"{type(exc).__name__}: {exc}"
+                    return None
+                return _split_means(worker, s, spec, n_val)
+
             seed = folder.events.seed_of(best.evaluation)
             recipe = best.recipe
-            model = worker.build(_stored_or_recipe(algo, store, recipe), seed)
-            export_model(
-                model, recipe, folder.best, tokenizer=worker.tokenizer, seed=seed, models=st.models
-            )
-            scores = worker.score(model, worker.task_names(include_extra=True))
+
+            def exported() -> Any:
+                model = worker.build(_stored_or_recipe(algo, store, recipe), seed)
+                export_model(
+                    model,
+                    recipe,
+                    folder.best,
+                    tokenizer=worker.tokenizer,
+                    seed=seed,
+                    models=st.models,
+                )
+                return model
+
+            best_scores = scores("best", exported)
             summary["best"] = {
                 "evaluation": best.evaluation,
                 "fitness": best.fitness,
                 "recipe": recipe,
                 "seed": seed,
-                "path": str(folder.best),
-                "scores": _split_means(worker, scores, spec, n_val),
+                "path": str(folder.best) if folder.best.is_dir() else None,
+                **({"scores": best_scores} if best_scores is not None else {}),
             }
             if st.config.baselines:
                 summary["baselines"] = {}
@@ -467,21 +492,24 @@ def _finish(
                     for ref in model_refs(baseline).values():  # a model named by its path
                         if ref not in worker.sources:
                             worker.sources.add(ref, str(st.config.resolve(ref)))
-                    m = worker.build(baseline, 0)
-                    s = worker.score(m, worker.task_names(include_extra=True))
-                    summary["baselines"][name] = _split_means(worker, s, spec, n_val)
+                    got = scores(name, partial(worker.build, baseline, 0))
+                    if got is not None:
+                        summary["baselines"][name] = got
             specialists = algo.specialists()
             if specialists:
                 summary["specialists"] = {}
             for name, sp in specialists.items():
-                seed = folder.events.seed_of(sp.evaluation)
-                m = worker.build(_stored_or_recipe(algo, store, sp.recipe), seed)
-                s = worker.score(m, worker.task_names(include_extra=True))
-                summary["specialists"][name] = {
-                    "evaluation": sp.evaluation,
-                    "seed": seed,
-                    "scores": _split_means(worker, s, spec, n_val),
-                }
+                sp_seed = folder.events.seed_of(sp.evaluation)
+                stored = _stored_or_recipe(algo, store, sp.recipe)
+                got = scores(name, partial(worker.build, stored, sp_seed))
+                if got is not None:
+                    summary["specialists"][name] = {
+                        "evaluation": sp.evaluation,
+                        "seed": sp_seed,
+                        "scores": got,
+                    }
+            if failed:
+                summary["failed_at_the_end"] = failed
 
     write_text_atomic(folder.summary, json.dumps(summary, indent=2, sort_keys=False, default=str))
     return summary
@@ -780,8 +808,17 @@ def _multi_stage_summary(folder: RunFolder, results: list[RunResult]) -> dict[st
         "evaluations": sum(r.evaluations for r in results),
         "wall_seconds": sum(r.wall_seconds for r in results),
         "failed_candidates": sum(int(r.summary.get("failed_candidates", 0)) for r in results),
-        "best": dict(last.summary.get("best", {}), path=str(folder.best)),
+        "best": dict(
+            last.summary.get("best", {}), path=str(folder.best) if best_src.is_dir() else None
+        ),
     }
+    failed = {
+        f"{r.summary.get('stage')}: {name}": error
+        for r in results
+        for name, error in (r.summary.get("failed_at_the_end") or {}).items()
+    }
+    if failed:
+        summary["failed_at_the_end"] = failed
     first = next(
         (r.summary["first_failure"] for r in results if "first_failure" in r.summary), None
     )
