@@ -4,13 +4,17 @@ Processes start with ``spawn`` (no forked torch state; a script that runs a sear
 must guard its entry point with ``if __name__ == "__main__":``), ignore Ctrl-C (the runner decides
 when to stop) and use ``threads`` torch threads each. A worker that dies (segfault, OOM
 kill, ``os._exit``) breaks the pool: the pool is rebuilt and the unfinished items are
-submitted again, each at most ``max_retries`` times.
+submitted again, each at most ``max_retries`` times. A worker whose run dies (``kill -9``)
+leaves with it instead of idling for good with its model in memory.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.connection
+import os
 import signal
+import threading
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -30,9 +34,26 @@ class WorkerLost(ShoalError):
     """Work items kept killing their workers beyond the retry limit."""
 
 
+def _leave_with_parent() -> None:
+    """Exit when the process that started this worker is gone, however it ended: an idle
+    pool worker waits on a queue whose pipe a killed parent does not close, so it would
+    stay for good. The spawn start method hands each child a sentinel of its parent that
+    becomes ready when the parent exits; a daemon thread waits on it."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="shoal-leave-with-parent", daemon=True).start()
+
+
 def _init_worker(spec: WorkerSpec) -> None:
     global _WORKER, _INIT_ERROR
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _leave_with_parent()
     try:
         _WORKER = Worker(spec)
     except Exception as exc:  # reported by the first item, not as a broken pool
