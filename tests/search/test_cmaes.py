@@ -192,8 +192,14 @@ from shoal.search.algorithms.cmaes import CMAES
 def f(xs):
     return [-float(np.sum((x - 0.3) ** 2)) for x in xs]
 
-mode, path = sys.argv[1], sys.argv[2]
-es = CMAES(np.full(4, 0.5), 0.3, seed=0, bounds=(0.0, 1.0))
+mode, path, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+if options:  # integer variables: rounding makes equal vectors, filed under one key
+    es = CMAES(np.full(2, 0.5), 0.4, seed=3, popsize=12, options=options)
+    for _ in range(3):
+        xs = es.ask()
+        es.tell(xs, f(xs))
+else:
+    es = CMAES(np.full(4, 0.5), 0.3, seed=0, bounds=(0.0, 1.0))
 if mode == "whole":
     xs = es.ask()
     es.tell(xs, f(xs))
@@ -210,7 +216,8 @@ else:
 """
 
 
-def test_a_generation_asked_before_a_kill_is_told_alike_in_a_new_process(tmp_path):
+@pytest.mark.parametrize("options", [{}, {"integer_variables": [0, 1]}])
+def test_a_generation_asked_before_a_kill_is_told_alike_in_a_new_process(tmp_path, options):
     """pycma files asked solutions under Python's per-process ``hash``: a state saved
     between ask and tell and loaded by another process (another PYTHONHASHSEED, as a
     resumed run has) must continue exactly as the uninterrupted process does."""
@@ -224,7 +231,7 @@ def test_a_generation_asked_before_a_kill_is_told_alike_in_a_new_process(tmp_pat
     def run(mode: str, hash_seed: str) -> str:
         env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
         done = subprocess.run(
-            [sys.executable, str(script), mode, str(state)],
+            [sys.executable, str(script), mode, str(state), json.dumps(options)],
             env=env,
             capture_output=True,
             text=True,

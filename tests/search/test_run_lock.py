@@ -130,14 +130,18 @@ def test_resume_removes_leftovers_of_ended_writers_only(shoal_cli, tmp_path) -> 
     assert code == 0, err
     run = tmp_path / "runs" / "x"
     dead, live = _dead_pid(), os.getppid()
+    (run / "store").mkdir(exist_ok=True)
     for pid in (dead, live):
         (run / f".state.json.tmp-{pid}").write_text("{")
         (run / f".best.old-{pid}").mkdir()
+        (run / "store" / f".0123abcd.safetensors.tmp-{pid}").write_bytes(b"half a model")
     code, _, err = _evolve(shoal_cli, tmp_path, "--resume")
     assert code == 0, err
     assert not (run / f".state.json.tmp-{dead}").exists()
     assert not (run / f".best.old-{dead}").exists()
+    assert not (run / "store" / f".0123abcd.safetensors.tmp-{dead}").exists()
     assert (run / f".state.json.tmp-{live}").exists() and (run / f".best.old-{live}").is_dir()
+    assert (run / "store" / f".0123abcd.safetensors.tmp-{live}").exists()
 
 
 @pytest.mark.parametrize("left", [[".lock"], [".lock", "config.yaml", "events.jsonl", "store"]])

@@ -116,10 +116,10 @@ def test_a_task_failing_at_the_end_is_reported_and_the_run_completes(shoal_cli, 
     assert code == 0, err
     assert "Traceback" not in err
     warning = "could not be built or scored at the end: ValueError: this task always fails"
-    assert f"warning: best {warning}" in err and f"warning: zero {warning}" in err
+    assert f"warning: best {warning}" in err and f"warning: baseline zero {warning}" in err
     run = tmp_path / "runs" / "e"
     summary = json.loads((run / "summary.json").read_text())
-    assert set(summary["failed_at_the_end"]) == {"best", "zero", "one"}
+    assert set(summary["failed_at_the_end"]) == {"best", "baseline zero", "baseline one"}
     assert "scores" not in summary["best"] and tmp_path / summary["best"]["path"] == run / "best"
     assert (run / "best").is_dir() and summary.get("baselines") == {}
     text = (run / "report" / "summary.md").read_text()

@@ -198,12 +198,16 @@ class RunFolder:
 
     def remove_leftovers(self) -> None:
         """Delete temporary siblings (``.state.json.tmp-<pid>``, ``.best.old-<pid>``, ...)
-        of the run's files whose writer has ended; for the holder of :attr:`lock`."""
+        of the run's files whose writer has ended, and those of the models in ``store/``
+        and ``svd/`` (a worker killed while it wrote one); for the holder of :attr:`lock`."""
         stages = self.root / "stages"
         folders = [self, *(RunFolder(p) for p in sorted(stages.glob("*")) if p.is_dir())]
         for folder in folders:
             for name in folder.own_names():
                 remove_stale_temp_siblings(folder.root / name)
+            for sub in (folder.store, folder.root / "svd"):
+                for tmp in sorted(sub.glob(".*.tmp-*")):  # .<name>.tmp-<pid>
+                    remove_stale_temp_siblings(sub / tmp.name[1:].rsplit(".tmp-", 1)[0])
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

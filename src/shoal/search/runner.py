@@ -450,7 +450,9 @@ def _finish(
             def scores(name: str, build: Callable[[], Any]) -> dict[str, Any] | None:
                 """Means by split of the model ``build`` returns; ``None`` if building or
                 scoring it fails now (a task's own exception): the search is done, and its
-                summary is written all the same. A user's mistake still ends the run."""
+                summary is written all the same. A user's mistake still ends the run, and
+                so does a failure to write ``best/`` (a later stage or ``--resume`` needs it),
+                which happens before."""
                 try:
                     s = worker.score(build(), worker.task_names(include_extra=True))
                 except ShoalError:
@@ -462,26 +464,17 @@ def _finish(
 
             seed = folder.events.seed_of(best.evaluation)
             recipe = best.recipe
-
-            def exported() -> Any:
-                model = worker.build(_stored_or_recipe(algo, store, recipe), seed)
-                export_model(
-                    model,
-                    recipe,
-                    folder.best,
-                    tokenizer=worker.tokenizer,
-                    seed=seed,
-                    models=st.models,
-                )
-                return model
-
-            best_scores = scores("best", exported)
+            model = worker.build(_stored_or_recipe(algo, store, recipe), seed)
+            export_model(
+                model, recipe, folder.best, tokenizer=worker.tokenizer, seed=seed, models=st.models
+            )
+            best_scores = scores("best", lambda: model)
             summary["best"] = {
                 "evaluation": best.evaluation,
                 "fitness": best.fitness,
                 "recipe": recipe,
                 "seed": seed,
-                "path": str(folder.best) if folder.best.is_dir() else None,
+                "path": str(folder.best),
                 **({"scores": best_scores} if best_scores is not None else {}),
             }
             if st.config.baselines:
@@ -492,7 +485,7 @@ def _finish(
                     for ref in model_refs(baseline).values():  # a model named by its path
                         if ref not in worker.sources:
                             worker.sources.add(ref, str(st.config.resolve(ref)))
-                    got = scores(name, partial(worker.build, baseline, 0))
+                    got = scores(f"baseline {name}", partial(worker.build, baseline, 0))
                     if got is not None:
                         summary["baselines"][name] = got
             specialists = algo.specialists()
@@ -501,7 +494,7 @@ def _finish(
             for name, sp in specialists.items():
                 sp_seed = folder.events.seed_of(sp.evaluation)
                 stored = _stored_or_recipe(algo, store, sp.recipe)
-                got = scores(name, partial(worker.build, stored, sp_seed))
+                got = scores(f"specialist {name}", partial(worker.build, stored, sp_seed))
                 if got is not None:
                     summary["specialists"][name] = {
                         "evaluation": sp.evaluation,
@@ -808,9 +801,7 @@ def _multi_stage_summary(folder: RunFolder, results: list[RunResult]) -> dict[st
         "evaluations": sum(r.evaluations for r in results),
         "wall_seconds": sum(r.wall_seconds for r in results),
         "failed_candidates": sum(int(r.summary.get("failed_candidates", 0)) for r in results),
-        "best": dict(
-            last.summary.get("best", {}), path=str(folder.best) if best_src.is_dir() else None
-        ),
+        "best": dict(last.summary.get("best", {}), path=str(folder.best)),
     }
     failed = {
         f"{r.summary.get('stage')}: {name}": error

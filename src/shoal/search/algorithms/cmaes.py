@@ -202,7 +202,8 @@ def _file_again(es: Any) -> None:
     """
     from cma.utilities.utils import SolutionDict
 
-    for archive in vars(es).values():
+    rounding = getattr(es, "_round_integer_variables", None)  # with integer_variables
+    for archive in [*vars(es).values(), getattr(rounding, "archive", None)]:
         if not isinstance(archive, SolutionDict):
             continue
         new = {old: archive.key(x) for old, x in archive._unhashed_keys.items()}
