@@ -169,7 +169,21 @@ def test_a_run_killed_before_its_first_save_says_so(run, tmp_path, shoal_cli):
         shutil.copy(run / name, killed / name)
     code, _, err = shoal_cli(["export", str(killed), "--list"])
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "nothing saved yet (no state.json)" in err and "shoal evolve --resume" in err
+    assert "its CycleQD run has saved nothing yet (no state.json)" in err
+    assert "shoal evolve --resume" in err
+
+
+def test_a_chain_whose_cycleqd_stage_has_saved_nothing_says_so(tmp_path, shoal_cli):
+    stages = [{"name": "ps", "algorithm": {"name": "ps"}}]
+    stages.append({"name": "cqd", "algorithm": {"name": "cycleqd"}})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"models": {}, "stages": stages}))
+    for name in ("ps", "cqd"):
+        (tmp_path / "stages" / name).mkdir(parents=True)
+    (tmp_path / "stages" / "ps" / "state.json").write_text('{"algorithm": {"algorithm": "ps"}}')
+    for extra in ([], ["--stage", "cqd"]):
+        code, _, err = shoal_cli(["export", str(tmp_path), "--list", *extra])
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "its CycleQD stage 'cqd' has saved nothing yet" in err and "--resume" in err
 
 
 def test_export_never_replaces_the_run_or_its_models(run, tmp_path, shoal_cli):

@@ -56,6 +56,10 @@ def test_a_multi_stage_recipe_is_a_fixed_first_step(tmp_path) -> None:
     assert [s["stage"] for s in summary["stages"]] == ["pre", "search"]
     assert summary["evaluations"] == 4 == result.summary["evaluations"]
     assert not list(step.glob(".*stages"))  # the intermediates went after the merge
+    from shoal.report import write_report
+
+    text = (write_report(tmp_path / "run") / "summary.md").read_text()
+    assert "- stage pre: fixed merge of " in text and "multi.yaml" in text
     # resuming the finished run merges nothing again
     before = (step / "best" / "model.safetensors").stat().st_mtime_ns
     evolve(None, tmp_path / "run", resume=True)

@@ -110,11 +110,12 @@ def test_a_task_failing_at_the_end_is_reported_and_the_run_completes(shoal_cli, 
     cfg = tp.toy_config(sources, baselines=True)
     cfg["tasks"]["test"][0]["target"] = "toy_problem:raise_always"
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    code, _, err = shoal_cli(
+    code, out, err = shoal_cli(
         ["evolve", "cfg.yaml", "--run-dir", "runs/e", "--no-progress"], tmp_path
     )
     assert code == 0, err
     assert "Traceback" not in err
+    assert "(not scored: see the warnings)" in out
     warning = "could not be built or scored at the end: ValueError: this task always fails"
     assert f"warning: best {warning}" in err and f"warning: baseline zero {warning}" in err
     run = tmp_path / "runs" / "e"
@@ -124,6 +125,24 @@ def test_a_task_failing_at_the_end_is_reported_and_the_run_completes(shoal_cli, 
     assert (run / "best").is_dir() and summary.get("baselines") == {}
     text = (run / "report" / "summary.md").read_text()
     assert "- could not be built or scored at the end: best (ValueError: this task" in text
+
+
+def test_a_baseline_failing_at_the_end_is_not_called_scored(shoal_cli, tmp_path):
+    """The baseline 'one' (x = 1) fails its test task; the best and 'zero' do not: the
+    comparison with the strongest baseline says one was left out."""
+    cfg = tp.toy_config(tp.write_sources(tmp_path / "src"), baselines=True)
+    cfg["tasks"]["test"][0]["target"] = "toy_problem:score_or_raise"
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, err = shoal_cli(
+        ["evolve", "cfg.yaml", "--run-dir", "runs/b", "--no-progress"], tmp_path
+    )
+    assert code == 0, err
+    summary = json.loads((tmp_path / "runs" / "b" / "summary.json").read_text())
+    assert list(summary["failed_at_the_end"]) == ["baseline one"]
+    assert "scores" in summary["best"] and "(fitness " in out
+    text = (tmp_path / "runs" / "b" / "report" / "summary.md").read_text()
+    assert "1 baseline(s) could not be scored in this run" in text
+    assert "every baseline scored" not in text
 
 
 def test_ctrl_c_stop_exits_130_with_the_resume_line_and_no_abort(shoal_cli, tmp_path):

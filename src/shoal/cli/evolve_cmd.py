@@ -197,6 +197,7 @@ def run_and_report(
     if best:
         scores = best.get("scores", {})
         parts = [f"{split} {vals.get('mean', float('nan')):.4f}" for split, vals in scores.items()]
-        typer.echo(f"best: {best.get('path') or 'not written'} ({', '.join(parts)})")
+        said = ", ".join(parts) if parts else "not scored: see the warnings"
+        typer.echo(f"best: {best.get('path')} ({said})")
     typer.echo(f"report: {report / 'summary.md'}")
     return result.summary

@@ -31,9 +31,13 @@ def _table(rows: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     return [head, sep, *body]
 
 
-def _against_baselines(best: dict[str, dict[str, float]], baselines: dict[str, Any]) -> list[str]:
-    """Per split: the best's mean beside the strongest baseline's, scored in this run."""
+def _against_baselines(
+    best: dict[str, dict[str, float]], baselines: dict[str, Any], unscored: int = 0
+) -> list[str]:
+    """Per split: the best's mean beside the strongest baseline's, scored in this run
+    (``unscored``: baselines that could not be scored, so not among them)."""
     lines = []
+    which = f"{unscored} baseline(s) could not be scored" if unscored else "every baseline scored"
     for split in ("fitness", "validation", "test"):
         mine = (best.get(split) or {}).get("mean")
         theirs = {
@@ -46,7 +50,7 @@ def _against_baselines(best: dict[str, dict[str, float]], baselines: dict[str, A
         top = max(theirs, key=lambda name: theirs[name])
         lines.append(
             f"- {split} mean: best {mine:.4f}, strongest baseline {top} {theirs[top]:.4f} "
-            f"({mine - theirs[top]:+.4f}; every baseline scored in this run)"
+            f"({mine - theirs[top]:+.4f}; {which} in this run)"
         )
     return lines
 
@@ -93,6 +97,9 @@ def summary_markdown(data: RunData) -> str:
     if "wall_seconds" in s:
         lines.append(f"- wall time: {float(s['wall_seconds']):.1f} s")
     for st in s.get("stages", []):
+        if "merge" in st:  # a fixed merge step
+            lines.append(f"- stage {st.get('stage')}: fixed merge of {st['merge']}")
+            continue
         lines.append(
             f"- stage {st.get('stage')}: {st.get('algorithm')}, {st.get('evaluations')} "
             f"evaluations, {st.get('stop_reason')}"
@@ -113,7 +120,10 @@ def summary_markdown(data: RunData) -> str:
         rows.update(s.get("baselines") or {})
         rows.update({k: v.get("scores", {}) for k, v in (s.get("specialists") or {}).items()})
         lines += ["", *_table(rows)]
-        against = _against_baselines(best.get("scores", {}), s.get("baselines") or {})
+        unscored = sum(
+            k.rsplit(": ", 1)[-1].startswith("baseline ") for k in s.get("failed_at_the_end") or {}
+        )
+        against = _against_baselines(best.get("scores", {}), s.get("baselines") or {}, unscored)
         if against:
             lines += ["", *against]
     for stage, history in data.archives.items():

@@ -203,6 +203,33 @@ def _is_qd(folder: RunFolder) -> bool:
     return (saved.get("algorithm") or {}).get("algorithm") == "cycleqd"
 
 
+def _planned_qd(run: RunFolder) -> list[str]:
+    """The stages whose config is CycleQD (``""``: a one-stage CycleQD run), saved or not."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(run.config.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(cfg, dict):
+        return []
+    if (cfg.get("algorithm") or {}).get("name") == "cycleqd":
+        return [""]
+    return [
+        str(s.get("name"))
+        for s in cfg.get("stages") or []
+        if isinstance(s, dict) and (s.get("algorithm") or {}).get("name") == "cycleqd"
+    ]
+
+
+def _nothing_saved(run: RunFolder, stage: str) -> StateError:
+    where = f"stage {stage!r}" if stage else "run"
+    return StateError(
+        f"{run.root}: its CycleQD {where} has saved nothing yet (no state.json); continue "
+        f"it with `shoal evolve --resume --run-dir {run.root}`"
+    )
+
+
 def open_qd_run(run_dir: str | Path, stage: str | None = None) -> QDRun:
     """The CycleQD run in ``run_dir`` (or its stage ``stage``; found alone when only one is).
 
@@ -220,6 +247,8 @@ def open_qd_run(run_dir: str | Path, stage: str | None = None) -> QDRun:
             raise StateError(f"--stage {stage!r}: {run.root} has no such stage (stages: {have})")
         folder = run.stage(stage)
         if not _is_qd(folder):
+            if stage in _planned_qd(run):
+                raise _nothing_saved(run, stage)
             qd = [n for n in names if _is_qd(run.stage(n))]
             raise StateError(
                 f"--stage {stage!r}: not a CycleQD stage with a saved state "
@@ -233,11 +262,9 @@ def open_qd_run(run_dir: str | Path, stage: str | None = None) -> QDRun:
         return QDRun(run, run.stage(found[0]), found[0])
     if found:
         raise StateError(f"{run.root}: several CycleQD stages ({', '.join(found)}); name one")
-    if not any(f.state.is_file() for f in (run, *map(run.stage, _stage_names(run)))):
-        raise StateError(
-            f"{run.root}: nothing saved yet (no state.json); continue the run with "
-            f"`shoal evolve --resume --run-dir {run.root}`"
-        )
+    planned = _planned_qd(run)
+    if planned:
+        raise _nothing_saved(run, planned[0])
     raise StateError(f"{run.root}: no saved CycleQD state (export reads CycleQD runs)")
 
 
