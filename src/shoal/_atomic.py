@@ -33,6 +33,7 @@ __all__ = [
     "process_alive",
     "refuse_output_holding",
     "refuse_working_dir",
+    "remove_stale_temp_files",
     "remove_stale_temp_siblings",
     "replace_dir",
     "temp_sibling",
@@ -282,6 +283,13 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # alive, owned by someone else
         return True
     return True
+
+
+def remove_stale_temp_files(directory: Path) -> None:
+    """:func:`remove_stale_temp_siblings` of every file in ``directory`` that has a
+    temporary sibling (``.<name>.tmp-<pid>``), such as a store's models."""
+    for tmp in sorted(directory.glob(".*.tmp-*")):
+        remove_stale_temp_siblings(directory / tmp.name[1:].rsplit(".tmp-", 1)[0])
 
 
 def remove_stale_temp_siblings(path: Path) -> None:

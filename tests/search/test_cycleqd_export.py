@@ -173,10 +173,11 @@ def test_a_run_killed_before_its_first_save_says_so(run, tmp_path, shoal_cli):
     assert "shoal evolve --resume" in err
 
 
-def test_a_chain_whose_cycleqd_stage_has_saved_nothing_says_so(tmp_path, shoal_cli):
-    stages = [{"name": "ps", "algorithm": {"name": "ps"}}]
-    stages.append({"name": "cqd", "algorithm": {"name": "cycleqd"}})
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"models": {}, "stages": stages}))
+def test_a_chain_whose_cycleqd_stage_has_saved_nothing_says_so(run, tmp_path, shoal_cli):
+    cfg = yaml.safe_load((run / "config.yaml").read_text())  # the run's, as a second stage
+    cqd = cfg.pop("algorithm")
+    cfg["stages"] = [{"name": "ps", "algorithm": {"name": "ps"}}, {"name": "cqd", "algorithm": cqd}]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     for name in ("ps", "cqd"):
         (tmp_path / "stages" / name).mkdir(parents=True)
     (tmp_path / "stages" / "ps" / "state.json").write_text('{"algorithm": {"algorithm": "ps"}}')

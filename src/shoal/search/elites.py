@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal._yaml import safe_dump
-from shoal.errors import RecipeError, StateError
+from shoal.errors import RecipeError, ShoalError, StateError
 from shoal.search.run_folder import RunFolder
 
 __all__ = ["EliteRow", "QDRun", "open_qd_run"]
@@ -205,21 +205,15 @@ def _is_qd(folder: RunFolder) -> bool:
 
 def _planned_qd(run: RunFolder) -> list[str]:
     """The stages whose config is CycleQD (``""``: a one-stage CycleQD run), saved or not."""
-    import yaml
+    from shoal.search.config import load_config
 
     try:
-        cfg = yaml.safe_load(run.config.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+        cfg = load_config(run.config)
+    except ShoalError:  # no config to read: nothing was planned that we can name
         return []
-    if not isinstance(cfg, dict):
-        return []
-    if (cfg.get("algorithm") or {}).get("name") == "cycleqd":
+    if (cfg.algorithm or {}).get("name") == "cycleqd":
         return [""]
-    return [
-        str(s.get("name"))
-        for s in cfg.get("stages") or []
-        if isinstance(s, dict) and (s.get("algorithm") or {}).get("name") == "cycleqd"
-    ]
+    return [s.name for s in cfg.stages or [] if (s.algorithm or {}).get("name") == "cycleqd"]
 
 
 def _nothing_saved(run: RunFolder, stage: str) -> StateError:

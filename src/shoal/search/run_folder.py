@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from shoal._atomic import remove_stale_temp_siblings, write_text_atomic
+from shoal._atomic import remove_stale_temp_files, remove_stale_temp_siblings, write_text_atomic
 from shoal.errors import StateError
 
 __all__ = ["EventLog", "RunFolder"]
@@ -206,8 +206,7 @@ class RunFolder:
             for name in folder.own_names():
                 remove_stale_temp_siblings(folder.root / name)
             for sub in (folder.store, folder.root / "svd"):
-                for tmp in sorted(sub.glob(".*.tmp-*")):  # .<name>.tmp-<pid>
-                    remove_stale_temp_siblings(sub / tmp.name[1:].rsplit(".tmp-", 1)[0])
+                remove_stale_temp_files(sub)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

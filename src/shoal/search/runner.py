@@ -437,8 +437,10 @@ def _finish(
         "wall_seconds": float(counters["wall_seconds"]),
         "seed": st.seed,
     }
-    # read back from events.jsonl, which resume keeps in step with the state
-    failures = [e["error"] for e in folder.events.read() if e.get("error")]
+    # read back from events.jsonl, which resume keeps in step with the state; read once
+    events = folder.events.read()
+    seeds = {e.get("evaluation"): int(e.get("seed") or 0) for e in events}
+    failures = [e["error"] for e in events if e.get("error")]
     summary["failed_candidates"] = len(failures)
     if failures:
         summary["first_failure"] = failures[0]
@@ -462,7 +464,7 @@ def _finish(
                     return None
                 return _split_means(worker, s, spec, n_val)
 
-            seed = folder.events.seed_of(best.evaluation)
+            seed = seeds.get(best.evaluation, 0)
             recipe = best.recipe
             model = worker.build(_stored_or_recipe(algo, store, recipe), seed)
             export_model(
@@ -492,7 +494,7 @@ def _finish(
             if specialists:
                 summary["specialists"] = {}
             for name, sp in specialists.items():
-                sp_seed = folder.events.seed_of(sp.evaluation)
+                sp_seed = seeds.get(sp.evaluation, 0)
                 stored = _stored_or_recipe(algo, store, sp.recipe)
                 got = scores(f"specialist {name}", partial(worker.build, stored, sp_seed))
                 if got is not None:
